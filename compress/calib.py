@@ -1,0 +1,263 @@
+"""Text sources, token windows, and the one layer-wise Calibrator every data-driven pass uses."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from compress.errors import CompressError, UsageError
+from compress.models import Arch, decoder_layers
+
+STDLIB_SETS = Path(__file__).resolve().parents[1] / "calibration" / "stdlib.yaml"
+
+
+class CalibrationConfig(BaseModel):
+    """Which text to calibrate on. source: "stdlib", a .txt/.jsonl path, or "hf:NAME[:CONFIG]"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = "stdlib"
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=8)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text sources
+
+def _docstrings(module_name: str) -> list[str]:
+    module = importlib.import_module(module_name)
+    found = [inspect.getdoc(module)]
+    for _, obj in sorted(vars(module).items()):
+        if getattr(obj, "__module__", None) != module_name:
+            continue
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            found.append(inspect.getdoc(obj))
+        if inspect.isclass(obj):
+            found += [inspect.getdoc(m) for _, m in sorted(vars(obj).items())
+                      if inspect.isfunction(m)]
+    return [doc for doc in found if doc]
+
+
+def stdlib_texts(split: Literal["calibration", "evaluation"]) -> list[str]:
+    """Docstrings of the standard-library modules listed for `split` in calibration/stdlib.yaml."""
+    import yaml
+
+    modules = yaml.safe_load(STDLIB_SETS.read_text())[split]
+    return [doc for name in modules for doc in _docstrings(name)]
+
+
+def file_texts(path: Path) -> list[str]:
+    """A .txt file (one text) or a .jsonl file (one {"text": ...} object a line)."""
+    if not path.is_file():
+        raise UsageError(f"text file {path} not found")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UsageError(f"{path}:{number}: expected a JSON object with a \"text\" "
+                                 "field") from None
+    else:
+        texts = [raw]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise UsageError(f"{path} holds no text (empty or whitespace only)")
+    return texts
+
+
+def dataset_texts(spec: str, split: str) -> list[str]:
+    """hf:NAME[:CONFIG] through `datasets` (needs the hub or a local cache)."""
+    name, _, config = spec.removeprefix("hf:").partition(":")
+    try:
+        import datasets
+
+        data = datasets.load_dataset(name, config or None, split=split)
+    except Exception as exc:  # datasets raises many types for "not reachable"
+        raise CompressError(f"dataset {name!r} could not be loaded ({type(exc).__name__}): "
+                            "it needs the hub or a local cache; use a .txt/.jsonl file "
+                            "or source: stdlib") from None
+    return [t for t in data["text"] if t.strip()]
+
+
+def load_texts(source: str, split: Literal["calibration", "evaluation"]) -> list[str]:
+    if source == "stdlib":
+        return stdlib_texts(split)
+    if source.startswith("hf:"):
+        return dataset_texts(source, "train" if split == "calibration" else "test")
+    return file_texts(Path(source).expanduser())
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All texts as one token sequence, documents separated by a blank line."""
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids
+    return ids[0]
+
+
+def calibration_windows(tokenizer, cfg: CalibrationConfig) -> torch.Tensor:
+    """`samples` windows of `seq_len` tokens at seeded random offsets. Returns [N, L] int64."""
+    stream = token_stream(tokenizer, load_texts(cfg.source, "calibration"))
+    if stream.numel() < cfg.seq_len:
+        raise UsageError(f"calibration text {cfg.source!r} has {stream.numel()} tokens, fewer "
+                         f"than one sample of seq_len={cfg.seq_len}: give more text or a "
+                         "smaller seq_len")
+    rng = random.Random(cfg.seed)
+    starts = [rng.randrange(stream.numel() - cfg.seq_len + 1) for _ in range(cfg.samples)]
+    return torch.stack([stream[s:s + cfg.seq_len] for s in starts])
+
+
+def evaluation_windows(tokenizer, source: str = "stdlib", seq_len: int = 512,
+                       max_tokens: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows of the evaluation text. Returns [N, L] int64."""
+    stream = token_stream(tokenizer, load_texts(source, "evaluation"))
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    count = stream.numel() // seq_len
+    if count == 0:
+        raise UsageError(f"evaluation text {source!r} has {stream.numel()} tokens, fewer than "
+                         f"one window of {seq_len}: give more text or a smaller --seq-len")
+    return stream[:count * seq_len].reshape(count, seq_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer-wise calibrator
+
+class _Captured(Exception):
+    """Raised by the hook on layer 0 once its inputs are captured: the rest need not run."""
+
+
+@dataclass
+class LayerStep:
+    """Decoder layer `index` with its calibration inputs. A pass gathers statistics with
+    `run(hooks)`, changes the layer, and the Calibrator then computes the next layer's inputs."""
+
+    index: int
+    name: str                                  # e.g. "model.layers.3"
+    layer: nn.Module
+    inputs: list[torch.Tensor]                 # hidden states per batch, [B, L, D]
+    kwargs: list[dict[str, Any]]               # the other arguments of the layer, per batch
+    device: torch.device
+
+    def run(self, hooks: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], None]]
+            | None = None, keep_outputs: bool = False) -> list[torch.Tensor]:
+        """Forward every batch through the layer; hooks[name](module, x, y) sees each submodule
+        input x and output y. Returns the layer outputs (on CPU) when keep_outputs."""
+        handles = [self.layer.get_submodule(name).register_forward_hook(
+            lambda m, args, out, fn=fn: fn(m, args[0], out)) for name, fn in (hooks or {}).items()]
+        outputs = []
+        try:
+            with torch.no_grad():
+                for hidden, kwargs in zip(self.inputs, self.kwargs):
+                    out = self.layer(hidden.to(self.device), **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    if keep_outputs:
+                        outputs.append(out.to("cpu", copy=True))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
+
+    def hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """H = 2/n * sum x x^T over all calibration tokens of each named submodule's input
+        (float32, [I, I]). Call with one name per group of projections that share an input."""
+        acc: dict[str, torch.Tensor] = {}
+        count: dict[str, int] = {}
+
+        def hook(name):
+            def fn(module, x, y):
+                x = x.reshape(-1, x.shape[-1]).float()
+                acc[name] = acc.get(name, 0) + x.T @ x
+                count[name] = count.get(name, 0) + x.shape[0]
+            return fn
+
+        self.run({name: hook(name) for name in names})
+        return {name: 2 * acc[name] / count[name] for name in names}
+
+
+@dataclass
+class Calibrator:
+    """Iterate decoder layers with their calibration inputs, one layer on `device` at a time.
+
+        for step in ctx.calibrator():
+            H = step.hessians([...])      # or step.run(hooks)
+            ...change step.layer...
+        # after each step the layer is re-run: layer i+1 sees the outputs of the changed layer i
+    """
+
+    model: nn.Module
+    arch: Arch
+    input_ids: torch.Tensor                    # [N, L]
+    batch_size: int = 8
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: Callable[[int, int], None] | None = None
+
+    def _capture(self, layers: nn.ModuleList) -> tuple[list, list]:
+        inputs, kwargs_list = [], []
+
+        def grab(module, args, kwargs):
+            inputs.append(args[0].to("cpu") if args else kwargs.pop("hidden_states").to("cpu"))
+            kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            kwargs.update(use_cache=False, past_key_values=None)
+            kwargs_list.append(kwargs)
+            raise _Captured
+
+        handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        moved = _move_non_layers(self.model, layers, self.device)
+        try:
+            with torch.no_grad():
+                for batch in self.input_ids.split(self.batch_size):
+                    try:
+                        self.model(batch.to(self.device), use_cache=False)
+                    except _Captured:
+                        pass
+        finally:
+            handle.remove()
+            _move_non_layers(self.model, layers, torch.device("cpu"), only=moved)
+        return inputs, kwargs_list
+
+    def __iter__(self) -> Iterator[LayerStep]:
+        layers = decoder_layers(self.model, self.arch)
+        inputs, kwargs = self._capture(layers)
+        for index, layer in enumerate(layers):
+            layer.to(self.device)
+            step = LayerStep(index, f"{self.arch.layers}.{index}", layer, inputs, kwargs,
+                             self.device)
+            yield step
+            inputs = step.run(keep_outputs=True)
+            layer.to("cpu")
+            if self.progress:
+                self.progress(index + 1, len(layers))
+
+
+def _move_non_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device,
+                     only: list[nn.Module] | None = None) -> list[nn.Module]:
+    """Move everything but the decoder layers (embeddings, rotary, norms) to `device`."""
+    if device.type == "cpu" and only is None:
+        return []
+    layer_ids = {id(m) for m in layers.modules()}
+    moved = only if only is not None else [
+        m for m in model.modules() if id(m) not in layer_ids and not list(m.children())]
+    for module in moved:
+        module.to(device)
+    return moved
+
+
+def check_finite(name: str, tensor: torch.Tensor, what: str = "weight") -> None:
+    """Stop the run with the module's name when a tensor holds NaN or Inf."""
+    if not torch.isfinite(tensor).all():
+        raise CompressError(f"{what} of {name} contains NaN or Inf: the checkpoint or the "
+                            "calibration produced non-finite values; nothing was written")

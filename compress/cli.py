@@ -1,0 +1,130 @@
+"""The `compress` command line: apply, evaluate, inspect, recipes.
+
+Heavy libraries are imported inside commands, after offline mode is set, so `--help` is fast
+and hub libraries see HF_HUB_OFFLINE before they import.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from compress.errors import CompressError
+from compress.models import set_offline_unless_asked
+from compress.progress import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress transformer language models: quantize, sparsify, prune, "
+                       "precompute, convert norms; evaluate and serve the result.")
+
+ModelArg = typer.Argument(..., help="HF directory, .gguf file, hub id, or alias (smollm2-135m)")
+
+
+@app.command()
+def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled recipe's name)"),
+          model: str = ModelArg,
+          output: Path = typer.Option(..., "-o", "--output", help="artifact directory"),
+          overwrite: bool = typer.Option(False, help="replace a non-empty output directory"),
+          device: str = typer.Option("auto", help="compute device for calibration"),
+          dtype: str = typer.Option("float32", help="dtype to load the model in"),
+          trust_remote_code: bool = typer.Option(False, help="allow model code from the hub"),
+          allow_pickle: bool = typer.Option(False, help="allow .bin/.pt pickle checkpoints"),
+          strict: bool = typer.Option(False, help="make any fallback (e.g. GPTQ -> RTN) an error"),
+          ) -> None:
+    """Apply a recipe's passes to MODEL and write the compressed artifact to -o."""
+    from compress.recipe import load_recipe
+
+    parsed = load_recipe(recipe)  # fails here, before any model loads
+    from compress.formats.artifact import check_output
+
+    check_output(output, overwrite)
+    from compress.pipeline import apply_recipe
+
+    report = apply_recipe(parsed, model, output, overwrite=overwrite, device=device, dtype=dtype,
+                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                          strict=strict)
+    for item in report["passes"]:
+        console.print(f"[bold]{item['pass']}[/]: {item['seconds']:.1f}s {item['summary']}")
+    console.print(f"wrote {output}")
+
+
+@app.command()
+def evaluate(artifact: str = typer.Argument(..., help="artifact directory or any model source"),
+             baseline: Optional[str] = typer.Option(None, help="model to compare against"),
+             text: str = typer.Option("stdlib", help="evaluation text: stdlib, .txt or .jsonl"),
+             seq_len: int = typer.Option(512, help="tokens per window"),
+             max_tokens: int = typer.Option(16384, help="evaluate on at most this many tokens"),
+             output: Optional[Path] = typer.Option(None, "-o", "--output", help="JSON results"),
+             ) -> None:
+    """Perplexity on evaluation text; with --baseline, KL divergence and top-1 agreement."""
+    from rich.table import Table
+
+    from compress.calib import evaluation_windows
+    from compress.evaluation.accuracy import evaluate_accuracy
+    from compress.models import load_model
+
+    loaded = load_model(artifact)
+    base = load_model(baseline).model if baseline else None
+    windows = evaluation_windows(loaded.tokenizer, text, seq_len, max_tokens)
+    result = evaluate_accuracy(loaded.model, windows, base).to_dict()
+    result.update(model=artifact, baseline=baseline, text=text, seq_len=seq_len)
+    table = Table("metric", "value")
+    for key in ("tokens", "perplexity", "baseline_perplexity", "kl_divergence", "top1_agreement"):
+        if key in result:
+            value = result[key]
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    path = output or (Path(artifact) / "evaluation.json" if Path(artifact).is_dir() else None)
+    if path:
+        path.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {path}")
+    print(json.dumps(result))
+
+
+@app.command()
+def inspect(artifact: Path = typer.Argument(..., help="artifact directory")) -> None:
+    """Show what an artifact holds: formats per module, sizes, and the recipe's report."""
+    from compress.inspect import describe_artifact
+
+    describe_artifact(artifact)
+
+
+@app.command()
+def recipes() -> None:
+    """List the bundled recipes."""
+    import yaml
+
+    from compress.recipe import BUNDLED
+
+    for path in sorted(BUNDLED.glob("*.yaml")):
+        first = next((line[1:].strip() for line in path.read_text().splitlines()
+                      if line.startswith("#")), "")
+        passes = [p.get("pass") for p in yaml.safe_load(path.read_text()).get("passes", [])]
+        print(f"{path.stem:24} {' + '.join(passes):28} {first}")
+
+
+def main() -> None:
+    set_offline_unless_asked()
+    try:
+        app(standalone_mode=False)
+    except CompressError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise

@@ -1,0 +1,1 @@
+"""Accuracy and speed evaluation of compressed models against their baseline."""

@@ -1,0 +1,226 @@
+"""The artifact: a directory a user can serve, inspect and reload.
+
+    config.json        HF config + quantization_config (compressed-tensors) + "compress" section
+    model.safetensors  packed weights (compressed-tensors names: weight_packed, weight_scale, ...)
+    tokenizer files, recipe.yaml, report.json
+
+It is written into a temporary sibling directory and renamed when complete, so an interrupted
+run leaves no partial artifact. Passes that change structure (pruned heads, precomputed first
+layer, ...) record it in model.compress_structure; STRUCTURE_LOADERS rebuild it on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from compress import __version__
+from compress.errors import CompressError, UsageError
+from compress.formats import WeightFormat, codec
+from compress.modules import QuantizedLinear, get_module, set_module
+
+WEIGHTS = "model.safetensors"
+
+
+def structure(model: nn.Module) -> dict[str, Any]:
+    """Where passes record what a plain HF config cannot express (saved under "compress")."""
+    if not hasattr(model, "compress_structure"):
+        model.compress_structure = {}
+    return model.compress_structure
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output we must not write, before any work is done."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is a file: choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"output {out} is not empty: pass --overwrite to replace it")
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output {out}: cannot write to {parent} (permission denied)")
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def quantization_config(model: nn.Module) -> dict | None:
+    """compressed-tensors quantization_config: one config group per distinct weight format."""
+    groups: dict[str, tuple[WeightFormat, list[str]]] = {}
+    for name, module in quantized_modules(model).items():
+        groups.setdefault(module.fmt.name, (module.fmt, []))[1].append(name)
+    if not groups:
+        return None
+    formats = {codec(fmt).FORMAT_NAME for fmt, _ in groups.values()}
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": {
+            f"group_{i}": {"targets": [f"re:^{re.escape(n)}$" for n in names],
+                           "weights": codec(fmt).scheme_args(fmt),
+                           "input_activations": None, "output_activations": None,
+                           "format": codec(fmt).FORMAT_NAME}
+            for i, (fmt, names) in enumerate(groups.values())},
+        "ignore": [],
+        "kv_cache_scheme": None,
+    }
+    from compressed_tensors.quantization import QuantizationConfig
+
+    QuantizationConfig.model_validate(config)  # what we write, the library must accept
+    return config
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor to save, tied weights once (transformers re-ties them on load)."""
+    tensors = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.data_ptr() in seen and tensor.numel() > 0:
+            continue  # a tied weight (lm_head sharing the embedding)
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.detach().contiguous()
+    return tensors
+
+
+def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
+                  report: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write the artifact atomically (temp dir + rename)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        qconfig = quantization_config(model)
+        if qconfig:
+            config["quantization_config"] = qconfig
+        config["compress"] = {
+            "version": __version__,
+            "modules": {n: m.fmt.model_dump() for n, m in quantized_modules(model).items()},
+            "structure": structure(model),
+        }
+        save_file(state_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def _swap_quantized(model: nn.Module, modules: dict[str, dict]) -> None:
+    for name, fmt in modules.items():
+        linear = get_module(model, name)
+        bias = linear.bias if getattr(linear, "bias", None) is not None else None
+        set_module(model, name, QuantizedLinear(linear.in_features, linear.out_features,
+                                                WeightFormat(**fmt), bias))
+
+
+# Structure loaders: key in config["compress"]["structure"] -> fn(model, value) that reshapes
+# the freshly built model before its weights are loaded. Passes add theirs.
+STRUCTURE_LOADERS: dict[str, Callable[[nn.Module, Any], None]] = {}
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CompressError(f"{path} has no *.safetensors weights")
+    tensors = {}
+    for file in files:
+        try:
+            tensors.update(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CompressError(f"{file} is corrupt or truncated ({exc}); rebuild the "
+                                "artifact") from None
+    return tensors
+
+
+def load_artifact(path: str | Path, device=None, dtype=None) -> nn.Module:
+    """Rebuild the compressed model: quantized linears keep packed weights and compute with them."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from compress.models import arch_for
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} is not an artifact (no config.json)")
+    raw = json.loads((path / "config.json").read_text())
+    section = raw.get("compress", {})
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    arch = arch_for(config)
+    auto = AutoModel if arch.encoder else AutoModelForCausalLM
+    torch_dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(torch_dtype, str):
+        torch_dtype = getattr(torch, torch_dtype)
+    model = auto.from_config(config, dtype=torch_dtype)
+    model.compress_structure = dict(section.get("structure", {}))
+    for key, value in model.compress_structure.items():
+        if key not in STRUCTURE_LOADERS:
+            raise CompressError(f"{path}: this version of compress cannot rebuild structure "
+                                f"{key!r}; upgrade compress")
+        STRUCTURE_LOADERS[key](model, value)
+    _swap_quantized(model, section.get("modules", {}))
+    tensors = read_tensors(path)
+    for name, module in quantized_modules(model).items():
+        prefix = name + "."
+        packed = {k[len(prefix):]: tensors.pop(k) for k in list(tensors)
+                  if k.startswith(prefix) and k[len(prefix):].startswith("weight")}
+        if not packed:
+            raise CompressError(f"{path}: no packed weight for {name}; the artifact is corrupt")
+        module.load_packed(packed)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") or k.endswith("embed_out.weight")}
+    missing = [k for k in missing if k not in tied and not _is_buffer(model, k)]
+    if missing or unexpected:
+        raise CompressError(f"{path}: weights do not match the config (missing "
+                            f"{missing[:3]}, unexpected {unexpected[:3]}); the artifact is corrupt")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def _is_buffer(model: nn.Module, key: str) -> bool:
+    module_name, _, leaf = key.rpartition(".")
+    return leaf in dict(get_module(model, module_name).named_buffers(recurse=False))

@@ -1,0 +1,66 @@
+"""`compress inspect`: what an artifact holds, without loading the model."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from rich.table import Table
+
+from compress.errors import UsageError
+from compress.progress import console
+
+
+def weight_bytes(path: Path) -> dict[str, int]:
+    """Bytes per tensor name from the safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    sizes = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                count = 1
+                for dim in piece.get_shape():
+                    count *= dim
+                sizes[name] = count * _itemsize(piece.get_dtype())
+    return sizes
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+            "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+            "F8_E8M0": 1}.get(dtype, 4)
+
+
+def describe_artifact(path: Path) -> dict:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise UsageError(f"{path} is not an artifact (no config.json)")
+    config = json.loads(config_path.read_text())
+    section = config.get("compress", {})
+    modules = section.get("modules", {})
+    sizes = weight_bytes(path)
+    formats = Counter(_format_name(fmt) for fmt in modules.values())
+    table = Table(title=f"{path}", show_header=True)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    table.add_row("architecture", str(config.get("model_type")))
+    table.add_row("layers", str(config.get("num_hidden_layers")))
+    table.add_row("quantized modules", ", ".join(f"{n} x {f}" for f, n in formats.items()) or "none")
+    table.add_row("weight bytes", f"{sum(sizes.values()):,}")
+    table.add_row("structure", ", ".join(section.get("structure", {})) or "unchanged")
+    report_path = path / "report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        for item in report.get("passes", []):
+            table.add_row(f"pass {item['pass']}", f"{item['seconds']}s {item['summary']}")
+    console.print(table)
+    return {"modules": modules, "weight_bytes": sum(sizes.values())}
+
+
+def _format_name(fmt: dict) -> str:
+    from compress.formats import WeightFormat
+
+    return WeightFormat(**fmt).name

