@@ -81,16 +81,24 @@ def pack(q: QuantizedWeight, scale_dtype: torch.dtype = torch.float32) -> dict[s
     return out
 
 
-def unpack(tensors: dict[str, torch.Tensor], fmt: WeightFormat) -> QuantizedWeight:
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+def unpack_int32(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Inverse of compressed-tensors' pack_to_int32 along the last axis, for bits in {4, 8}
+    (32/bits values a word, element j at bit j*bits, stored with offset 2^(bits-1)).
+    Written with shifts because the library's general unpack is slow on every forward."""
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+    values = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    values = values.reshape(*packed.shape[:-1], packed.shape[-1] * per_word)[..., :length]
+    return (values - (1 << (bits - 1))).to(torch.int8)
 
-    shape = torch.Size(tensors["weight_shape"].tolist())
-    codes = unpack_from_int32(tensors["weight_packed"], fmt.bits, shape)
+
+def unpack(tensors: dict[str, torch.Tensor], fmt: WeightFormat) -> QuantizedWeight:
+    out_features, in_features = tensors["weight_shape"].tolist()
+    codes = unpack_int32(tensors["weight_packed"], fmt.bits, in_features)
     scale = tensors["weight_scale"]
     zero = None
     if "weight_zero_point" in tensors:
-        zero = unpack_from_int32(tensors["weight_zero_point"], fmt.bits,
-                                 torch.Size(scale.shape), packed_dim=0)
+        zero = unpack_int32(tensors["weight_zero_point"].T, fmt.bits, out_features).T
     return QuantizedWeight(fmt, codes, scale, zero)
 
 
