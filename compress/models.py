@@ -211,7 +211,21 @@ def _dir_kind(path: Path, allow_pickle: bool) -> str:
                          "or pass --allow-pickle if you trust the source")
     if not has_safetensors and not pickles:
         raise UsageError(f"{path} has no weights (*.safetensors)")
+    check_safetensors(path)
     return "artifact" if is_artifact else "dir"
+
+
+def check_safetensors(path: Path) -> None:
+    """Open every shard's header (cheap, reads no tensor) so truncation fails before loading."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise CompressError(f"{file} is corrupt or truncated ({exc}); re-download or "
+                                "rebuild it") from None
 
 
 def load_config(source: Source, trust_remote_code: bool = False):
@@ -270,8 +284,11 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompressError(f"cannot load the weights of {source.label}: {first}") from None
     if getattr(model.config, "quantization_config", None) is not None and source.gguf_file:
-        # The GGUF was dequantized on load; the in-memory model is a plain float model.
+        # The GGUF was dequantized on load; the in-memory model is a plain float model that
+        # save_pretrained must not refuse as "quantized with gguf".
         del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
     model.eval()
     return Loaded(model, tokenizer, arch, source)
 

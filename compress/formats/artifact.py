@@ -47,8 +47,11 @@ def check_output(out: Path, overwrite: bool) -> None:
     parent = out.resolve().parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"output {out}: cannot write to {parent} (permission denied)")
+    try:  # a real probe: os.access says yes to root even where writing fails
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as exc:
+        raise UsageError(f"output {out}: cannot write to {parent} ({exc.strerror}); "
+                         "choose a writable location") from None
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:

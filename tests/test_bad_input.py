@@ -1,0 +1,147 @@
+"""Bad input: one clear error line, a non-zero exit (2 for usage), and nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from compress.cli import main
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "int4-rtn.yaml"
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    sys.argv = ["compress", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    return errors[0]
+
+
+def write_recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_dir(smollm2, tmp_path_factory) -> Path:
+    """SmolLM2 saved as a plain Hugging Face directory (safetensors)."""
+    path = tmp_path_factory.mktemp("hf") / "smollm2"
+    smollm2.model.save_pretrained(path)
+    smollm2.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("passes:\n  - pass: quantise\n", "unknown pass 'quantise'"),
+    ("passes:\n  - pass: quantize\n    group_sise: 64\n", "passes[0].group_sise: unknown field"),
+    ("calibration: {samples: 0}\npasses:\n  - pass: quantize\n",
+     "calibration.samples: Input should be greater than or equal to 1"),
+    ("passes: [\n", "not valid YAML"),
+])
+def test_recipe_errors_exit_2_before_loading(tmp_path, capsys, recipe, message):
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "apply", str(write_recipe(tmp_path, recipe)), "no-such-model",
+                        "-o", str(out))
+    assert code == 2 and message in error_line(err)
+    assert not out.exists()
+
+
+def test_missing_model(tmp_path, capsys):
+    code, err = run_cli(capsys, "apply", str(RECIPE), str(tmp_path / "nowhere"), "-o",
+                        str(tmp_path / "out"))
+    assert code == 2 and "not found" in error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_checkpoint_refused(tmp_path, capsys, hf_dir):
+    model_dir = tmp_path / "pickled"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text((hf_dir / "config.json").read_text())
+    (model_dir / "pytorch_model.bin").write_bytes(b"\x80\x04 not really a pickle")
+    code, err = run_cli(capsys, "apply", str(RECIPE), str(model_dir), "-o", str(tmp_path / "o"))
+    line = error_line(err)
+    assert code == 2 and "pickle" in line and "--allow-pickle" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_safetensors(tmp_path, capsys, hf_dir):
+    model_dir = tmp_path / "corrupt"
+    model_dir.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (model_dir / name).write_bytes((hf_dir / name).read_bytes())
+    data = (hf_dir / "model.safetensors").read_bytes()
+    (model_dir / "model.safetensors").write_bytes(data[: len(data) // 3])  # truncated
+    code, err = run_cli(capsys, "apply", str(RECIPE), str(model_dir), "-o", str(tmp_path / "o"))
+    assert code == 1 and "model.safetensors" in error_line(err) or "corrupt" in error_line(err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_empty_output_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, err = run_cli(capsys, "apply", str(RECIPE), "smollm2-135m", "-o", str(out))
+    assert code == 2 and "--overwrite" in error_line(err)
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_output_that_is_a_file(tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("x")
+    code, err = run_cli(capsys, "apply", str(RECIPE), "smollm2-135m", "-o", str(out))
+    assert code == 2 and "is a file" in error_line(err)
+    assert out.read_text() == "x"
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    if os.geteuid() == 0:  # root writes through permission bits: use a place no one can write
+        parent = Path("/proc/compress-no-such-dir")
+    else:
+        parent = tmp_path / "locked"
+        parent.mkdir(mode=0o500)
+    code, err = run_cli(capsys, "apply", str(RECIPE), "smollm2-135m", "-o", str(parent / "out"))
+    assert code == 2 and "cannot write" in error_line(err)
+
+
+def test_calibration_file_empty(tmp_path, capsys):
+    text = tmp_path / "empty.txt"
+    text.write_text("   \n\n  ")
+    recipe = write_recipe(tmp_path, f"calibration: {{source: {text}}}\npasses:\n"
+                                    "  - pass: quantize\n")
+    from compress.recipe import load_recipe
+    from compress.calib import calibration_windows
+    from compress.errors import UsageError
+
+    with pytest.raises(UsageError, match="holds no text"):
+        calibration_windows(None, load_recipe(recipe).calibration)
+
+
+def test_unknown_architecture_named_before_weights(tmp_path, capsys):
+    model_dir = tmp_path / "t5"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"shared.weight": torch.zeros(2, 2)}, str(model_dir / "model.safetensors"))
+    code, err = run_cli(capsys, "apply", str(RECIPE), str(model_dir), "-o", str(tmp_path / "o"))
+    line = error_line(err)
+    assert code == 2 and "unsupported architecture 't5'" in line and "llama" in line
