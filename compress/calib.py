@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from compress.errors import CompressError, UsageError
-from compress.models import Arch, decoder_layers
+from compress.models import Arch, decoder_layers, layers_path
 
 STDLIB_SETS = Path(__file__).resolve().parents[1] / "calibration" / "stdlib.yaml"
 
@@ -203,7 +203,7 @@ class Calibrator:
     input_ids: torch.Tensor                    # [N, L]
     batch_size: int = 8
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    progress: Callable[[int, int], None] | None = None
+    context: Any = None                        # the pass Context: layer store and resume point
 
     def _capture(self, layers: nn.ModuleList) -> tuple[list, list]:
         inputs, kwargs_list = [], []
@@ -230,17 +230,30 @@ class Calibrator:
         return inputs, kwargs_list
 
     def __iter__(self) -> Iterator[LayerStep]:
+        from compress.offload import free
+        from compress.progress import bar
+
         layers = decoder_layers(self.model, self.arch)
+        prefix = layers_path(self.model, self.arch)
+        ctx = self.context
+        start = ctx.first_layer() if ctx else 0
         inputs, kwargs = self._capture(layers)
-        for index, layer in enumerate(layers):
-            layer.to(self.device)
-            step = LayerStep(index, f"{self.arch.layers}.{index}", layer, inputs, kwargs,
-                             self.device)
-            yield step
-            inputs = step.run(keep_outputs=True)
-            layer.to("cpu")
-            if self.progress:
-                self.progress(index + 1, len(layers))
+        with bar("calibrating layers", len(layers)) as advance:
+            for index, layer in enumerate(layers):
+                if ctx:
+                    ctx.open_layer(index, layer)
+                layer.to(self.device)
+                step = LayerStep(index, f"{prefix}.{index}", layer, inputs, kwargs, self.device)
+                if index >= start:
+                    yield step
+                # A layer finished before a resume is only re-run, to rebuild the next inputs.
+                inputs = step.run(keep_outputs=True)
+                layer.to("cpu")
+                if ctx and index >= start:
+                    ctx.close_layer(index, layer)
+                elif ctx and ctx.store is not None:
+                    free(layer)
+                advance()
 
 
 def _move_non_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device,

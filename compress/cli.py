@@ -34,19 +34,32 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled rec
           trust_remote_code: bool = typer.Option(False, help="allow model code from the hub"),
           allow_pickle: bool = typer.Option(False, help="allow .bin/.pt pickle checkpoints"),
           strict: bool = typer.Option(False, help="make any fallback (e.g. GPTQ -> RTN) an error"),
+          restart: bool = typer.Option(False, help="discard an interrupted run instead of "
+                                                   "resuming it"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and estimates; "
+                                                                "load no weights"),
+          tp: int = typer.Option(1, help="tensor-parallel size to check vLLM compatibility for"),
           ) -> None:
-    """Apply a recipe's passes to MODEL and write the compressed artifact to -o."""
+    """Apply a recipe's passes to MODEL and write the compressed artifact to -o.
+
+    A killed run resumes when the same command is run again (see --restart)."""
     from compress.recipe import load_recipe
 
     parsed = load_recipe(recipe)  # fails here, before any model loads
     from compress.formats.artifact import check_output
 
     check_output(output, overwrite)
+    if dry_run:
+        from compress.preflight import preflight
+
+        preflight(parsed, model, output, device=device, dtype=dtype, tp=tp,
+                  trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        return
     from compress.pipeline import apply_recipe
 
     report = apply_recipe(parsed, model, output, overwrite=overwrite, device=device, dtype=dtype,
                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                          strict=strict)
+                          strict=strict, restart=restart)
     for item in report["passes"]:
         console.print(f"[bold]{item['pass']}[/]: {item['seconds']:.1f}s {item['summary']}")
     console.print(f"wrote {output}")

@@ -51,6 +51,12 @@ class Arch:
             return [qkv + self.mlp_in, (self.o,), (self.mlp_out,)]
         return [qkv, (self.o,), self.mlp_in, (self.mlp_out,)]
 
+    def fused_groups(self) -> list[tuple[str, ...]]:
+        """Projections serving runtimes fuse into one matrix (qkv_proj, gate_up_proj): they
+        must share a format."""
+        groups = [] if self.fused_qkv else [(self.q, self.k, self.v)]
+        return groups + ([self.mlp_in] if len(self.mlp_in) > 1 else [])
+
     def linears(self) -> list[str]:
         return [name for group in self.linear_groups() for name in group]
 
@@ -132,6 +138,12 @@ def resolve_path(model, path: str):
 
 def decoder_layers(model, arch: Arch):
     return resolve_path(model, arch.layers)
+
+
+def layers_path(model, arch: Arch) -> str:
+    """The decoder layers' full module name in this model (arch.layers, maybe prefixed)."""
+    target = decoder_layers(model, arch)
+    return next(name for name, module in model.named_modules() if module is target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,12 +270,19 @@ class Loaded:
 
 
 def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False,
-               allow_pickle: bool = False) -> Loaded:
-    """Load any supported source as a plain (uncompressed) transformers model and tokenizer."""
+               allow_pickle: bool = False, lazy: bool = False) -> Loaded:
+    """Load any supported source as a plain (uncompressed) transformers model and tokenizer.
+    lazy: for a safetensors directory, leave the decoder layers on the meta device, to be read
+    one at a time (compress.offload.LayerStore); everything else is loaded."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec, allow_pickle)
+    if lazy and source.kind == "dir" and any(Path(source.path).glob("*.safetensors")):
+        config = load_config(source, trust_remote_code)
+        model = load_lazily(source, config, getattr(torch, dtype), trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        return Loaded(model, tokenizer, arch_for(config), source)
     if source.kind == "artifact":
         from compress.formats.artifact import load_artifact
 
@@ -291,6 +310,63 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
         model.is_quantized = False
     model.eval()
     return Loaded(model, tokenizer, arch, source)
+
+
+def load_lazily(source: Source, config, dtype, trust_remote_code: bool = False):
+    """Build the model on the meta device (accelerate), check every tensor's name and shape
+    against the config from the shard headers, and load all but the decoder layers."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from compress.offload import assign, read_prefixed, safetensors_index
+
+    arch = arch_for(config)
+    auto = AutoModel if arch.encoder else AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    index = safetensors_index(Path(source.path))
+    expected = model.state_dict()
+    tied = {"lm_head.weight", "embed_out.weight"} if getattr(config, "tie_word_embeddings",
+                                                             False) else set()
+    missing = [n for n in expected if n not in index and n not in tied]
+    unexpected = [n for n in index if n not in expected]
+    if missing or unexpected:
+        raise CompressError(f"{source.label}: the weights do not match the config (missing "
+                            f"{missing[:3]}, unexpected {unexpected[:3]})")
+    for name, file in index.items():
+        with safe_open(str(file), "pt") as handle:
+            shape = list(handle.get_slice(name).get_shape())
+        if shape != list(expected[name].shape):
+            raise CompressError(f"{source.label}: {name} has shape {shape} in {file.name} but "
+                                f"the config implies {list(expected[name].shape)}")
+    prefix = layers_path(model, arch) + "."
+    rest = {n: f for n, f in index.items() if not n.startswith(prefix)}
+    for name, tensor in read_prefixed(rest, "", dtype).items():
+        assign(model, name, tensor)
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def model_fingerprint(source: Source) -> str:
+    """A hash that changes when the model's weights or config change (headers and sizes only,
+    so it is cheap for large checkpoints)."""
+    import hashlib
+
+    digest = hashlib.sha256(source.kind.encode() + source.path.encode())
+    path = Path(source.path)
+    if source.gguf_file:
+        file = path / source.gguf_file
+        digest.update(str(file.stat().st_size).encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+    elif path.is_dir():
+        for file in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+            digest.update(file.name.encode() + str(file.stat().st_size).encode())
+            with open(file, "rb") as handle:
+                digest.update(handle.read(1 << 16))  # JSON files whole; shard headers
+    return digest.hexdigest()[:16]
 
 
 def set_offline_unless_asked() -> None:

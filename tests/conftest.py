@@ -43,3 +43,24 @@ def tiny_llama(**overrides):
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128, **overrides)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_dir(smollm2, tmp_path_factory):
+    """SmolLM2 saved as a plain Hugging Face directory (safetensors): never modify it."""
+    path = tmp_path_factory.mktemp("hf") / "smollm2"
+    smollm2.model.save_pretrained(path)
+    smollm2.tokenizer.save_pretrained(path)
+    return path
+
+
+def copy_model_dir(source, target):
+    """A copy of a model directory whose small files may be edited; the weights are hard links,
+    so replace a .safetensors file (unlink, write) rather than writing into it."""
+    import shutil
+
+    def link_weights(src, dst):
+        return os.link(src, dst) if str(src).endswith(".safetensors") else shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_weights)
+    return target

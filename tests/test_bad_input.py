@@ -39,15 +39,6 @@ def write_recipe(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def hf_dir(smollm2, tmp_path_factory) -> Path:
-    """SmolLM2 saved as a plain Hugging Face directory (safetensors)."""
-    path = tmp_path_factory.mktemp("hf") / "smollm2"
-    smollm2.model.save_pretrained(path)
-    smollm2.tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("recipe, message", [
     ("passes:\n  - pass: quantise\n", "unknown pass 'quantise'"),
     ("passes:\n  - pass: quantize\n    group_sise: 64\n", "passes[0].group_sise: unknown field"),

@@ -85,11 +85,14 @@ def quantization_config(model: nn.Module) -> dict | None:
     return config
 
 
-def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor to save, tied weights once (transformers re-ties them on load)."""
+def state_tensors(model: nn.Module, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor to save, tied weights once (transformers re-ties them on load).
+    skip_prefix: leave out tensors under it (decoder layers already written by a LayerStore)."""
     tensors = {}
     seen: set[int] = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
+        if skip_prefix and name.startswith(skip_prefix):
+            continue
         if tensor.data_ptr() in seen and tensor.numel() > 0:
             continue  # a tied weight (lm_head sharing the embedding)
         seen.add(tensor.data_ptr())
@@ -97,16 +100,41 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
-                  report: dict[str, Any], overwrite: bool = False) -> Path:
-    """Write the artifact atomically (temp dir + rename)."""
+def partial_dir(out: Path) -> Path:
+    """Where an artifact is built before the rename; also what an interrupted run resumes."""
+    return out.parent / f".{out.name}.partial"
+
+
+def write_weights(model: nn.Module, directory: Path, store=None) -> None:
+    """One model.safetensors; or, when a LayerStore wrote the layers as shards, the remaining
+    tensors as rest.safetensors plus the shard index transformers reads."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
+    if store is None:
+        save_file(state_tensors(model), str(directory / WEIGHTS), metadata={"format": "pt"})
+        return
+    rest = state_tensors(model, skip_prefix=store.layers_prefix + ".")
+    save_file(rest, str(directory / "rest.safetensors"), metadata={"format": "pt"})
+    weight_map = {name: "rest.safetensors" for name in rest}
+    for file in store.written():
+        with safe_open(str(file), "pt") as handle:
+            weight_map.update({name: file.name for name in handle.keys()})
+    total = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
+                  report: dict[str, Any], overwrite: bool = False, store=None) -> Path:
+    """Write the artifact into partial_dir(out), then rename it to out. With a LayerStore the
+    partial directory already holds the layer shards (and is kept for resume until here)."""
     out = Path(out)
     check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
+    tmp = partial_dir(out)
+    if store is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     try:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
@@ -118,7 +146,7 @@ def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
             "modules": {n: m.fmt.model_dump() for n, m in quantized_modules(model).items()},
             "structure": structure(model),
         }
-        save_file(state_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_weights(model, tmp, store)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -126,7 +154,14 @@ def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
             tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        for leftover in ("run.json", "run.json.tmp"):
+            (tmp / leftover).unlink(missing_ok=True)
+        tmp.chmod(0o755)
         _replace_dir(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CompressError(f"could not write {out}: {exc.strerror or exc}; nothing was "
+                            "written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

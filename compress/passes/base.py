@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 from pydantic import BaseModel, ConfigDict
 
@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
     from compress.calib import CalibrationConfig, Calibrator
     from compress.models import Arch
+    from compress.offload import LayerStore
+    from compress.resume import Run
 
 
 class PassConfig(BaseModel):
@@ -24,10 +26,26 @@ class PassConfig(BaseModel):
     exact: ClassVar[bool] = False
     # True when the pass changes the weights of decoder layer 0 (precompute must come after).
     changes_layer0: ClassVar[bool] = True
+    # True when the pass touches decoder layers one at a time only through ctx.layers() or
+    # ctx.calibrator(): a recipe of such passes runs with bounded memory and can resume.
+    layerwise: ClassVar[bool] = False
 
     def order_error(self, index: int, passes: list["PassConfig"]) -> str | None:
         """Why this pass cannot stand at `index` of `passes`, or None when it can."""
         return None
+
+    def describe(self, model: "torch.nn.Module", arch: "Arch") -> list[str]:
+        """What the pass will do to which modules, for `compress apply --dry-run` (the model
+        may be on the meta device: use names and shapes only)."""
+        return [f"{self.kind}: whole model" + ("" if self.layerwise else " (held in memory)")]
+
+    def needs_calibration(self) -> bool:
+        """Whether the pass reads calibration data (for time estimates)."""
+        return True
+
+    def output_bits(self, model: "torch.nn.Module", arch: "Arch") -> dict[str, float]:
+        """Bits per weight of the modules this pass will store compressed (for size estimates)."""
+        return {}
 
 
 @dataclass
@@ -54,6 +72,9 @@ class Context:
     calibration: "CalibrationConfig"
     device: "torch.device"
     strict: bool = False
+    store: "LayerStore | None" = None        # set when layers stream from/to disk
+    run: "Run | None" = None                 # set when the run can resume
+    pass_index: int = 0
     _calib_ids: "torch.Tensor | None" = None
 
     def calibration_ids(self) -> "torch.Tensor":
@@ -69,7 +90,54 @@ class Context:
         from compress.calib import Calibrator
 
         return Calibrator(self.model, self.arch, self.calibration_ids(),
-                          batch_size=self.calibration.batch_size, device=self.device)
+                          batch_size=self.calibration.batch_size, device=self.device,
+                          context=self)
+
+    def layers(self) -> Iterator[tuple[int, str, "torch.nn.Module"]]:
+        """(index, full name, layer) for each decoder layer, for passes that need no data.
+        With a LayerStore the layer is read before and written and freed after its turn."""
+        from compress.models import decoder_layers, layers_path
+
+        prefix = layers_path(self.model, self.arch)
+        for index, layer in enumerate(decoder_layers(self.model, self.arch)):
+            if index < self.first_layer():
+                continue
+            self.open_layer(index, layer)
+            yield index, f"{prefix}.{index}", layer
+            self.close_layer(index, layer)
+
+    def first_layer(self) -> int:
+        """Where this pass starts: 0, or after the last layer an interrupted run finished."""
+        return self.run.first_layer(self.pass_index) if self.run else 0
+
+    def open_layer(self, index: int, layer: "torch.nn.Module") -> None:
+        if self.store is not None:
+            self.store.load(index, layer)
+
+    def close_layer(self, index: int, layer: "torch.nn.Module") -> None:
+        """The pass is done with this layer: write it (and the progress) and free it."""
+        if self.store is None:
+            return
+        self.store.save(index, layer)
+        if self.run is not None:
+            from compress.formats.artifact import quantized_modules, structure
+
+            modules = {n: m.fmt.model_dump() for n, m in quantized_modules(self.model).items()}
+            self.run.layer_done(self.pass_index, index, modules, dict(structure(self.model)))
+        inject_fault(self.pass_index, index)
+
+
+def inject_fault(pass_index: int, layer_index: int) -> None:
+    """Fault injection for the resume tests: COMPRESS_FAULT_AFTER_LAYER="PASS:LAYER:SIGNAL"
+    sends SIGNAL (KILL or INT) to this process once that layer of that pass is written."""
+    import os
+    import signal
+
+    fault = os.environ.get("COMPRESS_FAULT_AFTER_LAYER")
+    if fault:
+        at_pass, at_layer, name = fault.split(":")
+        if (int(at_pass), int(at_layer)) == (pass_index, layer_index):
+            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
 
 
 PassFn = Callable[[Context, PassConfig], PassReport]

@@ -1,0 +1,141 @@
+"""Decoder layers kept on disk between uses, so memory holds about one layer at a time.
+
+A LayerStore reads layer i from the source checkpoint's safetensors shards (or from the file a
+pass wrote for it), and after the pass writes it to `layer-0000i.safetensors` in the run's
+partial output directory and frees it (its tensors go back to the meta device). Those files are
+the artifact's weight shards at the end, and what an interrupted run resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+
+
+def safetensors_index(path: Path) -> dict[str, Path]:
+    """Tensor name -> shard file, from the index JSON or the shards' headers."""
+    from safetensors import safe_open
+
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    index = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            index.update({name: file for name in handle.keys()})
+    return index
+
+
+def read_prefixed(index: dict[str, Path], prefix: str, dtype: torch.dtype | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Tensors whose name starts with prefix (prefix stripped), floats cast to dtype."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, file in index.items():
+        if name.startswith(prefix):
+            by_file[file].append(name)
+    tensors = {}
+    for file, names in by_file.items():
+        with safe_open(str(file), "pt") as handle:
+            for name in names:
+                tensor = handle.get_tensor(name)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                tensors[name[len(prefix):]] = tensor
+    return tensors
+
+
+def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` at `name` (a parameter or buffer, new buffers registered) inside module."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner.register_buffer(leaf, tensor)
+
+
+def is_materialized(module: nn.Module) -> bool:
+    return all(t.device.type != "meta" for t in module.state_dict().values())
+
+
+def free(module: nn.Module) -> None:
+    """Send the module's saved tensors to the meta device (shapes kept, memory released)."""
+    for name, tensor in module.state_dict().items():
+        assign(module, name, tensor.to("meta"))
+
+
+class LayerStore:
+    """Where decoder layer i lives between passes: source shards, or the file a pass wrote."""
+
+    def __init__(self, layers_prefix: str, work_dir: Path, source: dict[str, Path] | None,
+                 dtype: torch.dtype | None):
+        self.layers_prefix = layers_prefix      # e.g. "model.layers"
+        self.work_dir = work_dir
+        self.source = source or {}
+        self.dtype = dtype
+
+    def file(self, index: int) -> Path:
+        return self.work_dir / f"layer-{index:05d}.safetensors"
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        from safetensors.torch import load_file
+
+        written = self.file(index)
+        if written.is_file():
+            tensors = load_file(str(written))
+        elif not is_materialized(layer):
+            tensors = read_prefixed(self.source, f"{self.layers_prefix}.{index}.", self.dtype)
+        else:
+            return
+        for name, tensor in tensors.items():
+            assign(layer, name, tensor)
+        if not is_materialized(layer):
+            missing = [n for n, t in layer.state_dict().items() if t.device.type == "meta"]
+            raise CompressError(f"weights of {self.layers_prefix}.{index} are missing "
+                                f"{missing[:3]}: the checkpoint does not match its config")
+
+    def save(self, index: int, layer: nn.Module) -> None:
+        """Write the layer (atomically: temp file + rename) and free its memory."""
+        from safetensors.torch import save_file
+
+        prefix = f"{self.layers_prefix}.{index}."
+        tensors = {prefix + k: v.detach().to("cpu").contiguous()
+                   for k, v in layer.state_dict().items()}
+        target = self.file(index)
+        tmp = target.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, target)
+        free(layer)
+
+    def written(self) -> list[Path]:
+        return sorted(self.work_dir.glob("layer-*.safetensors"))
+
+    def save_rest(self, model: nn.Module) -> None:
+        """Write everything outside the decoder layers (after a pass, for resume)."""
+        from safetensors.torch import save_file
+
+        from compress.formats.artifact import state_tensors
+
+        tmp = self.work_dir / "rest.safetensors.tmp"
+        save_file(state_tensors(model, skip_prefix=self.layers_prefix + "."), str(tmp))
+        os.replace(tmp, self.work_dir / "rest.safetensors")
+
+    def load_rest(self, model: nn.Module) -> None:
+        from safetensors.torch import load_file
+
+        path = self.work_dir / "rest.safetensors"
+        if path.is_file():
+            for name, tensor in load_file(str(path)).items():
+                assign(model, name, tensor)
+            if getattr(model.config, "tie_word_embeddings", False):
+                model.tie_weights()

@@ -1,0 +1,158 @@
+"""Bounded memory and resume: layers stream from disk, a killed run continues where it stopped
+and produces the same tensors as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import copy_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "int4-rtn.yaml"
+
+
+def compress_cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("COMPRESS_FAULT_AFTER_LAYER", None)
+    if fault:
+        env["COMPRESS_FAULT_AFTER_LAYER"] = fault
+    return subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def tensors(artifact: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for file in sorted(artifact.glob("*.safetensors")):
+        found.update(load_file(str(file)))
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(hf_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("streamed") / "int4"
+    done = compress_cli("apply", str(RECIPE), str(hf_dir), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_lazy_load_keeps_layers_on_meta(hf_dir):
+    from compress.models import decoder_layers, load_model
+
+    loaded = load_model(str(hf_dir), lazy=True)
+    layers = decoder_layers(loaded.model, loaded.arch)
+    assert all(p.device.type == "meta" for p in layers.parameters())
+    assert loaded.model.model.embed_tokens.weight.device.type == "cpu"
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+
+
+def test_only_one_layer_is_in_memory_at_a_time(hf_dir, tmp_path):
+    from compress.models import decoder_layers, load_model
+    from compress.offload import LayerStore, is_materialized, safetensors_index
+    from compress.passes import Context
+    from compress.recipe import load_recipe
+
+    loaded = load_model(str(hf_dir), lazy=True)
+    layers = decoder_layers(loaded.model, loaded.arch)
+    ctx = Context(loaded.model, loaded.tokenizer, loaded.arch, load_recipe(RECIPE).calibration,
+                  torch.device("cpu"))
+    ctx.store = LayerStore("model.layers", tmp_path, safetensors_index(hf_dir), torch.float32)
+    seen = []
+    for index, _, layer in ctx.layers():
+        seen.append(sum(is_materialized(other) for other in layers))
+        assert is_materialized(layer)
+    assert seen == [1] * 30
+    assert len(ctx.store.written()) == 30 and not any(map(is_materialized, layers))
+
+
+def test_streamed_artifact_is_sharded_and_loads_everywhere(uninterrupted, eval_windows):
+    from transformers import AutoModelForCausalLM
+
+    import compress
+
+    index = json.loads((uninterrupted / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 31  # 30 layer shards + the rest
+    report = json.loads((uninterrupted / "report.json").read_text())
+    assert report["streamed"] is True
+    assert not (uninterrupted / "run.json").exists()
+    ids = eval_windows[:1, :64]
+    with torch.no_grad():
+        ours = compress.load(uninterrupted)(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(uninterrupted, dtype=torch.float32)(ids).logits
+    assert (ours - theirs).abs().max() < 1e-3
+
+
+def test_streamed_equals_in_memory_gguf_run(uninterrupted, tmp_path):
+    """The same recipe from the HF directory (streamed) and from the GGUF (held in memory)."""
+    out = tmp_path / "from-gguf"
+    done = compress_cli("apply", str(RECIPE), "smollm2-135m", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    a, b = tensors(uninterrupted), tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fault", ["0:0:KILL", "0:17:KILL", "0:29:KILL"])
+def test_killed_run_resumes_to_identical_tensors(uninterrupted, hf_dir, tmp_path, fault):
+    out = tmp_path / "int4"
+    killed = compress_cli("apply", str(RECIPE), str(hf_dir), "-o", str(out), fault=fault)
+    assert killed.returncode == -9
+    partial = tmp_path / ".int4.partial"
+    assert not out.exists() and (partial / "run.json").is_file()
+    layer = int(fault.split(":")[1])
+    assert json.loads((partial / "run.json").read_text())["current"] == {"pass": 0,
+                                                                           "layer": layer}
+    resumed = compress_cli("apply", str(RECIPE), str(hf_dir), "-o", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming the interrupted run" in resumed.stderr
+    assert not partial.exists()
+    a, b = tensors(uninterrupted), tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed"] is True
+    assert report["passes"][0]["summary"]["resumed_at_layer"] == layer + 1
+
+
+def test_resume_refuses_a_different_recipe(hf_dir, tmp_path):
+    out = tmp_path / "int4"
+    assert compress_cli("apply", str(RECIPE), str(hf_dir), "-o", str(out),
+                        fault="0:5:KILL").returncode == -9
+    other = tmp_path / "g32.yaml"
+    other.write_text(RECIPE.read_text().replace("group_size: 64", "group_size: 32"))
+    refused = compress_cli("apply", str(other), str(hf_dir), "-o", str(out))
+    assert refused.returncode == 1
+    assert "different recipe" in refused.stderr and "--restart" in refused.stderr
+    restarted = compress_cli("apply", str(other), str(hf_dir), "-o", str(out), "--restart")
+    assert restarted.returncode == 0, restarted.stderr
+    assert "resuming" not in restarted.stderr
+
+
+def test_sigint_exits_130_and_cleans_up(hf_dir, tmp_path):
+    out = tmp_path / "int4"
+    done = compress_cli("apply", str(RECIPE), str(hf_dir), "-o", str(out), fault="0:3:INT")
+    assert done.returncode == 130, done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_reads_no_weights(hf_dir, tmp_path):
+    model = copy_model_dir(hf_dir, tmp_path / "model")
+    for shard in model.glob("*.safetensors"):  # a dry run must not need the tensor data
+        data = shard.read_bytes()
+        header = 8 + int.from_bytes(data[:8], "little")
+        shard.unlink()
+        shard.write_bytes(data[:header] + b"\0" * (len(data) - header))
+    done = compress_cli("apply", str(RECIPE), str(model), "-o", str(tmp_path / "out"),
+                        "--dry-run", "--tp", "2")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stderr.split())
+    assert "210 modules -> int4-sym-g64" in text
+    assert "estimated output size" in text and "estimated peak memory" in text
+    assert "layers streamed from disk" in text and "free disk space: enough" in text
+    assert "num_attention_heads 9 is not divisible by --tp 2" in text
+    assert not (tmp_path / "out").exists()
