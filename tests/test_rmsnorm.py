@@ -201,6 +201,9 @@ def test_llama_fold_plain_transformers_and_nothing_twice(tmp_path):
 
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert (logits(plain, ids) - before).abs().max().item() < TOL
+    assert structure(model)["rmsnorm"] == {"mode": "fold", "untied": False}
+    save_artifact(model, None, tmp_path / "a", "passes: []\n", {})
+    assert (logits(load_artifact(tmp_path / "a"), ids) - before).abs().max().item() < TOL
     state = {k: v.clone() for k, v in model.state_dict().items()}
     again = apply_pass(model)
     assert again.summary["changed"] is False and "nothing to fold" in again.summary["note"]
