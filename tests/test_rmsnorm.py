@@ -313,3 +313,18 @@ def test_structure_is_recorded():
     assert record["identity"] == ["transformer.word_embeddings_layernorm"]
     assert record["untied"] is True
     assert len(record["norms"]) == 2 * 2 + 1
+
+
+def test_quantized_model_refused():
+    """A model whose linears are already packed cannot be rewritten exactly."""
+    from conftest import tiny_llama
+
+    from compress.passes.quantize import QuantizeConfig
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.mul_(2)
+    ctx = Context(model, None, arch_for(model.config), CalibrationConfig(), torch.device("cpu"))
+    run_pass(ctx, QuantizeConfig(group_size=32))
+    with pytest.raises(UsageError, match="already quantized"):
+        run_pass(ctx, RMSNormConfig())

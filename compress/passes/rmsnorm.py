@@ -227,6 +227,16 @@ def resolve_mode(arch: Arch, mode: str) -> str:
     return mode
 
 
+def _check_float_linears(model: nn.Module, arch: Arch) -> None:
+    names = [r for _, readers in norm_plan(model, arch) for r in readers]
+    for name in names + writer_names(model, arch):
+        module = get_module(model, name)
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            raise UsageError(f"rmsnorm: {name} is a {type(module).__name__}, not a float "
+                             "Linear (already quantized?): run rmsnorm on the float model, "
+                             "before quantize")
+
+
 def _check_supported(model: nn.Module, arch: Arch) -> None:
     """Layouts the table does not describe: refuse them rather than convert them wrongly."""
     config = model.config
@@ -253,6 +263,7 @@ def _check_supported(model: nn.Module, arch: Arch) -> None:
 def rmsnorm(ctx: Context, cfg: RMSNormConfig) -> PassReport:
     mode = resolve_mode(ctx.arch, cfg.mode)
     report = PassReport("rmsnorm", summary={"mode": mode})
+    _check_float_linears(ctx.model, ctx.arch)  # before any change: all or nothing
     if mode == "fold":
         record = fold_rms(ctx.model, ctx.arch, cfg.untie, report)
     else:
