@@ -328,3 +328,13 @@ def test_quantized_model_refused():
     run_pass(ctx, QuantizeConfig(group_size=32))
     with pytest.raises(UsageError, match="already quantized"):
         run_pass(ctx, RMSNormConfig())
+
+
+def test_opt_without_final_norm_refused():
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    config = OPTConfig(hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
+                       vocab_size=64, word_embed_proj_dim=32, _remove_final_layer_norm=True)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UsageError, match="no final norm"):
+        apply_pass(model)

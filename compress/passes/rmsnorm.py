@@ -263,11 +263,11 @@ def _check_supported(model: nn.Module, arch: Arch) -> None:
 def rmsnorm(ctx: Context, cfg: RMSNormConfig) -> PassReport:
     mode = resolve_mode(ctx.arch, cfg.mode)
     report = PassReport("rmsnorm", summary={"mode": mode})
-    _check_float_linears(ctx.model, ctx.arch)  # before any change: all or nothing
+    _check_supported(ctx.model, ctx.arch)  # before any change: all or nothing
+    _check_float_linears(ctx.model, ctx.arch)
     if mode == "fold":
         record = fold_rms(ctx.model, ctx.arch, cfg.untie, report)
     else:
-        _check_supported(ctx.model, ctx.arch)
         record = recentre(ctx.model, ctx.arch, report, compress_stream=mode == "crmsnorm")
     if record is None:
         report.summary["changed"] = False
