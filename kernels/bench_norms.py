@@ -35,24 +35,28 @@ def layer_norm_eager(x: torch.Tensor, eps: float) -> torch.Tensor:
     return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def op_fns(x: torch.Tensor) -> dict:
+    """The norms to time on one zero-mean input x: [tokens, width]."""
+    width = x.shape[-1]
+    w, b = torch.ones(width), torch.zeros(width)
+    x_small = x[:, :-1].contiguous()
+    return {
+        "layernorm": lambda: F.layer_norm(x, (width,), w, b, 1e-5),
+        "layernorm_noaffine": lambda: F.layer_norm(x, (width,), None, None, 1e-5),
+        "rmsnorm": lambda: F.rms_norm(x, (width,), None, 1e-5),
+        # the same arithmetic written op by op, like crms_norm: like-for-like for CRMSNorm
+        "layernorm_eager": lambda: layer_norm_eager(x, 1e-5),
+        "rmsnorm_eager": lambda: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5),
+        "crmsnorm": lambda: crms_norm(x_small, width, 1e-5),
+    }
+
+
 def bench_ops(tokens: int, min_run_time: float) -> list[dict]:
     rows = []
     for width in WIDTHS:
         x = torch.randn(tokens, width)
-        x = x - x.mean(-1, keepdim=True)
-        w, b = torch.ones(width), torch.zeros(width)
-        x_small = x[:, :-1].contiguous()
-        fns = {
-            "layernorm": lambda: F.layer_norm(x, (width,), w, b, 1e-5),
-            "layernorm_noaffine": lambda: F.layer_norm(x, (width,), None, None, 1e-5),
-            "rmsnorm": lambda: F.rms_norm(x, (width,), None, 1e-5),
-            # the same arithmetic written op by op, like crms_norm: like-for-like for CRMSNorm
-            "layernorm_eager": lambda: layer_norm_eager(x, 1e-5),
-            "rmsnorm_eager": lambda: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5),
-            "crmsnorm": lambda: crms_norm(x_small, width, 1e-5),
-        }
         row = {"width": width}
-        for name, fn in fns.items():
+        for name, fn in op_fns(x - x.mean(-1, keepdim=True)).items():
             with torch.no_grad():
                 row[name] = median_us_per_token(fn, tokens, min_run_time)
         rows.append(row)
@@ -108,7 +112,8 @@ def main() -> None:
               f"{100 * (1 - r['crmsnorm'] / r['layernorm_eager']):+.1f}% |")
     models = [bench_model(768, 4, 256, args.min_run_time * 2),
               bench_model(1024, 4, 256, args.min_run_time * 2)]
-    print("\n| model (GPT-2 shape) | Pre-LN | Pre-RMSNorm | Pre-CRMSNorm | RMS saves | CRMS saves |")
+    print("\n| model (GPT-2 shape) | Pre-LN | Pre-RMSNorm | Pre-CRMSNorm | RMS saves | "
+          "CRMS saves |")
     print("|---|---|---|---|---|---|")
     for r in models:
         print(f"| d={r['width']}, {r['layers']} layers, {r['tokens']} tokens | "

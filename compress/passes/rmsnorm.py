@@ -61,13 +61,16 @@ def center_rows(w: torch.Tensor) -> torch.Tensor:
     return w - w.mean(-1, keepdim=True)
 
 
-def center_outputs(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+Pair = tuple[torch.Tensor, torch.Tensor | None]  # (weight [out, in], bias [out] or None)
+
+
+def center_outputs(w: torch.Tensor, b: torch.Tensor | None) -> Pair:
     """A stream writer made zero-mean: (I - 11^T/d) W and b - mean(b). w: [D, I], b: [D]."""
     return w - w.mean(0, keepdim=True), (None if b is None else b - b.mean())
 
 
 def fold_norm_into_linear(w: torch.Tensor, b: torch.Tensor | None, gamma: torch.Tensor | None,
-                          beta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          beta: torch.Tensor | None) -> Pair:
     """W (gamma * n + beta) + b == W' n + b' with W' = W diag(gamma), b' = W beta + b.
     w: [O, D], b: [O], gamma, beta: [D]."""
     new_b = b
@@ -76,7 +79,7 @@ def fold_norm_into_linear(w: torch.Tensor, b: torch.Tensor | None, gamma: torch.
     return (w if gamma is None else w * gamma), new_b
 
 
-def compress_writer(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def compress_writer(w: torch.Tensor, b: torch.Tensor | None) -> Pair:
     """A zero-mean writer keeps its first d-1 outputs (the last is minus their sum). w: [D, I]."""
     return w[:-1], (None if b is None else b[:-1])
 
@@ -112,7 +115,7 @@ class CRMSNorm(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Module access: every linear as [out, in], whatever its storage.
 
-def get_oi(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def get_oi(module: nn.Module) -> Pair:
     """Weight [out, in] and bias of a Linear or GPT-2 Conv1D (weight stored [in, out]), float64."""
     w = module.weight.detach().double()
     b = None if getattr(module, "bias", None) is None else module.bias.detach().double()
@@ -284,10 +287,9 @@ def fold_rms(model: nn.Module, arch: Arch, untie_head: bool, report: PassReport)
     tied = is_tied(model, arch)
     if tied and not untie_head and arch.final_norm is not None:
         plan = plan[:-1]
+        cost = get_module(model, _full(model, arch.embed)).weight.numel()
         report.summary["final_norm"] = ("kept: lm_head is tied to the embedding (untie: true "
-                                        "folds it at the cost of "
-                                        f"{get_module(model, _full(model, arch.embed)).weight.numel()}"
-                                        " parameters)")
+                                        f"folds it at the cost of {cost} parameters)")
     plan = [(n, r) for n, r in plan if not torch.all(get_module(model, n).weight == 1)]
     if not plan:
         report.summary["note"] = "nothing to fold: every norm weight is already 1"
@@ -307,7 +309,8 @@ def fold_rms(model: nn.Module, arch: Arch, untie_head: bool, report: PassReport)
     return {"mode": "fold", "untied": "untied_params" in report.summary}
 
 
-def recentre(model: nn.Module, arch: Arch, report: PassReport, compress_stream: bool) -> dict | None:
+def recentre(model: nn.Module, arch: Arch, report: PassReport,
+             compress_stream: bool) -> dict | None:
     """Pre-LN -> Pre-RMSNorm (and, with compress_stream, Pre-CRMSNorm) in place."""
     plan = norm_plan(model, arch)
     if not isinstance(get_module(model, plan[0][0]), nn.LayerNorm):
