@@ -60,6 +60,17 @@ class Arch:
     def linears(self) -> list[str]:
         return [name for group in self.linear_groups() for name in group]
 
+    def norm_readers(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Each norm of a layer with the projections that read its output (pre-LN blocks)."""
+        qkv = (self.q,) if self.fused_qkv else (self.q, self.k, self.v)
+        if self.mlp_norm is None:  # parallel block: one norm feeds attention and MLP
+            return [(self.attn_norm, qkv + self.mlp_in)]
+        return [(self.attn_norm, qkv), (self.mlp_norm, self.mlp_in)]
+
+    def stream_writers(self) -> tuple[str, ...]:
+        """Projections of a layer whose outputs are added into the residual stream."""
+        return (self.o, self.mlp_out)
+
 
 _LLAMA = dict(layers="model.layers", embed="model.embed_tokens", final_norm="model.norm",
               lm_head="lm_head", q="self_attn.q_proj", k="self_attn.k_proj",
@@ -81,7 +92,7 @@ ARCHES: dict[str, Arch] = {
                 attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm", norm="layer",
                 extra_embeds=("model.decoder.embed_positions",)),
     "gpt_neox": Arch(name="gpt_neox", layers="gpt_neox.layers", embed="gpt_neox.embed_in",
-                     final_norm="gpt_neox.final_layer_norm", lm_head="embed_out",
+                     final_norm="gpt_neox.final_layer_norm", lm_head="lm_head",
                      q="attention.query_key_value", k=None, v=None, o="attention.dense",
                      mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
                      attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",

@@ -232,6 +232,8 @@ def load_artifact(path: str | Path, device=None, dtype=None) -> nn.Module:
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype)
     model = auto.from_config(config, dtype=torch_dtype)
+    import compress.passes  # noqa: F401  (every pass module registers its STRUCTURE_LOADERS)
+
     model.compress_structure = dict(section.get("structure", {}))
     for key, value in model.compress_structure.items():
         if key not in STRUCTURE_LOADERS:
