@@ -36,7 +36,15 @@ class CalibrationConfig(BaseModel):
 # Text sources
 
 def _docstrings(module_name: str) -> list[str]:
-    module = importlib.import_module(module_name)
+    import warnings
+
+    with warnings.catch_warnings():  # some modules warn on import (deprecated aliases)
+        warnings.simplefilter("ignore")
+        module = importlib.import_module(module_name)
+        return _module_docstrings(module, module_name)
+
+
+def _module_docstrings(module, module_name: str) -> list[str]:
     found = [inspect.getdoc(module)]
     for _, obj in sorted(vars(module).items()):
         if getattr(obj, "__module__", None) != module_name:

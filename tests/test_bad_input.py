@@ -136,3 +136,76 @@ def test_unknown_architecture_named_before_weights(tmp_path, capsys):
     code, err = run_cli(capsys, "apply", str(RECIPE), str(model_dir), "-o", str(tmp_path / "o"))
     line = error_line(err)
     assert code == 2 and "unsupported architecture 't5'" in line and "llama" in line
+
+
+def test_calibration_text_shorter_than_one_sample(tmp_path, smollm2):
+    from compress.calib import CalibrationConfig, calibration_windows
+    from compress.errors import UsageError
+
+    text = tmp_path / "short.txt"
+    text.write_text("Return the number of items in a container.")
+    with pytest.raises(UsageError, match="fewer than one sample of seq_len=512"):
+        calibration_windows(smollm2.tokenizer, CalibrationConfig(source=str(text)))
+
+
+def test_config_that_does_not_match_the_weights(tmp_path, capsys, hf_dir):
+    from conftest import copy_model_dir
+
+    model = copy_model_dir(hf_dir, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config["intermediate_size"] = 1024
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "o"
+    code, err = run_cli(capsys, "apply", str(RECIPE), str(model), "-o", str(out))
+    line = error_line(err)
+    assert code == 1 and "has shape" in line and "but the config implies" in line
+    assert "1536" in line and "1024" in line
+    assert not out.exists() and not (tmp_path / ".o.partial").exists()
+
+
+def test_nan_weight_names_the_module(tmp_path, capsys, hf_dir):
+    from safetensors.torch import load_file, save_file
+
+    from conftest import copy_model_dir
+
+    model = copy_model_dir(hf_dir, tmp_path / "model")
+    shard = model / "model.safetensors"
+    tensors = load_file(str(shard))
+    tensors["model.layers.3.mlp.up_proj.weight"][7, 11] = float("nan")
+    shard.unlink()  # a hard link to the shared copy: replace, don't write into it
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "o"
+    code, err = run_cli(capsys, "apply", str(RECIPE), str(model), "-o", str(out))
+    line = error_line(err)
+    assert code == 1 and "model.layers.3.mlp.up_proj" in line and "NaN or Inf" in line
+    assert not out.exists() and not (tmp_path / ".o.partial").exists()
+
+
+def test_model_needing_remote_code(tmp_path, capsys, hf_dir):
+    from conftest import copy_model_dir
+
+    model = copy_model_dir(hf_dir, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomModel"}
+    (model / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(capsys, "apply", str(RECIPE), str(model), "-o", str(tmp_path / "o"))
+    assert code == 2 and "--trust-remote-code" in error_line(err)
+
+
+def test_ignore_pattern_matching_nothing_warns(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, "passes:\n  - pass: quantize\n    group_size: 64\n"
+                                    "    ignore: [lm_head, mlp.gate_prj]\n")
+    code, err = run_cli(capsys, "apply", str(recipe), "smollm2-135m", "-o", str(tmp_path / "o"),
+                        "--dry-run")
+    assert code == 0 and "ignore pattern 'mlp.gate_prj' matches no module" in " ".join(
+        err.split())
+
+
+def test_pattern_splitting_a_fused_group_is_refused(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, "passes:\n  - pass: quantize\n    group_size: 64\n"
+                                    "    ignore: [lm_head, k_proj]\n")
+    out = tmp_path / "o"
+    code, err = run_cli(capsys, "apply", str(recipe), "smollm2-135m", "-o", str(out))
+    line = error_line(err)
+    assert code == 2 and "q_proj" in line and "fused" in line and "together" in line
+    assert not out.exists()
