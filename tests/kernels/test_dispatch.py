@@ -1,0 +1,117 @@
+"""Runtime dispatch: the reference on CPU, the kernel when allowed; paths are recorded; the
+kernels' references equal QuantizedLinear's own dequantize + matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_checks import assert_matmul_close
+from torch import nn
+
+from compress.formats import WeightFormat, codec
+from compress.kernels.sparse24 import gather_kept, kept_positions, pack_meta, sparse24_matmul_ref
+from compress.kernels.w4a16 import int_matmul_ref
+from compress.modules import (QuantizedLinear, dispatch_linear, dispatch_summary,
+                              reset_dispatch_counts)
+
+
+def quantized_linear(w, fmt, bias=None):
+    return QuantizedLinear.from_quantized(codec(fmt).quantize(w, fmt), bias, torch.float32)
+
+
+def int_ref(module, x):
+    t = module.packed()
+    return int_matmul_ref(x, t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"),
+                          (module.out_features, module.in_features), module.fmt.bits,
+                          module.bias)
+
+
+def test_cpu_takes_the_reference_and_says_so(monkeypatch, rng):
+    monkeypatch.delenv("COMPRESS_KERNELS", raising=False)
+    model = nn.Sequential(quantized_linear(torch.randn(24, 64, generator=rng),
+                                           WeightFormat(group_size=32)))
+    assert dispatch_summary(model) == {"0": {"never called": 1}}
+    model(torch.randn(2, 64, generator=rng))
+    assert model[0].kernel_path == "reference (cpu)"
+    assert dispatch_summary(model) == {"0": {"reference (cpu)": 1}}
+
+
+def test_kernels_off_is_respected(monkeypatch, rng):
+    monkeypatch.setenv("COMPRESS_KERNELS", "off")
+    module = quantized_linear(torch.randn(8, 32, generator=rng), WeightFormat(group_size=16))
+    module(torch.randn(1, 32, generator=rng))
+    assert module.kernel_path == "reference (COMPRESS_KERNELS=off)"
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat(group_size=32, symmetric=False),
+                                 WeightFormat(bits=8, group_size=None)], ids=lambda f: f.name)
+def test_reference_equals_quantized_linear(fmt, rng):
+    module = quantized_linear(torch.randn(40, 96, generator=rng), fmt,
+                              bias=torch.randn(40, generator=rng))
+    x = torch.randn(3, 96, generator=rng)
+    torch.testing.assert_close(int_ref(module, x), module.reference_forward(x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fp4_reference_equals_quantized_linear(rng):
+    """Needs the NVFP4/MXFP4 codec (compress.formats.fp4, the gptq branch) to build modules."""
+    pytest.importorskip("compress.formats.fp4", reason="FP4 codec not merged yet")
+    from compress.kernels.fp4 import fp4_matmul_ref
+
+    for name in ("nvfp4", "mxfp4"):
+        module = quantized_linear(torch.randn(16, 64, generator=rng), WeightFormat(type=name,
+                                  group_size=16 if name == "nvfp4" else 32))
+        t, x = module.packed(), torch.randn(2, 64, generator=rng)
+        ours = fp4_matmul_ref(x, name, t["weight_packed"], t["weight_scale"],
+                              t.get("weight_global_scale"), (16, 64))
+        torch.testing.assert_close(ours, module.reference_forward(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 5, 20])
+def test_forced_kernel_on_real_smollm2_weight(monkeypatch, smollm2, m, rng):
+    """SmolLM2's layer-0 down_proj [576, 1536] in INT4 g128 asym: the module's kernel path (on
+    the interpreter) equals its reference path, and the path taken is recorded."""
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    w = smollm2.model.model.layers[0].mlp.down_proj.weight.detach()
+    module = quantized_linear(w, WeightFormat(group_size=128, symmetric=False))
+    x = torch.randn(m, w.shape[1], generator=rng).to(torch.bfloat16)
+    y = module(x)
+    expected = {1: "gemv", 5: "splitk", 20: "tile"}[m]
+    assert module.kernel_path == f"triton/int4/{expected}"
+    assert_matmul_close(y, module.reference_forward(x.float()).to(x.dtype), x,
+                        module.dequantized_weight(), rng.initial_seed())
+
+
+class Sparse24Module(nn.Module):
+    """What the sparsify pass's module looks like to dispatch: 2:4 buffers, no fmt."""
+
+    def __init__(self, dense):
+        super().__init__()
+        self.out_features, self.in_features = dense.shape
+        self.bias = None
+        pos = kept_positions(dense)
+        self.register_buffer("weight_meta", pack_meta(pos))
+        self.register_buffer("weight_values", gather_kept(dense, pos))
+
+    def forward(self, x):
+        ref = lambda x: sparse24_matmul_ref(x, "16bit", dict(self.named_buffers()),  # noqa: E731
+                                            (self.out_features, self.in_features))
+        return dispatch_linear(self, x, ref, layout="2:4")
+
+
+def test_sparse_module_dispatch_records_its_path(monkeypatch, rng):
+    dense = torch.randn(24, 64, generator=rng).to(torch.bfloat16)
+    dense[:, 0::4] = 0
+    dense[:, 1::4] = 0
+    model = nn.ModuleDict({"a": Sparse24Module(dense)})
+    x = torch.randn(3, 64, generator=rng).to(torch.bfloat16)
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    y = model["a"](x)
+    assert model["a"].kernel_path == "triton/2:4-16bit/splitk"
+    monkeypatch.setenv("COMPRESS_KERNELS", "auto")
+    y_ref = model["a"](x)
+    assert_matmul_close(y, y_ref, x, dense.float())
+    assert dispatch_summary(model) == {"a": {"triton/2:4-16bit/splitk": 1,
+                                             "reference (cpu)": 1}}
+    reset_dispatch_counts(model)
+    assert dispatch_summary(model) == {}
