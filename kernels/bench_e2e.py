@@ -93,6 +93,29 @@ def restore(model: nn.Module, originals: dict[str, nn.Linear]) -> None:
         set_module(model, name, linear)
 
 
+def decode_roofline(context: int = 256) -> str:
+    """Bytes one batch-1 decode step must read on Llama-3-8B, and the tokens/s ceiling at
+    3.0 TB/s: every decoder linear, the (bf16) lm_head, the KV cache at `context` tokens."""
+    c = LLAMA3_8B
+    d, f, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
+    shapes = [(d + 2 * kv, d), (d, d), (f, d), (f, d), (d, f)]     # q,k,v | o | gate | up | down
+    params = layers * sum(n * k for n, k in shapes)
+    per_weight = {"bf16": 2.0, "int4 g128 (bf16 scales)": 0.5 + 2 / 128,
+                  "int4 g128 asym": 0.5 + 2.5 / 128, "nvfp4": 0.5 + 1 / 16,
+                  "mxfp4": 0.5 + 1 / 32}
+    other = 2 * c["vocab_size"] * d + 2 * layers * 2 * kv * context   # lm_head + KV cache
+    lines = [f"decoder linear weights: {params / 1e9:.2f} G; lm_head {c['vocab_size']}x{d} "
+             f"bf16; KV cache at {context} tokens; 3.0 TB/s",
+             "", "| weights | bytes per step (GB) | floor ms/step | ceiling tok/s |",
+             "|---|---|---|---|"]
+    for name, b in per_weight.items():
+        total = params * b + other
+        lines.append(f"| {name} | {total / 1e9:.2f} | {total / 3.0e12 * 1e3:.2f} | "
+                     f"{3.0e12 / total:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default="int4")
@@ -102,7 +125,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a small config (CPU dry run)")
     parser.add_argument("--log", default="kernels/bench_e2e.log.jsonl")
+    parser.add_argument("--roofline", action="store_true", help="print the decode byte count")
     args = parser.parse_args()
+    if args.roofline:
+        print(decode_roofline())
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.tiny:
         raise SystemExit("an 8B model needs the GPU; use --tiny for a CPU dry run")
