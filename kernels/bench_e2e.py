@@ -26,9 +26,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.evaluation.speed import measure_speed  # noqa: E402
-from compress.formats import WeightFormat, codec  # noqa: E402
-from compress.modules import QuantizedLinear, set_module  # noqa: E402
+from compress.evaluation.speed import measure_speed
+from compress.formats import WeightFormat, codec
+from compress.modules import QuantizedLinear, set_module
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,

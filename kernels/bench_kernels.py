@@ -27,10 +27,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.kernels.fp4 import fp4_matmul, fp4_matmul_ref  # noqa: E402
-from compress.kernels.sparse24 import (gather_kept, pack_meta, sparse24_matmul,  # noqa: E402
-                                       sparse24_matmul_ref)
-from compress.kernels.w4a16 import int_matmul, int_matmul_ref  # noqa: E402
+from compress.kernels.fp4 import fp4_matmul, fp4_matmul_ref
+from compress.kernels.sparse24 import gather_kept, pack_meta, sparse24_matmul, sparse24_matmul_ref
+from compress.kernels.w4a16 import int_matmul, int_matmul_ref
 
 SHAPES = {"qkv 6144x4096": (6144, 4096), "o 4096x4096": (4096, 4096),
           "gate/up 14336x4096": (14336, 4096), "down 4096x14336": (4096, 14336)}

@@ -83,7 +83,9 @@ def _fp4_matmul_kernel(x_ptr, w_ptr, s_ptr, lut_ptr, gs_ptr, b_ptr, out_ptr,
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    gscale = 1.0 if MX else tl.load(gs_ptr).to(tl.float32)
+    gscale = 1.0
+    if not MX:
+        gscale = tl.load(gs_ptr).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = pid_k * K_PER_SPLIT + kk
@@ -112,7 +114,9 @@ def _fp4_dequant_kernel(w_ptr, s_ptr, lut_ptr, gs_ptr, out_ptr, N, K, G, GROUP,
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     rk = k0 + tl.arange(0, BLOCK_K)
-    gscale = 1.0 if MX else tl.load(gs_ptr).to(tl.float32)
+    gscale = 1.0
+    if not MX:
+        gscale = tl.load(gs_ptr).to(tl.float32)
     w = _fp4_tile(w_ptr, s_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP, MX, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(rn[:, None] < N) & (rk[None, :] < K))

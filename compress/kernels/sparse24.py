@@ -24,11 +24,51 @@ import triton
 import triton.language as tl
 
 from compress.kernels import _common as C
-from compress.kernels.fp4 import (FORMATS as FP4_GROUPS, _e4m3_to_f32, _e8m0_to_f32,
-                                  _unpack_nibbles, e2m1_table, fp4_scale_ref, unpack_fp4_ref)
+from compress.kernels.fp4 import FORMATS as FP4_GROUPS
+from compress.kernels.fp4 import (
+    _e4m3_to_f32,
+    _e8m0_to_f32,
+    _unpack_nibbles,
+    e2m1_table,
+    fp4_scale_ref,
+    unpack_fp4_ref,
+)
 from compress.kernels.w4a16 import _unpack_ref, _unpack_words
 
 VALUE_KINDS = {"16bit": 0, "int": 1, "nvfp4": 2, "mxfp4": 3}
+
+
+@triton.jit
+def _kept_int(v_ptr, s_ptr, z_ptr, rn, rj, grp, inside, k0, N, K, G, BITS: tl.constexpr,
+              PER: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+              HALF: tl.constexpr):
+    """Kept INT codes (packed like the dense format, along the kept slots) decoded."""
+    rw = k0 // 2 // PER + tl.arange(0, HALF // PER)
+    words = tl.load(v_ptr + rn[:, None] * (K // 2 // PER) + rw[None, :],
+                    mask=(rn[:, None] < N) & (rw[None, :] < K // 2 // PER), other=0)
+    q = _unpack_words(words, BITS, PER, BLOCK_N, HALF).to(tl.float32)
+    s = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=inside, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        zw = tl.load(z_ptr + (rn[:, None] // PER) * G + grp[None, :], mask=inside, other=0)
+        z = ((zw >> ((rn[:, None] % PER) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+        q = q - z.to(tl.float32)
+    return q * s
+
+
+@triton.jit
+def _kept_fp4(v_ptr, s_ptr, lut_ptr, gscale, rn, grp, inside, k0, N, K, G, MX: tl.constexpr,
+              BLOCK_N: tl.constexpr, HALF: tl.constexpr):
+    """Kept E2M1 codes (two a byte) decoded with their group scales."""
+    rb = k0 // 4 + tl.arange(0, HALF // 2)
+    bytes_ = tl.load(v_ptr + rn[:, None] * (K // 4) + rb[None, :],
+                     mask=(rn[:, None] < N) & (rb[None, :] < K // 4), other=0)
+    values = tl.load(lut_ptr + _unpack_nibbles(bytes_, BLOCK_N, HALF))
+    sbits = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=inside, other=0).to(tl.int32)
+    if MX:
+        s = _e8m0_to_f32(sbits)
+    else:
+        s = _e4m3_to_f32(sbits) / gscale
+    return tl.where(inside, values * s, 0.0)
 
 
 @triton.jit
@@ -39,31 +79,17 @@ def _kept_values(v_ptr, s_ptr, z_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP,
     HALF: tl.constexpr = BLOCK_K // 2
     rj = k0 // 2 + tl.arange(0, HALF)                    # kept slot index
     inside = (rn[:, None] < N) & (rj[None, :] < K // 2)
-    if KIND == 0:
-        return tl.load(v_ptr + rn[:, None] * (K // 2) + rj[None, :], mask=inside,
-                       other=0.0).to(tl.float32)
     grp = (4 * (rj // 2)) // GROUP                       # scale column of the original input
-    if KIND == 1:
-        rw = k0 // 2 // PER + tl.arange(0, HALF // PER)
-        words = tl.load(v_ptr + rn[:, None] * (K // 2 // PER) + rw[None, :],
-                        mask=(rn[:, None] < N) & (rw[None, :] < K // 2 // PER), other=0)
-        q = _unpack_words(words, BITS, PER, BLOCK_N, HALF).to(tl.float32)
-        s = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=inside, other=0.0)
-        if HAS_ZERO:
-            zw = tl.load(z_ptr + (rn[:, None] // PER) * G + grp[None, :], mask=inside, other=0)
-            z = ((zw >> ((rn[:, None] % PER) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-            q = q - z.to(tl.float32)
-        return q * s.to(tl.float32)
-    rb = k0 // 4 + tl.arange(0, HALF // 2)
-    bytes_ = tl.load(v_ptr + rn[:, None] * (K // 4) + rb[None, :],
-                     mask=(rn[:, None] < N) & (rb[None, :] < K // 4), other=0)
-    values = tl.load(lut_ptr + _unpack_nibbles(bytes_, BLOCK_N, HALF))
-    sbits = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=inside, other=0).to(tl.int32)
-    if KIND == 3:
-        s = _e8m0_to_f32(sbits)
+    if KIND == 0:
+        kept = tl.load(v_ptr + rn[:, None] * (K // 2) + rj[None, :], mask=inside,
+                       other=0.0).to(tl.float32)
+    elif KIND == 1:
+        kept = _kept_int(v_ptr, s_ptr, z_ptr, rn, rj, grp, inside, k0, N, K, G, BITS, PER,
+                         HAS_ZERO, BLOCK_N, HALF)
     else:
-        s = _e4m3_to_f32(sbits) / gscale
-    return tl.where(inside, values * s, 0.0)
+        kept = _kept_fp4(v_ptr, s_ptr, lut_ptr, gscale, rn, grp, inside, k0, N, K, G, KIND == 3,
+                         BLOCK_N, HALF)
+    return kept
 
 
 @triton.jit
@@ -90,7 +116,9 @@ def _sparse24_matmul_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, lut_ptr, gs_ptr, 
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    gscale = tl.load(gs_ptr).to(tl.float32) if KIND == 2 else 1.0
+    gscale = 1.0
+    if KIND == 2:
+        gscale = tl.load(gs_ptr).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = pid_k * K_PER_SPLIT + kk
@@ -122,7 +150,9 @@ def _sparse24_dequant_kernel(v_ptr, m_ptr, s_ptr, z_ptr, lut_ptr, gs_ptr, out_pt
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     rk = k0 + tl.arange(0, BLOCK_K)
-    gscale = tl.load(gs_ptr).to(tl.float32) if KIND == 2 else 1.0
+    gscale = 1.0
+    if KIND == 2:
+        gscale = tl.load(gs_ptr).to(tl.float32)
     kept = _kept_values(v_ptr, s_ptr, z_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP,
                         KIND, BITS, PER, HAS_ZERO, BLOCK_N, BLOCK_K)
     w = _dense_tile(kept, m_ptr, rn, k0, N, K, BLOCK_N, BLOCK_K)

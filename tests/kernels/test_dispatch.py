@@ -11,8 +11,12 @@ from torch import nn
 from compress.formats import WeightFormat, codec
 from compress.kernels.sparse24 import gather_kept, kept_positions, pack_meta, sparse24_matmul_ref
 from compress.kernels.w4a16 import int_matmul_ref
-from compress.modules import (QuantizedLinear, dispatch_linear, dispatch_summary,
-                              reset_dispatch_counts)
+from compress.modules import (
+    QuantizedLinear,
+    dispatch_linear,
+    dispatch_summary,
+    reset_dispatch_counts,
+)
 
 
 def quantized_linear(w, fmt, bias=None):
@@ -94,7 +98,7 @@ class Sparse24Module(nn.Module):
         self.register_buffer("weight_values", gather_kept(dense, pos))
 
     def forward(self, x):
-        ref = lambda x: sparse24_matmul_ref(x, "16bit", dict(self.named_buffers()),  # noqa: E731
+        ref = lambda x: sparse24_matmul_ref(x, "16bit", dict(self.named_buffers()),
                                             (self.out_features, self.in_features))
         return dispatch_linear(self, x, ref, layout="2:4")
 

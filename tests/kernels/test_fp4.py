@@ -8,8 +8,14 @@ from compressed_tensors.compressors.mx_utils import decompress_mx_scale
 from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8, unpack_fp4_from_uint8
 from kernel_checks import DTYPES, assert_matmul_close
 
-from compress.kernels.fp4 import (E2M1_VALUES, FORMATS, fp4_dequantize, fp4_dequantize_ref,
-                                  fp4_matmul, fp4_matmul_ref)
+from compress.kernels.fp4 import (
+    E2M1_VALUES,
+    FORMATS,
+    fp4_dequantize,
+    fp4_dequantize_ref,
+    fp4_matmul,
+    fp4_matmul_ref,
+)
 
 PATHS = ["gemv", "splitk", "tile", "dequant"]
 

@@ -9,9 +9,15 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from kernel_checks import DTYPES, assert_matmul_close
 
 from compress.kernels.fp4 import E2M1_VALUES
-from compress.kernels.sparse24 import (gather_kept, kept_positions, pack_meta,
-                                       sparse24_dequantize, sparse24_dequantize_ref,
-                                       sparse24_matmul, sparse24_matmul_ref)
+from compress.kernels.sparse24 import (
+    gather_kept,
+    kept_positions,
+    pack_meta,
+    sparse24_dequantize,
+    sparse24_dequantize_ref,
+    sparse24_matmul,
+    sparse24_matmul_ref,
+)
 
 PATHS = ["gemv", "splitk", "tile", "dequant"]
 
