@@ -7,8 +7,8 @@
 Shapes are weight [N, K] = out x in features; x is [M, K] bfloat16. Each timed call is preceded
 by a 256 MB memset that flushes L2 (a 4096x4096 INT4 weight, 8 MB, would otherwise stay in the
 H100's 50 MB L2); CUDA events bracket the call alone; the median of --reps calls is reported.
-Before timing, every kernel's output is checked against its reference at one M per shape, so
-a fast wrong kernel cannot enter the table. Full results go to --log (JSON lines); a short
+Before timing, every kernel's output is checked against its reference on every path (M = 1,
+16, 64, DEQUANT_MIN_M) for each shape, so a fast wrong kernel cannot enter the table. Full results go to --log (JSON lines); a short
 table is printed last.
 """
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from compress.kernels import _common as C
 from compress.kernels.fp4 import fp4_matmul, fp4_matmul_ref
 from compress.kernels.sparse24 import gather_kept, pack_meta, sparse24_matmul, sparse24_matmul_ref
 from compress.kernels.w4a16 import int_matmul, int_matmul_ref
@@ -225,9 +226,10 @@ def main() -> None:
         for label, (n, k) in shapes.items():
             variants = make_variants(n, k, device)
             chosen = args.variants.split(",") if args.variants else list(variants)
-            x16 = torch.randn(16, k, device=device, dtype=torch.bfloat16)
-            for name in chosen:
-                check(name, *variants[name], x16)
+            for m_check in (1, 16, 64, C.DEQUANT_MIN_M):  # gemv, splitk, tile, dequant
+                x_check = torch.randn(m_check, k, device=device, dtype=torch.bfloat16)
+                for name in chosen:
+                    check(f"{name} {label} M={m_check}", *variants[name], x_check)
             for m in ms:
                 x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
                 row = {"shape": label, "m": m}

@@ -40,23 +40,29 @@ def _ids(model: nn.Module, batch: int, length: int, device, seed: int = 0) -> to
     return torch.randint(0, model.config.vocab_size, (batch, length), generator=gen).to(device)
 
 
-def _timed(fn, device, repeats: int) -> float:
-    """Median seconds of fn() over repeats (after one warm-up call)."""
+def _time_once(fn, device) -> float:
+    """Seconds fn() takes (CUDA events on CUDA)."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
+def _timed(fn, device, repeats: int, setup=None) -> float:
+    """Median seconds of fn() over repeats, after one warm-up call; setup() (untimed) runs
+    before each call."""
     times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    for _ in range(repeats + 1):
+        if setup is not None:
+            setup()
+        times.append(_time_once(fn, device))
+    return statistics.median(times[1:])
 
 
 @torch.inference_mode()
@@ -81,49 +87,60 @@ def measure_cpu(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
 
 
 @torch.inference_mode()
-def measure_cuda(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
-                 repeats: int) -> tuple[float, float, str]:
-    """(prefill seconds, seconds per decode step, method): static cache, decode as a CUDA graph."""
+def _as_cuda_graph(step):
+    """(method, replay) for a decode step captured as a CUDA graph, or the step itself with the
+    reason when capture is not possible for this model."""
+    for _ in range(2):  # compile the Triton kernels and settle allocations before capture
+        step()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            step()
+    except RuntimeError as exc:
+        return f"cuda eager + static cache (graph capture failed: {str(exc).splitlines()[0]})", step
+    return "cuda graph + static cache", graph.replay
+
+
+def measure_static(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
+                   repeats: int) -> tuple[float, float, str]:
+    """(prefill seconds, seconds per decode step, method): static cache, the decode step
+    replayed as a CUDA graph on CUDA (eager elsewhere: how the tests exercise it on the CPU)."""
     from transformers import StaticCache
 
     device = next(model.parameters()).device
     ids = _ids(model, batch, prompt_len, device)
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
+    # room for the prompt, the decode steps and the warm-up steps before graph capture
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 2)
     prompt_pos = torch.arange(prompt_len, device=device)
 
-    def prefill():
+    def prefill():  # the cache's own length counter (transformers 5) restarts with it
         cache.reset()
         return model(ids, past_key_values=cache, cache_position=prompt_pos, use_cache=True)
 
     prefill_s = _timed(prefill, device, repeats)
-    tok = prefill().logits[:, -1:].argmax(-1)
+    tok = prefill().logits[:, -1:].argmax(-1)       # static buffers the graph reads and writes
     pos = torch.tensor([prompt_len], device=device)
 
     def step():
         logits = model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
         tok.copy_(logits[:, -1:].argmax(-1))
 
-    method = "cuda graph + static cache"
-    try:
-        for _ in range(2):  # compile the Triton kernels and settle allocations before capture
-            step()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            step()
-        run_step = graph.replay
-    except RuntimeError as exc:  # capture is not possible for this model: say so, run eagerly
-        method = f"cuda eager + static cache (graph capture failed: {str(exc).splitlines()[0]})"
-        run_step = step
+    method, run_step = f"{device.type} eager + static cache", step
+    if device.type == "cuda":
+        method, run_step = _as_cuda_graph(step)
+
+    def restart():  # untimed: back to the state right after the prompt
+        tok.copy_(prefill().logits[:, -1:].argmax(-1))
+        pos.fill_(prompt_len)
 
     def decode():
-        pos.fill_(prompt_len)
-        for i in range(new_tokens):
+        for _ in range(new_tokens):
             run_step()
             pos.add_(1)
 
-    decode_s = _timed(decode, device, repeats) / new_tokens
+    decode_s = _timed(decode, device, repeats, setup=restart) / new_tokens
     return prefill_s, decode_s, method
 
 
@@ -135,7 +152,7 @@ def measure_speed(model: nn.Module, label: str, batch: int = 1, prompt_len: int 
     reset_dispatch_counts(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        prefill_s, step_s, method = measure_cuda(model, batch, prompt_len, new_tokens, repeats)
+        prefill_s, step_s, method = measure_static(model, batch, prompt_len, new_tokens, repeats)
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         prefill_s, step_s, method = measure_cpu(model, batch, prompt_len, new_tokens, repeats)
