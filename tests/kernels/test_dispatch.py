@@ -119,3 +119,58 @@ def test_sparse_module_dispatch_records_its_path(monkeypatch, rng):
                                              "reference (cpu)": 1}}
     reset_dispatch_counts(model)
     assert dispatch_summary(model) == {}
+
+
+@pytest.mark.parametrize("fmt_type", ["nvfp4", "mxfp4"])
+def test_fp4_module_dispatches_to_the_fp4_kernel(monkeypatch, fmt_type, rng):
+    """A QuantizedLinear holding FP4 tensors (as loaded from an artifact) runs the FP4 kernel."""
+    from compress.kernels.fp4 import fp4_dequantize_ref, fp4_matmul_ref
+
+    n, k = 20, 64
+    fmt = WeightFormat(type=fmt_type, group_size=16 if fmt_type == "nvfp4" else 32)
+    module = QuantizedLinear(k, n, fmt, bias=torch.randn(n, generator=rng))
+    t = {"weight_packed": torch.randint(0, 256, (n, k // 2), generator=rng, dtype=torch.uint8),
+         "weight_shape": torch.tensor([n, k])}
+    if fmt_type == "nvfp4":
+        t["weight_scale"] = (torch.rand(n, k // 16, generator=rng) * 50 + 1).to(
+            torch.float8_e4m3fn)
+        t["weight_global_scale"] = torch.tensor([30.0])
+    else:
+        t["weight_scale"] = torch.randint(120, 130, (n, k // 32), generator=rng,
+                                          dtype=torch.uint8)
+    module.load_packed(t)
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    x = torch.randn(1, 3, k, generator=rng)
+    y = module(x)
+    assert module.kernel_path == f"triton/{fmt_type}/splitk"
+    args = (t["weight_packed"], t["weight_scale"], t.get("weight_global_scale"), (n, k))
+    ref = fp4_matmul_ref(x[0], fmt_type, *args, bias=module.bias)
+    assert_matmul_close(y[0], ref, x[0], fp4_dequantize_ref(fmt_type, *args),
+                        rng.initial_seed(), module.bias)
+
+
+def test_sparse_int4_module_dispatches_with_its_format(monkeypatch, rng):
+    """A 2:4 INT4 module (the sparsify pass's Sparse24QuantizedLinear layout: kept codes packed,
+    scales by original position, weight_meta) runs the 2:4 INT kernel."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from compress.kernels.sparse24 import sparse24_dequantize_ref
+
+    n, k, g = 16, 64, 32
+    codes = torch.randint(-8, 8, (n, k), generator=rng, dtype=torch.int8)
+    codes[:, 1::4] = 0
+    codes[:, 3::4] = 0
+    pos = kept_positions(codes)
+    module = QuantizedLinear(k, n, WeightFormat(group_size=g))
+    module.load_packed({"weight_packed": pack_to_int32(gather_kept(codes, pos), 4),
+                        "weight_meta": pack_meta(pos),
+                        "weight_scale": torch.rand(n, k // g, generator=rng) + 0.1,
+                        "weight_shape": torch.tensor([n, k])})
+    module.reference_forward = lambda x: sparse24_matmul_ref(x, "int", module.packed(), (n, k))
+    module.forward = lambda x: dispatch_linear(module, x, module.reference_forward, "2:4")
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    x = torch.randn(17, k, generator=rng).to(torch.float16)
+    y = module(x)
+    assert module.kernel_path == "triton/2:4-int4/tile"
+    assert_matmul_close(y, module.reference_forward(x), x,
+                        sparse24_dequantize_ref("int", module.packed(), (n, k)))
