@@ -59,15 +59,6 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt.name}"
 
 
-def get_module(root: nn.Module, name: str) -> nn.Module:
-    return root.get_submodule(name) if name else root
-
-
-def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(get_module(root, parent), child, module)
-
-
 # ---------------------------------------------------------------------------------------------
 # Kernel dispatch
 #
@@ -164,3 +155,12 @@ def reset_dispatch_counts(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "kernel_calls"):
             module.kernel_calls = Counter()
+
+
+def get_module(root: nn.Module, name: str) -> nn.Module:
+    return root.get_submodule(name) if name else root
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(get_module(root, parent), child, module)
