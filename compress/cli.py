@@ -192,7 +192,7 @@ def bench(artifact: str = typer.Argument(..., help="artifact directory or any mo
     from rich.table import Table
 
     from compress.errors import UsageError
-    from compress.evaluation.speed import dequantized_copy, measure_speed
+    from compress.evaluation.bench import dequantized_copy, measure_speed
 
     if min(prompt_len, new_tokens, batch, repeats) < 1:
         raise UsageError("--prompt-len, --new-tokens, --batch and --repeats must be >= 1")

@@ -6,7 +6,7 @@ no download): bf16 against INT4 (and FP4) weights through compress's modules and
     COMPRESS_KERNELS=always TRITON_INTERPRET=1 python kernels/bench_e2e.py --tiny   # CPU check
 
 Goal (issue 11): INT4 decode at batch 1 >= 2.5x the bf16 tokens/s in the same harness, and
->= 300 tokens/s. The harness is compress.evaluation.speed (static KV cache, the decode step
+>= 300 tokens/s. The harness is compress.evaluation.bench (static KV cache, the decode step
 replayed as a CUDA graph), the same one `compress bench` uses. INT weights are RTN-quantized
 from the random bf16 weights (compress.formats.intq); FP4 weights are random codes and scales
 in the stored layout (speed does not depend on values). A short table is printed last; the
@@ -26,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.evaluation.speed import measure_speed
+from compress.evaluation.bench import measure_speed
 from compress.formats import WeightFormat, codec
 from compress.modules import QuantizedLinear, set_module
 

@@ -80,7 +80,7 @@ def test_static_cache_harness_runs_on_cpu():
     steps and says how it measured."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from compress.evaluation.speed import measure_static
+    from compress.evaluation.bench import measure_static
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,

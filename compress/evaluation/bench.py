@@ -1,4 +1,4 @@
-"""Speed: prefill and decode tokens/s and peak memory, for a compressed model and its baseline.
+"""`compress bench`: prefill and decode tokens/s and peak memory, for a model and its baseline.
 
 On CUDA the decode step runs from a static KV cache and is replayed as a CUDA graph, so Python
 and launch overhead do not hide kernel speed (if capture fails the step runs eagerly and the
