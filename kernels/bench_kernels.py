@@ -8,8 +8,8 @@ Shapes are weight [N, K] = out x in features; x is [M, K] bfloat16. Each timed c
 by a 256 MB memset that flushes L2 (a 4096x4096 INT4 weight, 8 MB, would otherwise stay in the
 H100's 50 MB L2); CUDA events bracket the call alone; the median of --reps calls is reported.
 Before timing, every kernel's output is checked against its reference on every path (M = 1,
-16, 64, DEQUANT_MIN_M) for each shape, so a fast wrong kernel cannot enter the table. Full results go to --log (JSON lines); a short
-table is printed last.
+16, 64, DEQUANT_MIN_M) for each shape, so a fast wrong kernel cannot enter the table. Full
+results go to --log (JSON lines); a short table is printed last.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def roofline_markdown(ms=MS) -> str:
                 r = roofline(v, m, n, k)
                 mark = "" if r["bound"] == "memory" else "c"  # c: compute bound
                 cells.append(f"{r['floor_us']:.1f}{mark} ({base / r['floor_us']:.2f}x)")
-            mb = f"{weight_bytes('bf16', n, k) / 1e6:.1f} / {weight_bytes('int4-g128', n, k) / 1e6:.1f}"
+            mb = (f"{weight_bytes('bf16', n, k) / 1e6:.1f} / "
+                  f"{weight_bytes('int4-g128', n, k) / 1e6:.1f}")
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {mb} |")
     return "\n".join(lines)
 

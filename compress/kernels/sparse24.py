@@ -195,16 +195,17 @@ def _check(kind, t, n, k, bits):
 
 
 def _launch_args(kind, t, bits, device):
-    """(values, scale, zero, lut, global scale, groups, group size) as kernel arguments."""
+    """(values, scale, zero, lut, global scale, scale columns) as kernel arguments; tensors a
+    kind does not read are passed as placeholders."""
     meta = t["weight_meta"]
     if kind == "16bit":
         v = t["weight_values"]
-        return v, meta, meta, meta, meta, 1, 4
+        return v, meta, meta, meta, meta, 1
     v, s = t["weight_packed"], t["weight_scale"]
     z = t.get("weight_zero_point", v)
     gs = t["weight_global_scale"].float() if kind == "nvfp4" else s
     scale = s.view(torch.uint8) if s.dtype == torch.float8_e4m3fn else s
-    return v, scale, z, e2m1_table(device), gs, s.shape[1], None
+    return v, scale, z, e2m1_table(device), gs, s.shape[1]
 
 
 def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor],
@@ -220,7 +221,7 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
     if path == "dequant":
         w = sparse24_dequantize(kind, tensors, shape, bits, x.dtype)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
-    v, s, z, lut, gs, groups, _ = _launch_args(kind, tensors, bits, x.device)
+    v, s, z, lut, gs, groups = _launch_args(kind, tensors, bits, x.device)
     cfg = C.config_for(path, m)
     grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
     split = split_k or C.split_k_for(path, grid_m * grid_n, k, cfg.block_k, x.device)
@@ -246,7 +247,7 @@ def sparse24_dequantize(kind: str, tensors: dict[str, torch.Tensor], shape: tupl
     n, k = shape
     _check(kind, tensors, n, k, bits)
     device = tensors["weight_meta"].device
-    v, s, z, lut, gs, groups, _ = _launch_args(kind, tensors, bits, device)
+    v, s, z, lut, gs, groups = _launch_args(kind, tensors, bits, device)
     cfg = C.CONFIGS["dequant"]
     out = C.alloc((n, k), dtype, device)
     _sparse24_dequant_kernel[(-(-n // cfg.block_n), -(-k // cfg.block_k))](

@@ -29,7 +29,8 @@ def tiny_artifact(smollm2, tmp_path_factory):
     fmt = WeightFormat(group_size=32, symmetric=False)
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            replace_with_quantized(model, name, module, codec(fmt).quantize(module.weight.data, fmt))
+            q = codec(fmt).quantize(module.weight.data, fmt)
+            replace_with_quantized(model, name, module, q)
     out = tmp_path_factory.mktemp("art") / "tiny-int4"
     save_artifact(model, smollm2.tokenizer, out, "passes: []\n", {})
     return out

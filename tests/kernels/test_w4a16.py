@@ -78,7 +78,8 @@ def test_reference_equals_intq_codec(rng):
     """The kernel's reference reads the tensors exactly as compress.formats.intq writes them."""
     from compress.formats import WeightFormat, codec
 
-    for fmt in (WeightFormat(group_size=32, symmetric=False), WeightFormat(bits=8, group_size=None)):
+    for fmt in (WeightFormat(group_size=32, symmetric=False),
+                WeightFormat(bits=8, group_size=None)):
         w = torch.randn(24, 96, generator=rng)
         q = codec(fmt).quantize(w, fmt)
         t = codec(fmt).pack(q)
