@@ -120,6 +120,125 @@ def recipes() -> None:
         print(f"{path.stem:24} {' + '.join(passes):28} {first}")
 
 
+def _device(device: str) -> str:
+    import torch
+
+    from compress.errors import UsageError
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available; use --device cpu")
+    return device
+
+
+def _load_for_run(spec: str, device: str, dtype: str):
+    """Load an artifact (packed weights kept in their stored dtypes) or any model source, in
+    dtype, on device."""
+    import torch
+
+    from compress.models import load_model, resolve
+
+    torch_dtype = getattr(torch, dtype)
+    if resolve(spec).kind == "artifact":
+        from transformers import AutoTokenizer
+
+        from compress.formats.artifact import load_artifact
+
+        model = load_artifact(resolve(spec).path, device=device, dtype=torch_dtype)
+        return model, AutoTokenizer.from_pretrained(resolve(spec).path)
+    loaded = load_model(spec, dtype=dtype)
+    return loaded.model.to(device), loaded.tokenizer
+
+
+@app.command()
+def generate(artifact: str = typer.Argument(..., help="artifact directory or any model source"),
+             prompt: str = typer.Argument(..., help="text to continue"),
+             max_new_tokens: int = typer.Option(64, help="tokens to generate"),
+             sample: bool = typer.Option(False, help="sample instead of greedy decoding"),
+             chat: bool = typer.Option(False, help="wrap the prompt in the chat template"),
+             device: str = typer.Option("auto", help="cpu, cuda or auto"),
+             dtype: str = typer.Option("bfloat16", help="activation dtype (float32 on CPU)"),
+             ) -> None:
+    """Stream a continuation of PROMPT (greedy by default) and report the kernel paths used."""
+    import torch
+    from transformers import TextStreamer
+
+    from compress.errors import UsageError
+    from compress.modules import dispatch_summary
+
+    if max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    device = _device(device)
+    model, tokenizer = _load_for_run(artifact, device, "float32" if device == "cpu" else dtype)
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    streamer = TextStreamer(tokenizer, skip_prompt=not chat, skip_special_tokens=True)
+    if not chat:
+        print(prompt, end="", flush=True)
+    with torch.inference_mode():
+        model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                       max_new_tokens=max_new_tokens, do_sample=sample, streamer=streamer,
+                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    for kind, paths in dispatch_summary(model).items():
+        console.print(f"[dim]{kind}: {paths}[/]", highlight=False)
+
+
+@app.command()
+def bench(artifact: str = typer.Argument(..., help="artifact directory or any model source"),
+          baseline: Optional[str] = typer.Option(
+              None, help="model to compare against (default: the artifact with its weights "
+                         "dequantized to dense linears: same shapes, unquantized)"),
+          prompt_len: int = typer.Option(128, help="prompt tokens (prefill)"),
+          new_tokens: int = typer.Option(64, help="decode steps"),
+          batch: int = typer.Option(1, help="sequences at once"),
+          repeats: int = typer.Option(3, help="timed repeats (the median is reported)"),
+          device: str = typer.Option("auto", help="cpu, cuda or auto"),
+          dtype: str = typer.Option("bfloat16", help="activation dtype (float32 on CPU)"),
+          output: Optional[Path] = typer.Option(None, "-o", "--output", help="JSON results"),
+          ) -> None:
+    """Prefill and decode tokens/s and peak memory of ARTIFACT and its baseline, in one run."""
+    from rich.table import Table
+
+    from compress.errors import UsageError
+    from compress.evaluation.bench import dequantized_copy, measure_speed
+
+    if min(prompt_len, new_tokens, batch, repeats) < 1:
+        raise UsageError("--prompt-len, --new-tokens, --batch and --repeats must be >= 1")
+    device = _device(device)
+    dtype = "float32" if device == "cpu" else dtype
+    model, _ = _load_for_run(artifact, device, dtype)
+    results = [measure_speed(model, artifact, batch, prompt_len, new_tokens, repeats)]
+    if baseline:
+        del model
+        base, _ = _load_for_run(baseline, device, dtype)
+        label = baseline
+    else:
+        base, label = dequantized_copy(model), "dequantized baseline"
+        del model
+    results.append(measure_speed(base, label, batch, prompt_len, new_tokens, repeats))
+    table = Table("model", "method", "prefill tok/s", "decode tok/s", "ms/step", "peak MB",
+                  title=f"{device} ({dtype}), batch {batch}, prompt {prompt_len}, "
+                        f"{new_tokens} new tokens")
+    for r in results:
+        table.add_row(r.label, r.method, f"{r.prefill_tokens_per_s:.1f}",
+                      f"{r.decode_tokens_per_s:.2f}", f"{r.decode_ms_per_step:.2f}",
+                      f"{r.peak_memory_mb:.0f}")
+    console.print(table)
+    console.print(f"decode speed-up over the baseline: "
+                  f"{results[0].decode_tokens_per_s / results[1].decode_tokens_per_s:.2f}x")
+    console.print("kernel path per layer type (artifact):")
+    for kind, paths in results[0].kernel_paths.items():
+        console.print(f"  {kind}: {paths}", highlight=False)
+    if output:
+        output.write_text(json.dumps([r.to_dict() for r in results], indent=2))
+        console.print(f"wrote {output}")
+
+
 def main() -> None:
     set_offline_unless_asked()
     try:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
+from collections import Counter
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,8 +18,8 @@ from compress.formats import QuantizedWeight, WeightFormat, codec
 class QuantizedLinear(nn.Module):
     """A Linear whose weight is kept packed (compressed-tensors tensors as buffers).
 
-    forward dequantizes and multiplies: the PyTorch reference path. Fused kernels dispatch here
-    on CUDA (compress.kernels).
+    forward runs the fused Triton kernel on CUDA and the PyTorch reference (dequantize + F.linear)
+    elsewhere; see dispatch_linear.
     """
 
     def __init__(self, in_features: int, out_features: int, fmt: WeightFormat,
@@ -42,12 +48,113 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.quantized().dequantize()
 
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features]
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        return dispatch_linear(self, x, self.reference_forward)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel dispatch
+#
+# A compressed linear module calls dispatch_linear(self, x, reference, layout) from forward. The
+# module must have in_features, out_features, bias, its stored tensors as buffers (names as in
+# compressed-tensors: weight_packed, weight_scale, ...), and `fmt` (a WeightFormat) unless it
+# holds 16-bit values. layout "dense" reads the format's own tensors; layout "2:4" reads the
+# 2:4 storage (weight_meta + weight_values or weight_packed; compress/kernels/sparse24.py).
+# Each call records the path it took on the module (kernel_path, kernel_calls), so a run can
+# show that it used the kernels (dispatch_summary) rather than silently falling back.
+
+# COMPRESS_KERNELS: "auto" (default; kernels on CUDA when triton imports), "off" (always the
+# reference), "always" (kernels on any device: on CPU only with TRITON_INTERPRET=1, for tests).
+KERNELS_ENV = "COMPRESS_KERNELS"
+
+
+def kernel_unavailable(x: torch.Tensor) -> str | None:
+    """Why the reference must run for input x, or None when the Triton kernel can."""
+    mode = os.environ.get(KERNELS_ENV, "auto")
+    if mode == "off":
+        return f"{KERNELS_ENV}=off"
+    if importlib.util.find_spec("triton") is None:
+        return "triton not installed"
+    if mode != "always" and not x.is_cuda:
+        return x.device.type
+    return None
+
+
+def kernel_key(module: nn.Module, layout: str = "dense") -> str:
+    """Which kernel a module's storage needs: int4, int8, nvfp4, mxfp4, 2:4-16bit, 2:4-int4, ..."""
+    fmt = getattr(module, "fmt", None)
+    name = "16bit" if fmt is None else (f"int{fmt.bits}" if fmt.type == "int" else fmt.type)
+    return name if layout == "dense" else f"{layout}-{name}"
+
+
+def _run_kernel(module: nn.Module, x: torch.Tensor, layout: str, path: str) -> torch.Tensor:
+    t = dict(module.named_buffers(recurse=False))
+    shape = (module.out_features, module.in_features)
+    fmt = getattr(module, "fmt", None)
+    bias = module.bias
+    if layout == "2:4":
+        from compress.kernels.sparse24 import sparse24_matmul
+
+        kind = "16bit" if fmt is None else fmt.type
+        return sparse24_matmul(x, kind, t, shape, fmt.bits if fmt else 4, bias, path)
+    if fmt.type == "int":
+        from compress.kernels.w4a16 import int_matmul
+
+        return int_matmul(x, t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"),
+                          shape, fmt.bits, bias, path)
+    from compress.kernels.fp4 import fp4_matmul
+
+    return fp4_matmul(x, fmt.type, t["weight_packed"], t["weight_scale"],
+                      t.get("weight_global_scale"), shape, bias, path)
+
+
+def _record(module: nn.Module, path: str) -> None:
+    module.kernel_path = path
+    if not hasattr(module, "kernel_calls"):
+        module.kernel_calls = Counter()
+    module.kernel_calls[path] += 1
+
+
+def dispatch_linear(module: nn.Module, x: torch.Tensor,
+                    reference: Callable[[torch.Tensor], torch.Tensor],
+                    layout: str = "dense") -> torch.Tensor:
+    """y = module(x) by the fused kernel when it can run, else by reference(x); records which."""
+    reason = kernel_unavailable(x)
+    if reason is not None:
+        _record(module, f"reference ({reason})")
+        return reference(x)
+    from compress.kernels._common import choose_path
+
+    path = choose_path(x.numel() // x.shape[-1])
+    _record(module, f"triton/{kernel_key(module, layout)}/{path}")
+    return _run_kernel(module, x, layout, path)
+
+
+def dispatch_summary(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{layer type: {path: calls}} for every module that went through dispatch_linear; layer
+    type is the module name with layer indices replaced by '*' (model.layers.*.mlp.down_proj)."""
+    summary: dict[str, Counter] = {}
+    for name, module in model.named_modules():
+        calls = getattr(module, "kernel_calls", None)
+        if calls is None and isinstance(module, QuantizedLinear):
+            calls = Counter({"never called": 1})
+        if calls:
+            kind = re.sub(r"\.\d+(?=\.|$)", ".*", name)
+            summary.setdefault(kind, Counter()).update(calls)
+    return {kind: dict(calls) for kind, calls in summary.items()}
+
+
+def reset_dispatch_counts(model: nn.Module) -> None:
+    for module in model.modules():
+        if hasattr(module, "kernel_calls"):
+            module.kernel_calls = Counter()
 
 
 def get_module(root: nn.Module, name: str) -> nn.Module:

@@ -1,0 +1,107 @@
+"""Host-side pieces shared by the matmul kernels: path choice by M, launch configs, split-K.
+
+The kernels (w4a16.py, fp4.py, sparse24.py) all compute y[M, N] = x[M, K] @ W[N, K]^T with W
+decoded tile by tile in registers. They share the same three paths, chosen by M:
+    gemv     M == 1        CUDA-core multiply-and-sum, split-K to fill the SMs
+    splitk   M in 2..16    tensor-core tiles of 16 rows, split-K
+    tile     M in 17..     tensor-core tiles, no split
+    dequant  M >= DEQUANT_MIN_M: decode W once to x.dtype (a Triton kernel), then torch.matmul
+The block sizes live in CONFIGS so that per-GPU tuning (issue 11) replaces numbers, not code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+# Tests set this: every buffer a kernel writes is then filled with NaN before launch, so an
+# element the kernel forgets to write fails the comparison instead of passing as zero.
+POISON = False
+
+# Above this many rows the weight is decoded once and cuBLAS does the matmul (tunable).
+DEQUANT_MIN_M = 512
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Untuned defaults (no GPU this session). block_k must be a multiple of 32 (8 int4 codes per
+# word, 2 fp4 codes per byte, 2:4 metadata: 2 groups of 4 per byte, packed int codes: 16 per word).
+CONFIGS: dict[str, Config] = {
+    "gemv": Config(1, 32, 128, num_warps=4),
+    "splitk": Config(16, 64, 64, num_warps=4),
+    "tile": Config(64, 64, 64, num_warps=4, num_stages=3),
+    "dequant": Config(1, 32, 64, num_warps=4),
+}
+
+
+def choose_path(m: int) -> str:
+    if m == 1:
+        return "gemv"
+    if m <= 16:
+        return "splitk"
+    return "tile" if m < DEQUANT_MIN_M else "dequant"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def config_for(path: str, m: int) -> Config:
+    cfg = CONFIGS[path]
+    if path == "tile":  # do not waste a 64-row tile on 17..32 rows
+        return Config(max(16, min(cfg.block_m, next_pow2(m))), cfg.block_n, cfg.block_k,
+                      cfg.num_warps, cfg.num_stages)
+    return cfg
+
+
+def split_k_for(path: str, grid_mn: int, k: int, block_k: int, device: torch.device) -> int:
+    """Enough K-splits that the launch has about two programs per SM (decode sizes only)."""
+    if path not in ("gemv", "splitk"):
+        return 1
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 132)
+    blocks_k = -(-k // block_k)
+    return max(1, min(blocks_k, -(-2 * sms // grid_mn), 16))
+
+
+def dot_in_f32(dtype: torch.dtype) -> bool:
+    """float32 activations use an exact (IEEE) dot. So do bfloat16 ones under TRITON_INTERPRET:
+    triton 3.9's interpreter returns garbage for bfloat16 tl.dot (numpy has no bfloat16); the
+    compiled GPU kernel uses the bfloat16 tensor-core dot."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and
+                                      os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        out.fill_(float("nan") if dtype.is_floating_point else -1)
+    return out
+
+
+def check(cond: bool, message: str) -> None:
+    """Shape/dtype errors a caller can make: one line, raised before anything is launched."""
+    if not cond:
+        raise ValueError(message)
+
+
+def activation_2d(x: torch.Tensor, k: int) -> torch.Tensor:
+    check(x.dtype in (torch.float16, torch.bfloat16, torch.float32),
+          f"activations must be float16, bfloat16 or float32, got {x.dtype}")
+    check(x.shape[-1] == k, f"activations have {x.shape[-1]} features, the weight expects {k}")
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def split_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[S, M, N] float32 partial sums of a split-K launch -> [M, N] in dtype."""
+    return partial[0].to(dtype) if partial.shape[0] == 1 else partial.sum(0).to(dtype)

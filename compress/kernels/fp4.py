@@ -1,0 +1,221 @@
+"""FP4 weights (NVFP4, MXFP4) times 16/32-bit activations, E2M1 decoded by a 16-entry lookup.
+
+Reads the compressed-tensors tensors as stored (nvfp4-pack-quantized / mxfp4-pack-quantized):
+    weight_packed        uint8 [N, K/2]   element 2j in the low nibble, 2j+1 in the high nibble;
+                                          code = sign << 3 | index into [0, .5, 1, 1.5, 2, 3, 4, 6]
+    NVFP4: weight_scale  float8_e4m3fn [N, K/16], weight_global_scale float32 [1]
+           w = e2m1 * (scale / global_scale)          (compressed-tensors' _dequantize order)
+    MXFP4: weight_scale  uint8 E8M0 [N, K/32]: w = e2m1 * 2^(scale - 127)
+Scales are decoded from their bits in the kernel (no float8 loads), so no repack is needed.
+Same paths by M as the integer kernel (compress/kernels/_common.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from compress.kernels import _common as C
+
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_LUTS: dict[torch.device, torch.Tensor] = {}
+
+
+def e2m1_table(device) -> torch.Tensor:
+    """float32 [16]: code -> value, sign in bit 3 (one copy per device)."""
+    device = torch.device(device)
+    if device not in _LUTS:
+        mags = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+        _LUTS[device] = torch.cat([mags, -mags]).to(device)
+    return _LUTS[device]
+
+
+@triton.jit
+def _unpack_nibbles(bytes_, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """uint8 [ROWS, COLS // 2] -> int32 codes [ROWS, COLS]; element 2j is the low nibble."""
+    shifts = tl.arange(0, 2) * 4
+    vals = (bytes_.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & 0xF
+    return tl.reshape(vals, (ROWS, COLS))
+
+
+@triton.jit
+def _e4m3_to_f32(b):
+    """float8_e4m3fn bits (int32) -> float32, exactly: normal 2^(e-7) * (1 + m/8), subnormal
+    m * 2^-9 (NaN encodings are not produced by quantizers and not handled)."""
+    e = (b >> 3) & 0xF
+    m = b & 0x7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+    return tl.where((b & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def _e8m0_to_f32(b):
+    """E8M0 exponent bits (int32) -> 2^(b - 127) as float32 (b = 0 gives 2^-127)."""
+    return tl.where(b == 0, 5.877471754111438e-39, (b << 23).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _fp4_tile(w_ptr, s_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP, MX: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Decoded weights [BLOCK_N, BLOCK_K] float32 (0 outside N x K); k0 is even."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    bytes_ = tl.load(w_ptr + rn[:, None] * (K // 2) + rb[None, :],
+                     mask=(rn[:, None] < N) & (rb[None, :] < K // 2), other=0)
+    values = tl.load(lut_ptr + _unpack_nibbles(bytes_, BLOCK_N, BLOCK_K))
+    inside = (rn[:, None] < N) & (rk[None, :] < K)
+    sbits = tl.load(s_ptr + rn[:, None] * G + (rk // GROUP)[None, :], mask=inside, other=0)
+    if MX:
+        s = _e8m0_to_f32(sbits.to(tl.int32))
+    else:
+        s = _e4m3_to_f32(sbits.to(tl.int32)) / gscale
+    return tl.where(inside, values * s, 0.0)
+
+
+@triton.jit
+def _fp4_matmul_kernel(x_ptr, w_ptr, s_ptr, lut_ptr, gs_ptr, b_ptr, out_ptr,
+                       M, N, K, G, GROUP, stride_xm, stride_split, K_PER_SPLIT,
+                       MX: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+                       IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    gscale = 1.0
+    if not MX:
+        gscale = tl.load(gs_ptr).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        k0 = pid_k * K_PER_SPLIT + kk
+        rk = k0 + tl.arange(0, BLOCK_K)
+        w = _fp4_tile(w_ptr, s_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP, MX,
+                      BLOCK_N, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        if USE_DOT:
+            if IEEE:
+                acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc += b[None, :] * (pid_k == 0).to(tl.float32)
+    out = out_ptr + pid_k * stride_split + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _fp4_dequant_kernel(w_ptr, s_ptr, lut_ptr, gs_ptr, out_ptr, N, K, G, GROUP,
+                        MX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
+    gscale = 1.0
+    if not MX:
+        gscale = tl.load(gs_ptr).to(tl.float32)
+    w = _fp4_tile(w_ptr, s_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP, MX, BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(rn[:, None] < N) & (rk[None, :] < K))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host wrapper
+
+FORMATS = {"nvfp4": 16, "mxfp4": 32}  # format -> group size
+
+
+def _check_fp4(fmt, packed, scale, global_scale, n, k):
+    C.check(fmt in FORMATS, f"unknown FP4 format {fmt!r}; use nvfp4 or mxfp4")
+    group = FORMATS[fmt]
+    C.check(k % group == 0, f"{fmt} needs in_features divisible by {group}, got {k}")
+    C.check(packed.dtype == torch.uint8 and packed.shape == (n, k // 2),
+            f"weight_packed must be uint8 [{n}, {k // 2}], got {packed.dtype} {list(packed.shape)}")
+    want = torch.float8_e4m3fn if fmt == "nvfp4" else torch.uint8
+    C.check(scale.dtype == want and scale.shape == (n, k // group),
+            f"{fmt} weight_scale must be {want} [{n}, {k // group}], got {scale.dtype} "
+            f"{list(scale.shape)}")
+    if fmt == "nvfp4":
+        C.check(global_scale is not None and global_scale.numel() == 1,
+                "nvfp4 needs weight_global_scale (float32 [1])")
+    C.check(packed.is_contiguous() and scale.is_contiguous(), "FP4 tensors must be contiguous")
+
+
+def fp4_matmul(x: torch.Tensor, fmt: str, packed: torch.Tensor, scale: torch.Tensor,
+               global_scale: torch.Tensor | None, shape: tuple[int, int],
+               bias: torch.Tensor | None = None, path: str | None = None,
+               split_k: int | None = None) -> torch.Tensor:
+    """x [..., K] @ dequant(W [N, K])^T + bias -> [..., N] in x.dtype."""
+    n, k = shape
+    _check_fp4(fmt, packed, scale, global_scale, n, k)
+    x2 = C.activation_2d(x, k)
+    m = x2.shape[0]
+    path = path or C.choose_path(m)
+    if path == "dequant":
+        w = fp4_dequantize(fmt, packed, scale, global_scale, shape, x.dtype)
+        return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
+    cfg = C.config_for(path, m)
+    grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
+    split = split_k or C.split_k_for(path, grid_m * grid_n, k, cfg.block_k, x.device)
+    k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
+    split = -(-k // k_per_split)
+    out = C.alloc((split, m, n) if split > 1 else (m, n),
+                  torch.float32 if split > 1 else x.dtype, x.device)
+    gs = global_scale.float() if global_scale is not None else scale  # unused for MXFP4
+    _fp4_matmul_kernel[(grid_m, grid_n, split)](
+        x2, packed, scale.view(torch.uint8), e2m1_table(x.device), gs,
+        bias if bias is not None else x2, out,
+        m, n, k, scale.shape[1], FORMATS[fmt], x2.stride(0), m * n, k_per_split,
+        MX=fmt == "mxfp4", HAS_BIAS=bias is not None, USE_DOT=path != "gemv",
+        IEEE=C.dot_in_f32(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    y = C.split_sum(out, x.dtype) if split > 1 else out
+    return y.reshape(*x.shape[:-1], n)
+
+
+def fp4_dequantize(fmt: str, packed: torch.Tensor, scale: torch.Tensor,
+                   global_scale: torch.Tensor | None, shape: tuple[int, int],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The whole weight decoded to dtype, [N, K]."""
+    n, k = shape
+    _check_fp4(fmt, packed, scale, global_scale, n, k)
+    cfg = C.CONFIGS["dequant"]
+    out = C.alloc((n, k), dtype, packed.device)
+    gs = global_scale.float() if global_scale is not None else scale
+    _fp4_dequant_kernel[(-(-n // cfg.block_n), -(-k // cfg.block_k))](
+        packed, scale.view(torch.uint8), e2m1_table(packed.device), gs, out,
+        n, k, scale.shape[1], FORMATS[fmt], MX=fmt == "mxfp4",
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+
+def unpack_fp4_ref(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> int64 codes [N, K] (low nibble first)."""
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).to(torch.int64)
+    return codes.reshape(packed.shape[0], -1)
+
+
+def fp4_scale_ref(fmt: str, scale: torch.Tensor, global_scale: torch.Tensor | None):
+    """Group scales as float32 [N, K/group]."""
+    if fmt == "mxfp4":
+        return torch.exp2(scale.to(torch.float32) - 127)
+    return scale.to(torch.float32) / global_scale.float()
+
+
+def fp4_dequantize_ref(fmt: str, packed, scale, global_scale, shape) -> torch.Tensor:
+    """float32 [N, K]."""
+    values = e2m1_table(packed.device)[unpack_fp4_ref(packed)]
+    group = FORMATS[fmt]
+    return values * fp4_scale_ref(fmt, scale, global_scale).repeat_interleave(group, dim=1)
+
+
+def fp4_matmul_ref(x, fmt, packed, scale, global_scale, shape, bias=None) -> torch.Tensor:
+    w = fp4_dequantize_ref(fmt, packed, scale, global_scale, shape)
+    b = None if bias is None else bias.float()
+    return torch.nn.functional.linear(x.float(), w, b).to(x.dtype)

@@ -1,0 +1,319 @@
+"""2:4 sparse weights times activations, read straight from the compressed layout.
+
+Layout (the sparsify pass writes it; weight [N, K], at most 2 non-zeros in every 4 inputs,
+K % 8 == 0):
+    weight_meta    uint8 [N, K/8]   per group of 4 inputs two positions p0 < p1 as p0 | p1 << 2
+                                    (a nibble); group 2j in the low nibble of byte j
+    16-bit:  weight_values [N, K/2] float16/bfloat16, the kept values in order
+    INT:     weight_packed int32 [N, K/16] (the kept codes [N, K/2] packed by pack_to_int32),
+             weight_scale [N, K/g], weight_zero_point int32 [ceil(N/8), K/g] (optional)
+    FP4:     weight_packed uint8 [N, K/4] (kept codes packed two a byte, low nibble first),
+             weight_scale and weight_global_scale as the dense format
+Scales are indexed by ORIGINAL input position (g counts original inputs, a multiple of 4), so a
+kept value in group i uses scale column (4 i) // g.
+
+Each tile of kept values is expanded to a dense [BLOCK_N, BLOCK_K] tile in registers and then
+multiplied as in the dense kernels: the bytes read are the compressed ones (values + meta),
+the arithmetic is dense (Triton exposes no sparse tensor-core instruction).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from compress.kernels import _common as C
+from compress.kernels.fp4 import FORMATS as FP4_GROUPS
+from compress.kernels.fp4 import (
+    _e4m3_to_f32,
+    _e8m0_to_f32,
+    _unpack_nibbles,
+    e2m1_table,
+    fp4_scale_ref,
+    unpack_fp4_ref,
+)
+from compress.kernels.w4a16 import _unpack_ref, _unpack_words
+
+VALUE_KINDS = {"16bit": 0, "int": 1, "nvfp4": 2, "mxfp4": 3}
+
+
+@triton.jit
+def _kept_int(v_ptr, s_ptr, z_ptr, rn, rj, grp, inside, k0, N, K, G, BITS: tl.constexpr,
+              PER: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+              HALF: tl.constexpr):
+    """Kept INT codes (packed like the dense format, along the kept slots) decoded."""
+    rw = k0 // 2 // PER + tl.arange(0, HALF // PER)
+    words = tl.load(v_ptr + rn[:, None] * (K // 2 // PER) + rw[None, :],
+                    mask=(rn[:, None] < N) & (rw[None, :] < K // 2 // PER), other=0)
+    q = _unpack_words(words, BITS, PER, BLOCK_N, HALF).to(tl.float32)
+    s = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=inside, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        zw = tl.load(z_ptr + (rn[:, None] // PER) * G + grp[None, :], mask=inside, other=0)
+        z = ((zw >> ((rn[:, None] % PER) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+        q = q - z.to(tl.float32)
+    return q * s
+
+
+@triton.jit
+def _kept_fp4(v_ptr, s_ptr, lut_ptr, gscale, rn, grp, inside, k0, N, K, G, MX: tl.constexpr,
+              BLOCK_N: tl.constexpr, HALF: tl.constexpr):
+    """Kept E2M1 codes (two a byte) decoded with their group scales."""
+    rb = k0 // 4 + tl.arange(0, HALF // 2)
+    bytes_ = tl.load(v_ptr + rn[:, None] * (K // 4) + rb[None, :],
+                     mask=(rn[:, None] < N) & (rb[None, :] < K // 4), other=0)
+    values = tl.load(lut_ptr + _unpack_nibbles(bytes_, BLOCK_N, HALF))
+    sbits = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=inside, other=0).to(tl.int32)
+    if MX:
+        s = _e8m0_to_f32(sbits)
+    else:
+        s = _e4m3_to_f32(sbits) / gscale
+    return tl.where(inside, values * s, 0.0)
+
+
+@triton.jit
+def _kept_values(v_ptr, s_ptr, z_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP,
+                 KIND: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The kept values of inputs k0 .. k0+BLOCK_K as float32 [BLOCK_N, BLOCK_K // 2]."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    rj = k0 // 2 + tl.arange(0, HALF)                    # kept slot index
+    inside = (rn[:, None] < N) & (rj[None, :] < K // 2)
+    grp = (4 * (rj // 2)) // GROUP                       # scale column of the original input
+    if KIND == 0:
+        kept = tl.load(v_ptr + rn[:, None] * (K // 2) + rj[None, :], mask=inside,
+                       other=0.0).to(tl.float32)
+    elif KIND == 1:
+        kept = _kept_int(v_ptr, s_ptr, z_ptr, rn, rj, grp, inside, k0, N, K, G, BITS, PER,
+                         HAS_ZERO, BLOCK_N, HALF)
+    else:
+        kept = _kept_fp4(v_ptr, s_ptr, lut_ptr, gscale, rn, grp, inside, k0, N, K, G, KIND == 3,
+                         BLOCK_N, HALF)
+    return kept
+
+
+@triton.jit
+def _dense_tile(kept, m_ptr, rn, k0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Scatter kept values [BLOCK_N, BLOCK_K/2] to their positions: dense [BLOCK_N, BLOCK_K]."""
+    rb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    meta = tl.load(m_ptr + rn[:, None] * (K // 8) + rb[None, :],
+                   mask=(rn[:, None] < N) & (rb[None, :] < K // 8), other=0)
+    nib = _unpack_nibbles(meta, BLOCK_N, BLOCK_K // 4)  # one nibble per group of 4
+    v0, v1 = tl.split(tl.reshape(kept, (BLOCK_N, BLOCK_K // 4, 2)))
+    col = tl.arange(0, 4)[None, None, :]
+    dense = (tl.where((nib & 3)[:, :, None] == col, v0[:, :, None], 0.0)
+             + tl.where(((nib >> 2) & 3)[:, :, None] == col, v1[:, :, None], 0.0))
+    return tl.reshape(dense, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _sparse24_matmul_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, lut_ptr, gs_ptr, b_ptr, out_ptr,
+                            M, N, K, G, GROUP, stride_xm, stride_split, K_PER_SPLIT,
+                            KIND: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                            HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    gscale = 1.0
+    if KIND == 2:
+        gscale = tl.load(gs_ptr).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        k0 = pid_k * K_PER_SPLIT + kk
+        rk = k0 + tl.arange(0, BLOCK_K)
+        kept = _kept_values(v_ptr, s_ptr, z_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP,
+                            KIND, BITS, PER, HAS_ZERO, BLOCK_N, BLOCK_K)
+        w = _dense_tile(kept, m_ptr, rn, k0, N, K, BLOCK_N, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        if USE_DOT:
+            if IEEE:
+                acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc += b[None, :] * (pid_k == 0).to(tl.float32)
+    out = out_ptr + pid_k * stride_split + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _sparse24_dequant_kernel(v_ptr, m_ptr, s_ptr, z_ptr, lut_ptr, gs_ptr, out_ptr,
+                             N, K, G, GROUP, KIND: tl.constexpr, BITS: tl.constexpr,
+                             PER: tl.constexpr, HAS_ZERO: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
+    gscale = 1.0
+    if KIND == 2:
+        gscale = tl.load(gs_ptr).to(tl.float32)
+    kept = _kept_values(v_ptr, s_ptr, z_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP,
+                        KIND, BITS, PER, HAS_ZERO, BLOCK_N, BLOCK_K)
+    w = _dense_tile(kept, m_ptr, rn, k0, N, K, BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(rn[:, None] < N) & (rk[None, :] < K))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host wrapper
+
+def _check(kind, t, n, k, bits):
+    C.check(kind in VALUE_KINDS, f"unknown 2:4 value kind {kind!r}; use {sorted(VALUE_KINDS)}")
+    C.check(k % 8 == 0, f"2:4 storage needs in_features divisible by 8, got {k}")
+    meta = t["weight_meta"]
+    C.check(meta.dtype == torch.uint8 and meta.shape == (n, k // 8),
+            f"weight_meta must be uint8 [{n}, {k // 8}], got {meta.dtype} {list(meta.shape)}")
+    if kind == "16bit":
+        v = t["weight_values"]
+        C.check(v.dtype in (torch.float16, torch.bfloat16) and v.shape == (n, k // 2),
+                f"weight_values must be float16/bfloat16 [{n}, {k // 2}], got {v.dtype} "
+                f"{list(v.shape)}")
+        return
+    v, s = t["weight_packed"], t["weight_scale"]
+    if kind == "int":
+        per = 32 // bits
+        C.check(k // 2 % per == 0, f"2:4 int{bits} needs in_features divisible by {2 * per}")
+        C.check(v.dtype == torch.int32 and v.shape == (n, k // 2 // per),
+                f"weight_packed must be int32 [{n}, {k // 2 // per}], got {v.dtype} "
+                f"{list(v.shape)}")
+        C.check(s.shape[0] == n and k % s.shape[1] == 0 and (k // s.shape[1]) % 4 == 0,
+                f"weight_scale must be [{n}, K/g] with g a multiple of 4, got {list(s.shape)}")
+    else:
+        group = FP4_GROUPS[kind]
+        C.check(k % group == 0, f"{kind} needs in_features divisible by {group}, got {k}")
+        C.check(v.dtype == torch.uint8 and v.shape == (n, k // 4),
+                f"weight_packed must be uint8 [{n}, {k // 4}], got {v.dtype} {list(v.shape)}")
+        C.check(s.shape == (n, k // group), f"weight_scale must be [{n}, {k // group}]")
+        if kind == "nvfp4":
+            C.check("weight_global_scale" in t, "nvfp4 needs weight_global_scale")
+
+
+def _launch_args(kind, t, bits, device):
+    """(values, scale, zero, lut, global scale, scale columns) as kernel arguments; tensors a
+    kind does not read are passed as placeholders."""
+    meta = t["weight_meta"]
+    if kind == "16bit":
+        v = t["weight_values"]
+        return v, meta, meta, meta, meta, 1
+    v, s = t["weight_packed"], t["weight_scale"]
+    z = t.get("weight_zero_point", v)
+    gs = t["weight_global_scale"].float() if kind == "nvfp4" else s
+    scale = s.view(torch.uint8) if s.dtype == torch.float8_e4m3fn else s
+    return v, scale, z, e2m1_table(device), gs, s.shape[1]
+
+
+def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor],
+                    shape: tuple[int, int], bits: int = 4, bias: torch.Tensor | None = None,
+                    path: str | None = None, split_k: int | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) for a 2:4 weight W [N, K] in compressed storage; kind is
+    "16bit", "int", "nvfp4" or "mxfp4"."""
+    n, k = shape
+    _check(kind, tensors, n, k, bits)
+    x2 = C.activation_2d(x, k)
+    m = x2.shape[0]
+    path = path or C.choose_path(m)
+    if path == "dequant":
+        w = sparse24_dequantize(kind, tensors, shape, bits, x.dtype)
+        return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
+    v, s, z, lut, gs, groups = _launch_args(kind, tensors, bits, x.device)
+    cfg = C.config_for(path, m)
+    grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
+    split = split_k or C.split_k_for(path, grid_m * grid_n, k, cfg.block_k, x.device)
+    k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
+    split = -(-k // k_per_split)
+    out = C.alloc((split, m, n) if split > 1 else (m, n),
+                  torch.float32 if split > 1 else x.dtype, x.device)
+    _sparse24_matmul_kernel[(grid_m, grid_n, split)](
+        x2, v, tensors["weight_meta"], s, z, lut, gs, bias if bias is not None else x2, out,
+        m, n, k, groups, k // groups, x2.stride(0), m * n, k_per_split,
+        KIND=VALUE_KINDS[kind], BITS=bits, PER=32 // bits,
+        HAS_ZERO="weight_zero_point" in tensors, HAS_BIAS=bias is not None,
+        USE_DOT=path != "gemv", IEEE=C.dot_in_f32(x.dtype), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    y = C.split_sum(out, x.dtype) if split > 1 else out
+    return y.reshape(*x.shape[:-1], n)
+
+
+def sparse24_dequantize(kind: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int],
+                        bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in dtype (the prefill path, then cuBLAS)."""
+    n, k = shape
+    _check(kind, tensors, n, k, bits)
+    device = tensors["weight_meta"].device
+    v, s, z, lut, gs, groups = _launch_args(kind, tensors, bits, device)
+    cfg = C.CONFIGS["dequant"]
+    out = C.alloc((n, k), dtype, device)
+    _sparse24_dequant_kernel[(-(-n // cfg.block_n), -(-k // cfg.block_k))](
+        v, tensors["weight_meta"], s, z, lut, gs, out, n, k, groups, k // groups,
+        KIND=VALUE_KINDS[kind], BITS=bits, PER=32 // bits,
+        HAS_ZERO="weight_zero_point" in tensors, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference and layout builders (the sparsify pass owns the real writer; tests build with these)
+
+def kept_positions(dense: torch.Tensor) -> torch.Tensor:
+    """int64 [N, K/4, 2]: per group of 4 the non-zero positions, padded with zero positions,
+    ascending. Raises if a group has more than 2 non-zeros."""
+    n, k = dense.shape
+    nonzero = (dense != 0).reshape(n, k // 4, 4)
+    if (nonzero.sum(-1) > 2).any():
+        raise ValueError("weight is not 2:4 sparse (a group of 4 inputs has > 2 non-zeros)")
+    key = (~nonzero).long() * 4 + torch.arange(4)  # non-zeros first, then by position
+    return key.argsort(-1)[..., :2].sort(-1).values
+
+
+def pack_meta(positions: torch.Tensor) -> torch.Tensor:
+    """[N, K/4, 2] positions -> uint8 [N, K/8] (group 2j in the low nibble of byte j)."""
+    nib = (positions[..., 0] | positions[..., 1] << 2).to(torch.uint8)
+    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+
+
+def gather_kept(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The entries of t [N, K] at the kept positions, in order: [N, K/2]."""
+    n, k = t.shape
+    return t.reshape(n, k // 4, 4).gather(-1, positions).reshape(n, k // 2)
+
+
+def meta_positions_ref(meta: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/8] -> original input index of every kept slot, int64 [N, K/2]."""
+    nib = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(meta.shape[0], -1).long()
+    pos = torch.stack([nib & 3, (nib >> 2) & 3], dim=-1)              # [N, K/4, 2]
+    base = 4 * torch.arange(pos.shape[1], device=meta.device)[None, :, None]
+    return (base + pos).reshape(meta.shape[0], -1)
+
+
+def sparse24_dequantize_ref(kind: str, tensors: dict[str, torch.Tensor], shape, bits: int = 4):
+    """float32 [N, K]: kept values decoded with the scale of their original position, placed."""
+    n, k = shape
+    orig = meta_positions_ref(tensors["weight_meta"])
+    if kind == "16bit":
+        kept = tensors["weight_values"].float()
+    elif kind == "int":
+        s = tensors["weight_scale"].float()
+        group = k // s.shape[1]
+        q = _unpack_ref(tensors["weight_packed"], bits, k // 2).float()
+        if "weight_zero_point" in tensors:
+            z = _unpack_ref(tensors["weight_zero_point"].T.contiguous(), bits, n).T.float()
+            q = q - z.gather(1, orig // group)
+        kept = q * s.gather(1, orig // group)
+    else:
+        scale = fp4_scale_ref(kind, tensors["weight_scale"], tensors.get("weight_global_scale"))
+        values = e2m1_table(orig.device)[unpack_fp4_ref(tensors["weight_packed"])]
+        kept = values * scale.gather(1, orig // FP4_GROUPS[kind])
+    return torch.zeros(n, k, device=orig.device).scatter(1, orig, kept)
+
+
+def sparse24_matmul_ref(x, kind, tensors, shape, bits: int = 4, bias=None) -> torch.Tensor:
+    w = sparse24_dequantize_ref(kind, tensors, shape, bits)
+    b = None if bias is None else bias.float()
+    return torch.nn.functional.linear(x.float(), w, b).to(x.dtype)

@@ -1,0 +1,170 @@
+"""End to end decode speed of a Llama-3-8B-shaped model (random weights, built from a config:
+no download): bf16 against INT4 (and FP4) weights through compress's modules and kernels.
+
+    python kernels/bench_e2e.py                                   # H100: the issue-11 goal
+    python kernels/bench_e2e.py --formats int4,int4-asym,nvfp4,mxfp4 --new-tokens 256
+    COMPRESS_KERNELS=always TRITON_INTERPRET=1 python kernels/bench_e2e.py --tiny   # CPU check
+
+Goal (issue 11): INT4 decode at batch 1 >= 2.5x the bf16 tokens/s in the same harness, and
+>= 300 tokens/s. The harness is compress.evaluation.bench (static KV cache, the decode step
+replayed as a CUDA graph), the same one `compress bench` uses. INT weights are RTN-quantized
+from the random bf16 weights (compress.formats.intq); FP4 weights are random codes and scales
+in the stored layout (speed does not depend on values). A short table is printed last; the
+full results are appended to --log as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compress.evaluation.bench import measure_speed
+from compress.formats import WeightFormat, codec
+from compress.modules import QuantizedLinear, set_module
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                 max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512,
+            tie_word_embeddings=False)
+FORMATS = {"int4": WeightFormat(group_size=128), "int4-asym": WeightFormat(group_size=128,
+                                                                         symmetric=False),
+           "nvfp4": WeightFormat(type="nvfp4", group_size=16),
+           "mxfp4": WeightFormat(type="mxfp4", group_size=32)}
+
+
+def build(config_kwargs: dict, layers: int | None, device) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(config_kwargs)
+    if layers:
+        kwargs["num_hidden_layers"] = layers
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: no 32 GB float32 copy
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def random_fp4(linear: nn.Linear, fmt: WeightFormat) -> dict[str, torch.Tensor]:
+    """FP4 tensors in the stored layout with random codes and scales (speed only)."""
+    n, k = linear.weight.shape
+    dev = linear.weight.device
+    t = {"weight_packed": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev),
+         "weight_shape": torch.tensor([n, k])}
+    if fmt.type == "nvfp4":
+        t["weight_scale"] = (torch.rand(n, k // 16, device=dev) * 100 + 1).to(torch.float8_e4m3fn)
+        t["weight_global_scale"] = torch.tensor([448.0 * 6.0 / 0.05], device=dev)
+    else:
+        t["weight_scale"] = torch.randint(110, 122, (n, k // 32), dtype=torch.uint8, device=dev)
+    return t
+
+
+def compress_linears(model: nn.Module, fmt: WeightFormat) -> dict[str, nn.Linear]:
+    """Swap every decoder linear for a QuantizedLinear in fmt; returns the originals."""
+    originals = {n: m for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and ".layers." in n}
+    for name, linear in originals.items():
+        if fmt.type == "int":
+            q = codec(fmt).quantize(linear.weight.data, fmt)
+            module = QuantizedLinear.from_quantized(q, linear.bias, scale_dtype=torch.bfloat16)
+        else:
+            module = QuantizedLinear(linear.in_features, linear.out_features, fmt, linear.bias)
+            module.load_packed(random_fp4(linear, fmt))
+        set_module(model, name, module.to(linear.weight.device))
+    return originals
+
+
+def restore(model: nn.Module, originals: dict[str, nn.Linear]) -> None:
+    for name, linear in originals.items():
+        set_module(model, name, linear)
+
+
+def decode_roofline(context: int = 256) -> str:
+    """Bytes one batch-1 decode step must read on Llama-3-8B, and the tokens/s ceiling at
+    3.0 TB/s: every decoder linear, the (bf16) lm_head, the KV cache at `context` tokens."""
+    c = LLAMA3_8B
+    d, f, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
+    shapes = [(d + 2 * kv, d), (d, d), (f, d), (f, d), (d, f)]     # q,k,v | o | gate | up | down
+    params = layers * sum(n * k for n, k in shapes)
+    per_weight = {"bf16": 2.0, "int4 g128 (bf16 scales)": 0.5 + 2 / 128,
+                  "int4 g128 asym": 0.5 + 2.5 / 128, "nvfp4": 0.5 + 1 / 16,
+                  "mxfp4": 0.5 + 1 / 32}
+    other = 2 * c["vocab_size"] * d + 2 * layers * 2 * kv * context   # lm_head + KV cache
+    lines = [f"decoder linear weights: {params / 1e9:.2f} G; lm_head {c['vocab_size']}x{d} "
+             f"bf16; KV cache at {context} tokens; 3.0 TB/s",
+             "", "| weights | bytes per step (GB) | floor ms/step | ceiling tok/s |",
+             "|---|---|---|---|"]
+    for name, b in per_weight.items():
+        total = params * b + other
+        lines.append(f"| {name} | {total / 1e9:.2f} | {total / 3.0e12 * 1e3:.2f} | "
+                     f"{3.0e12 / total:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", default="int4")
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="a small config (CPU dry run)")
+    parser.add_argument("--log", default="kernels/bench_e2e.log.jsonl")
+    parser.add_argument("--roofline", action="store_true", help="print the decode byte count")
+    args = parser.parse_args()
+    if args.roofline:
+        print(decode_roofline())
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.tiny:
+        raise SystemExit("an 8B model needs the GPU; use --tiny for a CPU dry run")
+    model = build(TINY if args.tiny else LLAMA3_8B, args.layers, device)
+    runs = {}
+    runs["bf16"] = measure_speed(model, "bf16", 1, args.prompt_len, args.new_tokens, args.repeats)
+    for name in args.formats.split(","):
+        originals = compress_linears(model, FORMATS[name])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        runs[name] = measure_speed(model, name, 1, args.prompt_len, args.new_tokens,
+                                   args.repeats)
+        restore(model, originals)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    header = {"gpu": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "cmd": " ".join(sys.argv), "layers": model.config.num_hidden_layers}
+    with open(args.log, "a") as log:
+        log.write(json.dumps({**header, "runs": {k: v.to_dict() for k, v in runs.items()}})
+                  + "\n")
+    print(f"\n{gpu}, {header['date']}, {model.config.num_hidden_layers} layers, batch 1, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    print("| weights | method | prefill tok/s | decode tok/s | vs bf16 | peak MB | paths |")
+    print("|---|---|---|---|---|---|---|")
+    base = runs["bf16"].decode_tokens_per_s
+    for name, r in runs.items():
+        paths = sorted({p for calls in r.kernel_paths.values() for p in calls})
+        print(f"| {name} | {r.method} | {r.prefill_tokens_per_s:.0f} | "
+              f"{r.decode_tokens_per_s:.1f} | {r.decode_tokens_per_s / base:.2f}x | "
+              f"{r.peak_memory_mb:.0f} | {', '.join(paths) or 'torch'} |")
+    if "int4" in runs and not args.tiny and not args.layers:
+        r = runs["int4"].decode_tokens_per_s
+        ok = r >= 2.5 * base and r >= 300
+        print(f"issue-11 goal (int4 >= 2.5x bf16 and >= 300 tok/s): {'MET' if ok else 'NOT MET'}"
+              f" ({r:.1f} tok/s, {r / base:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

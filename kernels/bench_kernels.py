@@ -1,0 +1,274 @@
+"""Time every compress kernel against torch bf16 matmul on Llama-3-8B layer shapes.
+
+    python kernels/bench_kernels.py                       # on a GPU: the full table (minutes)
+    python kernels/bench_kernels.py --roofline            # no GPU needed: bytes, FLOPs, limits
+    TRITON_INTERPRET=1 python kernels/bench_kernels.py --dry-run   # CPU: every code path runs
+
+Shapes are weight [N, K] = out x in features; x is [M, K] bfloat16. Each timed call is preceded
+by a 256 MB memset that flushes L2 (a 4096x4096 INT4 weight, 8 MB, would otherwise stay in the
+H100's 50 MB L2); CUDA events bracket the call alone; the median of --reps calls is reported.
+Before timing, every kernel's output is checked against its reference on every path (M = 1,
+16, 64, DEQUANT_MIN_M) for each shape, so a fast wrong kernel cannot enter the table. Full
+results go to --log (JSON lines); a short table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compress.kernels import _common as C
+from compress.kernels.fp4 import fp4_matmul, fp4_matmul_ref
+from compress.kernels.sparse24 import gather_kept, pack_meta, sparse24_matmul, sparse24_matmul_ref
+from compress.kernels.w4a16 import int_matmul, int_matmul_ref
+
+SHAPES = {"qkv 6144x4096": (6144, 4096), "o 4096x4096": (4096, 4096),
+          "gate/up 14336x4096": (14336, 4096), "down 4096x14336": (4096, 14336)}
+MS = [1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+H100 = {"bandwidth": 3.0e12, "bf16_flops": 790e12}   # sustained HBM3 bytes/s, dense bf16 FLOP/s
+GROUP = 128
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes and FLOPs per call (the roofline; no GPU needed)
+
+def weight_bytes(variant: str, n: int, k: int) -> float:
+    """Bytes of the stored weight a call must read once (scales bf16, as artifacts of bf16
+    models store them)."""
+    groups = n * k / GROUP
+    return {
+        "bf16": 2 * n * k,
+        "int4-g128": n * k / 2 + 2 * groups,
+        "int4-g128-asym": n * k / 2 + 2 * groups + groups / 2,
+        "int8-channel": n * k + 2 * n,
+        "nvfp4": n * k / 2 + n * k / 16 + 4,
+        "mxfp4": n * k / 2 + n * k / 32,
+        "2:4-bf16": n * k + n * k / 8,
+        "torch-2:4-bf16": n * k + n * k / 8,
+        "2:4-int4-g128": n * k / 4 + n * k / 8 + 2 * groups,
+    }[variant]
+
+
+def roofline(variant: str, m: int, n: int, k: int) -> dict:
+    """Compulsory bytes (weight + x + y in bf16) and FLOPs of one call, and the time floor.
+    Our 2:4 kernels expand kept values to dense tiles (dense tensor-core math); torch's
+    semi-structured matmul uses sparse tensor cores, which do the same product at twice the
+    rate: its compute floor is halved."""
+    nbytes = weight_bytes(variant, n, k) + 2 * m * k + 2 * m * n
+    flops = 2 * m * n * k
+    rate = H100["bf16_flops"] * (2 if variant.startswith("torch-2:4") else 1)
+    floor = max(nbytes / H100["bandwidth"], flops / rate)
+    return {"bytes": nbytes, "flops": flops, "floor_us": floor * 1e6,
+            "bound": "memory" if nbytes / H100["bandwidth"] >= flops / rate else "compute"}
+
+
+def roofline_markdown(ms=MS) -> str:
+    variants = ["bf16", "int4-g128", "nvfp4", "mxfp4", "2:4-bf16", "torch-2:4-bf16",
+                "2:4-int4-g128"]
+    lines = []
+    for label, (n, k) in SHAPES.items():
+        lines.append(f"\n**{label}** (weight [N={n}, K={k}]): minimum time per call in us "
+                     "(memory or compute bound, whichever is longer), and the ideal speed-up "
+                     "over bf16\n")
+        lines.append("| M | " + " | ".join(variants) + " | weight MB (bf16 / int4) |")
+        lines.append("|---" * (len(variants) + 2) + "|")
+        for m in ms:
+            base = roofline("bf16", m, n, k)["floor_us"]
+            cells = []
+            for v in variants:
+                r = roofline(v, m, n, k)
+                mark = "" if r["bound"] == "memory" else "c"  # c: compute bound
+                cells.append(f"{r['floor_us']:.1f}{mark} ({base / r['floor_us']:.2f}x)")
+            mb = (f"{weight_bytes('bf16', n, k) / 1e6:.1f} / "
+                  f"{weight_bytes('int4-g128', n, k) / 1e6:.1f}")
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {mb} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights in every format (random codes: speed does not depend on values)
+
+def make_variants(n: int, k: int, device) -> dict:
+    """variant -> (fn(x) -> y, ref(x) -> y or None)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(n, k, device=device, generator=gen, dtype=torch.bfloat16) * 0.02
+    codes = torch.randint(-8, 8, (n, k), device=device, generator=gen, dtype=torch.int8)
+    scale = (torch.rand(n, k // GROUP, device=device, generator=gen) * 0.01).to(torch.bfloat16)
+    zero = pack_to_int32(torch.randint(-8, 8, (n, k // GROUP), device=device, generator=gen,
+                                       dtype=torch.int8), 4, packed_dim=0)
+    packed4 = pack_to_int32(codes, 4)
+    codes8 = torch.randint(-128, 128, (n, k), device=device, generator=gen, dtype=torch.int8)
+    packed8, scale8 = pack_to_int32(codes8, 8), scale[:, :1].contiguous()
+    fp4_bytes = torch.randint(0, 256, (n, k // 2), device=device, generator=gen,
+                              dtype=torch.uint8)
+    nv_scale = (torch.rand(n, k // 16, device=device, generator=gen) * 100 + 1).to(
+        torch.float8_e4m3fn)
+    gs = torch.tensor([1000.0], device=device)
+    mx_scale = torch.randint(110, 125, (n, k // 32), device=device, generator=gen,
+                             dtype=torch.uint8)
+    # 2:4: keep positions 0 and 2 of every group of 4 (any valid pattern reads the same bytes)
+    pos = torch.tensor([0, 2], device=device).expand(n, k // 4, 2).contiguous()
+    meta = pack_meta(pos)
+    sparse16 = {"weight_values": gather_kept(w, pos), "weight_meta": meta}
+    sparse4 = {"weight_packed": pack_to_int32(gather_kept(codes, pos), 4), "weight_meta": meta,
+               "weight_scale": scale}
+    shape = (n, k)
+    v = {
+        "bf16": (lambda x: F.linear(x, w), None),
+        "int4-g128": (lambda x: int_matmul(x, packed4, scale, None, shape, 4),
+                      lambda x: int_matmul_ref(x, packed4, scale, None, shape, 4)),
+        "int4-g128-asym": (lambda x: int_matmul(x, packed4, scale, zero, shape, 4),
+                           lambda x: int_matmul_ref(x, packed4, scale, zero, shape, 4)),
+        "int8-channel": (lambda x: int_matmul(x, packed8, scale8, None, shape, 8),
+                         lambda x: int_matmul_ref(x, packed8, scale8, None, shape, 8)),
+        "nvfp4": (lambda x: fp4_matmul(x, "nvfp4", fp4_bytes, nv_scale, gs, shape),
+                  lambda x: fp4_matmul_ref(x, "nvfp4", fp4_bytes, nv_scale, gs, shape)),
+        "mxfp4": (lambda x: fp4_matmul(x, "mxfp4", fp4_bytes, mx_scale, None, shape),
+                  lambda x: fp4_matmul_ref(x, "mxfp4", fp4_bytes, mx_scale, None, shape)),
+        "2:4-bf16": (lambda x: sparse24_matmul(x, "16bit", sparse16, shape),
+                     lambda x: sparse24_matmul_ref(x, "16bit", sparse16, shape)),
+        "2:4-int4-g128": (lambda x: sparse24_matmul(x, "int", sparse4, shape),
+                          lambda x: sparse24_matmul_ref(x, "int", sparse4, shape)),
+    }
+    if device.type == "cuda":
+        try:
+            from torch.sparse import to_sparse_semi_structured
+
+            dense24 = torch.zeros_like(w).reshape(n, k // 4, 4)
+            dense24[..., 0::2] = w.reshape(n, k // 4, 4)[..., 0::2]
+            ws = to_sparse_semi_structured(dense24.reshape(n, k))
+            v["torch-2:4-bf16"] = (lambda x: F.linear(x, ws), None)
+        except (RuntimeError, ValueError, ImportError) as exc:
+            print(f"torch semi-structured 2:4 unavailable: {exc}", file=sys.stderr)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+def time_call(fn, x, device, reps: int, flush: torch.Tensor | None) -> float:
+    """Median seconds of fn(x) over reps, L2 flushed before each call."""
+    fn(x)  # compile / warm up
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            flush.zero_()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(x)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def check(name, fn, ref, x) -> None:
+    """The kernel agrees with its reference (bf16 tolerance relative to the output's scale)."""
+    if ref is None:
+        return
+    y, r = fn(x).float(), ref(x).float()
+    err = (y - r).abs().max().item()
+    scale = r.abs().max().item() + 1e-6
+    if not err <= 2e-2 * scale:
+        raise SystemExit(f"{name}: wrong result (max error {err:.3g}, output scale {scale:.3g})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--roofline", action="store_true", help="print the roofline table only")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes, 1 rep: check every path runs (CPU interpreter)")
+    parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--variants", default="", help="comma list (default: all)")
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--log", default="kernels/bench_kernels.log.jsonl")
+    args = parser.parse_args()
+    if args.roofline:
+        print(roofline_markdown())
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ms = [int(m) for m in args.ms.split(",")]
+    shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
+    if args.dry_run:
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--dry-run on the CPU needs TRITON_INTERPRET=1")
+        shapes, ms, args.reps = {"tiny 96x256": (96, 256)}, [1, 16, 64, 600], 1
+    elif device.type != "cuda":
+        raise SystemExit("timing needs a CUDA GPU; use --roofline or --dry-run here")
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) \
+        if device.type == "cuda" else None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
+    header = {"gpu": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "cmd": " ".join(sys.argv)}
+    import triton
+
+    header["triton"] = triton.__version__
+    rows = []
+    with open(args.log, "a") as log:
+        log.write(json.dumps(header) + "\n")
+        for label, (n, k) in shapes.items():
+            variants = make_variants(n, k, device)
+            chosen = args.variants.split(",") if args.variants else list(variants)
+            for m_check in (1, 16, 64, C.DEQUANT_MIN_M):  # gemv, splitk, tile, dequant
+                x_check = torch.randn(m_check, k, device=device, dtype=torch.bfloat16)
+                for name in chosen:
+                    check(f"{name} {label} M={m_check}", *variants[name], x_check)
+            for m in ms:
+                x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                row = {"shape": label, "m": m}
+                for name in chosen:
+                    fn = variants[name][0]
+                    try:
+                        t = time_call(fn, x, device, args.reps, flush)
+                    except RuntimeError as exc:  # e.g. torch 2:4 rejecting a shape
+                        row[name] = None
+                        log.write(json.dumps({"shape": label, "m": m, "variant": name,
+                                              "error": str(exc).splitlines()[0]}) + "\n")
+                        continue
+                    row[name] = t * 1e6
+                    r = roofline(name, m, n, k)
+                    log.write(json.dumps({"shape": label, "m": m, "variant": name,
+                                          "us": t * 1e6, "floor_us": r["floor_us"],
+                                          "tb_per_s": r["bytes"] / t / 1e12,
+                                          "tflops": r["flops"] / t / 1e12}) + "\n")
+                rows.append(row)
+                log.flush()
+    print_table(header, rows)
+
+
+def print_table(header: dict, rows: list[dict]) -> None:
+    print(f"\n{header['gpu']}, torch {header['torch']}, triton {header['triton']}, "
+          f"{header['date']}: median us per call (speed-up over bf16)")
+    names = [k for k in rows[0] if k not in ("shape", "m")]
+    print("| shape | M | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 2) + "|")
+    for row in rows:
+        base = row.get("bf16")
+        cells = []
+        for name in names:
+            t = row[name]
+            cells.append("n/a" if t is None else
+                         f"{t:.1f}" + (f" ({base / t:.2f}x)" if base and name != "bf16" else ""))
+        print(f"| {row['shape']} | {row['m']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Compile every kernel variant ahead of time for a GPU target, without a GPU.
+
+    python kernels/compile_check.py [--arch 90]
+
+Triton lowers each @triton.jit kernel through TTIR, TTGIR, LLVM IR and PTX to a cubin for the
+target (sm_90 = H100) on the CPU; this catches what the interpreter cannot (type errors in the
+compiled dialect, unsupported reshapes, register-layout failures) before GPU time is spent.
+Prints one line per variant with its shared memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise SystemExit("unset TRITON_INTERPRET: this compiles for the GPU")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from compress.kernels import _common as C  # noqa: E402
+from compress.kernels import fp4, rmsnorm, rope_gather, sparse24, w4a16  # noqa: E402
+
+ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+MATMUL_INTS = ["M", "N", "K", "KW", "G", "GROUP", "stride_xm", "stride_split", "K_PER_SPLIT"]
+
+
+def compile_one(kernel, types: dict, consts: dict, arch: int, num_warps: int = 4,
+                num_stages: int = 2):
+    sig = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+    missing = [n for n, t in sig.items() if t == "constexpr" and n not in consts]
+    assert not missing, f"no type or value for {missing}"
+    src = ASTSource(fn=kernel, signature=sig,
+                    constexprs={(kernel.arg_names.index(c),): v for c, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def variants():
+    """(label, kernel, types, constexprs, num_warps, num_stages) for every launched variant."""
+    for act, path, bits, zero in itertools.product(ACT, ["gemv", "splitk", "tile"], (4, 8),
+                                                   (False, True)):
+        cfg = C.CONFIGS[path]
+        out = "*fp32" if path != "tile" else ACT[act]
+        types = {"x_ptr": ACT[act], "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i32",
+                 "b_ptr": "*bf16", "out_ptr": out, **dict.fromkeys(MATMUL_INTS, "i32")}
+        consts = dict(BITS=bits, PER=32 // bits, HAS_ZERO=zero, HAS_BIAS=True,
+                      USE_DOT=path != "gemv", IEEE=act == "fp32", BLOCK_M=cfg.block_m,
+                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+        yield (f"int{bits} {path} {act} zero={zero}", w4a16._int_matmul_kernel, types, consts,
+               cfg.num_warps, cfg.num_stages)
+    for fmt, act, path in itertools.product(("nvfp4", "mxfp4"), ACT, ["gemv", "splitk", "tile"]):
+        cfg = C.CONFIGS[path]
+        types = {"x_ptr": ACT[act], "w_ptr": "*u8", "s_ptr": "*u8", "lut_ptr": "*fp32",
+                 "gs_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": ACT[act],
+                 **dict.fromkeys(MATMUL_INTS, "i32")}
+        del types["KW"]
+        consts = dict(MX=fmt == "mxfp4", HAS_BIAS=True, USE_DOT=path != "gemv",
+                      IEEE=act == "fp32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      BLOCK_K=cfg.block_k)
+        yield (f"{fmt} {path} {act}", fp4._fp4_matmul_kernel, types, consts, cfg.num_warps,
+               cfg.num_stages)
+    for kind, path in itertools.product(sparse24.VALUE_KINDS, ["gemv", "splitk", "tile"]):
+        cfg = C.CONFIGS[path]
+        vals = {"16bit": "*bf16", "int": "*i32"}.get(kind, "*u8")
+        types = {"x_ptr": "*bf16", "v_ptr": vals, "m_ptr": "*u8",
+                 "s_ptr": "*bf16" if kind == "int" else "*u8", "z_ptr": "*i32",
+                 "lut_ptr": "*fp32", "gs_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16",
+                 **dict.fromkeys(MATMUL_INTS, "i32")}
+        del types["KW"]
+        consts = dict(KIND=sparse24.VALUE_KINDS[kind], BITS=4, PER=8, HAS_ZERO=kind == "int",
+                      HAS_BIAS=False, USE_DOT=path != "gemv", IEEE=False, BLOCK_M=cfg.block_m,
+                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+        yield (f"2:4-{kind} {path}", sparse24._sparse24_matmul_kernel, types, consts,
+               cfg.num_warps, cfg.num_stages)
+    cfg = C.CONFIGS["dequant"]
+    dq = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    ints = dict.fromkeys(["N", "K", "KW", "G", "GROUP"], "i32")
+    yield ("int4 dequant", w4a16._int_dequant_kernel,
+           {"w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i32", "out_ptr": "*bf16", **ints},
+           dict(BITS=4, PER=8, HAS_ZERO=True, **dq), cfg.num_warps, 1)
+    ints.pop("KW")
+    yield ("nvfp4 dequant", fp4._fp4_dequant_kernel,
+           {"w_ptr": "*u8", "s_ptr": "*u8", "lut_ptr": "*fp32", "gs_ptr": "*fp32",
+            "out_ptr": "*bf16", **ints}, dict(MX=False, **dq), cfg.num_warps, 1)
+    yield ("2:4-int dequant", sparse24._sparse24_dequant_kernel,
+           {"v_ptr": "*i32", "m_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*i32",
+            "lut_ptr": "*fp32", "gs_ptr": "*fp32", "out_ptr": "*bf16", **ints},
+           dict(KIND=1, BITS=4, PER=8, HAS_ZERO=True, **dq), cfg.num_warps, 1)
+    yield ("add_rmsnorm 4096 bf16", rmsnorm._add_rmsnorm_kernel,
+           {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16",
+            "h_ptr": "*bf16", "D": "i32", "stride_x": "i32", "stride_r": "i32", "eps": "fp32"},
+           dict(HAS_RESIDUAL=True, BLOCK_D=4096), 16, 1)
+    yield ("rope_gather hd128 bf16", rope_gather._rope_gather_kernel,
+           {"ids_ptr": "*i64", "pos_ptr": "*i64", "table_ptr": "*bf16", "cos_ptr": "*fp32",
+            "sin_ptr": "*fp32", "out_ptr": "*bf16", "W": "i32", "off0": "i32", "end0": "i32",
+            "off1": "i32", "end1": "i32"}, dict(HEAD_DIM=128, BLOCK_W=1024), 4, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args()
+    failures = 0
+    for label, kernel, types, consts, warps, stages in variants():
+        try:
+            k = compile_one(kernel, types, consts, args.arch, warps, stages)
+            print(f"ok    {label:32} shared memory {k.metadata.shared} B")
+        except Exception as exc:  # report every failing variant, then fail
+            failures += 1
+            print(f"FAIL  {label:32} {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    print(f"triton {triton.__version__}, sm_{args.arch}: {failures} failures")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

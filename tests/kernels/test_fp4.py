@@ -1,0 +1,89 @@
+"""NVFP4 / MXFP4 kernel against its reference; the reference against compressed-tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.compressors.mx_utils import decompress_mx_scale
+from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8, unpack_fp4_from_uint8
+from kernel_checks import DTYPES, assert_matmul_close
+
+from compress.kernels.fp4 import (
+    E2M1_VALUES,
+    FORMATS,
+    fp4_dequantize,
+    fp4_dequantize_ref,
+    fp4_matmul,
+    fp4_matmul_ref,
+)
+
+PATHS = ["gemv", "splitk", "tile", "dequant"]
+
+
+def make_fp4_weight(fmt, n, k, rng):
+    """Values on the E2M1 grid packed with compressed-tensors' own packer, random scales."""
+    mags = torch.tensor(E2M1_VALUES)[torch.randint(0, 8, (n, k), generator=rng)]
+    signs = torch.randint(0, 2, (n, k), generator=rng) * 2 - 1
+    e2m1 = mags * signs
+    packed = pack_fp4_to_uint8(e2m1)
+    groups = k // FORMATS[fmt]
+    if fmt == "nvfp4":
+        # include subnormal E4M3 scales (below 2^-6)
+        scale = (torch.rand(n, groups, generator=rng) * 300 + 0.001).to(torch.float8_e4m3fn)
+        global_scale = torch.tensor([448.0 * 6.0 / 2.7])
+    else:
+        scale = torch.randint(115, 135, (n, groups), generator=rng, dtype=torch.uint8)
+        global_scale = None
+    return e2m1, packed, scale, global_scale
+
+
+CASES = [(1, 37, 96), (3, 45, 160), (17, 29, 224)]  # K % 64 != 0, N odd
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "m{}-n{}-k{}".format(*c))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp4_matmul_matches_reference_on_every_path(fmt, case, dtype, rng):
+    m, n, k = case
+    _, packed, scale, gs = make_fp4_weight(fmt, n, k, rng)
+    bias = torch.randn(n, generator=rng).to(dtype)
+    x = torch.randn(m, k, generator=rng).to(dtype)
+    ref = fp4_matmul_ref(x, fmt, packed, scale, gs, (n, k), bias=bias)
+    w = fp4_dequantize_ref(fmt, packed, scale, gs, (n, k))
+    for path in PATHS:
+        y = fp4_matmul(x, fmt, packed, scale, gs, (n, k), bias=bias, path=path)
+        assert_matmul_close(y, ref, x, w, (fmt, path, rng.initial_seed()), bias)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_reference_decodes_like_compressed_tensors(fmt, rng):
+    """E2M1 codes via compressed-tensors' unpacker; E8M0 via its scale decoder; E4M3 by torch."""
+    n, k = 8, 64
+    e2m1, packed, scale, gs = make_fp4_weight(fmt, n, k, rng)
+    values = unpack_fp4_from_uint8(packed, n, k, dtype=torch.float32)
+    assert torch.equal(values, e2m1)
+    group = FORMATS[fmt]
+    if fmt == "mxfp4":
+        dense_scale = decompress_mx_scale(scale).float()
+    else:
+        dense_scale = scale.float() / gs
+    expected = values * dense_scale.repeat_interleave(group, dim=1)
+    torch.testing.assert_close(fp4_dequantize_ref(fmt, packed, scale, gs, (n, k)), expected,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_dequantize_kernel_exact_in_float32(fmt, rng):
+    _, packed, scale, gs = make_fp4_weight(fmt, 19, 96, rng)
+    w = fp4_dequantize(fmt, packed, scale, gs, (19, 96), torch.float32)
+    torch.testing.assert_close(w, fp4_dequantize_ref(fmt, packed, scale, gs, (19, 96)),
+                               rtol=0, atol=0)
+
+
+def test_fp4_bad_input():
+    packed = torch.zeros(4, 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="nvfp4 weight_scale must be"):
+        fp4_matmul(torch.randn(1, 32), "nvfp4", packed, torch.zeros(4, 2), torch.ones(1), (4, 32))
+    with pytest.raises(ValueError, match="mxfp4 needs in_features divisible by 32"):
+        fp4_matmul(torch.randn(1, 48), "mxfp4", torch.zeros(4, 24, dtype=torch.uint8),
+                   torch.zeros(4, 1, dtype=torch.uint8), None, (4, 48))

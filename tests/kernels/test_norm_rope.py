@@ -1,0 +1,83 @@
+"""Fused add+RMSNorm and gather+RoPE against their references and transformers' own modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_checks import DTYPES
+
+from compress.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_ref
+from compress.kernels.rope_gather import rope_gather, rope_gather_ref
+
+# Elementwise: one or two roundings to the dtype (interpreter truncation for bfloat16).
+ELEMENT_TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 70), (3, 5, 96)], ids=str)
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rmsnorm_matches_reference(dtype, shape, with_residual, rng):
+    x = torch.randn(*shape, generator=rng).to(dtype)
+    res = torch.randn(*shape, generator=rng).to(dtype) if with_residual else None
+    w = torch.randn(shape[-1], generator=rng).to(dtype)
+    y, h = add_rmsnorm(x, res, w, 1e-5)
+    y_ref, h_ref = add_rmsnorm_ref(x, res, w, 1e-5)
+    assert y.dtype == y_ref.dtype and h.dtype == h_ref.dtype
+    tol = ELEMENT_TOL[dtype]
+    torch.testing.assert_close(h.float(), h_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
+
+
+def test_add_rmsnorm_reference_is_llama_rmsnorm(rng):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(64, eps=1e-6)
+    norm.weight.data = torch.randn(64, generator=rng)
+    x, r = torch.randn(2, 7, 64, generator=rng), torch.randn(2, 7, 64, generator=rng)
+    y, h = add_rmsnorm(x, r, norm.weight, 1e-6)
+    torch.testing.assert_close(h, x + r, rtol=0, atol=0)
+    torch.testing.assert_close(y, norm(x + r), rtol=1e-5, atol=1e-6)
+
+
+def llama_rope(head_dim, positions):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4,
+                         max_position_embeddings=64)
+    rope = LlamaRotaryEmbedding(config)
+    cos, sin = rope(torch.zeros(1, dtype=torch.float32), torch.arange(positions)[None])
+    return rope, cos[0], sin[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rope_gather_matches_reference(dtype, rng):
+    d, e, hd = 48, 16, 8                        # row: [emb 48 | q 48 | k 16 | v 16]
+    table = torch.randn(11, 2 * d + 2 * e, generator=rng).to(dtype)
+    ids = torch.randint(0, 11, (2, 7), generator=rng)
+    pos = torch.randint(0, 20, (2, 7), generator=rng)
+    _, cos, sin = llama_rope(hd, 20)
+    segments = [(d, d), (2 * d, e)]
+    out = rope_gather(ids, pos, table, cos, sin, segments, hd)
+    ref = rope_gather_ref(ids, pos, table, cos, sin, segments, hd)
+    assert out.shape == (2, 7, 2 * d + 2 * e)
+    tol = ELEMENT_TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    # columns outside the rotated segments are copied exactly
+    torch.testing.assert_close(out[..., :d], table[ids][..., :d], rtol=0, atol=0)
+
+
+def test_rope_gather_reference_is_transformers_rope(rng):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    hd, heads, kv = 16, 4, 2
+    table = torch.randn(9, heads * hd + kv * hd, generator=rng)
+    ids, pos = torch.randint(0, 9, (1, 6), generator=rng), torch.arange(6)[None]
+    _, cos, sin = llama_rope(hd, 6)
+    out = rope_gather(ids, pos, table, cos, sin, [(0, heads * hd), (heads * hd, kv * hd)], hd)
+    rows = table[ids]
+    q = rows[..., :heads * hd].view(1, 6, heads, hd).transpose(1, 2)
+    k = rows[..., heads * hd:].view(1, 6, kv, hd).transpose(1, 2)
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos[None], sin[None])
+    torch.testing.assert_close(out[..., :heads * hd], q_hf.transpose(1, 2).reshape(1, 6, -1))
+    torch.testing.assert_close(out[..., heads * hd:], k_hf.transpose(1, 2).reshape(1, 6, -1))

@@ -1,0 +1,102 @@
+"""2:4 kernel (16-bit, INT4, NVFP4, MXFP4 kept values) against its reference and dense math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from kernel_checks import DTYPES, assert_matmul_close
+
+from compress.kernels.fp4 import E2M1_VALUES
+from compress.kernels.sparse24 import (
+    gather_kept,
+    kept_positions,
+    pack_meta,
+    sparse24_dequantize,
+    sparse24_dequantize_ref,
+    sparse24_matmul,
+    sparse24_matmul_ref,
+)
+
+PATHS = ["gemv", "splitk", "tile", "dequant"]
+
+
+def mask_24(n, k, rng):
+    """A 2:4 mask with some groups holding fewer than 2 non-zeros (padding is exercised)."""
+    order = torch.rand(n, k // 4, 4, generator=rng).argsort(-1)[..., :2]
+    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter(-1, order, True)
+    return (mask & (torch.rand(n, k // 4, 4, generator=rng) > 0.15)).reshape(n, k)
+
+
+def make_sparse(kind, n, k, rng):
+    """(tensors in the compressed layout, dense weight they stand for)."""
+    mask = mask_24(n, k, rng)
+    if kind == "16bit":
+        dense = (torch.randn(n, k, generator=rng) * mask).to(torch.bfloat16)
+        pos = kept_positions(dense)
+        return {"weight_values": gather_kept(dense, pos), "weight_meta": pack_meta(pos)}, dense
+    if kind == "int":
+        g = 32
+        zero = torch.randint(-8, 8, (n, k // g), generator=rng, dtype=torch.int8)
+        codes = torch.randint(-8, 8, (n, k), generator=rng, dtype=torch.int8)
+        codes = torch.where(mask, codes, zero.repeat_interleave(g, 1))  # pruned -> value 0
+        scale = torch.rand(n, k // g, generator=rng) + 0.1
+        dense = (codes.float() - zero.repeat_interleave(g, 1)) * scale.repeat_interleave(g, 1)
+        pos = kept_positions(dense)
+        return {"weight_packed": pack_to_int32(gather_kept(codes, pos), 4),
+                "weight_meta": pack_meta(pos), "weight_scale": scale,
+                "weight_zero_point": pack_to_int32(zero, 4, packed_dim=0)}, dense
+    mags = torch.tensor(E2M1_VALUES)[torch.randint(1, 8, (n, k), generator=rng)]
+    e2m1 = mags * (torch.randint(0, 2, (n, k), generator=rng) * 2 - 1) * mask
+    pos = kept_positions(e2m1)
+    t = {"weight_packed": pack_fp4_to_uint8(gather_kept(e2m1, pos)), "weight_meta": pack_meta(pos)}
+    if kind == "nvfp4":
+        t["weight_scale"] = (torch.rand(n, k // 16, generator=rng) * 300 + 1).to(
+            torch.float8_e4m3fn)
+        t["weight_global_scale"] = torch.tensor([120.0])
+        scale = t["weight_scale"].float().repeat_interleave(16, 1) / 120.0
+    else:
+        t["weight_scale"] = torch.randint(118, 132, (n, k // 32), generator=rng,
+                                          dtype=torch.uint8)
+        scale = torch.exp2(t["weight_scale"].float() - 127).repeat_interleave(32, 1)
+    return t, e2m1 * scale
+
+
+KINDS = ["16bit", "int", "nvfp4", "mxfp4"]
+CASES = [(1, 37, 96), (3, 21, 160), (17, 29, 224)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_reconstructs_the_dense_weight(kind, rng):
+    t, dense = make_sparse(kind, 13, 96, rng)
+    torch.testing.assert_close(sparse24_dequantize_ref(kind, t, (13, 96)), dense.float(),
+                               rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "m{}-n{}-k{}".format(*c))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse24_matmul_matches_reference_on_every_path(kind, case, dtype, rng):
+    m, n, k = case
+    t, dense = make_sparse(kind, n, k, rng)
+    x = torch.randn(m, k, generator=rng).to(dtype)
+    ref = sparse24_matmul_ref(x, kind, t, (n, k))
+    for path in PATHS:
+        y = sparse24_matmul(x, kind, t, (n, k), path=path)
+        assert_matmul_close(y, ref, x, dense, (kind, path, rng.initial_seed()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sparse_dequantize_kernel_exact_in_float32(kind, rng):
+    t, dense = make_sparse(kind, 11, 160, rng)
+    w = sparse24_dequantize(kind, t, (11, 160), 4, torch.float32)
+    torch.testing.assert_close(w, dense.float(), rtol=1e-6, atol=0)
+
+
+def test_layout_rejects_dense_weights_and_bad_shapes():
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        kept_positions(torch.ones(2, 8))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        sparse24_matmul(torch.randn(1, 12), "16bit", {"weight_meta": torch.zeros(
+            2, 1, dtype=torch.uint8)}, (2, 12))

@@ -1,0 +1,103 @@
+"""INT4/INT8 kernel against its reference, on odd shapes, every path and dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from kernel_checks import DTYPES, assert_matmul_close
+
+from compress.kernels import _common as C
+from compress.kernels.w4a16 import int_dequantize, int_dequantize_ref, int_matmul, int_matmul_ref
+
+PATHS = ["gemv", "splitk", "tile", "dequant"]
+# one rounding to the dtype (the interpreter truncates to bfloat16: a full ulp)
+ONE_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -7}
+
+
+def make_int_weight(n, k, group, symmetric, bits, rng, scale_dtype=torch.float32):
+    lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
+    groups = k // group if group else 1
+    codes = torch.randint(lo, hi, (n, k), generator=rng, dtype=torch.int8)
+    scale = (torch.rand(n, groups, generator=rng) * 0.1 + 0.01).to(scale_dtype)
+    zero = None
+    if not symmetric:
+        zero = pack_to_int32(torch.randint(lo, hi, (n, groups), generator=rng, dtype=torch.int8),
+                             bits, packed_dim=0)
+    return pack_to_int32(codes, bits), scale, zero
+
+
+# (M, N, K, group, symmetric, bits): N and K not multiples of any block; K not a multiple of 8
+# where the format allows it (per-channel); M = 1, 3, 17, 33 cover every path's edges.
+CASES = [
+    (1, 37, 256, 32, True, 4),
+    (3, 45, 200, 8, False, 4),
+    (17, 29, 192, 64, False, 4),
+    (5, 33, 100, None, True, 4),     # per channel, K % 8 != 0
+    (33, 21, 96, 16, False, 8),      # INT8 with zero points
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "m{}-n{}-k{}-g{}-{}-int{}".format(
+    c[0], c[1], c[2], c[3], "sym" if c[4] else "asym", c[5]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_int_matmul_matches_reference_on_every_path(case, dtype, rng):
+    m, n, k, group, symmetric, bits = case
+    packed, scale, zero = make_int_weight(n, k, group, symmetric, bits, rng)
+    x = torch.randn(m, k, generator=rng).to(dtype)
+    ref = int_matmul_ref(x, packed, scale, zero, (n, k), bits)
+    w = int_dequantize_ref(packed, scale, zero, (n, k), bits)
+    for path in PATHS:
+        y = int_matmul(x, packed, scale, zero, (n, k), bits, path=path)
+        assert_matmul_close(y, ref, x, w, (path, rng.initial_seed()))
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_split_k_and_bias_and_batch_dims(split_k, rng):
+    n, k = 19, 320
+    packed, scale, zero = make_int_weight(n, k, 32, False, 4, rng, torch.bfloat16)
+    bias = torch.randn(n, generator=rng)
+    x = torch.randn(2, 3, k, generator=rng)          # [B, S, K]: leading dims are kept
+    y = int_matmul(x, packed, scale, zero, (n, k), 4, bias=bias, path="splitk", split_k=split_k)
+    ref = int_matmul_ref(x, packed, scale, zero, (n, k), 4, bias=bias)
+    assert y.shape == (2, 3, n)
+    w = int_dequantize_ref(packed, scale, zero, (n, k), 4)
+    assert_matmul_close(y.reshape(6, n), ref.reshape(6, n), x.reshape(6, k), w, bias=bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_kernel_within_one_rounding(dtype, rng):
+    packed, scale, zero = make_int_weight(27, 136, 8, False, 4, rng)
+    w = int_dequantize(packed, scale, zero, (27, 136), 4, dtype)
+    assert w.dtype == dtype
+    torch.testing.assert_close(w.float(), int_dequantize_ref(packed, scale, zero, (27, 136), 4),
+                               rtol=ONE_ROUNDING[dtype], atol=0)
+
+
+def test_reference_equals_intq_codec(rng):
+    """The kernel's reference reads the tensors exactly as compress.formats.intq writes them."""
+    from compress.formats import WeightFormat, codec
+
+    for fmt in (WeightFormat(group_size=32, symmetric=False),
+                WeightFormat(bits=8, group_size=None)):
+        w = torch.randn(24, 96, generator=rng)
+        q = codec(fmt).quantize(w, fmt)
+        t = codec(fmt).pack(q)
+        ours = int_dequantize_ref(t["weight_packed"], t["weight_scale"],
+                                  t.get("weight_zero_point"), (24, 96), fmt.bits)
+        torch.testing.assert_close(ours, q.dequantize(), rtol=0, atol=0)
+
+
+def test_path_choice_by_m():
+    assert [C.choose_path(m) for m in (1, 2, 16, 17, 256, C.DEQUANT_MIN_M)] == \
+        ["gemv", "splitk", "splitk", "tile", "tile", "dequant"]
+
+
+def test_bad_shapes_raise_one_clear_error(rng):
+    packed, scale, zero = make_int_weight(16, 64, 32, True, 4, rng)
+    with pytest.raises(ValueError, match="activations have 63 features"):
+        int_matmul(torch.randn(1, 63), packed, scale, zero, (16, 64))
+    with pytest.raises(ValueError, match="weight_packed must be int32"):
+        int_matmul(torch.randn(1, 64), packed.float(), scale, zero, (16, 64))
+    with pytest.raises(ValueError, match="activations must be"):
+        int_matmul(torch.randn(1, 64).double(), packed, scale, zero, (16, 64))
