@@ -81,7 +81,7 @@ ARCHES: dict[str, Arch] = {
                 attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm", norm="layer",
                 extra_embeds=("model.decoder.embed_positions",)),
     "gpt_neox": Arch(name="gpt_neox", layers="gpt_neox.layers", embed="gpt_neox.embed_in",
-                     final_norm="gpt_neox.final_layer_norm", lm_head="embed_out",
+                     final_norm="gpt_neox.final_layer_norm", lm_head="lm_head",
                      q="attention.query_key_value", k=None, v=None, o="attention.dense",
                      mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
                      attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",

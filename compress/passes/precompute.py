@@ -246,9 +246,8 @@ class PrecomputedEmbedding(nn.Module):
         self.widths, self.table_dtype, self.handoff = tuple(widths), table_dtype, handoff
         self.register_buffer("table", torch.zeros(vocab, sum(widths),
                                                   dtype=TABLE_DTYPES[table_dtype]))
-        self.table_scale = None
-        if table_dtype == "int8":
-            self.register_buffer("table_scale", torch.ones(vocab, len(widths)))
+        self.register_buffer("table_scale", torch.ones(vocab, len(widths))
+                             if table_dtype == "int8" else None)
         # follows model.to(dtype): the dtype the rows are handed out in
         self.register_buffer("out_dtype_probe", torch.empty(0, dtype=dtype), persistent=False)
 
@@ -275,9 +274,7 @@ class TableColumns(nn.Module):
                  index: torch.Tensor | None = None):
         super().__init__()
         self.handoff, self.start, self.stop = handoff, start, stop
-        self.index = None
-        if index is not None:
-            self.register_buffer("index", index, persistent=False)
+        self.register_buffer("index", index, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, d], unused: what layer 0 computed from it is in the table
