@@ -79,16 +79,17 @@ def test_smollm2_accounting_small_width_large_vocabulary():
     acc = precompute_accounting(smollm2_config())
     assert acc["weights_eliminated"] == 576 * (576 + 2 * 192) == 552_960
     assert acc["table_values"] == 49152 * 2 * (576 + 192)
-    # tied: the embedding stays as the LM head, so the whole table is growth
-    assert acc["net_change"] == 49152 * 1536 - 552_960 == 74_944_512
+    # tied serial: the LM head reads the table's embedding columns, so the embedding goes
+    assert acc["net_change"] == 49152 * (1536 - 576) - 552_960 == 46_632_960
     assert acc["model_params"] == 134_515_008  # SmolLM2-135M's published size
-    assert 0.55 < acc["net_change_fraction"] < 0.56
+    assert 0.346 < acc["net_change_fraction"] < 0.347
     # serial block: reads pay off below batch d (576), lose above it
     assert acc["break_even_batch"] == 576
     assert acc["per_batch"][256]["read_reduction"] > 1 > acc["per_batch"][1024]["read_reduction"]
     untied = precompute_accounting(smollm2_config().__class__(
         **{**smollm2_config().to_dict(), "tie_word_embeddings": False}))
-    assert untied["net_change"] == acc["net_change"] - 49152 * 576
+    assert untied["net_change"] == acc["net_change"]
+    assert untied["model_params"] == acc["model_params"] + 49152 * 576
 
 
 def test_model_from_config_matches_dims_of_its_loaded_config(smollm2):
@@ -196,8 +197,18 @@ def greedy(model, ids, n=12):
                               pad_token_id=0)
 
 
+def qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=32)).eval()
+
+
 MODELS = {"gpt_neox-parallel": lambda: neox(True), "gpt_neox-serial": lambda: neox(False),
-          "gptj": gptj, "phi": phi, "llama-tied": lambda: tiny_llama(tie_word_embeddings=True)}
+          "gptj": gptj, "phi": phi, "llama-tied": lambda: tiny_llama(tie_word_embeddings=True),
+          "qwen3": qwen3}  # qwen3: q wider than d (4 x 32 > 64), q/k norms after the table
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -217,6 +228,8 @@ def test_exact_on_random_models_and_reload(name, tmp_path):
     assert report.summary["table_max_abs_error"] == 0.0
     replaced = [m for m in model.modules() if isinstance(m, TableColumns)]
     assert len(replaced) == (1 if arch.fused_qkv else 3)
+    if name == "llama-tied":  # the LM head reads the table's embedding columns
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.table.data_ptr()
     save_artifact(model, None, tmp_path / "a", "passes: []\n", {})
     reloaded = load(tmp_path / "a")
     assert isinstance(reloaded.get_input_embeddings(), PrecomputedEmbedding)
@@ -254,6 +267,19 @@ def test_smaller_tables_record_their_error_and_reload(table_dtype, tmp_path):
     assert torch.equal(logits(load(tmp_path / "a"), ids), out)
 
 
+def test_tied_head_kept_when_table_cannot_hold_it():
+    """A bf16 table cannot serve a float32 LM head: the head keeps the embedding."""
+    model = tiny_llama(tie_word_embeddings=True)
+    embedding = model.model.embed_tokens.weight
+    report = apply(model, table_dtype="bfloat16")
+    assert report.summary["output_embedding"] == "kept"
+    assert model.lm_head.weight is embedding and not model.config.tie_word_embeddings
+    assert report.summary["weight_bytes_removed"] < embedding.numel() * 4
+    model = tiny_llama(tie_word_embeddings=True)
+    assert apply(model, head_from_table=False).summary["output_embedding"] == "kept"
+    assert model.lm_head.weight.is_contiguous()
+
+
 # ---------------------------------------------------------------------------------------------
 # SmolLM2-135M (float32): the real model over real evaluation text
 
@@ -270,12 +296,15 @@ def test_smollm2_exact_over_evaluation_text(smollm2_copy, smollm2, eval_windows,
     out = logits(model, ids)
     assert (out - ref).abs().max() < 1e-4
     assert torch.equal(greedy(model, prompt, n=16), ref_tokens)
-    # tied embeddings: the LM head keeps the shared weight, the table holds it as column 0:576
+    # tied embeddings: the table holds the embedding as columns 0:576, the LM head reads them
+    table = model.model.embed_tokens.table
+    assert torch.equal(table[:, :576], embedding)
+    assert model.lm_head.weight.data_ptr() == table.data_ptr()
     assert torch.equal(model.lm_head.weight, embedding)
-    assert torch.equal(model.model.embed_tokens.table[:, :576], embedding)
     summary = report.summary
-    assert summary["output_embedding_kept"] and summary["widths"] == [576, 576, 192, 192]
+    assert summary["output_embedding"] == "table" and summary["widths"] == [576, 576, 192, 192]
     assert summary["table_bytes"] == 49152 * 1536 * 4
+    assert summary["weight_bytes_removed"] == (552_960 + 576 + 49152 * 576) * 4
     assert summary["net_bytes"] == summary["table_bytes"] - summary["weight_bytes_removed"]
     assert summary["accounting_values"]["weights_eliminated"] == 552_960
     assert set(summary["per_batch"]) == {1, 16, 256, 1024}
