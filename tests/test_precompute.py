@@ -230,6 +230,9 @@ def test_exact_on_random_models_and_reload(name, tmp_path):
     assert len(replaced) == (1 if arch.fused_qkv else 3)
     if name == "llama-tied":  # the LM head reads the table's embedding columns
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.table.data_ptr()
+        moved = copy.deepcopy(model).to(torch.float64)  # .to() copies head and table apart
+        assert torch.allclose(logits(moved, ids).float(), out, atol=1e-4)
+        assert moved.lm_head.weight.data_ptr() == moved.model.embed_tokens.table.data_ptr()
     save_artifact(model, None, tmp_path / "a", "passes: []\n", {})
     reloaded = load(tmp_path / "a")
     assert isinstance(reloaded.get_input_embeddings(), PrecomputedEmbedding)

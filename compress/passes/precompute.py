@@ -241,6 +241,7 @@ class RowHandoff:
 
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None
+        self.head: nn.Module | None = None  # an LM head whose weight views the table
 
 
 class PrecomputedEmbedding(nn.Module):
@@ -262,8 +263,17 @@ class PrecomputedEmbedding(nn.Module):
         scale = None if self.table_scale is None else self.table_scale[ids]
         return decode_rows(self.table[ids], scale, self.widths, self.out_dtype_probe.dtype)
 
+    def share_head(self, head: nn.Module) -> None:
+        """Make `head.weight` a view of the residual columns (they hold the embedding)."""
+        # [V, d] with the row width as stride: BLAS reads it in place, no copy per forward
+        head.weight = nn.Parameter(self.table[:, :self.widths[0]], requires_grad=False)
+        self.handoff.head = head
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: [B, S] -> residual [B, S, d]; q|k|v [B, S, q + 2e] to the handoff
+        head = self.handoff.head
+        if head is not None and head.weight.data_ptr() != self.table.data_ptr():
+            self.share_head(head)  # model.to(device/dtype) copied the two apart: share again
         rows = self.rows(ids)
         d = self.widths[0]
         self.handoff.rows = rows[..., d:]
@@ -328,9 +338,7 @@ def install_runtime(model: nn.Module, arch: Arch, dims: Dims, table_dtype: str,
     embedding = PrecomputedEmbedding(dims.vocab, dims.widths, table_dtype, dtype, handoff)
     _set_path(model, arch.embed, embedding)
     if head_in_table:
-        # [V, d] with row stride = row width: BLAS reads it in place, no copy per forward
-        head = resolve_path(model, arch.lm_head)
-        head.weight = nn.Parameter(embedding.table[:, :dims.d], requires_grad=False)
+        embedding.share_head(resolve_path(model, arch.lm_head))
     layer = decoder_layers(model, arch)[0]
     set_module(layer, arch.attn_norm, nn.Identity())
     q, e = dims.q, dims.e
