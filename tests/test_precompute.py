@@ -315,3 +315,27 @@ def test_smollm2_exact_over_evaluation_text(smollm2_copy, smollm2, eval_windows,
     del smollm2_copy.model, model
     reloaded = load(tmp_path / "a")
     assert torch.equal(logits(reloaded, ids[:2]), out[:2])
+
+
+def test_cli_apply_writes_report_and_artifact(smollm2, tmp_path):
+    """The bundled recipe through `compress apply` on a small random Llama with SmolLM2's
+    tokenizer: report.json carries the figures, the artifact reloads to the same logits."""
+    from compress import load
+
+    model = tiny_llama(vocab_size=49152, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "tiny")
+    smollm2.tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "compress", "apply", "precompute",
+                          str(tmp_path / "tiny"), "-o", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((out / "report.json").read_text())["passes"][0]["summary"]
+    assert summary["max_abs_logit_diff"] < 1e-4
+    assert summary["output_embedding"] == "table"
+    assert summary["table_bytes"] == 49152 * (64 + 64 + 32 + 32) * 4
+    for key in ("weight_bytes_removed", "net_bytes", "net_growth"):
+        assert key in summary
+    assert set(summary["per_batch"]) == {"1", "16", "256", "1024"}
+    assert summary["per_batch"]["1"]["flops_saved_per_token"] == 2 * 64 * 128
+    ids = torch.randint(0, 49152, (2, 16))
+    assert (logits(load(out), ids) - logits(model, ids)).abs().max() < 1e-4

@@ -4,9 +4,9 @@
 embedding of one token, so whatever in it depends on the token alone is computed once per
 vocabulary entry and stored. Each table row is laid out as
 
-    [ embedding (d) | q (d) | k (e) | v (e) ]      2(d + e) values, q and k before RoPE
+    [ embedding (d) | q (q) | k (e) | v (e) ]      2(d + e) values when q = d; q, k pre-RoPE
 
-(e = K/V width). Serial blocks (Llama family) keep the embedding for the residual; parallel
+(q = query heads x head_dim, e = K/V width). Serial blocks (Llama family) keep the embedding for the residual; parallel
 attention/FFN blocks (GPT-J, Phi, GPT-NeoX with use_parallel_residual) store the embedding plus
 layer 0's FFN output (skip connection and FFN folded), so layer 0's FFN disappears too.
 
@@ -37,7 +37,7 @@ TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
                 "int8": torch.int8}
 # Model types whose layer 0 is laid out like a family in ARCHES apart from its FFN holding
 # experts: used for accounting from a config only (no runtime support).
-ACCOUNTING_ALIASES = {"mixtral": "mistral", "qwen2_moe": "qwen2"}
+ACCOUNTING_ALIASES = {"mixtral": "mistral"}
 
 
 class PrecomputeConfig(PassConfig):
@@ -47,6 +47,7 @@ class PrecomputeConfig(PassConfig):
     # Storage of the table; int8 keeps one float32 scale per row and segment (emb, q, k, v).
     table_dtype: Literal["float32", "bfloat16", "float16", "int8"] = "float32"
     # Largest allowed growth of the model's bytes, as a fraction (0.1 = +10%); None: no limit.
+    # Checked before any work, from the shapes and dtypes: nothing is changed when refused.
     max_growth: float | None = None
     on_growth: Literal["error", "warn"] = "error"
     # Tied serial models: the LM head reads the table's embedding columns instead of keeping its
