@@ -322,7 +322,12 @@ def test_cli_apply_writes_report_and_artifact(smollm2, tmp_path):
     tokenizer: report.json carries the figures, the artifact reloads to the same logits."""
     from compress import load
 
-    model = tiny_llama(vocab_size=49152, tie_word_embeddings=True)
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
     model.save_pretrained(tmp_path / "tiny")
     smollm2.tokenizer.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "out"
