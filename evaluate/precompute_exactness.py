@@ -1,7 +1,8 @@
 """Exactness of a precomputed artifact against its base model: max abs logit difference over
 evaluation windows and greedy generation. Usage:
 
-    python evaluate/precompute_exactness.py ARTIFACT BASELINE [--windows 8] [--seq-len 256] [--prompts 4]
+    python evaluate/precompute_exactness.py ARTIFACT BASELINE \
+        [--windows 8] [--seq-len 256] [--prompts 4]
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main() -> None:
                        .item())
         for window in ids[:args.prompts].split(1):
             prompt = window[:, :32]
-            kwargs = dict(max_new_tokens=args.new_tokens, do_sample=False)
+            kwargs = {"max_new_tokens": args.new_tokens, "do_sample": False}
             same.append(torch.equal(art.model.generate(prompt, **kwargs),
                                     base.model.generate(prompt, **kwargs)))
     print(json.dumps({"windows": ids.shape[0], "seq_len": ids.shape[1],

@@ -6,22 +6,36 @@ import copy
 import json
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 from conftest import tiny_llama
-from transformers import (GPTJConfig, GPTJForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM,
-                          LlamaConfig, MistralConfig, MixtralConfig, PhiConfig, PhiForCausalLM)
+from transformers import (
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    PhiConfig,
+    PhiForCausalLM,
+)
 
 from compress.calib import CalibrationConfig
 from compress.errors import UsageError
 from compress.formats.artifact import save_artifact, structure
 from compress.models import ARCHES, arch_for
 from compress.passes import Context, PrecomputeConfig, run_pass
-from compress.passes.precompute import (PrecomputedEmbedding, TableColumns, decode_rows,
-                                        encode_table, fused_columns, dims_of,
-                                        precompute_accounting)
+from compress.passes.precompute import (
+    PrecomputedEmbedding,
+    TableColumns,
+    decode_rows,
+    dims_of,
+    encode_table,
+    fused_columns,
+    precompute_accounting,
+)
 from compress.recipe import parse_recipe
 
 
@@ -320,9 +334,9 @@ def test_smollm2_exact_over_evaluation_text(smollm2_copy, smollm2, eval_windows,
 def test_cli_apply_writes_report_and_artifact(smollm2, tmp_path):
     """The bundled recipe through `compress apply` on a small random Llama with SmolLM2's
     tokenizer: report.json carries the figures, the artifact reloads to the same logits."""
-    from compress import load
-
     from transformers import LlamaForCausalLM
+
+    from compress import load
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
@@ -332,7 +346,8 @@ def test_cli_apply_writes_report_and_artifact(smollm2, tmp_path):
     smollm2.tokenizer.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "compress", "apply", "precompute",
-                          str(tmp_path / "tiny"), "-o", str(out)], capture_output=True, text=True)
+                          str(tmp_path / "tiny"), "-o", str(out)],
+                         capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((out / "report.json").read_text())["passes"][0]["summary"]
     assert summary["max_abs_logit_diff"] < 1e-4
@@ -344,3 +359,26 @@ def test_cli_apply_writes_report_and_artifact(smollm2, tmp_path):
     assert summary["per_batch"]["1"]["flops_saved_per_token"] == 2 * 64 * 128
     ids = torch.randint(0, 49152, (2, 16))
     assert (logits(load(out), ids) - logits(model, ids)).abs().max() < 1e-4
+
+
+def test_composes_after_quantize(tmp_path):
+    """The table is computed from layer 0's quantized weights; the replaced projections leave
+    the artifact's quantization config, the rest stays packed."""
+    from compress import load
+    from compress.modules import QuantizedLinear
+    from compress.passes import QuantizeConfig
+
+    model = tiny_llama()
+    ctx = Context(model, None, arch_for(model.config), CalibrationConfig(), torch.device("cpu"))
+    run_pass(ctx, QuantizeConfig(format="int4", group_size=64))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    ids = torch.randint(0, 256, (2, 24))
+    quantized = logits(model, ids)
+    run_pass(ctx, PrecomputeConfig())
+    assert (logits(model, ids) - quantized).abs().max() < 1e-4
+    save_artifact(model, None, tmp_path / "a", "passes: []\n", {})
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    modules = config["compress"]["modules"]
+    assert "model.layers.0.self_attn.q_proj" not in modules
+    assert {"model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.q_proj"} <= set(modules)
+    assert (logits(load(tmp_path / "a"), ids) - quantized).abs().max() < 1e-4

@@ -4,11 +4,12 @@
 embedding of one token, so whatever in it depends on the token alone is computed once per
 vocabulary entry and stored. Each table row is laid out as
 
-    [ embedding (d) | q (q) | k (e) | v (e) ]      2(d + e) values when q = d; q, k pre-RoPE
+    [ embedding (d) | q (q) | k (e) | v (e) ]    2(d + e) values when q = d; q, k pre-RoPE
 
-(q = query heads x head_dim, e = K/V width). Serial blocks (Llama family) keep the embedding for the residual; parallel
-attention/FFN blocks (GPT-J, Phi, GPT-NeoX with use_parallel_residual) store the embedding plus
-layer 0's FFN output (skip connection and FFN folded), so layer 0's FFN disappears too.
+(q = query heads x head_dim, e = K/V width). Serial blocks (Llama family) keep the embedding
+for the residual; parallel attention/FFN blocks (GPT-J, Phi, GPT-NeoX with use_parallel_residual)
+store the embedding plus layer 0's FFN output (skip connection and FFN folded), so layer 0's FFN
+disappears too.
 
 At run time the embedding module gathers rows and hands the q|k|v part to layer 0, whose norm
 becomes an Identity and whose q/k/v projections become column slices of the rows; RoPE, the
@@ -304,7 +305,8 @@ class TableColumns(nn.Module):
         return rows[..., self.start:self.stop]
 
     def extra_repr(self) -> str:
-        return f"columns={self.start}:{self.stop}" + (", permuted" if self.index is not None else "")
+        permuted = ", permuted" if self.index is not None else ""
+        return f"columns={self.start}:{self.stop}{permuted}"
 
 
 class FoldedFFN(nn.Module):
