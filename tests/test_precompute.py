@@ -253,6 +253,19 @@ def test_exact_on_random_models_and_reload(name, tmp_path):
     assert torch.equal(logits(reloaded, ids), out)
 
 
+def test_tied_artifact_loads_in_another_dtype(tmp_path):
+    from compress import load
+
+    model = tiny_llama(tie_word_embeddings=True)
+    apply(model)
+    ids = torch.randint(0, 256, (2, 16))
+    save_artifact(model, None, tmp_path / "a", "passes: []\n", {})
+    half = load(tmp_path / "a", dtype=torch.bfloat16)
+    assert half.lm_head.weight.dtype == torch.bfloat16
+    assert half.lm_head.weight.data_ptr() == half.model.embed_tokens.table.data_ptr()
+    assert (logits(half, ids).float() - logits(model, ids)).abs().max() < 0.1
+
+
 def test_table_is_what_layer0_reads():
     """Changing a table row changes that token's logits: layer 0 really reads the table."""
     model = neox(True)

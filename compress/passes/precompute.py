@@ -366,8 +366,12 @@ def load_precompute(model: nn.Module, record: dict[str, Any]) -> None:
     if list(dims.widths) != list(record["widths"]):
         raise CompressError(f"precompute: the artifact's table widths {record['widths']} do not "
                             f"match its config ({list(dims.widths)}); the artifact is corrupt")
-    install_runtime(model, arch, dims, record["table_dtype"],
-                    record["output_embedding"] == "table")
+    table_dtype, head_in_table = record["table_dtype"], record["output_embedding"] == "table"
+    dtype = next(model.parameters()).dtype
+    if head_in_table and TABLE_DTYPES[table_dtype] != dtype:
+        # loaded in another dtype than it was saved in: the head must match the model
+        table_dtype = {v: k for k, v in TABLE_DTYPES.items()}[dtype]
+    install_runtime(model, arch, dims, table_dtype, head_in_table)
 
 
 STRUCTURE_LOADERS["precompute"] = load_precompute
