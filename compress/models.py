@@ -39,10 +39,16 @@ class Arch:
     conv1d: bool = False             # GPT-2 style Conv1D: weight is [in, out]
     encoder: bool = False            # BERT family: AutoModel, bidirectional
     extra_embeds: tuple[str, ...] = field(default_factory=tuple)  # positions, embed norms
+    qkv_per_head: bool = False       # fused qkv output is [q k v] per head (GPT-NeoX, BLOOM)
 
     @property
     def fused_qkv(self) -> bool:
         return self.k is None
+
+    @property
+    def mlp(self) -> str:
+        """The MLP block holding mlp_in and mlp_out ("mlp")."""
+        return self.mlp_out.rpartition(".")[0]
 
     def linear_groups(self) -> list[tuple[str, ...]]:
         """Projections of one layer grouped by the input they read (they share a Hessian)."""
@@ -96,7 +102,7 @@ ARCHES: dict[str, Arch] = {
                      q="attention.query_key_value", k=None, v=None, o="attention.dense",
                      mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
                      attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
-                     norm="layer"),
+                     norm="layer", qkv_per_head=True),
     "gptj": Arch(name="gptj", layers="transformer.h", embed="transformer.wte",
                  final_norm="transformer.ln_f", lm_head="lm_head", q="attn.q_proj",
                  k="attn.k_proj", v="attn.v_proj", o="attn.out_proj", mlp_in=("mlp.fc_in",),
@@ -112,7 +118,8 @@ ARCHES: dict[str, Arch] = {
                   q="self_attention.query_key_value", k=None, v=None, o="self_attention.dense",
                   mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
                   attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
-                  norm="layer", extra_embeds=("transformer.word_embeddings_layernorm",)),
+                  norm="layer", extra_embeds=("transformer.word_embeddings_layernorm",),
+                  qkv_per_head=True),
     "bert": Arch(name="bert", layers="encoder.layer", embed="embeddings.word_embeddings",
                  final_norm=None, lm_head=None, q="attention.self.query",
                  k="attention.self.key", v="attention.self.value", o="attention.output.dense",

@@ -216,6 +216,7 @@ def load_artifact(path: str | Path, device=None, dtype=None) -> nn.Module:
     """Rebuild the compressed model: quantized linears keep packed weights and compute with them."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    import compress.passes  # noqa: F401  (pass modules register their STRUCTURE_LOADERS)
     from compress.models import arch_for
 
     path = Path(path)
