@@ -156,7 +156,9 @@ def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         for leftover in ("run.json", "run.json.tmp"):
             (tmp / leftover).unlink(missing_ok=True)
-        tmp.chmod(0o755)
+        tmp.chmod(0o755)  # an artifact is meant to be shared (safetensors writes 0600 files)
+        for file in tmp.iterdir():
+            file.chmod(0o644)
         _replace_dir(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
