@@ -40,6 +40,7 @@ def build_random_llama(path: Path, hidden: int, intermediate: int, layers: int, 
         model = LlamaForCausalLM(config)
     path.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(path)
+    save_tokenizer(path)
     shapes = {n: t.shape for n, t in model.state_dict().items()}
     prefix = layers_path(model, ARCHES["llama"]) + "."
     generator = torch.Generator().manual_seed(0)
@@ -62,6 +63,16 @@ def build_random_llama(path: Path, hidden: int, intermediate: int, layers: int, 
     return total
 
 
+def save_tokenizer(path: Path) -> None:
+    """A real tokenizer for the random model (calibration text must be tokenized): SmolLM2's."""
+    from transformers import AutoTokenizer
+
+    from compress.models import resolve
+
+    source = resolve("smollm2-135m")
+    AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file).save_pretrained(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "int4-rtn.yaml"))
@@ -69,12 +80,14 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--layers", type=int, default=22)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--vocab", type=int, default=49152)  # SmolLM2's tokenizer is reused
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     work = Path(args.workdir)
     model_dir = work / "model"
     dtype = getattr(torch, args.dtype)
+    if not (model_dir / "tokenizer.json").is_file():
+        save_tokenizer(model_dir)
     if not (model_dir / "model.safetensors.index.json").is_file():
         build_random_llama(model_dir, args.hidden, args.intermediate, args.layers, 32, 4,
                            args.vocab, dtype)

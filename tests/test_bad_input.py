@@ -149,7 +149,7 @@ def test_calibration_text_shorter_than_one_sample(tmp_path, smollm2):
 
 
 def test_config_that_does_not_match_the_weights(tmp_path, capsys, hf_dir):
-    from conftest import copy_model_dir
+    from model_helpers import copy_model_dir
 
     model = copy_model_dir(hf_dir, tmp_path / "model")
     config = json.loads((model / "config.json").read_text())
@@ -166,7 +166,7 @@ def test_config_that_does_not_match_the_weights(tmp_path, capsys, hf_dir):
 def test_nan_weight_names_the_module(tmp_path, capsys, hf_dir):
     from safetensors.torch import load_file, save_file
 
-    from conftest import copy_model_dir
+    from model_helpers import copy_model_dir
 
     model = copy_model_dir(hf_dir, tmp_path / "model")
     shard = model / "model.safetensors"
@@ -182,7 +182,7 @@ def test_nan_weight_names_the_module(tmp_path, capsys, hf_dir):
 
 
 def test_model_needing_remote_code(tmp_path, capsys, hf_dir):
-    from conftest import copy_model_dir
+    from model_helpers import copy_model_dir
 
     model = copy_model_dir(hf_dir, tmp_path / "model")
     config = json.loads((model / "config.json").read_text())

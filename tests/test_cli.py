@@ -145,7 +145,7 @@ def test_partial_output_is_never_left(tmp_path, capsys, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("safetensors.torch.save_file", boom)
-    from conftest import tiny_llama
+    from model_helpers import tiny_llama
 
     out = tmp_path / "out"
     from compress.errors import CompressError

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_llama
+from model_helpers import tiny_llama
 from transformers import (
     GPTJConfig,
     GPTJForCausalLM,

@@ -1,0 +1,30 @@
+"""Model builders shared by tests (a plain module: `from model_helpers import tiny_llama`)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def tiny_llama(**overrides):
+    """A small random Llama (GQA) for structural tests; exactness only, not accuracy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, **overrides)
+    return LlamaForCausalLM(config).eval()
+
+
+def copy_model_dir(source, target):
+    """A copy of a model directory whose small files may be edited; the weights are hard links,
+    so replace a .safetensors file (unlink, write) rather than writing into it."""
+    import shutil
+
+    def link_weights(src, dst):
+        return os.link(src, dst) if str(src).endswith(".safetensors") else shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_weights)
+    return target
