@@ -195,6 +195,8 @@ def load_artifact(path: str | Path, device=None, dtype=None) -> nn.Module:
         torch_dtype = getattr(torch, torch_dtype)
     model = auto.from_config(config, dtype=torch_dtype)
     model.compress_structure = dict(section.get("structure", {}))
+    import compress.passes  # noqa: F401  (pass modules register their STRUCTURE_LOADERS)
+
     for key, value in model.compress_structure.items():
         if key not in STRUCTURE_LOADERS:
             raise CompressError(f"{path}: this version of compress cannot rebuild structure "

@@ -5,9 +5,10 @@ To add a pass: write compress/passes/<name>.py with `class XConfig(PassConfig)` 
 """
 
 from compress.passes.base import PASSES, Context, PassConfig, PassReport, register, run_pass
+from compress.passes.prune_heads import PruneHeadsConfig
 from compress.passes.quantize import QuantizeConfig
 
-PASS_CONFIGS = (QuantizeConfig,)
+PASS_CONFIGS = (QuantizeConfig, PruneHeadsConfig)
 
 __all__ = ["PASSES", "PASS_CONFIGS", "Context", "PassConfig", "PassReport", "register",
-           "run_pass", "QuantizeConfig"]
+           "run_pass", "QuantizeConfig", "PruneHeadsConfig"]
