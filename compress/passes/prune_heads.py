@@ -427,6 +427,9 @@ def prune_heads(ctx: Context, cfg: PruneHeadsConfig) -> PassReport:
                          "the head's index; pruning its heads is not supported")
     layers = decoder_layers(ctx.model, arch)
     before = {i: heads_of(layer, arch) for i, layer in enumerate(layers)}
+    if cfg.unit == "query" and all(s.group == 1 for s in before.values()):
+        raise UsageError("prune_heads: unit query removes query heads within KV groups, but "
+                         "this model has one query head per KV head: use unit: kv_group")
     eligible = _eligible(cfg, len(layers))
     fixed = _fixed_steps(cfg, before, eligible)       # None for a global fraction
     scores: dict[int, torch.Tensor] = {}
