@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import statistics
 import sys
 import time
 
 import torch
 
-from compress.calib import CalibrationConfig, evaluation_windows, load_texts
+from compress.calib import CalibrationConfig, evaluation_windows
+from compress.evaluation.embeddings import docstring_sentences, mean_cosine, mean_pooled
 from compress.evaluation.accuracy import evaluate_accuracy
 from compress.models import load_model
 from compress.passes import Context, run_pass
@@ -58,37 +58,16 @@ def decoder(args) -> dict:
     return result
 
 
-def sentences(limit: int) -> list[str]:
-    """First-paragraph sentences of the evaluation-split stdlib docstrings, 6 to 40 words."""
-    found = []
-    for doc in load_texts("stdlib", "evaluation"):
-        paragraph = " ".join(doc.split("\n\n")[0].split())
-        for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
-            if 6 <= len(sentence.split()) <= 40 and sentence not in found:
-                found.append(sentence)
-    return found[:limit]
-
-
-def embed(model, tokenizer, texts: list[str]) -> torch.Tensor:
-    """Mean pooling over tokens (as the sentence-transformers pooling config says)."""
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state                       # [B, L, D]
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    return (hidden * mask).sum(1) / mask.sum(1)
-
-
 def encoder(args) -> dict:
     loaded = load_model("minilm-l6")
     calibration = CalibrationConfig(samples=args.samples, seq_len=args.seq_len)
     ctx = Context(loaded.model, loaded.tokenizer, loaded.arch, calibration, torch.device("cpu"))
     ids = ctx.calibration_ids()
-    texts = sentences(args.sentences)
-    reference = embed(loaded.model, loaded.tokenizer, texts)
+    texts = docstring_sentences(args.sentences)
+    reference = mean_pooled(loaded.model, loaded.tokenizer, texts)
 
     def cosine(model) -> float:
-        got = embed(model, loaded.tokenizer, texts)
-        return torch.nn.functional.cosine_similarity(got, reference, dim=-1).mean().item()
+        return mean_cosine(mean_pooled(model, loaded.tokenizer, texts), reference)
 
     target = dict(unit="kv_group", fraction=args.fraction)
     result = {"sentences": len(texts), "fraction": args.fraction}
