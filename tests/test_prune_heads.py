@@ -273,16 +273,19 @@ def test_scored_pruning_beats_random_on_smollm2(smollm2, eval_windows):
     assert perplexity["ablation"] < sum(randoms) / len(randoms), perplexity
 
 
-def test_prune_then_quantize_end_to_end_on_smollm2(tmp_path, eval_windows):
+def test_prune_then_quantize_end_to_end_on_smollm2(smollm2_copy, tmp_path, eval_windows):
+    """A recipe's passes in order (prune_heads, then quantize RTN), saved and reloaded."""
     from compress.modules import QuantizedLinear
-    from compress.pipeline import apply_recipe
 
     recipe = parse_recipe({
         "calibration": {"samples": 4, "seq_len": 64},
         "passes": [{"pass": "prune_heads", "scorer": "output_norm", "per_layer": {2: 1, 20: 1}},
                    {"pass": "quantize", "format": "int4", "group_size": 64}]})
+    ctx = Context(smollm2_copy.model, smollm2_copy.tokenizer, smollm2_copy.arch,
+                  recipe.calibration, torch.device("cpu"))
+    reports = [run_pass(ctx, cfg).to_dict() for cfg in recipe.passes]
     out = tmp_path / "art"
-    apply_recipe(recipe, "smollm2-135m", out)
+    save_artifact(ctx.model, ctx.tokenizer, out, recipe.to_yaml(), {"passes": reports})
     report = json.loads((out / "report.json").read_text())["passes"][0]["summary"]
     d, hd = 576, 64
     # two groups of 3 query heads and 1 KV head: q 3*64 rows, k/v 64 rows each, o 3*64 columns

@@ -109,7 +109,8 @@ def head_dim_of(attn: nn.Module) -> int:
 
 
 def out_features(module: nn.Module, conv1d: bool) -> int:
-    return module.weight.shape[1] if conv1d else module.weight.shape[0]
+    """Output size of a Linear, QuantizedLinear (no .weight) or GPT-2 Conv1D."""
+    return module.nf if conv1d else module.out_features
 
 
 def heads_of(layer: nn.Module, arch: Arch) -> Heads:
