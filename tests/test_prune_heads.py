@@ -253,14 +253,14 @@ def test_repeated_passes_record_original_indices():
 # Real models
 
 def test_scored_pruning_beats_random_on_smollm2(smollm2, eval_windows):
-    """One KV group in 10 of 30 layers: chosen by ablation vs at random (3 seeds)."""
+    """One KV group in 10 of 30 layers: chosen by output_norm vs at random (3 seeds)."""
     from compress.evaluation.accuracy import evaluate_accuracy
 
     calib = CalibrationConfig(samples=8, seq_len=128)
     ids = context(smollm2.model, None, smollm2.tokenizer, samples=8, seq_len=128).calibration_ids()
     target = dict(unit="kv_group", fraction=10 / 90, max_per_layer=1)
     perplexity = {}
-    for name, extra in [("ablation", {}), *[(f"random{s}", {"seed": s}) for s in range(3)]]:
+    for name, extra in [("output_norm", {}), *[(f"random{s}", {"seed": s}) for s in range(3)]]:
         model = copy.deepcopy(smollm2.model)
         ctx = Context(model, smollm2.tokenizer, smollm2.arch, calib, torch.device("cpu"))
         ctx._calib_ids = ids
@@ -270,7 +270,7 @@ def test_scored_pruning_beats_random_on_smollm2(smollm2, eval_windows):
         perplexity[name] = evaluate_accuracy(model, eval_windows[:4]).perplexity
         del model
     randoms = [v for k, v in perplexity.items() if k.startswith("random")]
-    assert perplexity["ablation"] < sum(randoms) / len(randoms), perplexity
+    assert perplexity["output_norm"] < sum(randoms) / len(randoms), perplexity
 
 
 def test_prune_then_quantize_end_to_end_on_smollm2(smollm2_copy, tmp_path, eval_windows):

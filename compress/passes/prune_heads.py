@@ -48,7 +48,7 @@ class PruneHeadsConfig(PassConfig):
     """
 
     kind: Literal["prune_heads"] = Field("prune_heads", alias="pass")
-    scorer: Literal["ablation", "output_norm", "random"] = "ablation"
+    scorer: Literal["output_norm", "ablation", "random"] = "output_norm"
     unit: Literal["kv_group", "query"] = "kv_group"
     fraction: float | None = None
     per_layer: dict[int, int] | None = None
