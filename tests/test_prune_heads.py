@@ -321,3 +321,16 @@ def test_minilm_embeddings_survive_a_quarter_of_heads(tmp_path):
     reloaded = compress.load(tmp_path / "a")
     torch.testing.assert_close(mean_pooled(reloaded, loaded.tokenizer, texts),
                                mean_pooled(model, loaded.tokenizer, texts), atol=1e-5, rtol=0)
+
+
+def test_calibrator_keeps_positional_layer_arguments():
+    """BertEncoder passes attention_mask positionally: the Calibrator binds it by name, so the
+    layer re-runs with the same mask (it used to be dropped)."""
+    from compress.calib import Calibrator
+
+    model = tiny("bert")
+    step = next(iter(Calibrator(model, arch_for(model.config), IDS, batch_size=2)))
+    assert {"attention_mask", "encoder_hidden_states"} <= set(step.kwargs[0])
+    with torch.no_grad():
+        full = model(IDS[:2], output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(step.run(keep_outputs=True)[0], full)
