@@ -18,8 +18,8 @@ import time
 import torch
 
 from compress.calib import CalibrationConfig, evaluation_windows
-from compress.evaluation.embeddings import docstring_sentences, mean_cosine, mean_pooled
 from compress.evaluation.accuracy import evaluate_accuracy
+from compress.evaluation.embeddings import docstring_sentences, mean_cosine, mean_pooled
 from compress.models import load_model
 from compress.passes import Context, run_pass
 from compress.passes.prune_heads import PruneHeadsConfig
@@ -40,7 +40,7 @@ def decoder(args) -> dict:
     ctx = Context(loaded.model, loaded.tokenizer, loaded.arch, calibration, torch.device("cpu"))
     ids = ctx.calibration_ids()
     windows = evaluation_windows(loaded.tokenizer, "stdlib", 512, args.eval_tokens)
-    target = dict(unit="kv_group", fraction=args.groups / 90, max_per_layer=1)
+    target = {"unit": "kv_group", "fraction": args.groups / 90, "max_per_layer": 1}
     result = {"baseline": evaluate_accuracy(loaded.model, windows).perplexity,
               "groups_removed": args.groups, "eval_tokens": int(windows.numel())}
     for scorer in ("ablation", "output_norm"):
@@ -69,7 +69,7 @@ def encoder(args) -> dict:
     def cosine(model) -> float:
         return mean_cosine(mean_pooled(model, loaded.tokenizer, texts), reference)
 
-    target = dict(unit="kv_group", fraction=args.fraction)
+    target = {"unit": "kv_group", "fraction": args.fraction}
     result = {"sentences": len(texts), "fraction": args.fraction}
     for scorer in ("ablation", "output_norm"):
         model, report = pruned(loaded, calibration, ids, scorer=scorer, **target)

@@ -17,9 +17,18 @@ from compress.errors import UsageError
 from compress.formats.artifact import save_artifact, structure
 from compress.models import arch_for, decoder_layers
 from compress.passes import Context, run_pass
-from compress.passes.prune_heads import (Heads, PruneHeadsConfig, check_keep, count_to_steps,
-                                         heads_of, keep_after, prune_layer, removal_steps,
-                                         select_global, slice_projection)
+from compress.passes.prune_heads import (
+    Heads,
+    PruneHeadsConfig,
+    check_keep,
+    count_to_steps,
+    heads_of,
+    keep_after,
+    prune_layer,
+    removal_steps,
+    select_global,
+    slice_projection,
+)
 from compress.recipe import parse_recipe
 
 
@@ -28,7 +37,7 @@ def tiny(model_type: str = "llama"):
     import transformers as tf
 
     torch.manual_seed(0)
-    common = dict(vocab_size=256, max_position_embeddings=128)
+    common = {"vocab_size": 256, "max_position_embeddings": 128}
     if model_type == "llama":  # GQA: 6 query heads over 2 KV heads, like SmolLM2's 9 over 3
         model = tf.LlamaForCausalLM(tf.LlamaConfig(
             hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
@@ -186,7 +195,8 @@ def test_cli_refuses_a_bad_fraction_with_one_line(tmp_path):
     recipe.write_text("passes:\n  - pass: prune_heads\n    fraction: 1.5\n")
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "compress", "apply", str(recipe),
-                          "smollm2-135m", "-o", str(out)], capture_output=True, text=True)
+                          "smollm2-135m", "-o", str(out)], capture_output=True, text=True,
+                         check=False)
     assert run.returncode == 2
     lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and "fraction must lie strictly between 0 and 1" in lines[0]
@@ -213,8 +223,10 @@ def test_uniform_artifact_loads_in_plain_transformers(tmp_path):
 
 def test_nonuniform_artifact_reloads_and_generates_with_cache(tmp_path):
     model = tiny()
-    report = run_pass(context(model, IDS), PruneHeadsConfig(per_layer={1: 1}))
+    params = sum(p.numel() for p in model.parameters())
+    report = run_pass(context(model, IDS), PruneHeadsConfig(scorer="ablation", per_layer={1: 1}))
     assert report.summary["uniform_config"] is False
+    assert report.summary["parameters_saved"] == params - sum(p.numel() for p in model.parameters())
     assert report.summary["kv_heads"] == {"before": 4, "after": 3}
     assert structure(model)["attention_heads"]["1"]["original"] == {"query": 6, "kv": 2}
     save_artifact(model, None, tmp_path / "a", "passes: []\n", {})
@@ -258,7 +270,7 @@ def test_scored_pruning_beats_random_on_smollm2(smollm2, eval_windows):
 
     calib = CalibrationConfig(samples=8, seq_len=128)
     ids = context(smollm2.model, None, smollm2.tokenizer, samples=8, seq_len=128).calibration_ids()
-    target = dict(unit="kv_group", fraction=10 / 90, max_per_layer=1)
+    target = {"unit": "kv_group", "fraction": 10 / 90, "max_per_layer": 1}
     perplexity = {}
     for name, extra in [("output_norm", {}), *[(f"random{s}", {"seed": s}) for s in range(3)]]:
         model = copy.deepcopy(smollm2.model)

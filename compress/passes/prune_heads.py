@@ -59,7 +59,7 @@ class PruneHeadsConfig(PassConfig):
     context_length: int = Field(2048, ge=1)         # for the attention-FLOPs figure in the report
 
     @model_validator(mode="after")
-    def _check_target(self) -> "PruneHeadsConfig":
+    def _check_target(self) -> PruneHeadsConfig:
         given = [n for n in ("fraction", "per_layer", "uniform") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one target: fraction, per_layer or uniform "
@@ -401,9 +401,10 @@ def set_uniform_config(model: nn.Module, arch: Arch, shape: Heads) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Cost figures
 
-def attention_params(shape: Heads, hidden: int, bias: bool) -> int:
-    qkv = (shape.query + 2 * shape.kv) * shape.dim
-    return hidden * qkv + shape.query * shape.dim * hidden + (qkv + hidden if bias else 0)
+def projection_params(layer: nn.Module, arch: Arch) -> int:
+    """Parameters (weights and biases) of a block's q/k/v/o projections."""
+    names = [arch.q, arch.o] + ([] if arch.fused_qkv else [arch.k, arch.v])
+    return sum(p.numel() for name in names for p in layer.get_submodule(name).parameters())
 
 
 def attention_flops(shape: Heads, hidden: int, context: int) -> int:
@@ -428,6 +429,7 @@ def prune_heads(ctx: Context, cfg: PruneHeadsConfig) -> PassReport:
                          "the head's index; pruning its heads is not supported")
     layers = decoder_layers(ctx.model, arch)
     before = {i: heads_of(layer, arch) for i, layer in enumerate(layers)}
+    params = sum(projection_params(layer, arch) for layer in layers)
     if cfg.unit == "query" and all(s.group == 1 for s in before.values()):
         raise UsageError("prune_heads: unit query removes query heads within KV groups, but "
                          "this model has one query head per KV head: use unit: kv_group")
@@ -461,7 +463,7 @@ def prune_heads(ctx: Context, cfg: PruneHeadsConfig) -> PassReport:
             prune_layer(layers[i], arch, *keep[i])
     for i, (q_keep, kv_keep) in keep.items():
         record_layout(ctx.model, i, before[i], q_keep, kv_keep)
-    return _report(ctx, cfg, arch, before, keep, scores)
+    return _report(ctx, cfg, arch, before, keep, scores, params)
 
 
 def _eligible(cfg: PruneHeadsConfig, n_layers: int) -> list[int]:
@@ -504,11 +506,10 @@ def _global_counts(cfg: PruneHeadsConfig, before: dict[int, Heads],
 
 def _report(ctx: Context, cfg: PruneHeadsConfig, arch: Arch, before: dict[int, Heads],
             keep: dict[int, tuple[list[int], list[int]]],
-            scores: dict[int, torch.Tensor]) -> PassReport:
+            scores: dict[int, torch.Tensor], params_before: int) -> PassReport:
     layers = decoder_layers(ctx.model, arch)
     after = {i: heads_of(layer, arch) for i, layer in enumerate(layers)}
     hidden = o_weight_of(layers[0], arch).shape[0]
-    bias = getattr(layers[0].get_submodule(arch.o), "bias", None) is not None
     element = next(ctx.model.parameters()).element_size()
     shapes = set(after.values())
     uniform_config = bool(keep) and len(shapes) == 1 and \
@@ -517,6 +518,9 @@ def _report(ctx: Context, cfg: PruneHeadsConfig, arch: Arch, before: dict[int, H
     def total(fn, which):
         return sum(fn(s) for s in which.values())
 
+    def saved(fn):
+        return total(fn, before) - total(fn, after)
+
     summary = {
         "scorer": cfg.scorer, "unit": cfg.unit,
         "query_heads": {"before": total(lambda s: s.query, before),
@@ -524,14 +528,12 @@ def _report(ctx: Context, cfg: PruneHeadsConfig, arch: Arch, before: dict[int, H
         "kv_heads": {"before": total(lambda s: s.kv, before),
                      "after": total(lambda s: s.kv, after)},
         "layers_changed": sorted(keep),
-        "parameters_saved": total(lambda s: attention_params(s, hidden, bias), before)
-        - total(lambda s: attention_params(s, hidden, bias), after),
+        "parameters_saved": params_before - sum(projection_params(x, arch) for x in layers),
         "context_length": cfg.context_length,
-        "attention_flops_per_token_saved": total(
-            lambda s: attention_flops(s, hidden, cfg.context_length), before)
-        - total(lambda s: attention_flops(s, hidden, cfg.context_length), after),
-        "kv_cache_bytes_per_token_saved": 0 if arch.encoder else
-        total(lambda s: kv_bytes(s, element), before) - total(lambda s: kv_bytes(s, element), after),
+        "attention_flops_per_token_saved":
+            saved(lambda s: attention_flops(s, hidden, cfg.context_length)),
+        "kv_cache_bytes_per_token_saved":
+            0 if arch.encoder else saved(lambda s: kv_bytes(s, element)),
         "uniform_config": uniform_config,
     }
     modules = {}
