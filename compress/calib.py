@@ -219,6 +219,8 @@ class Calibrator:
         def grab(module, args, kwargs):
             inputs.append(args[0].to("cpu") if args else kwargs.pop("hidden_states").to("cpu"))
             kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            # Other positional arguments (BERT passes attention_mask positionally) by name.
+            kwargs.update(zip(_positional_names(module)[1:], args[1:]))
             kwargs.update(use_cache=False, past_key_values=None)
             kwargs_list.append(kwargs)
             raise _Captured
@@ -262,6 +264,13 @@ class Calibrator:
                 elif ctx and ctx.store is not None:
                     free(layer)
                 advance()
+
+
+def _positional_names(module: nn.Module) -> list[str]:
+    """Names of a layer's positional parameters, in order (hidden_states first)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in kinds]
 
 
 def _move_non_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device,

@@ -39,7 +39,8 @@ class Arch:
     conv1d: bool = False             # GPT-2 style Conv1D: weight is [in, out]
     encoder: bool = False            # BERT family: AutoModel, bidirectional
     extra_embeds: tuple[str, ...] = field(default_factory=tuple)  # positions, embed norms
-    qkv_per_head: bool = False       # fused qkv output is [q k v] per head (GPT-NeoX, BLOOM)
+    qkv_per_head: bool = False       # fused qkv rows are [head][q, k, v] (NeoX), not [q][k][v]
+    alibi: bool = False              # per-head position slopes depend on the head's index
 
     @property
     def fused_qkv(self) -> bool:
@@ -118,8 +119,8 @@ ARCHES: dict[str, Arch] = {
                   q="self_attention.query_key_value", k=None, v=None, o="self_attention.dense",
                   mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
                   attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
-                  norm="layer", extra_embeds=("transformer.word_embeddings_layernorm",),
-                  qkv_per_head=True),
+                  norm="layer", qkv_per_head=True, alibi=True,
+                  extra_embeds=("transformer.word_embeddings_layernorm",)),
     "bert": Arch(name="bert", layers="encoder.layer", embed="embeddings.word_embeddings",
                  final_norm=None, lm_head=None, q="attention.self.query",
                  k="attention.self.key", v="attention.self.value", o="attention.output.dense",

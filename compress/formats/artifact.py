@@ -238,6 +238,8 @@ def load_artifact(path: str | Path, device=None, dtype=None) -> nn.Module:
     import compress.passes  # noqa: F401  (every pass module registers its STRUCTURE_LOADERS)
 
     model.compress_structure = dict(section.get("structure", {}))
+    import compress.passes  # noqa: F401  (pass modules register their STRUCTURE_LOADERS)
+
     for key, value in model.compress_structure.items():
         if key not in STRUCTURE_LOADERS:
             raise CompressError(f"{path}: this version of compress cannot rebuild structure "

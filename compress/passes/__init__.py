@@ -7,6 +7,7 @@ Importing this package registers every pass and its structure loader (for compre
 
 from compress.passes.base import PASSES, Context, PassConfig, PassReport, register, run_pass
 from compress.passes.precompute import PrecomputeConfig
+from compress.passes.prune_heads import PruneHeadsConfig
 from compress.passes.quantize import QuantizeConfig
 from compress.passes.rmsnorm import RMSNormConfig
 
@@ -14,6 +15,7 @@ PASS_CONFIGS = (
     QuantizeConfig,
     RMSNormConfig,
     PrecomputeConfig,
+    PruneHeadsConfig,
 )
 
 __all__ = ["PASSES", "PASS_CONFIGS", "Context", "PassConfig", "PassReport", "register",
