@@ -41,8 +41,9 @@ def artifact(tmp_path_factory) -> Path:
 
 def test_apply_writes_a_complete_artifact(artifact):
     names = {p.name for p in artifact.iterdir()}
-    assert {"config.json", "model.safetensors", "recipe.yaml", "report.json",
-            "tokenizer.json"} <= names
+    assert {"config.json", "model.safetensors.index.json", "rest.safetensors", "recipe.yaml",
+            "report.json", "tokenizer.json"} <= names
+    assert len([n for n in names if n.startswith("layer-")]) == 30  # one shard per layer
     config = json.loads((artifact / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
     assert len(config["compress"]["modules"]) == 30 * 7
@@ -54,8 +55,10 @@ def test_apply_writes_a_complete_artifact(artifact):
 def test_tied_embedding_saved_once(artifact):
     from safetensors import safe_open
 
-    with safe_open(str(artifact / "model.safetensors"), "pt") as handle:
-        keys = set(handle.keys())
+    keys = set()
+    for shard in artifact.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            keys |= set(handle.keys())
     assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
 
 
