@@ -9,19 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from compress.cli import main
+import support
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "int4-rtn.yaml"
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
-    sys.argv = ["compress", *args]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
+    code, _, err = support.run_cli(capsys, *args)
     return code, err
 
 
@@ -149,7 +143,7 @@ def test_calibration_text_shorter_than_one_sample(tmp_path, smollm2):
 
 
 def test_config_that_does_not_match_the_weights(tmp_path, capsys, hf_dir):
-    from model_helpers import copy_model_dir
+    from support import copy_model_dir
 
     model = copy_model_dir(hf_dir, tmp_path / "model")
     config = json.loads((model / "config.json").read_text())
@@ -166,7 +160,7 @@ def test_config_that_does_not_match_the_weights(tmp_path, capsys, hf_dir):
 def test_nan_weight_names_the_module(tmp_path, capsys, hf_dir):
     from safetensors.torch import load_file, save_file
 
-    from model_helpers import copy_model_dir
+    from support import copy_model_dir
 
     model = copy_model_dir(hf_dir, tmp_path / "model")
     shard = model / "model.safetensors"
@@ -182,7 +176,7 @@ def test_nan_weight_names_the_module(tmp_path, capsys, hf_dir):
 
 
 def test_model_needing_remote_code(tmp_path, capsys, hf_dir):
-    from model_helpers import copy_model_dir
+    from support import copy_model_dir
 
     model = copy_model_dir(hf_dir, tmp_path / "model")
     config = json.loads((model / "config.json").read_text())

@@ -12,20 +12,9 @@ import pytest
 import torch
 
 from compress.cli import main
+from support import run_cli
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "int4-rtn.yaml"
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run `compress ARGS` in this process (the real model stays cached by the OS)."""
-    sys.argv = ["compress", *args]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +137,7 @@ def test_partial_output_is_never_left(tmp_path, capsys, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("safetensors.torch.save_file", boom)
-    from model_helpers import tiny_llama
+    from support import tiny_llama
 
     out = tmp_path / "out"
     from compress.errors import CompressError

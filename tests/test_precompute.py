@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from model_helpers import tiny_llama
+from support import tiny_llama
 from transformers import (
     GPTJConfig,
     GPTJForCausalLM,

@@ -196,7 +196,7 @@ def test_stream_is_zero_mean_after_recentring():
 
 
 def test_llama_fold_plain_transformers_and_nothing_twice(tmp_path):
-    from model_helpers import tiny_llama
+    from support import tiny_llama
 
     model = tiny_llama(tie_word_embeddings=False)
     with torch.no_grad():
@@ -227,7 +227,7 @@ def test_llama_fold_plain_transformers_and_nothing_twice(tmp_path):
 
 
 def test_tied_fold_keeps_final_norm_or_unties():
-    from model_helpers import tiny_llama
+    from support import tiny_llama
 
     model = tiny_llama(tie_word_embeddings=True)
     with torch.no_grad():
@@ -278,7 +278,7 @@ def apply_pass_arch(arch):
 
 
 def test_crmsnorm_on_rmsnorm_model_refused():
-    from model_helpers import tiny_llama
+    from support import tiny_llama
 
     with pytest.raises(UsageError, match="use mode fold"):
         apply_pass(tiny_llama(), "crmsnorm")
@@ -334,7 +334,7 @@ def test_structure_is_recorded():
 
 def test_quantized_model_refused():
     """A model whose linears are already packed cannot be rewritten exactly."""
-    from model_helpers import tiny_llama
+    from support import tiny_llama
 
     from compress.passes.quantize import QuantizeConfig
 

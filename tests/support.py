@@ -1,8 +1,9 @@
-"""Model builders shared by tests (a plain module: `from model_helpers import tiny_llama`)."""
+"""Helpers shared by tests (a plain module, imported as `from support import ...`)."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -28,3 +29,17 @@ def copy_model_dir(source, target):
 
     shutil.copytree(source, target, copy_function=link_weights)
     return target
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `compress ARGS` in this process; returns (exit code, stdout, stderr)."""
+    from compress.cli import main
+
+    sys.argv = ["compress", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
