@@ -58,3 +58,16 @@ def evaluate_accuracy(model, windows: torch.Tensor, baseline=None, batch_size: i
         result.kl_divergence = kl / positions
         result.top1_agreement = agree / positions
     return result
+
+
+def rolling_nll(model, ids: torch.Tensor, prefix: int, max_length: int) -> tuple[float, int]:
+    """Summed NLL of every token of one document and the token count (lm-eval's
+    loglikelihood_rolling with context 1): the document, preceded by `prefix` (BOS, else EOS),
+    cut into consecutive windows of `max_length` predictions. ids: [T] int64."""
+    stream = torch.cat([torch.tensor([prefix]), ids])
+    nll = 0.0
+    for start in range(0, ids.numel(), max_length):
+        window = stream[start:start + max_length + 1][None]  # inputs + the next token
+        logits = _logits(model, window[:, :-1])
+        nll += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+    return nll, ids.numel()
