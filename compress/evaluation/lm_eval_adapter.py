@@ -33,20 +33,21 @@ def _lm_eval():
     return TaskManager
 
 
-def task_manager():
-    """lm-eval's registry plus evaluate/tasks/ (one manager per process: indexing is slow)."""
-    global _MANAGER
-    if _MANAGER is None:
-        _MANAGER = _lm_eval()(include_path=str(TASKS_DIR))
-    return _MANAGER
+def task_manager(names: list[str] | None = None):
+    """lm-eval's registry plus evaluate/tasks/. Indexing lm-eval's thousands of task YAMLs takes
+    seconds, so a run naming only local tasks indexes evaluate/tasks/ alone."""
+    defaults = names is None or not set(names) <= set(local_task_names())
+    if defaults not in _MANAGERS:
+        _MANAGERS[defaults] = _lm_eval()(include_path=str(TASKS_DIR), include_defaults=defaults)
+    return _MANAGERS[defaults]
 
 
-_MANAGER = None
+_MANAGERS: dict[bool, object] = {}
 
 
 def load_tasks(names: list[str]) -> dict[str, Any]:
     """Build lm-eval Task/Group objects, with ONE clear line when a name or its data is missing."""
-    manager = task_manager()
+    manager = task_manager(names)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise UsageError(f"unknown lm-eval task {unknown[0]!r}: local tasks are "
@@ -85,7 +86,7 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None = None,
         top = loaded["groups"].get(name) or loaded["tasks"].get(name)
         objects = [top] if top is not None else list(loaded["tasks"].values())
         out = simple_evaluate(model=lm, tasks=objects, limit=limit, bootstrap_iters=0,
-                              log_samples=False, task_manager=task_manager())
+                              log_samples=False, task_manager=task_manager(names))
         for task, metrics in out["results"].items():
             scores[task] = {key.split(",")[0]: float(value) for key, value in metrics.items()
                             if "," in key and "stderr" not in key
