@@ -6,6 +6,7 @@ and hub libraries see HF_HUB_OFFLINE before they import.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -81,6 +82,7 @@ def evaluate(artifact: str = typer.Argument(..., help="artifact directory or any
     if path:
         write_json(result, path)
         console.print(f"wrote {path}")
+    print(json.dumps(result))  # stdout stays machine-readable; tables go to stderr
     for line in failures:
         console.print(f"[red]recovery gate failed:[/] {line}", highlight=False)
     if failures:

@@ -140,12 +140,14 @@ def test_compare_writes_table_plot_and_resumes(tmp_path, smollm2):
     table = (out / "compare.md").read_text()
     assert "| baseline |" in table and "| int4-g32 |" in table and "decode tok/s (cpu)" in table
     rows = {r["recipe"]: r for r in first["rows"]}
-    assert rows["int4-g32"]["bits_per_weight"] == pytest.approx(4 + 16 / 32)
+    # 4-bit codes + one float32 scale per 32 weights (+ the 16-byte weight_shape per layer)
+    assert 4 + 32 / 32 <= rows["int4-g32"]["bits_per_weight"] < 4 + 32 / 32 + 0.05
     assert rows["baseline"]["bits_per_weight"] == 32
     stamp = {p: p.stat().st_mtime_ns for p in (out / "artifacts" / "int4-g32").iterdir()}
     second = compare(str(model_dir), [str(recipe)], out, [], None, seq_len=64, max_tokens=256)
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     assert second["rows"] == first["rows"]
     recipe.write_text("passes:\n  - {pass: quantize, format: int4, group_size: 16}\n")
-    third = compare(str(model_dir), [str(recipe)], out, [], None, seq_len=64, max_tokens=256)
-    assert third["rows"][1]["bits_per_weight"] == pytest.approx(4 + 16 / 16)  # rebuilt
+    third = compare(str(model_dir), [str(recipe)], out, [], None, seq_len=64, max_tokens=256,
+                    run_bench=False)
+    assert third["rows"][1]["bits_per_weight"] >= 4 + 32 / 16  # rebuilt with groups of 16
