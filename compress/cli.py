@@ -86,7 +86,7 @@ def evaluate(artifact: str = typer.Argument(..., help="artifact directory or any
     for line in failures:
         console.print(f"[red]recovery gate failed:[/] {line}", highlight=False)
     if failures:
-        raise typer.Exit(1)
+        sys.exit(1)  # (typer.Exit's code is dropped under standalone_mode=False)
 
 
 def _print_evaluation(result: dict) -> None:
