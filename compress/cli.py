@@ -95,8 +95,8 @@ def _print_evaluation(result: dict) -> None:
     table = Table("metric", "value", "recovery")
     rec = result["recovery"]
     for key in ("tokens", "perplexity", "baseline_perplexity", "kl_divergence", "top1_agreement"):
-        if key in result["metrics"]:
-            value = result["metrics"][key]
+        if key in result:
+            value = result[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value),
                           f"{rec[key]:.4f}" if key in rec else "")
     for task, scores in result["tasks"].items():

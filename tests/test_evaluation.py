@@ -126,6 +126,7 @@ def test_recovery_gate_fails_bad_recipe_cli(smollm2_copy, tmp_path):
     assert "recovery gate failed: top1_agreement: recovery" in done.stderr
     result = json.loads((artifact / "evaluation.json").read_text())
     assert result["recovery"]["perplexity"] < 0.95 and len(result["gate"]["failed"]) == 2
+    assert result["tokens"] == 4 * 255 and result["perplexity"] > result["baseline_perplexity"]
     for key in ("versions", "machine", "fingerprint", "recipe", "settings"):
         assert result[key], key
     assert "group_size: null" in result["recipe"]

@@ -141,7 +141,7 @@ def evaluate(spec: str, baseline: str | None = None, text: str = "stdlib", seq_l
         "recipe": recipe.read_text() if recipe.is_file() else None,
         "settings": {"text": text, "seq_len": seq_len, "max_tokens": max_tokens,
                      "tasks": tasks or [], "limit": limit, "batch_size": batch_size},
-        "metrics": metrics, "tasks": task_scores, "baseline_tasks": base_scores,
+        **metrics, "tasks": task_scores, "baseline_tasks": base_scores,
         "size": size_stats(loaded.model),
         "baseline_size": size_stats(base.model) if base else None,
         "recovery": recovery(metrics, task_scores, base_scores),
