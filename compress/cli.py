@@ -1,4 +1,4 @@
-"""The `compress` command line: apply, evaluate, inspect, recipes.
+"""The `compress` command line: apply, evaluate, compare, inspect, recipes.
 
 Heavy libraries are imported inside commands, after offline mode is set, so `--help` is fast
 and hub libraries see HF_HUB_OFFLINE before they import.
@@ -68,34 +68,78 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled rec
 @app.command()
 def evaluate(artifact: str = typer.Argument(..., help="artifact directory or any model source"),
              baseline: Optional[str] = typer.Option(None, help="model to compare against"),
+             tasks: Optional[str] = typer.Option(
+                 None, help="lm-eval tasks, comma-separated (local: stdlib_docs, stdlib_lastword)"),
+             limit: Optional[int] = typer.Option(None, help="at most this many items per task"),
+             min_recovery: Optional[float] = typer.Option(
+                 None, help="exit 1 if any metric's recovery (compressed/baseline) is below"),
              text: str = typer.Option("stdlib", help="evaluation text: stdlib, .txt or .jsonl"),
              seq_len: int = typer.Option(512, help="tokens per window"),
              max_tokens: int = typer.Option(16384, help="evaluate on at most this many tokens"),
+             batch_size: int = typer.Option(4, help="windows / requests per forward"),
              output: Optional[Path] = typer.Option(None, "-o", "--output", help="JSON results"),
              ) -> None:
-    """Perplexity on evaluation text; with --baseline, KL divergence and top-1 agreement."""
+    """Perplexity, KL and top-1 agreement against --baseline, lm-eval --tasks, recovery gates."""
+    from compress.errors import UsageError
+
+    if min_recovery is not None and not baseline:
+        raise UsageError("--min-recovery compares against a baseline: pass --baseline MODEL")
+    from compress.evaluation.report import evaluate as run, failing, write_json
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
+    result = run(artifact, baseline, text, seq_len, max_tokens, names, limit, batch_size)
+    failures = failing(result["recovery"], min_recovery) if min_recovery is not None else []
+    result["gate"] = {"min_recovery": min_recovery, "failed": failures}
+    _print_evaluation(result)
+    path = output or (Path(artifact) / "evaluation.json" if Path(artifact).is_dir() else None)
+    if path:
+        write_json(result, path)
+        console.print(f"wrote {path}")
+    print(json.dumps(result))  # stdout stays machine-readable; tables go to stderr
+    for line in failures:
+        console.print(f"[red]recovery gate failed:[/] {line}", highlight=False)
+    if failures:
+        sys.exit(1)  # (typer.Exit's code is dropped under standalone_mode=False)
+
+
+def _print_evaluation(result: dict) -> None:
     from rich.table import Table
 
-    from compress.calib import evaluation_windows
-    from compress.evaluation.accuracy import evaluate_accuracy
-    from compress.models import load_model
-
-    loaded = load_model(artifact)
-    base = load_model(baseline).model if baseline else None
-    windows = evaluation_windows(loaded.tokenizer, text, seq_len, max_tokens)
-    result = evaluate_accuracy(loaded.model, windows, base).to_dict()
-    result.update(model=artifact, baseline=baseline, text=text, seq_len=seq_len)
-    table = Table("metric", "value")
+    table = Table("metric", "value", "recovery")
+    rec = result["recovery"]
     for key in ("tokens", "perplexity", "baseline_perplexity", "kl_divergence", "top1_agreement"):
         if key in result:
             value = result[key]
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value),
+                          f"{rec[key]:.4f}" if key in rec else "")
+    for task, scores in result["tasks"].items():
+        for metric, value in scores.items():
+            name = f"{task}/{metric}"
+            table.add_row(name, f"{value:.4f}", f"{rec[name]:.4f}" if name in rec else "")
+    table.add_row("bits_per_weight", f"{result['size']['bits_per_weight']:.2f}", "")
     console.print(table)
-    path = output or (Path(artifact) / "evaluation.json" if Path(artifact).is_dir() else None)
-    if path:
-        path.write_text(json.dumps(result, indent=2))
+
+
+@app.command()
+def compare(model: str = ModelArg,
+            recipe_files: list[str] = typer.Argument(..., metavar="RECIPE...",
+                                                     help="recipe YAMLs or bundled names"),
+            output: Path = typer.Option(..., "-o", "--output", help="sweep directory"),
+            tasks: Optional[str] = typer.Option(
+                "stdlib_lastword", help="lm-eval tasks, comma-separated ('' for none)"),
+            limit: Optional[int] = typer.Option(100, help="at most this many items per task"),
+            seq_len: int = typer.Option(512, help="tokens per perplexity window"),
+            max_tokens: int = typer.Option(8192, help="perplexity/KL on this many tokens"),
+            bench: bool = typer.Option(True, help="measure speed and peak memory"),
+            ) -> None:
+    """Apply each recipe to MODEL, evaluate and benchmark each; write compare.md, pareto.png."""
+    from compress.evaluation.compare import compare as sweep, write_outputs
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
+    result = sweep(model, recipe_files, output, names, limit, seq_len, max_tokens, bench)
+    for path in write_outputs(result, output):
         console.print(f"wrote {path}")
-    print(json.dumps(result))
+    print((output / "compare.md").read_text())
 
 
 @app.command()

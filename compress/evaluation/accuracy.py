@@ -58,3 +58,19 @@ def evaluate_accuracy(model, windows: torch.Tensor, baseline=None, batch_size: i
         result.kl_divergence = kl / positions
         result.top1_agreement = agree / positions
     return result
+
+
+def rolling_nll(model, ids: torch.Tensor, prefix: int, max_length: int) -> tuple[float, int]:
+    """Summed NLL of every token of one document and the token count, as lm-eval's
+    loglikelihood_rolling: the document preceded by `prefix` (BOS, else EOS); tokens are predicted
+    in consecutive blocks of `max_length`, each block read by a window of `max_length` inputs
+    ending just before its last token (so the final, shorter block gets extra context).
+    ids: [T] int64."""
+    stream = torch.cat([torch.tensor([prefix]), ids])  # stream[j] precedes ids[j]
+    nll = 0.0
+    for start in range(0, ids.numel(), max_length):
+        end = min(start + max_length, ids.numel())        # predict ids[start:end]
+        inputs = stream[max(0, end - max_length):end][None]
+        logits = _logits(model, inputs)[0, -(end - start):]
+        nll += F.cross_entropy(logits, ids[start:end], reduction="sum").item()
+    return nll, ids.numel()
