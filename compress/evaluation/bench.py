@@ -8,10 +8,12 @@ speed does not depend on the text.
 
 from __future__ import annotations
 
+import gc
 import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,7 +30,7 @@ class Speed:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     decode_ms_per_step: float
-    peak_memory_mb: float        # CUDA: torch peak allocated; CPU: process max RSS
+    peak_memory_mb: float        # CUDA: torch peak allocated; CPU: peak RSS while measuring
     kernel_paths: dict
 
     def to_dict(self) -> dict:
@@ -144,19 +146,44 @@ def measure_static(model: nn.Module, batch: int, prompt_len: int, new_tokens: in
     return prefill_s, decode_s, method
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Forget the peak so far (loading a GGUF dequantizes through temporary copies)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    gc.collect()
+    try:  # Linux: "5" resets the process's peak resident set (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # then the peak includes loading; peak_memory_mb says which
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory since reset_peak_memory, and what it measures."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda max_memory_allocated"
+    try:
+        status = Path("/proc/self/status").read_text()
+        kib = next(int(line.split()[1]) for line in status.splitlines()
+                   if line.startswith("VmHWM:"))
+        return kib / 1024, "peak resident set while running (VmHWM)"
+    except (OSError, StopIteration):
+        # ru_maxrss is KiB on Linux: the process's peak resident set, loading included.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS incl. load"
+
+
 def measure_speed(model: nn.Module, label: str, batch: int = 1, prompt_len: int = 128,
                   new_tokens: int = 64, repeats: int = 3) -> Speed:
     from compress.modules import dispatch_summary, reset_dispatch_counts
 
     device = next(model.parameters()).device
     reset_dispatch_counts(model)
+    reset_peak_memory(device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
         prefill_s, step_s, method = measure_static(model, batch, prompt_len, new_tokens, repeats)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         prefill_s, step_s, method = measure_cpu(model, batch, prompt_len, new_tokens, repeats)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak, _ = peak_memory_mb(device)
     return Speed(label, str(device), method, batch, prompt_len, new_tokens,
                  batch * prompt_len / prefill_s, batch / step_s, step_s * 1000, peak,
                  dispatch_summary(model))

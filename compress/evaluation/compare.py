@@ -34,21 +34,8 @@ def _cached(path: Path, key: str) -> dict | None:
 
 
 def bench(spec: str) -> dict:
-    """Speed of one model in a fresh process, so its peak memory is its own. On a GPU the
-    kernels' `compress bench` measures it (when this version has it); otherwise, and on the CPU,
-    compress.evaluation.speed does, and the device is recorded as the label."""
-    import tempfile
-
-    import torch
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bench.json"
-        gpu = [sys.executable, "-m", "compress", "bench", spec, "--device", "cuda", "-o", str(out)]
-        if torch.cuda.is_available() and subprocess.run(gpu, capture_output=True).returncode == 0:
-            first = json.loads(out.read_text())[0]  # [artifact, its baseline]
-            first.setdefault("method", "compress bench")
-            first["device"] = first.get("device") or torch.cuda.get_device_name()
-            return first
+    """Speed of one model in a fresh process, so its peak memory is its own (the harness of
+    `compress bench`: CUDA graphs on a GPU, eager and labelled "cpu" on the CPU)."""
     done = subprocess.run([sys.executable, "-m", "compress.evaluation.speed", spec],
                           capture_output=True, text=True)
     if done.returncode:
