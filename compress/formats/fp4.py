@@ -163,6 +163,7 @@ class _Fp4Codec:
     encode = staticmethod(encode)
     decode = staticmethod(decode)
     scheme_args = staticmethod(scheme_args)
+    global_scale = staticmethod(global_scale)
 
 
 CODECS["nvfp4"] = _Fp4Codec("nvfp4-pack-quantized")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from compress.calib import check_finite
@@ -28,16 +29,42 @@ FORMATS = {
 }
 
 
+class QuantizeOverride(BaseModel):
+    """Different settings for the modules matched by `targets` (first matching override wins)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    targets: list[str] = Field(min_length=1)
+    format: Literal["int4", "int8", "nvfp4", "mxfp4"] | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
+    method: Literal["rtn", "gptq"] | None = None
+
+
 class QuantizeConfig(PassConfig):
-    """Weight-only quantization. Patterns are fnmatch globs or "re:<regex>" on module names."""
+    """Weight-only quantization. Patterns are fnmatch globs or "re:<regex>" on module names.
+
+    method: rtn (round-to-nearest, no calibration) or gptq (calibrated, layer by layer).
+    awq: search activation-aware input scales first and fold them into the norms / linears
+    before (then RTN or GPTQ). overrides: per-module format / group_size / symmetric / method.
+    """
 
     kind: Literal["quantize"] = Field("quantize", alias="pass")
     format: Literal["int4", "int8", "nvfp4", "mxfp4"] = "int4"
     group_size: int | None = 128
     symmetric: bool = True
-    method: Literal["rtn"] = "rtn"
+    method: Literal["rtn", "gptq"] = "rtn"
+    awq: bool = False
     targets: list[str] = ["*"]
     ignore: list[str] = ["lm_head"]
+    overrides: list[QuantizeOverride] = []
+    # GPTQ settings: columns per lazy-update block, damping (fraction of mean diag H, escalated
+    # x10 when the Cholesky factorization fails), activation order (static groups).
+    block_size: int = Field(128, ge=1)
+    damp: float = Field(0.01, gt=0)
+    act_order: bool = False
+    # AWQ: grid points for alpha in [0, 1).
+    awq_grid: int = Field(20, ge=1)
     # A layer whose input size the group size does not divide: fail, or fall back to one scale
     # per output channel for that layer (reported).
     indivisible: Literal["error", "per_channel"] = "error"
@@ -45,6 +72,11 @@ class QuantizeConfig(PassConfig):
     @model_validator(mode="after")
     def _check_format(self) -> "QuantizeConfig":
         self.weight_format()  # raises ValueError with the reason, reported at parse time
+        for index, override in enumerate(self.overrides):
+            try:
+                self.for_override(override).weight_format()
+            except ValueError as exc:
+                raise ValueError(f"overrides[{index}]: {exc}") from None
         return self
 
     def weight_format(self, group_size: int | None | Literal["default"] = "default") -> WeightFormat:
@@ -53,6 +85,23 @@ class QuantizeConfig(PassConfig):
             spec["group_size"] = self.group_size if group_size == "default" else group_size
             spec["symmetric"] = self.symmetric
         return WeightFormat(**spec)
+
+    def for_override(self, override: QuantizeOverride) -> "QuantizeConfig":
+        """This config with the override's given fields in place (and no overrides)."""
+        given = {k: getattr(override, k) for k in override.model_fields_set if k != "targets"}
+        return self.model_copy(update={**given, "overrides": []})
+
+    def for_module(self, name: str) -> "QuantizeConfig":
+        """The settings that apply to module `name`."""
+        for override in self.overrides:
+            if matches(name, override.targets):
+                return self.for_override(override)
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        return self.awq or self.method == "gptq" or any(o.method == "gptq"
+                                                        for o in self.overrides)
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -102,19 +151,54 @@ def replace_with_quantized(model: nn.Module, name: str, linear: nn.Linear, q) ->
     return quantize_error(linear.weight.data, module.dequantized_weight())
 
 
-@register(QuantizeConfig)
-def quantize(ctx: Context, cfg: QuantizeConfig) -> PassReport:
-    report = PassReport("quantize", summary={"format": cfg.format, "method": cfg.method})
-    linears = target_linears(ctx.model, cfg.targets, cfg.ignore)
+@dataclass
+class ModulePlan:
+    """How one module is quantized."""
+
+    fmt: WeightFormat
+    method: str                      # "rtn" | "gptq"
+    note: str = ""
+    mask: torch.Tensor | None = None  # bool [O, I]: kept weights of a sparse module
+
+
+def plan_modules(model: nn.Module, cfg: QuantizeConfig) -> dict[str, ModulePlan]:
+    """Every targeted module with its format and method; fails before any work on bad input."""
+    from compress.formats.artifact import structure
+
+    linears = target_linears(model, cfg.targets, cfg.ignore)
     if not linears:
         raise UsageError(f"quantize: no Linear layer matches targets {cfg.targets} "
                          f"minus ignore {cfg.ignore}")
+    sparse = structure(model).get("sparsity", {})
+    plans = {}
     for name, linear in linears.items():
         check_finite(name, linear.weight)
-        fmt, note = format_for(name, linear.weight, cfg)
-        q = codec(fmt).quantize(linear.weight.data, fmt)
-        stats = replace_with_quantized(ctx.model, name, linear, q)
-        report.modules[name] = {"format": fmt.name, **stats, **({"note": note} if note else {})}
+        module_cfg = cfg.for_module(name)
+        fmt, note = format_for(name, linear.weight, module_cfg)
+        mask = linear.weight.data != 0 if name in sparse else None
+        plans[name] = ModulePlan(fmt, module_cfg.method, note, mask)
+    return plans
+
+
+def _record(report: PassReport, name: str, plan: ModulePlan, stats: dict, **extra) -> None:
+    report.modules[name] = {"format": plan.fmt.name, "method": plan.method, **stats, **extra,
+                            **({"note": plan.note} if plan.note else {})}
+
+
+@register(QuantizeConfig)
+def quantize(ctx: Context, cfg: QuantizeConfig) -> PassReport:
+    report = PassReport("quantize", summary={"format": cfg.format, "method": cfg.method,
+                                             "awq": cfg.awq})
+    plans = plan_modules(ctx.model, cfg)
+    if cfg.calibrated:
+        from compress.passes.calibrated import quantize_calibrated
+
+        quantize_calibrated(ctx, cfg, plans, report)
+    else:
+        for name, plan in plans.items():
+            linear = ctx.model.get_submodule(name)
+            q = codec(plan.fmt).quantize(linear.weight.data, plan.fmt)
+            _record(report, name, plan, replace_with_quantized(ctx.model, name, linear, q))
     errors = [m["rel_error"] for m in report.modules.values()]
-    report.summary.update(modules=len(linears), mean_rel_error=sum(errors) / len(errors))
+    report.summary.update(modules=len(plans), mean_rel_error=sum(errors) / len(errors))
     return report
