@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from compress.calib import check_finite
@@ -71,12 +71,9 @@ class QuantizeConfig(PassConfig):
 
     @model_validator(mode="after")
     def _check_format(self) -> "QuantizeConfig":
-        self.weight_format()  # raises ValueError with the reason, reported at parse time
+        _valid_format(self, "")  # raises ValueError with the reason, reported at parse time
         for index, override in enumerate(self.overrides):
-            try:
-                self.for_override(override).weight_format()
-            except ValueError as exc:
-                raise ValueError(f"overrides[{index}]: {exc}") from None
+            _valid_format(self.for_override(override), f"overrides[{index}]: ")
         return self
 
     def weight_format(self, group_size: int | None | Literal["default"] = "default") -> WeightFormat:
@@ -102,6 +99,14 @@ class QuantizeConfig(PassConfig):
     def calibrated(self) -> bool:
         return self.awq or self.method == "gptq" or any(o.method == "gptq"
                                                         for o in self.overrides)
+
+
+def _valid_format(cfg: QuantizeConfig, where: str) -> None:
+    """cfg's weight format, or a one-line ValueError saying why it is not valid."""
+    try:
+        cfg.weight_format()
+    except ValidationError as exc:
+        raise ValueError(where + exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def matches(name: str, patterns: list[str]) -> bool:
