@@ -23,7 +23,7 @@ from compress.passes.quantize import ModulePlan, QuantizeConfig, _record, replac
 def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, ModulePlan],
                         report: PassReport) -> None:
     fallbacks: list[str] = []
-    awq_notes: dict[str, dict] = {}
+    awq_notes: dict[str, dict] = {}     # linear name -> its mapping's alpha and errors
     for step in ctx.calibrator():
         prefix = step.name + "."
         local = {name[len(prefix):]: plan for name, plan in plans.items()
@@ -41,12 +41,20 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
             _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks)
     report.summary.update(fallback_count=len(fallbacks), fallbacks=fallbacks)
     if cfg.awq:
-        report.summary["awq"] = awq_notes
+        for name, note in awq_notes.items():
+            report.modules[name].update(note)
+        mappings = {n["awq_prev"]: n for n in awq_notes.values()}
+        report.summary["awq"] = {
+            "mappings": len(mappings),
+            "mean_alpha": sum(n["awq_alpha"] for n in mappings.values()) / max(len(mappings), 1),
+            # summed over mappings: output error of plain quantization vs with the scales
+            "output_error_plain": sum(n["awq_error_plain"] for n in mappings.values()),
+            "output_error_scaled": sum(n["awq_error_scaled"] for n in mappings.values())}
 
 
 def _apply_awq(ctx, cfg, step, local, stats, hessians) -> dict[str, dict]:
     """Search and fold the scales of every mapping whose linears are all targeted.
-    Updates `hessians` in place: the scaled input has H' = H / (s s^T)."""
+    Updates `hessians` in place: the scaled input has H' = H / (s s^T). Returns notes per linear."""
     found, skipped = awq.mappings(ctx.arch, ctx.model.config)
     notes = {}
     for mapping in found:
@@ -59,8 +67,7 @@ def _apply_awq(ctx, cfg, step, local, stats, hessians) -> dict[str, dict]:
             repeat, head_dim = mapping.heads
             v_out = step.layer.get_submodule(mapping.prev).weight.shape[0]
             if mean_abs.numel() != v_out * repeat:
-                notes[f"{step.name}.{mapping.prev}"] = {"skipped": "head shapes differ"}
-                continue
+                continue   # head shapes do not allow folding into v
             mean_abs = awq.gqa_reduce(mean_abs, repeat, head_dim)
             expand = awq.gqa_expand(repeat, head_dim)
         modules = []
@@ -75,8 +82,10 @@ def _apply_awq(ctx, cfg, step, local, stats, hessians) -> dict[str, dict]:
         for name in mapping.linears:
             awq.scale_input_columns(step.layer.get_submodule(name), si)
         hessians[mapping.group] = hessians[mapping.group] / (si[:, None] * si[None, :])
-        notes[f"{step.name}.{mapping.prev}"] = {
-            "alpha": alpha, "output_error_rtn": before, "output_error_awq": after}
+        for name in mapping.linears:
+            notes[f"{step.name}.{name}"] = {
+                "awq_prev": f"{step.name}.{mapping.prev}", "awq_alpha": alpha,
+                "awq_error_plain": before, "awq_error_scaled": after}
     return notes
 
 
