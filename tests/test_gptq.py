@@ -216,3 +216,29 @@ def test_gptq_and_awq_beat_rtn_on_smollm2(smollm2, eval_windows):
         del model
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
     assert errors["awq+rtn"] < errors["rtn"], errors
+
+
+def test_pass_keeps_zeros_of_modules_marked_sparse():
+    """The sparsify pass's contract: modules in structure(model)["sparsity"] keep their zeros
+    through GPTQ (and AWQ scaling); other modules are not masked."""
+    from compress.calib import CalibrationConfig
+    from compress.formats.artifact import structure
+    from compress.models import arch_for
+    from compress.passes import Context, QuantizeConfig, run_pass
+
+    model = tiny_llama()
+    sparse = "model.layers.1.mlp.up_proj"
+    weight = model.get_submodule(sparse).weight.data
+    keep = weight.abs().reshape(weight.shape[0], -1, 4).topk(2, dim=-1).indices
+    mask = torch.zeros(*weight.shape[:1], weight.shape[1] // 4, 4, dtype=torch.bool)
+    mask = mask.scatter_(-1, keep, True).reshape(weight.shape)
+    weight.mul_(mask)
+    structure(model)["sparsity"] = {sparse: "2:4"}
+    ctx = Context(model, None, arch_for(model.config), CalibrationConfig(samples=4, seq_len=32),
+                  torch.device("cpu"))
+    ctx._calib_ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    run_pass(ctx, QuantizeConfig(format="int4", group_size=32, method="gptq", awq=True))
+    w_q = model.get_submodule(sparse).dequantized_weight()
+    assert torch.all(w_q[~mask] == 0) and (w_q[mask] != 0).float().mean() > 0.7
+    dense = model.get_submodule("model.layers.1.mlp.gate_proj").dequantized_weight()
+    assert (dense == 0).float().mean() < 0.2
