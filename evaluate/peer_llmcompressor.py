@@ -120,11 +120,22 @@ def run_ours(work: Path, setting: str) -> dict:
             "seconds": report["passes"][0]["seconds"]}
 
 
+def reuse_ours(setting: str, results: Path, artifacts: Path) -> dict:
+    """Our figures from evaluate/gptq/run.sh (same recipe, windows, text and formula)."""
+    name = SETTINGS[setting]
+    report = json.loads((artifacts / name / "report.json").read_text())
+    return {"perplexity": json.loads((results / f"{name}.json").read_text())["perplexity"],
+            "seconds": report["passes"][0]["seconds"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/peer-llmc"))
     parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--reuse", action="store_true",
+                        help="take our figures from evaluate/gptq/results and the artifacts of "
+                             "evaluate/gptq/run.sh in /tmp/gptq-figures instead of re-running")
     parser.add_argument("--llmc", help=argparse.SUPPRESS)      # internal: one llm-compressor run
     args = parser.parse_args()
     if args.llmc:
@@ -134,7 +145,8 @@ def main() -> None:
     prepare(args.work, args.settings, args.max_tokens)
     rows = []
     for setting in args.settings:
-        ours = run_ours(args.work, setting)
+        ours = reuse_ours(setting, ROOT / "evaluate" / "gptq" / "results",
+                          Path("/tmp/gptq-figures")) if args.reuse else run_ours(args.work, setting)
         run = subprocess.run([LLMC_PYTHON, __file__, "--work", str(args.work), "--llmc", setting],
                              capture_output=True, text=True)
         if run.returncode:
