@@ -15,8 +15,8 @@ so a grid point costs one O x I x I product, not a pass over the tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -46,6 +46,7 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
         mappings = {n["awq_prev"]: n for n in awq_notes.values()}
         report.summary["awq"] = {
             "mappings": len(mappings),
+            "not_foldable": awq.mappings(ctx.arch, ctx.model.config)[1],
             "mean_alpha": sum(n["awq_alpha"] for n in mappings.values()) / max(len(mappings), 1),
             # summed over mappings: output error of plain quantization vs with the scales
             "output_error_plain": sum(n["awq_error_plain"] for n in mappings.values()),
@@ -55,7 +56,7 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
 def _apply_awq(ctx, cfg, step, local, stats, hessians) -> dict[str, dict]:
     """Search and fold the scales of every mapping whose linears are all targeted.
     Updates `hessians` in place: the scaled input has H' = H / (s s^T). Returns notes per linear."""
-    found, skipped = awq.mappings(ctx.arch, ctx.model.config)
+    found, _ = awq.mappings(ctx.arch, ctx.model.config)  # the rest are listed in the summary
     notes = {}
     for mapping in found:
         if not all(n in local for n in mapping.linears) or mapping.group not in hessians:
