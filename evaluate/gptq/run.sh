@@ -4,7 +4,8 @@
 set -u
 export PYTHONPATH=$PWD OMP_NUM_THREADS=1
 mkdir -p evaluate/gptq/results
-python -m compress evaluate smollm2-135m -o evaluate/gptq/results/baseline.json > /dev/null
+[ -f evaluate/gptq/results/baseline.json ] ||
+  python -m compress evaluate smollm2-135m -o evaluate/gptq/results/baseline.json > /dev/null
 for name in ${@:-int4-sym-g64-rtn int4-sym-g64-gptq int4-sym-g64-awq-gptq nvfp4-rtn nvfp4-gptq mxfp4-rtn mxfp4-gptq int4-asym-g64-rtn int4-asym-g64-gptq int4-asym-g128-rtn int4-asym-g128-gptq}; do
   start=$(date +%s)
   python -m compress apply evaluate/gptq/$name.yaml smollm2-135m -o /tmp/gptq-figures/$name --overwrite > /tmp/gptq-figures-$name.log 2>&1 || { echo "$name FAILED"; continue; }
