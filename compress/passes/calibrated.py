@@ -9,6 +9,8 @@ the outputs of the already-quantized layers (sequential GPTQ).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from compress.calib import check_finite
@@ -39,6 +41,7 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
             awq_notes.update(_apply_awq(ctx, cfg, step, local, stats, hessians))
         for group, H in hessians.items():
             _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks)
+    _quantize_rest(ctx, plans, report)
     report.summary.update(fallback_count=len(fallbacks), fallbacks=fallbacks)
     if cfg.awq:
         for name, note in awq_notes.items():
@@ -51,6 +54,18 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
             # summed over mappings: output error of plain quantization vs with the scales
             "output_error_plain": sum(n["awq_error_plain"] for n in mappings.values()),
             "output_error_scaled": sum(n["awq_error_scaled"] for n in mappings.values())}
+
+
+def _quantize_rest(ctx: Context, plans: dict[str, ModulePlan], report: PassReport) -> None:
+    """Targeted linears outside the decoder layers' projection groups (an lm_head that is not
+    ignored, extra projections) have no calibrated statistics: round-to-nearest, noted."""
+    for name, plan in plans.items():
+        if name not in report.modules:
+            linear = ctx.model.get_submodule(name)
+            q = codec(plan.fmt).quantize(linear.weight.data, plan.fmt)
+            _record(report, name, replace(plan, method="rtn"),
+                    replace_with_quantized(ctx.model, name, linear, q),
+                    note="not a decoder-layer projection: round-to-nearest")
 
 
 def _apply_awq(ctx, cfg, step, local, stats, hessians) -> dict[str, dict]:
