@@ -242,3 +242,23 @@ def test_pass_keeps_zeros_of_modules_marked_sparse():
     assert torch.all(w_q[~mask] == 0) and (w_q[mask] != 0).float().mean() > 0.7
     dense = model.get_submodule("model.layers.1.mlp.gate_proj").dequantized_weight()
     assert (dense == 0).float().mean() < 0.2
+
+
+def test_calibrated_pass_quantizes_every_target_and_reports_the_method():
+    from compress.calib import CalibrationConfig
+    from compress.models import arch_for
+    from compress.passes import Context, QuantizeConfig, run_pass
+
+    model = tiny_llama()
+    ctx = Context(model, None, arch_for(model.config), CalibrationConfig(samples=4, seq_len=32),
+                  torch.device("cpu"))
+    ctx._calib_ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = QuantizeConfig(format="int4", group_size=32, method="gptq", ignore=[],
+                         overrides=[{"targets": ["*.k_proj"], "method": "rtn"}])
+    report = run_pass(ctx, cfg)
+    methods = {name: m["method"] for name, m in report.modules.items()}
+    assert len(methods) == 15 and methods["lm_head"] == "rtn"      # outside the layers: RTN
+    assert methods["model.layers.0.self_attn.k_proj"] == "rtn"
+    assert methods["model.layers.0.self_attn.q_proj"] == "gptq"
+    assert report.modules["model.layers.0.self_attn.q_proj"]["damp"] == 0.01
+    assert report.summary["fallback_count"] == 0
