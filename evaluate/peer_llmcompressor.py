@@ -96,7 +96,12 @@ def prepare(work: Path, settings: list[str], max_tokens: int) -> None:
 
     loaded = load_model("smollm2-135m")
     if not (work / "hf" / "config.json").exists():
-        loaded.model.save_pretrained(work / "hf")
+        # transformers refuses to save a model it loaded from a GGUF: copy it into a fresh one
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_config(loaded.model.config, dtype=torch.float32)
+        plain.load_state_dict(loaded.model.state_dict())
+        plain.save_pretrained(work / "hf")
         loaded.tokenizer.save_pretrained(work / "hf")
     for setting in settings:
         cfg = load_recipe(ROOT / "evaluate" / "gptq" / f"{SETTINGS[setting]}.yaml").calibration
