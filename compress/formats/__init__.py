@@ -80,12 +80,8 @@ CODECS: dict[str, object] = {}
 
 def codec(fmt: WeightFormat):
     """The format module (intq, fp4, ...) that implements `fmt`."""
-    if not CODECS:
-        from compress.formats import intq  # noqa: F401  (registers itself)
-        try:
-            from compress.formats import fp4  # noqa: F401
-        except ImportError:
-            pass
+    if fmt.type not in CODECS:  # a format module registers itself when imported
+        from compress.formats import fp4, intq  # noqa: F401
     return CODECS[fmt.type]
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from compress.calib import check_finite
@@ -29,8 +30,25 @@ FORMATS = {
 }
 
 
+class QuantizeOverride(BaseModel):
+    """Different settings for the modules matched by `targets` (first matching override wins)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    targets: list[str] = Field(min_length=1)
+    format: Literal["int4", "int8", "nvfp4", "mxfp4"] | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
+    method: Literal["rtn", "gptq"] | None = None
+
+
 class QuantizeConfig(PassConfig):
-    """Weight-only quantization. Patterns are fnmatch globs or "re:<regex>" on module names."""
+    """Weight-only quantization. Patterns are fnmatch globs or "re:<regex>" on module names.
+
+    method: rtn (round-to-nearest, no calibration) or gptq (calibrated, layer by layer).
+    awq: search activation-aware input scales first and fold them into the norms / linears
+    before (then RTN or GPTQ). overrides: per-module format / group_size / symmetric / method.
+    """
 
     layerwise: ClassVar[bool] = True
 
@@ -38,31 +56,28 @@ class QuantizeConfig(PassConfig):
     format: Literal["int4", "int8", "nvfp4", "mxfp4"] = "int4"
     group_size: int | None = 128
     symmetric: bool = True
-    method: Literal["rtn"] = "rtn"
+    method: Literal["rtn", "gptq"] = "rtn"
+    awq: bool = False
     targets: list[str] = ["*"]
     ignore: list[str] = ["lm_head"]
+    overrides: list[QuantizeOverride] = []
+    # GPTQ settings: columns per lazy-update block, damping (fraction of mean diag H, escalated
+    # x10 when the Cholesky factorization fails), activation order (static groups).
+    block_size: int = Field(128, ge=1)
+    damp: float = Field(0.01, gt=0)
+    act_order: bool = False
+    # AWQ: grid points for alpha in [0, 1).
+    awq_grid: int = Field(20, ge=1)
     # A layer whose input size the group size does not divide: fail, or fall back to one scale
     # per output channel for that layer (reported).
     indivisible: Literal["error", "per_channel"] = "error"
 
     @model_validator(mode="after")
     def _check_format(self) -> "QuantizeConfig":
-        self.weight_format()  # raises ValueError with the reason, reported at parse time
+        _valid_format(self, "")  # raises ValueError with the reason, reported at parse time
+        for index, override in enumerate(self.overrides):
+            _valid_format(self.for_override(override), f"overrides[{index}]: ")
         return self
-
-    def describe(self, model: nn.Module, arch) -> list[str]:
-        from collections import Counter
-
-        counts = Counter(fmt.name for fmt in planned_formats(model, arch, self).values())
-        return [f"quantize ({self.method}): " + ", ".join(f"{n} modules -> {f}"
-                                                          for f, n in counts.items())]
-
-    def needs_calibration(self) -> bool:
-        return self.method != "rtn"
-
-    def output_bits(self, model: nn.Module, arch) -> dict[str, float]:
-        return {name: fmt.bits_per_weight(model.get_submodule(name).in_features)
-                for name, fmt in planned_formats(model, arch, self).items()}
 
     def weight_format(self, group_size: int | None | Literal["default"] = "default") -> WeightFormat:
         spec = dict(FORMATS[self.format])
@@ -70,6 +85,46 @@ class QuantizeConfig(PassConfig):
             spec["group_size"] = self.group_size if group_size == "default" else group_size
             spec["symmetric"] = self.symmetric
         return WeightFormat(**spec)
+
+    def for_override(self, override: QuantizeOverride) -> "QuantizeConfig":
+        """This config with the override's given fields in place (and no overrides)."""
+        given = {k: getattr(override, k) for k in override.model_fields_set if k != "targets"}
+        return self.model_copy(update={**given, "overrides": []})
+
+    def for_module(self, name: str) -> "QuantizeConfig":
+        """The settings that apply to module `name`."""
+        for override in self.overrides:
+            if matches(name, override.targets):
+                return self.for_override(override)
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        return self.awq or self.method == "gptq" or any(o.method == "gptq"
+                                                        for o in self.overrides)
+
+    def needs_calibration(self) -> bool:
+        return self.calibrated
+
+    def describe(self, model: nn.Module, arch) -> list[str]:
+        from collections import Counter
+
+        counts = Counter(f"{p.fmt.name} ({p.method})" for p in plan_modules(model, arch,
+                                                                            self).values())
+        return [f"quantize{' with AWQ scaling' if self.awq else ''}: "
+                + ", ".join(f"{n} modules -> {f}" for f, n in counts.items())]
+
+    def output_bits(self, model: nn.Module, arch) -> dict[str, float]:
+        return {name: plan.fmt.bits_per_weight(model.get_submodule(name).in_features)
+                for name, plan in plan_modules(model, arch, self).items()}
+
+
+def _valid_format(cfg: QuantizeConfig, where: str) -> None:
+    """cfg's weight format, or a one-line ValueError saying why it is not valid."""
+    try:
+        cfg.weight_format()
+    except ValidationError as exc:
+        raise ValueError(where + exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -88,32 +143,6 @@ def target_linears(model: nn.Module, targets: list[str], ignore: list[str]) -> d
     """The nn.Linear modules a pass acts on, by name."""
     return {name: m for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and matches(name, targets) and not matches(name, ignore)}
-
-
-def planned_formats(model: nn.Module, arch, cfg: "QuantizeConfig") -> dict[str, WeightFormat]:
-    """The format every targeted Linear will get (names and shapes only: works on meta), after
-    checking the recipe's patterns: an ignore pattern that matches nothing is a warning, and a
-    selection that splits a fused group (q/k/v, gate/up: one matrix in vLLM) is an error."""
-    from compress.progress import console
-
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for pattern in cfg.ignore:
-        if not any(matches(name, [pattern]) for name in linears):
-            console.print(f"[yellow]warning:[/] quantize: ignore pattern {pattern!r} matches "
-                          "no module", highlight=False)
-    chosen = {n: format_for(n, m.weight, cfg)[0] for n, m in linears.items()
-              if matches(n, cfg.targets) and not matches(n, cfg.ignore)}
-    prefix = layers_path(model, arch)
-    for index in range(len(model.get_submodule(prefix))):
-        for group in arch.fused_groups():
-            names = [f"{prefix}.{index}.{member}" for member in group]
-            formats = {chosen.get(name) for name in names}
-            if len(formats) > 1:
-                raise UsageError(f"quantize: {', '.join(names)} form one fused matrix in "
-                                 "serving runtimes but would get different formats "
-                                 f"({', '.join(str(f.name) if f else 'unquantized' for f in formats)}); "
-                                 "target or ignore them together")
-    return chosen
 
 
 def format_for(name: str, weight: torch.Tensor, cfg: QuantizeConfig) -> tuple[WeightFormat, str]:
@@ -145,28 +174,90 @@ def replace_with_quantized(model: nn.Module, name: str, linear: nn.Linear, q) ->
     return quantize_error(linear.weight.data, module.dequantized_weight())
 
 
-def quantize_rtn(ctx: Context, cfg: QuantizeConfig, name: str, linear: nn.Linear) -> dict:
-    check_finite(name, linear.weight)
-    fmt, note = format_for(name, linear.weight, cfg)
-    q = codec(fmt).quantize(linear.weight.data, fmt)
-    stats = replace_with_quantized(ctx.model, name, linear, q)
-    return {"format": fmt.name, **stats, **({"note": note} if note else {})}
+@dataclass
+class ModulePlan:
+    """How one module is quantized."""
+
+    fmt: WeightFormat
+    method: str                      # "rtn" | "gptq"
+    note: str = ""
+    mask: torch.Tensor | None = None  # bool [O, I]: kept weights of a sparse module
+
+
+def plan_modules(model: nn.Module, arch, cfg: QuantizeConfig) -> dict[str, ModulePlan]:
+    """Every targeted module with its format and method, from names and shapes only (the
+    layers may still be on disk). Checks the recipe's patterns first: an ignore pattern that
+    matches nothing is a warning; a selection or override that gives the members of a fused
+    group (q/k/v, gate/up: one matrix in serving runtimes) different formats is an error."""
+    from compress.progress import console
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for pattern in cfg.ignore:
+        if not any(matches(name, [pattern]) for name in linears):
+            console.print(f"[yellow]warning:[/] quantize: ignore pattern {pattern!r} matches "
+                          "no module", highlight=False)
+    plans = {}
+    for name, linear in linears.items():
+        if matches(name, cfg.targets) and not matches(name, cfg.ignore):
+            module_cfg = cfg.for_module(name)
+            fmt, note = format_for(name, linear.weight, module_cfg)
+            plans[name] = ModulePlan(fmt, module_cfg.method, note)
+    prefix = layers_path(model, arch)
+    for index in range(len(model.get_submodule(prefix))):
+        for group in arch.fused_groups():
+            names = [f"{prefix}.{index}.{member}" for member in group]
+            formats = {plans[n].fmt.name if n in plans else "unquantized" for n in names}
+            if len(formats) > 1:
+                raise UsageError(f"quantize: {', '.join(names)} form one fused matrix in "
+                                 f"serving runtimes but would get different formats "
+                                 f"({', '.join(sorted(formats))}); target or ignore them "
+                                 "together")
+    return plans
+
+
+def ready(model: nn.Module, name: str, plan: ModulePlan) -> ModulePlan:
+    """The plan of a module whose weights are now in memory: checked finite, with the mask of
+    a module the sparsify pass marked (its zeros must stay zeros)."""
+    from compress.formats.artifact import structure
+
+    weight = model.get_submodule(name).weight.data
+    check_finite(name, weight)
+    if name in structure(model).get("sparsity", {}):
+        return replace(plan, mask=weight != 0)
+    return plan
+
+
+def _record(report: PassReport, name: str, plan: ModulePlan, stats: dict, **extra) -> None:
+    report.modules[name] = {"format": plan.fmt.name, "method": plan.method, **stats, **extra,
+                            **({"note": plan.note} if plan.note else {})}
 
 
 @register(QuantizeConfig)
 def quantize(ctx: Context, cfg: QuantizeConfig) -> PassReport:
-    report = PassReport("quantize", summary={"format": cfg.format, "method": cfg.method})
-    plan = planned_formats(ctx.model, ctx.arch, cfg)  # pattern checks before any change
-    if not plan and ctx.first_layer() == 0:  # a resumed run may have nothing left to do
+    report = PassReport("quantize", summary={"format": cfg.format, "method": cfg.method,
+                                             "awq": cfg.awq})
+    plans = plan_modules(ctx.model, ctx.arch, cfg)  # checks before any change
+    if not plans and ctx.first_layer() == 0:  # (a resumed run may have nothing left to do)
         raise UsageError(f"quantize: no Linear layer matches targets {cfg.targets} "
                          f"minus ignore {cfg.ignore}")
-    for _, layer_name, layer in ctx.layers():
-        for name in [n for n in plan if n.startswith(layer_name + ".")]:
-            report.modules[name] = quantize_rtn(ctx, cfg, name, ctx.model.get_submodule(name))
-    inside = layers_path(ctx.model, ctx.arch) + "."
-    for name in [n for n in plan if not n.startswith(inside)]:  # e.g. an lm_head asked for
-        report.modules[name] = quantize_rtn(ctx, cfg, name, ctx.model.get_submodule(name))
+    if cfg.calibrated:
+        from compress.passes.calibrated import quantize_calibrated
+
+        quantize_calibrated(ctx, cfg, plans, report)
+    else:
+        for _, layer_name, _ in ctx.layers():
+            for name in [n for n in plans if n.startswith(layer_name + ".")]:
+                quantize_rtn(ctx, name, ready(ctx.model, name, plans[name]), report)
+        inside = layers_path(ctx.model, ctx.arch) + "."
+        for name in [n for n in plans if not n.startswith(inside)]:  # an lm_head asked for
+            quantize_rtn(ctx, name, ready(ctx.model, name, plans[name]), report)
     errors = [m["rel_error"] for m in report.modules.values()]
-    report.summary.update(modules=len(errors),
-                          mean_rel_error=sum(errors) / max(len(errors), 1))
+    report.summary.update(modules=len(errors), mean_rel_error=sum(errors) / max(len(errors), 1))
     return report
+
+
+def quantize_rtn(ctx: Context, name: str, plan: ModulePlan, report: PassReport,
+                 **extra) -> None:
+    linear = ctx.model.get_submodule(name)
+    q = codec(plan.fmt).quantize(linear.weight.data, plan.fmt)
+    _record(report, name, plan, replace_with_quantized(ctx.model, name, linear, q), **extra)

@@ -58,8 +58,7 @@ def test_reference_equals_quantized_linear(fmt, rng):
 
 
 def test_fp4_reference_equals_quantized_linear(rng):
-    """Needs the NVFP4/MXFP4 codec (compress.formats.fp4, the gptq branch) to build modules."""
-    pytest.importorskip("compress.formats.fp4", reason="FP4 codec not merged yet")
+    """The FP4 kernel reference reads what QuantizedLinear holds for NVFP4 and MXFP4."""
     from compress.kernels.fp4 import fp4_matmul_ref
 
     for name in ("nvfp4", "mxfp4"):

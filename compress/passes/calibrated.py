@@ -1,0 +1,156 @@
+"""The calibrated side of the quantize pass: AWQ scaling and GPTQ, layer by layer.
+
+For each decoder layer (compress.calib.Calibrator): gather the input statistics of every group
+of projections that read one input (one layer run), optionally search and fold AWQ scales,
+quantize every targeted linear of the layer (GPTQ or round-to-nearest per module), swap in
+QuantizedLinear; the calibrator then re-runs the quantized layer, so layer i+1 is calibrated on
+the outputs of the already-quantized layers (sequential GPTQ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from compress.calib import check_finite
+from compress.errors import CompressError
+from compress.formats import QuantizedWeight, codec
+from compress.passes import awq
+from compress.passes.base import Context, PassReport
+from compress.passes.gptq import gptq_quantize
+from compress.models import layers_path
+from compress.passes.quantize import (ModulePlan, QuantizeConfig, _record, quantize_rtn, ready,
+                                      replace_with_quantized)
+
+
+def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, ModulePlan],
+                        report: PassReport) -> None:
+    fallbacks: list[str] = []
+    awq_notes: dict[str, dict] = {}     # linear name -> its mapping's alpha and errors
+    for step in ctx.calibrator():
+        prefix = step.name + "."
+        local = {name[len(prefix):]: ready(ctx.model, name, plan)
+                 for name, plan in plans.items() if name.startswith(prefix)}
+        if not local:
+            continue
+        groups = [g for g in ctx.arch.linear_groups() if any(n in local for n in g)]
+        stats = awq.input_stats(step, [g[0] for g in groups])
+        hessians = {g: stats[g[0]][0] for g in groups}
+        for g, H in hessians.items():
+            check_finite(f"{prefix}{g[0]}", H, "Hessian of the input")
+        if cfg.awq:
+            awq_notes.update(_apply_awq(ctx, cfg, step, local, stats, hessians))
+        for group, H in hessians.items():
+            _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks)
+        grouped = {n for g in groups for n in g}
+        for n in [n for n in local if n not in grouped]:  # not in any Arch input group
+            quantize_rtn(ctx, prefix + n, replace(local[n], method="rtn"), report,
+                         note="no input group in the Arch table: round-to-nearest")
+    _quantize_rest(ctx, plans, report)
+    report.summary.update(fallback_count=len(fallbacks), fallbacks=fallbacks)
+    if cfg.awq:
+        for name, note in awq_notes.items():
+            report.modules[name].update(note)
+        mappings = {n["awq_prev"]: n for n in awq_notes.values()}
+        report.summary["awq"] = {
+            "mappings": len(mappings),
+            "not_foldable": awq.mappings(ctx.arch, ctx.model.config)[1],
+            "mean_alpha": sum(n["awq_alpha"] for n in mappings.values()) / max(len(mappings), 1),
+            # summed over mappings: output error of plain quantization vs with the scales
+            "output_error_plain": sum(n["awq_error_plain"] for n in mappings.values()),
+            "output_error_scaled": sum(n["awq_error_scaled"] for n in mappings.values())}
+
+
+def _quantize_rest(ctx: Context, plans: dict[str, ModulePlan], report: PassReport) -> None:
+    """Targeted linears outside the decoder layers (an lm_head that is not ignored) have no
+    calibrated statistics: round-to-nearest, noted. (Layer projections outside the Arch's
+    groups are quantized with their layer.)"""
+    inside = layers_path(ctx.model, ctx.arch) + "."
+    for name, plan in plans.items():
+        if not name.startswith(inside):
+            quantize_rtn(ctx, name, replace(ready(ctx.model, name, plan), method="rtn"), report,
+                         note="not a decoder-layer projection: round-to-nearest")
+
+
+def _apply_awq(ctx, cfg, step, local, stats, hessians) -> dict[str, dict]:
+    """Search and fold the scales of every mapping whose linears are all targeted.
+    Updates `hessians` in place: the scaled input has H' = H / (s s^T). Returns notes per linear."""
+    found, _ = awq.mappings(ctx.arch, ctx.model.config)  # the rest are listed in the summary
+    notes = {}
+    for mapping in found:
+        if not all(n in local for n in mapping.linears) or mapping.group not in hessians:
+            continue
+        mean_abs = stats[mapping.group[0]][1]
+        G = hessians[mapping.group] / 2
+        expand = (lambda s: s)
+        if mapping.heads is not None:
+            repeat, head_dim = mapping.heads
+            v_out = step.layer.get_submodule(mapping.prev).weight.shape[0]
+            if mean_abs.numel() != v_out * repeat:
+                continue   # head shapes do not allow folding into v
+            mean_abs = awq.gqa_reduce(mean_abs, repeat, head_dim)
+            expand = awq.gqa_expand(repeat, head_dim)
+        modules = []
+        for name in mapping.linears:
+            fmt = local[name].fmt
+            modules.append((step.layer.get_submodule(name).weight.data.float(),
+                            lambda w, fmt=fmt: codec(fmt).quantize(w, fmt).dequantize()))
+        s, alpha, before, after = awq.search_scale(mean_abs, G, modules, cfg.awq_grid, expand)
+        check_finite(f"{step.name}.{mapping.prev}", s, "AWQ scale")
+        si = expand(s)
+        awq.divide_output(step.layer.get_submodule(mapping.prev), s)
+        for name in mapping.linears:
+            awq.scale_input_columns(step.layer.get_submodule(name), si)
+        hessians[mapping.group] = hessians[mapping.group] / (si[:, None] * si[None, :])
+        for name in mapping.linears:
+            notes[f"{step.name}.{name}"] = {
+                "awq_prev": f"{step.name}.{mapping.prev}", "awq_alpha": alpha,
+                "awq_error_plain": before, "awq_error_scaled": after}
+    return notes
+
+
+def _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks) -> None:
+    """Quantize the targeted linears of one input group. GPTQ modules with the same int format
+    and no sparsity mask are stacked into one matrix (their rows are independent given H)."""
+    names = [n for n in group if n in local]
+    batches: dict[tuple, list[str]] = {}
+    for n in names:
+        plan = local[n]
+        stackable = plan.method == "gptq" and plan.fmt.type != "nvfp4" and plan.mask is None
+        key = ("stack", plan.fmt) if stackable else ("one", n)
+        batches.setdefault(key, []).append(n)
+    for members in batches.values():
+        linears = [step.layer.get_submodule(n) for n in members]
+        plan = local[members[0]]
+        W = torch.cat([m.weight.data for m in linears])
+        info = {}
+        if plan.method == "gptq":
+            qw, info = _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fallbacks)
+        else:
+            qw = codec(plan.fmt).quantize(W, plan.fmt)
+        start = 0
+        for n, linear in zip(members, linears):
+            rows = slice(start, start + linear.weight.shape[0])
+            start = rows.stop
+            q = QuantizedWeight(plan.fmt, qw.codes[rows], qw.scale[rows],
+                                None if qw.zero is None else qw.zero[rows], qw.global_scale)
+            if q.global_scale is not None:
+                check_finite(prefix + n, q.global_scale, "global scale")
+            stats = replace_with_quantized(step.layer, n, linear, q)
+            _record(report, prefix + n, local[n], stats, **info)
+
+
+def _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fallbacks):
+    label = ", ".join(prefix + n for n in members)
+    mask = plan.mask
+    try:
+        qw, info = gptq_quantize(W, H, plan.fmt, cfg.block_size, cfg.damp, cfg.act_order,
+                                 mask, name=label)
+        return qw, {"damp": info.damp, "act_order": info.act_order}
+    except CompressError as exc:
+        if ctx.strict:
+            raise CompressError(f"GPTQ failed for {label} ({exc}); --strict forbids the "
+                                "round-to-nearest fallback") from None
+        fallbacks.extend(prefix + n for n in members)
+        return codec(plan.fmt).quantize(W, plan.fmt), {"fallback": f"rtn: {exc}"}

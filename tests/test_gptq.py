@@ -1,0 +1,267 @@
+"""GPTQ math on small random matrices, fallback and --strict, overrides, NaN handling, and one
+sequential GPTQ run on SmolLM2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from support import tiny_llama
+
+from compress.errors import CompressError, UsageError
+from compress.formats import WeightFormat, codec
+from compress.passes.gptq import gptq_quantize
+
+FORMATS = [WeightFormat(type="int", group_size=64), WeightFormat(type="int", group_size=32,
+                                                                 symmetric=False),
+           WeightFormat(type="int", group_size=None), WeightFormat(type="int", bits=8),
+           WeightFormat(type="nvfp4", group_size=16), WeightFormat(type="mxfp4", group_size=32)]
+
+
+def correlated_inputs(n: int = 1024, features: int = 128, seed: int = 0) -> torch.Tensor:
+    """Inputs whose features are strongly correlated (low-rank mix + noise), with uneven scales,
+    like a transformer's hidden states."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 12, generator=g) @ torch.randn(12, features, generator=g)
+    x = x + 0.1 * torch.randn(n, features, generator=g)
+    return x * torch.linspace(0.2, 3.0, features)
+
+
+def output_error(x: torch.Tensor, w: torch.Tensor, w_q: torch.Tensor) -> float:
+    return float(((x @ (w_q - w).T) ** 2).mean())
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_output_error_below_rtn(fmt, act_order):
+    x = correlated_inputs()
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(1)) * 0.05
+    H = 2 * x.T @ x / len(x)
+    q, info = gptq_quantize(w, H, fmt, block_size=32, act_order=act_order)
+    rtn = codec(fmt).quantize(w, fmt)
+    assert output_error(x, w, q.dequantize()) < 0.5 * output_error(x, w, rtn.dequantize())
+    # same storage layout as round-to-nearest, and the codes round-trip through packing
+    assert q.codes.shape == rtn.codes.shape and q.scale.shape == rtn.scale.shape
+    again = codec(fmt).unpack(codec(fmt).pack(q), fmt)
+    assert torch.equal(again.dequantize(), q.dequantize())
+    assert info.damp == 0.01 and info.act_order == act_order
+
+
+@pytest.mark.parametrize("fmt", [FORMATS[0], FORMATS[1], FORMATS[4]], ids=lambda f: f.name)
+def test_gptq_keeps_a_24_sparsity_mask(fmt):
+    x = correlated_inputs()
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(2)) * 0.05
+    keep = w.abs().reshape(32, 32, 4).topk(2, dim=-1).indices
+    mask = torch.zeros(32, 32, 4, dtype=torch.bool).scatter_(-1, keep, True).reshape(32, 128)
+    w_sparse = w * mask
+    H = 2 * x.T @ x / len(x)
+    q, _ = gptq_quantize(w_sparse, H, fmt, mask=mask)
+    w_q = q.dequantize()
+    assert torch.all(w_q[~mask] == 0)
+    assert (w_q[mask] != 0).float().mean() > 0.7       # kept weights were not all zeroed
+    rtn = codec(fmt).quantize(w_sparse, fmt).dequantize()
+    assert output_error(x, w_sparse, w_q) < output_error(x, w_sparse, rtn)
+
+
+def test_damping_escalates_and_fails_cleanly():
+    x = correlated_inputs(features=64)
+    H = 2 * x.T @ x / len(x)
+    w = torch.randn(16, 64) * 0.05
+    shifted = H - 0.05 * torch.diag(H).mean() * torch.eye(64)   # indefinite: 1% damping fails
+    _, info = gptq_quantize(w, shifted, FORMATS[0])
+    assert info.damp == pytest.approx(0.1)
+    with pytest.raises(CompressError, match="layer.x"):
+        gptq_quantize(w, -H, FORMATS[0], name="layer.x")
+
+
+def test_fallback_is_reported_and_strict_refuses_it():
+    from compress.passes.calibrated import _gptq_or_fallback
+    from compress.passes.quantize import ModulePlan, QuantizeConfig
+
+    class Ctx:
+        strict = False
+
+    w, H = torch.randn(16, 64), -torch.eye(64)       # no damping makes -I factorizable
+    plan = ModulePlan(FORMATS[0], "gptq")
+    fallbacks = []
+    q, info = _gptq_or_fallback(Ctx(), QuantizeConfig(method="gptq"), "model.layers.0.",
+                                ["self_attn.q_proj"], w, H, plan, fallbacks)
+    assert fallbacks == ["model.layers.0.self_attn.q_proj"] and "rtn" in info["fallback"]
+    assert torch.equal(q.codes, codec(FORMATS[0]).quantize(w, FORMATS[0]).codes)
+    Ctx.strict = True
+    with pytest.raises(CompressError, match="--strict"):
+        _gptq_or_fallback(Ctx(), QuantizeConfig(method="gptq"), "model.layers.0.",
+                          ["self_attn.q_proj"], w, H, plan, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+
+def test_overrides_parse_and_apply():
+    from compress.calib import CalibrationConfig
+    from compress.models import arch_for
+    from compress.passes import Context, run_pass
+    from compress.recipe import parse_recipe
+
+    recipe = parse_recipe({"passes": [{
+        "pass": "quantize", "format": "int4", "group_size": 32,
+        "overrides": [{"targets": ["re:layers\\.(0|1)\\.mlp\\.down_proj$"], "format": "int8"},
+                      {"targets": ["*.o_proj"], "format": "nvfp4"},
+                      # q/k/v are one fused matrix in serving runtimes: overridden together
+                      {"targets": ["*.q_proj", "*.k_proj", "*.v_proj"], "group_size": None,
+                       "symmetric": False}]}]})
+    cfg = recipe.passes[0]
+    model = tiny_llama()
+    ctx = Context(model, None, arch_for(model.config), CalibrationConfig(), torch.device("cpu"))
+    report = run_pass(ctx, cfg)
+    formats = {name: m["format"] for name, m in report.modules.items()}
+    assert formats["model.layers.1.mlp.down_proj"] == "int8-sym-g32"
+    assert formats["model.layers.0.self_attn.o_proj"] == "nvfp4"
+    assert formats["model.layers.0.self_attn.q_proj"] == "int4-asym-per-channel"
+    assert formats["model.layers.1.self_attn.v_proj"] == "int4-asym-per-channel"
+    assert formats["model.layers.0.mlp.gate_proj"] == "int4-sym-g32"
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"targets": ["*"], "group_sise": 8}, "unknown field"),
+    ({"targets": ["*"], "group_size": 0}, "overrides\\[0\\].*group_size"),
+    ({"targets": [], "format": "int8"}, "targets"),
+    ({"targets": ["*"], "method": "awq"}, "method"),
+])
+def test_bad_overrides_fail_at_parse_time(override, message):
+    from compress.recipe import parse_recipe
+
+    with pytest.raises(UsageError, match=message):
+        parse_recipe({"passes": [{"pass": "quantize", "overrides": [override]}]})
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN / Inf: named module, nothing written (through the CLI)
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """SmolLM2's tokenizer alone (read from the GGUF, no model load): the CLI needs one."""
+    from transformers import AutoTokenizer
+
+    from compress.models import resolve
+
+    source = resolve("smollm2-135m")
+    path = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(source.path, **source.pretrained_kwargs()).save_pretrained(path)
+    return path
+
+
+def _poisoned(tokenizer_dir: Path, out: Path, tensor: str, value: float) -> Path:
+    """A small random Llama with one non-finite value in `tensor`, saved as an HF directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2)).eval()
+    model.state_dict()[tensor].view(-1)[3] = value    # state_dict tensors share storage
+    model.save_pretrained(out)
+    for file in tokenizer_dir.iterdir():
+        (out / file.name).write_bytes(file.read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("tensor,value,method,named", [
+    ("model.layers.1.mlp.down_proj.weight", float("nan"), "rtn",
+     "weight of model.layers.1.mlp.down_proj"),
+    ("model.layers.1.post_attention_layernorm.weight", float("inf"), "gptq",
+     "Hessian of the input of model.layers.1.mlp.gate_proj"),
+])
+def test_non_finite_stops_the_run_and_writes_nothing(tokenizer_dir, tmp_path, tensor, value,
+                                                     method, named):
+    model_dir = _poisoned(tokenizer_dir, tmp_path / "model", tensor, value)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibration: {samples: 4, seq_len: 32}\npasses:\n"
+                      f"  - {{pass: quantize, format: int4, group_size: 32, method: {method}}}\n")
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "compress", "apply", str(recipe), str(model_dir),
+                          "-o", str(out)], capture_output=True, text=True, check=False)
+    assert run.returncode != 0
+    message = " ".join((run.stdout + run.stderr).split())
+    assert named in message and "NaN or Inf" in message
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequential GPTQ (and AWQ) on the real model
+
+def test_gptq_and_awq_beat_rtn_on_smollm2(smollm2, eval_windows):
+    """Quantize the first 3 layers of SmolLM2 three ways; compare the logits with the float
+    model's on held-out evaluation text (16 calibration samples x 128 tokens)."""
+    import copy
+
+    from compress.calib import CalibrationConfig
+    from compress.passes import Context, QuantizeConfig, run_pass
+
+    ids = eval_windows[:2]
+    with torch.no_grad():
+        reference = smollm2.model(ids).logits
+    errors = {}
+    for label, extra in {"rtn": {}, "gptq": {"method": "gptq"},
+                         "awq+rtn": {"awq": True}}.items():
+        model = copy.deepcopy(smollm2.model)
+        ctx = Context(model, smollm2.tokenizer, smollm2.arch,
+                      CalibrationConfig(samples=16, seq_len=128), torch.device("cpu"))
+        cfg = QuantizeConfig(format="int4", group_size=64, targets=["re:layers\\.[0-2]\\."],
+                             **extra)
+        report = run_pass(ctx, cfg)
+        assert report.summary["modules"] == 21
+        with torch.no_grad():
+            errors[label] = float(((model(ids).logits - reference) ** 2).mean())
+        del model
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+    assert errors["awq+rtn"] < errors["rtn"], errors
+
+
+def test_pass_keeps_zeros_of_modules_marked_sparse():
+    """The sparsify pass's contract: modules in structure(model)["sparsity"] keep their zeros
+    through GPTQ (and AWQ scaling); other modules are not masked."""
+    from compress.calib import CalibrationConfig
+    from compress.formats.artifact import structure
+    from compress.models import arch_for
+    from compress.passes import Context, QuantizeConfig, run_pass
+
+    model = tiny_llama()
+    sparse = "model.layers.1.mlp.up_proj"
+    weight = model.get_submodule(sparse).weight.data
+    keep = weight.abs().reshape(weight.shape[0], -1, 4).topk(2, dim=-1).indices
+    mask = torch.zeros(*weight.shape[:1], weight.shape[1] // 4, 4, dtype=torch.bool)
+    mask = mask.scatter_(-1, keep, True).reshape(weight.shape)
+    weight.mul_(mask)
+    structure(model)["sparsity"] = {sparse: "2:4"}
+    ctx = Context(model, None, arch_for(model.config), CalibrationConfig(samples=4, seq_len=32),
+                  torch.device("cpu"))
+    ctx._calib_ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    run_pass(ctx, QuantizeConfig(format="int4", group_size=32, method="gptq", awq=True))
+    w_q = model.get_submodule(sparse).dequantized_weight()
+    assert torch.all(w_q[~mask] == 0) and (w_q[mask] != 0).float().mean() > 0.7
+    dense = model.get_submodule("model.layers.1.mlp.gate_proj").dequantized_weight()
+    assert (dense == 0).float().mean() < 0.2
+
+
+def test_calibrated_pass_quantizes_every_target_and_reports_the_method():
+    from compress.calib import CalibrationConfig
+    from compress.models import arch_for
+    from compress.passes import Context, QuantizeConfig, run_pass
+
+    model = tiny_llama()
+    ctx = Context(model, None, arch_for(model.config), CalibrationConfig(samples=4, seq_len=32),
+                  torch.device("cpu"))
+    ctx._calib_ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = QuantizeConfig(format="int4", group_size=32, method="gptq", ignore=[],
+                         overrides=[{"targets": ["*.k_proj"], "method": "rtn"}])
+    report = run_pass(ctx, cfg)
+    methods = {name: m["method"] for name, m in report.modules.items()}
+    assert len(methods) == 15 and methods["lm_head"] == "rtn"      # outside the layers: RTN
+    assert methods["model.layers.0.self_attn.k_proj"] == "rtn"
+    assert methods["model.layers.0.self_attn.q_proj"] == "gptq"
+    assert report.modules["model.layers.0.self_attn.q_proj"]["damp"] == 0.01
+    assert report.summary["fallback_count"] == 0
