@@ -91,10 +91,11 @@ class LayerStore:
         from safetensors.torch import load_file
 
         written = self.file(index)
-        if written.is_file():
-            tensors = load_file(str(written))
+        prefix = f"{self.layers_prefix}.{index}."
+        if written.is_file():  # saved under full names: they are the artifact's shards
+            tensors = {k.removeprefix(prefix): v for k, v in load_file(str(written)).items()}
         elif not is_materialized(layer):
-            tensors = read_prefixed(self.source, f"{self.layers_prefix}.{index}.", self.dtype)
+            tensors = read_prefixed(self.source, prefix, self.dtype)
         else:
             return
         for name, tensor in tensors.items():

@@ -156,3 +156,28 @@ def test_dry_run_reads_no_weights(hf_dir, tmp_path):
     assert "layers streamed from disk" in text and "free disk space: enough" in text
     assert "num_attention_heads 9 is not divisible by --tp 2" in text
     assert not (tmp_path / "out").exists()
+
+
+GPTQ_RECIPE = """calibration: {source: stdlib, samples: 8, seq_len: 64, seed: 0}
+passes:
+  - pass: quantize
+    format: int4
+    group_size: 64
+    method: gptq
+"""
+
+
+def test_killed_gptq_run_resumes_to_identical_tensors(hf_dir, tmp_path):
+    """A calibrated pass resumes too: the inputs of the next layer are rebuilt by re-running
+    the written layers, so the result is the same as an uninterrupted run's."""
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text(GPTQ_RECIPE)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert compress_cli("apply", str(recipe), str(hf_dir), "-o", str(whole)).returncode == 0
+    killed = compress_cli("apply", str(recipe), str(hf_dir), "-o", str(resumed),
+                          fault="0:11:KILL")
+    assert killed.returncode == -9
+    done = compress_cli("apply", str(recipe), str(hf_dir), "-o", str(resumed))
+    assert done.returncode == 0, done.stderr
+    a, b = tensors(whole), tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
