@@ -94,6 +94,11 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# Hooks run on the model just before it is written: passes that store weights differently from
+# how they compute on them (2:4 storage, ...) convert and verify here. fn(model) -> None.
+BEFORE_SAVE: list[Callable[[nn.Module], None]] = []
+
+
 def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
                   report: dict[str, Any], overwrite: bool = False) -> Path:
     """Write the artifact atomically (temp dir + rename)."""
@@ -101,6 +106,8 @@ def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
 
     out = Path(out)
     check_output(out, overwrite)
+    for hook in BEFORE_SAVE:
+        hook(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
@@ -147,6 +154,8 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def _swap_quantized(model: nn.Module, modules: dict[str, dict]) -> None:
     for name, fmt in modules.items():
         linear = get_module(model, name)
+        if isinstance(linear, QuantizedLinear):
+            continue  # a structure loader already built it (e.g. 2:4 storage)
         bias = linear.bias if getattr(linear, "bias", None) is not None else None
         set_module(model, name, QuantizedLinear(linear.in_features, linear.out_features,
                                                 WeightFormat(**fmt), bias))
@@ -178,6 +187,7 @@ def load_artifact(path: str | Path, device=None, dtype=None) -> nn.Module:
     """Rebuild the compressed model: quantized linears keep packed weights and compute with them."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    import compress.passes  # noqa: F401  (passes register their STRUCTURE_LOADERS)
     from compress.models import arch_for
 
     path = Path(path)

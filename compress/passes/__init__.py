@@ -6,8 +6,9 @@ To add a pass: write compress/passes/<name>.py with `class XConfig(PassConfig)` 
 
 from compress.passes.base import PASSES, Context, PassConfig, PassReport, register, run_pass
 from compress.passes.quantize import QuantizeConfig
+from compress.passes.sparsify import SparsifyConfig
 
-PASS_CONFIGS = (QuantizeConfig,)
+PASS_CONFIGS = (QuantizeConfig, SparsifyConfig)
 
 __all__ = ["PASSES", "PASS_CONFIGS", "Context", "PassConfig", "PassReport", "register",
-           "run_pass", "QuantizeConfig"]
+           "run_pass", "QuantizeConfig", "SparsifyConfig"]
