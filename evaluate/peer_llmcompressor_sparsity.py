@@ -25,12 +25,14 @@ def prepare(out: Path) -> None:
     import torch
 
     from compress.calib import calibration_windows
+    from compress.formats.artifact import save_artifact
     from compress.models import load_model
     from compress.recipe import load_recipe
 
     loaded = load_model("smollm2-135m")
-    loaded.model.save_pretrained(out / "base")
-    loaded.tokenizer.save_pretrained(out / "base")
+    # An artifact with no passes is a plain HF directory (the GGUF-dequantized model cannot
+    # go through save_pretrained: transformers refuses to re-serialize a gguf-loaded model).
+    save_artifact(loaded.model, loaded.tokenizer, out / "base", "", {}, overwrite=True)
     ids = calibration_windows(loaded.tokenizer, load_recipe(RECIPE).calibration)
     torch.save(ids, out / "calib.pt")
     print(f"wrote {out / 'base'} and {out / 'calib.pt'} {tuple(ids.shape)}")
