@@ -33,6 +33,8 @@ def prepare(out: Path) -> None:
     # An artifact with no passes is a plain HF directory (the GGUF-dequantized model cannot
     # go through save_pretrained: transformers refuses to re-serialize a gguf-loaded model).
     save_artifact(loaded.model, loaded.tokenizer, out / "base", "", {}, overwrite=True)
+    for extra in ("recipe.yaml", "report.json"):  # llm-compressor would try to merge recipe.yaml
+        (out / "base" / extra).unlink()
     ids = calibration_windows(loaded.tokenizer, load_recipe(RECIPE).calibration)
     torch.save(ids, out / "calib.pt")
     print(f"wrote {out / 'base'} and {out / 'calib.pt'} {tuple(ids.shape)}")
