@@ -164,3 +164,73 @@ def get_module(root: nn.Module, name: str) -> nn.Module:
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(get_module(root, parent), child, module)
+
+
+class Sparse24Linear(nn.Module):
+    """A 2:4-sparse Linear kept in 2:4 storage (compress.formats.sparse24): weight_meta and
+    16-bit weight_values as buffers. forward: the 2:4 kernel on CUDA, else decompress + matmul."""
+
+    def __init__(self, in_features: int, out_features: int, values_dtype: torch.dtype,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # Placeholders of the stored shapes, so load_state_dict fills them.
+        self.register_buffer("weight_meta", torch.zeros(out_features, in_features // 8,
+                                                        dtype=torch.uint8))
+        self.register_buffer("weight_values", torch.zeros(out_features, in_features // 2,
+                                                          dtype=values_dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, name: str = "weight") -> "Sparse24Linear":
+        from compress.formats.sparse24 import compress_dense
+
+        tensors = compress_dense(linear.weight.data, name)
+        module = cls(linear.in_features, linear.out_features, tensors["weight_values"].dtype,
+                     linear.bias)
+        module.weight_meta, module.weight_values = tensors["weight_meta"], tensors["weight_values"]
+        return module.to(linear.weight.device)
+
+    def dense_weight(self) -> torch.Tensor:
+        from compress.formats.sparse24 import decompress_dense
+
+        return decompress_dense(self.weight_meta, self.weight_values)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in_features]
+        return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch_linear(self, x, self.reference_forward, layout="2:4")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, 2:4 "
+                f"{self.weight_values.dtype}")
+
+
+class Sparse24QuantizedLinear(QuantizedLinear):
+    """A 2:4-sparse 4-bit Linear: the format's tensors with weight_packed holding only the kept
+    codes, plus weight_meta (compress.formats.sparse24). forward: the 2:4 kernel reading that
+    layout on CUDA, else decompress + dequantize + matmul."""
+
+    @classmethod
+    def from_quantized_module(cls, module: QuantizedLinear,
+                              name: str = "weight") -> "Sparse24QuantizedLinear":
+        from compress.formats.sparse24 import compress_quantized
+
+        scale_dtype = module.packed()["weight_scale"].dtype
+        tensors = compress_quantized(module.quantized(), scale_dtype, name)
+        sparse = cls(module.in_features, module.out_features, module.fmt, module.bias)
+        sparse.load_packed({k: v.to(module.weight_scale.device) for k, v in tensors.items()})
+        return sparse
+
+    def quantized(self) -> QuantizedWeight:
+        from compress.formats.sparse24 import decompress_quantized
+
+        return decompress_quantized(self.packed(), self.fmt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch_linear(self, x, self.reference_forward, layout="2:4")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", 2:4"

@@ -100,6 +100,11 @@ def state_tensors(model: nn.Module, skip_prefix: str | None = None) -> dict[str,
     return tensors
 
 
+# Hooks run on the model just before it is written: passes that store weights differently from
+# how they compute on them (2:4 storage, ...) convert and verify here. fn(model) -> None.
+BEFORE_SAVE: list[Callable[[nn.Module], None]] = []
+
+
 def partial_dir(out: Path) -> Path:
     """Where an artifact is built before the rename; also what an interrupted run resumes."""
     return out.parent / f".{out.name}.partial"
@@ -131,6 +136,8 @@ def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
     partial directory already holds the layer shards (and is kept for resume until here)."""
     out = Path(out)
     check_output(out, overwrite)
+    for hook in BEFORE_SAVE:
+        hook(model)
     tmp = partial_dir(out)
     if store is None:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -187,6 +194,8 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def _swap_quantized(model: nn.Module, modules: dict[str, dict]) -> None:
     for name, fmt in modules.items():
         linear = get_module(model, name)
+        if isinstance(linear, QuantizedLinear):
+            continue  # a structure loader already built it (e.g. 2:4 storage)
         bias = linear.bias if getattr(linear, "bias", None) is not None else None
         set_module(model, name, QuantizedLinear(linear.in_features, linear.out_features,
                                                 WeightFormat(**fmt), bias))

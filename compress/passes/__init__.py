@@ -10,9 +10,11 @@ from compress.passes.precompute import PrecomputeConfig
 from compress.passes.prune_heads import PruneHeadsConfig
 from compress.passes.quantize import QuantizeConfig
 from compress.passes.rmsnorm import RMSNormConfig
+from compress.passes.sparsify import SparsifyConfig
 
 PASS_CONFIGS = (
     QuantizeConfig,
+    SparsifyConfig,
     RMSNormConfig,
     PrecomputeConfig,
     PruneHeadsConfig,

@@ -1,0 +1,339 @@
+"""sparsify: N:M semi-structured (2:4 by default) or unstructured pruning of the decoder's linears.
+
+Methods: magnitude (|W|, no data), Wanda (|W| times the L2 norm of each input feature, Sun et al.
+2023) and SparseGPT (prune by w^2 / [H^-1]_jj and update the remaining weights through the
+inverse Hessian, Frantar and Alistarh 2023). Wanda and SparseGPT run on the layer-wise
+calibrator, so layer i+1 is calibrated on the outputs of the pruned layer i.
+
+The pass leaves zeros in the weights and records structure(model)["sparsity"] = {name: "2:4"};
+a later quantize pass keeps them. When the artifact is written, 2:4 modules are converted to the
+compressed 2:4 storage (compress.formats.sparse24) unless `storage: dense`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from compress.calib import check_finite
+from compress.errors import CompressError, UsageError
+from compress.formats import WeightFormat
+from compress.formats.artifact import BEFORE_SAVE, STRUCTURE_LOADERS, structure
+from compress.formats.sparse24 import check_nm, fits_24
+from compress.hessian import inverse_cholesky, prepare_hessian
+from compress.modules import (QuantizedLinear, Sparse24Linear, Sparse24QuantizedLinear,
+                              get_module, set_module)
+from compress.passes.base import Context, PassConfig, PassReport, register
+from compress.passes.quantize import target_linears
+
+PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+class SparsifyConfig(PassConfig):
+    """Pruning of the linears matching targets minus ignore (fnmatch globs or "re:<regex>")."""
+
+    kind: Literal["sparsify"] = Field("sparsify", alias="pass")
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    # "N:M": at most N non-zeros in every M consecutive inputs; "unstructured": `sparsity` zeros
+    # per output row.
+    pattern: str = "2:4"
+    sparsity: float | None = Field(None, gt=0, lt=1)
+    targets: list[str] = ["*"]
+    ignore: list[str] = ["lm_head"]
+    # compressed: 2:4 layout in the artifact (needs a pattern that is also 2:4 sparse);
+    # dense: zeros stored in place, loadable by any runtime. Default: compressed when possible.
+    storage: Literal["compressed", "dense"] | None = None
+    block_size: int = Field(128, ge=1)     # SparseGPT: columns updated together
+    damp: float = Field(0.01, gt=0)        # SparseGPT: damping, fraction of mean diag(H)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SparsifyConfig":
+        n, m = self.nm()
+        if self.pattern == "unstructured":
+            if self.sparsity is None:
+                raise ValueError("pattern unstructured needs sparsity: a fraction such as 0.5")
+        elif self.sparsity is not None:
+            raise ValueError(f"sparsity is only for pattern unstructured; {self.pattern} "
+                             f"fixes it at {1 - n / m:g}")
+        if self.storage == "compressed" and not self.fits_24():
+            raise ValueError(f"storage compressed is the 2:4 layout; pattern {self.pattern} is "
+                             "not 2:4 sparse: use storage: dense")
+        if self.method == "sparsegpt" and m and self.block_size % m:
+            raise ValueError(f"block_size {self.block_size} must be a multiple of M={m}")
+        return self
+
+    def nm(self) -> tuple[int, int]:
+        """(N, M) of an N:M pattern; (0, 0) for unstructured."""
+        if self.pattern == "unstructured":
+            return 0, 0
+        match = PATTERN.match(self.pattern)
+        if not match or not 0 < int(match[1]) < int(match[2]):
+            raise ValueError(f"pattern {self.pattern!r}: write N:M with 0 < N < M (e.g. 2:4) "
+                             "or unstructured")
+        return int(match[1]), int(match[2])
+
+    def fits_24(self) -> bool:
+        n, m = self.nm()
+        return m > 0 and fits_24(n, m)
+
+    def compressed(self) -> bool:
+        return self.storage == "compressed" or (self.storage is None and self.fits_24())
+
+    def order_error(self, index: int, passes: list[PassConfig]) -> str | None:
+        for before in passes[:index]:
+            if before.kind == "quantize":
+                return (f"sparsify must come before quantize (passes[{passes.index(before)}] "
+                        "is quantize): quantization keeps the zeros of a sparse model, but "
+                        "pruning would undo the quantized grid; move sparsify first")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The math: pure functions on [O, I] matrices
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n highest scores in every group of m consecutive inputs. [O, I] -> bool."""
+    groups = scores.reshape(scores.shape[0], -1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    return keep.reshape(scores.shape)
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Drop the round(sparsity * I) lowest scores of every output row (Wanda's per-output
+    comparison group). [O, I] -> bool keep mask."""
+    drop = round(sparsity * scores.shape[1])
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if drop:
+        keep.scatter_(1, scores.topk(drop, dim=1, largest=False).indices, False)
+    return keep
+
+
+def select_mask(scores: torch.Tensor, n: int, m: int, sparsity: float | None) -> torch.Tensor:
+    return unstructured_mask(scores, sparsity) if m == 0 else nm_mask(scores, n, m)
+
+
+def wanda_scores(w: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2. w: [O, I]; x_norm: [I] the L2 norm of each input feature."""
+    return w.abs() * x_norm.unsqueeze(0)
+
+
+def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, n: int, m: int,
+                    sparsity: float | None = None, block_size: int = 128,
+                    damp: float = 0.01) -> torch.Tensor:
+    """SparseGPT: prune w [O, I] to N:M (m > 0) or to `sparsity` (m == 0), choosing by
+    w^2 / [H^-1]_jj^2 and compensating each pruned column on the later ones through the
+    Cholesky factor of H^-1 (Frantar and Alistarh 2023, Algorithm 1). H: [I, I]. Returns the
+    pruned float32 weight."""
+    H, W = prepare_hessian(H.float(), w.float())
+    U, _ = inverse_cholesky(H, damp)
+    columns = W.shape[1]
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        W1, Hinv1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        d = torch.diag(Hinv1)
+        if m == 0:  # unstructured: one threshold over the block (the paper's adaptive mask)
+            pruned = ~unstructured_block(W1 ** 2 / d ** 2, sparsity)
+        else:
+            pruned = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if m and i % m == 0:  # choose the N:M mask of the next m columns, updated so far
+                scores = W1[:, i:i + m] ** 2 / d[i:i + m] ** 2
+                pruned[:, i:i + m] = ~nm_mask(scores, n, m)
+            w_col = W1[:, i]
+            q = torch.where(pruned[:, i], torch.zeros_like(w_col), w_col)
+            err = (w_col - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return W
+
+
+def unstructured_block(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep mask dropping the `sparsity` fraction of lowest scores of the whole block."""
+    drop = int(scores.numel() * sparsity)
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if drop:
+        keep[scores.flatten().topk(drop, largest=False).indices] = False
+    return keep.reshape(scores.shape)
+
+
+def verify(w: torch.Tensor, pattern: str, name: str) -> None:
+    """Raise CompressError unless w [O, I] follows an N:M pattern (unstructured: nothing to check)."""
+    match = PATTERN.match(pattern)
+    if match:
+        check_nm(w, int(match[1]), int(match[2]), name)
+
+
+def layer_stats(w_old: torch.Tensor, w_new: torch.Tensor) -> dict[str, float]:
+    return {"sparsity": float((w_new == 0).float().mean()),
+            "rel_error": float((w_old.float() - w_new.float()).norm() / w_old.float().norm())}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+
+def _prune(name: str, linear: nn.Linear, cfg: SparsifyConfig, stat: torch.Tensor | None) -> dict:
+    """Prune one linear in place; stat is x_norm [I] (Wanda) or H [I, I] (SparseGPT)."""
+    n, m = cfg.nm()
+    w = linear.weight.data
+    check_finite(name, w)
+    if cfg.method == "sparsegpt":
+        try:
+            new = sparsegpt_prune(w, stat, n, m, cfg.sparsity, cfg.block_size, cfg.damp)
+        except CompressError as exc:
+            raise CompressError(f"{name}: {exc}") from None
+    else:
+        scores = w.abs() if cfg.method == "magnitude" else wanda_scores(w.float(), stat)
+        new = w * select_mask(scores, n, m, cfg.sparsity)
+    check_finite(name, new, "pruned weight")
+    stats = layer_stats(w, new)
+    linear.weight.data = new.to(w.dtype)
+    verify(linear.weight.data, cfg.pattern, name)
+    return stats
+
+
+def _check_targets(linears: dict[str, nn.Linear], cfg: SparsifyConfig, prefix: str) -> None:
+    n, m = cfg.nm()
+    for name, linear in linears.items():
+        in_features = linear.in_features
+        if m and in_features % m:
+            raise UsageError(f"sparsify: {name} has {in_features} inputs, not a multiple of "
+                             f"M={m}; ignore it or choose another pattern")
+        if cfg.compressed() and in_features % 8:
+            raise UsageError(f"sparsify: {name} has {in_features} inputs; 2:4 storage needs a "
+                             "multiple of 8: ignore it or set storage: dense")
+        if cfg.method != "magnitude" and not name.startswith(prefix):
+            raise UsageError(f"sparsify: {name} is outside the decoder layers, which "
+                             f"{cfg.method} calibrates one by one: ignore it or use magnitude")
+
+
+def _input_stats(step, local: dict[str, nn.Linear], groups: list[tuple[str, ...]],
+                 method: str) -> dict[str, torch.Tensor]:
+    """Per local linear name: x_norm [I] (wanda) or the Hessian [I, I] (sparsegpt), computed
+    once per group of projections that read the same input."""
+    reader = {name: next((g[0] for g in groups if name in g), name) for name in local}
+    readers = sorted(set(reader.values()))
+    if method == "sparsegpt":
+        hessians = step.hessians(readers)
+        return {name: hessians[reader[name]] for name in local}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(key):
+        def fn(module, x, y):
+            x = x.reshape(-1, x.shape[-1]).float()
+            sums[key] = sums.get(key, 0) + x.pow(2).sum(0)
+            counts[key] = counts.get(key, 0) + x.shape[0]
+        return fn
+
+    step.run({key: hook(key) for key in readers})
+    # sqrt(mean x^2) is ||X_j|| up to a constant factor, which does not change the mask
+    return {name: (sums[reader[name]] / counts[reader[name]]).sqrt() for name in local}
+
+
+@register(SparsifyConfig)
+def sparsify(ctx: Context, cfg: SparsifyConfig) -> PassReport:
+    report = PassReport("sparsify", summary={"method": cfg.method, "pattern": cfg.pattern,
+                                             "storage": "compressed" if cfg.compressed()
+                                             else "dense"})
+    linears = target_linears(ctx.model, cfg.targets, cfg.ignore)
+    if not linears:
+        raise UsageError(f"sparsify: no Linear layer matches targets {cfg.targets} minus ignore "
+                         f"{cfg.ignore}")
+    prefix = ctx.arch.layers + "."
+    _check_targets(linears, cfg, prefix)
+    if cfg.method == "magnitude":
+        for name, linear in linears.items():
+            report.modules[name] = _prune(name, linear, cfg, None)
+    else:
+        last = max(int(name[len(prefix):].split(".")[0]) for name in linears)
+        for step in ctx.calibrator():
+            local = {name[len(step.name) + 1:]: linear for name, linear in linears.items()
+                     if name.startswith(step.name + ".")}
+            if local:
+                stats = _input_stats(step, local, ctx.arch.linear_groups(), cfg.method)
+                for short, linear in local.items():
+                    name = f"{step.name}.{short}"
+                    report.modules[name] = _prune(name, linear, cfg, stats[short])
+            if step.index == last:
+                step.layer.to("cpu")  # later layers are unchanged: no need to run them
+                break
+    record(ctx.model, {name: cfg.pattern for name in linears}, cfg.compressed())
+    values = [m["sparsity"] for m in report.modules.values()]
+    errors = [m["rel_error"] for m in report.modules.values()]
+    report.summary.update(modules=len(linears), mean_sparsity=sum(values) / len(values),
+                          mean_rel_error=sum(errors) / len(errors))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure: the marker other passes read, 2:4 storage on save, and its rebuild on load
+
+def record(model: nn.Module, patterns: dict[str, str], compressed: bool) -> None:
+    """Mark modules as sparse (the cross-pass contract) and queue 2:4 storage for them."""
+    structure(model).setdefault("sparsity", {}).update(patterns)
+    pending = getattr(model, "compress_sparse24_pending", set())
+    pending = (pending | set(patterns)) if compressed else (pending - set(patterns))
+    model.compress_sparse24_pending = pending
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a sparse-marked module computes with, whatever module holds it now."""
+    if isinstance(module, Sparse24Linear):
+        return module.dense_weight()
+    if isinstance(module, QuantizedLinear):
+        return module.dequantized_weight()
+    return module.weight.data
+
+
+def finalize_sparse(model: nn.Module) -> None:
+    """Before save: verify every sparse-marked module's pattern, then convert the 2:4 ones that
+    asked for compressed storage. The in-memory model then computes with what is written."""
+    marked = structure(model).get("sparsity", {})
+    for name, pattern in marked.items():
+        verify(dense_weight(get_module(model, name)), pattern, name)
+    storage = structure(model).setdefault("sparse24", {})
+    for name in sorted(getattr(model, "compress_sparse24_pending", set())):
+        module = get_module(model, name)
+        if isinstance(module, (Sparse24Linear, Sparse24QuantizedLinear)):
+            continue
+        if isinstance(module, QuantizedLinear):
+            sparse = Sparse24QuantizedLinear.from_quantized_module(module, name)
+            storage[name] = {"format": module.fmt.model_dump()}
+        elif isinstance(module, nn.Linear):
+            sparse = Sparse24Linear.from_linear(module, name)
+            storage[name] = {"values_dtype": str(sparse.weight_values.dtype).removeprefix("torch.")}
+        else:
+            raise CompressError(f"{name}: marked 2:4 but is a {type(module).__name__}, which "
+                                "2:4 storage cannot hold; use storage: dense")
+        set_module(model, name, sparse)
+    if not storage:
+        del structure(model)["sparse24"]
+    model.compress_sparse24_pending = set()
+
+
+def load_sparse24(model: nn.Module, modules: dict[str, dict]) -> None:
+    """On load: put 2:4 storage modules in place before the weights are read."""
+    for name, spec in modules.items():
+        linear = get_module(model, name)
+        bias = linear.bias
+        if "format" in spec:
+            module = Sparse24QuantizedLinear(linear.in_features, linear.out_features,
+                                             WeightFormat(**spec["format"]), bias)
+        else:
+            module = Sparse24Linear(linear.in_features, linear.out_features,
+                                    getattr(torch, spec["values_dtype"]), bias)
+        set_module(model, name, module)
+
+
+BEFORE_SAVE.append(finalize_sparse)
+STRUCTURE_LOADERS["sparsity"] = lambda model, value: None  # a marker: zeros are in the weights
+STRUCTURE_LOADERS["sparse24"] = load_sparse24
