@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 # Tests set this: every buffer a kernel writes is then filled with NaN before launch, so an
 # element the kernel forgets to write fails the comparison instead of passing as zero.
@@ -105,3 +107,32 @@ def activation_2d(x: torch.Tensor, k: int) -> torch.Tensor:
 def split_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[S, M, N] float32 partial sums of a split-K launch -> [M, N] in dtype."""
     return partial[0].to(dtype) if partial.shape[0] == 1 else partial.sum(0).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The matmul main loop's shared steps (every weight format decodes its own tile, then these).
+
+@triton.jit
+def mac_tile(acc, x_ptr, w, rm, rk, M, K, stride_xm, USE_DOT: tl.constexpr,
+             IEEE: tl.constexpr):
+    """acc[BM, BN] += x[rm, rk] @ w[BN, BK]^T, w already decoded to float32."""
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+    if USE_DOT:
+        if IEEE:  # float32 activations: no silent TF32 rounding (see dot_in_f32)
+            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    else:  # a few rows: CUDA cores, no padding to 16 rows
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def store_tile(acc, b_ptr, out_ptr, rm, rn, M, N, pid_k, stride_split, HAS_BIAS: tl.constexpr):
+    """Add the bias (once, in split 0) and store this split's [BM, BN] partial result."""
+    if HAS_BIAS:
+        b = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc += b[None, :] * (pid_k == 0).to(tl.float32)
+    out = out_ptr + pid_k * stride_split + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from compress.kernels import _common as C
+from compress.kernels._common import mac_tile, store_tile
 from compress.kernels.fp4 import FORMATS as FP4_GROUPS
 from compress.kernels.fp4 import (
     _e4m3_to_f32,
@@ -126,20 +127,8 @@ def _sparse24_matmul_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, lut_ptr, gs_ptr, 
         kept = _kept_values(v_ptr, s_ptr, z_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP,
                             KIND, BITS, PER, HAS_ZERO, BLOCK_N, BLOCK_K)
         w = _dense_tile(kept, m_ptr, rn, k0, N, K, BLOCK_N, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        if USE_DOT:
-            if IEEE:
-                acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        acc += b[None, :] * (pid_k == 0).to(tl.float32)
-    out = out_ptr + pid_k * stride_split + rm[:, None] * N + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+        acc = mac_tile(acc, x_ptr, w, rm, rk, M, K, stride_xm, USE_DOT, IEEE)
+    store_tile(acc, b_ptr, out_ptr, rm, rn, M, N, pid_k, stride_split, HAS_BIAS)
 
 
 @triton.jit
