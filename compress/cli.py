@@ -286,7 +286,11 @@ def bench(artifact: str = typer.Argument(..., help="artifact directory or any mo
 def main() -> None:
     set_offline_unless_asked()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:  # typer returns 130 for Ctrl-C in this mode
+            if code == 130:
+                console.print("interrupted; temporary files removed")
+            sys.exit(code)
     except CompressError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

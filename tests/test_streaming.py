@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,11 @@ def compress_cli(*args: str, fault: str | None = None) -> subprocess.CompletedPr
     env.pop("COMPRESS_FAULT_AFTER_LAYER", None)
     if fault:
         env["COMPRESS_FAULT_AFTER_LAYER"] = fault
+    # SIGINT default in the child even when this test runs in a background job (which a shell
+    # starts with SIGINT ignored, and Python keeps it ignored).
     return subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True,
-                          text=True, env=env, timeout=600)
+                          text=True, env=env, timeout=600,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def tensors(artifact: Path) -> dict[str, torch.Tensor]:
