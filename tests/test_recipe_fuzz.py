@@ -1,6 +1,5 @@
 """Fuzz the recipe parser: any input gives a parsed recipe or a clean UsageError, never a crash."""
 
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

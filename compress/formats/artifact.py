@@ -12,7 +12,6 @@ layer, ...) record it in model.compress_structure; STRUCTURE_LOADERS rebuild it 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -244,11 +243,7 @@ def load_artifact(path: str | Path, device=None, dtype=None) -> nn.Module:
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype)
     model = auto.from_config(config, dtype=torch_dtype)
-    import compress.passes  # noqa: F401  (every pass module registers its STRUCTURE_LOADERS)
-
     model.compress_structure = dict(section.get("structure", {}))
-    import compress.passes  # noqa: F401  (pass modules register their STRUCTURE_LOADERS)
-
     for key, value in model.compress_structure.items():
         if key not in STRUCTURE_LOADERS:
             raise CompressError(f"{path}: this version of compress cannot rebuild structure "

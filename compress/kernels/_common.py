@@ -109,6 +109,33 @@ def split_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return partial[0].to(dtype) if partial.shape[0] == 1 else partial.sum(0).to(dtype)
 
 
+def launch_plan(path: str, m: int, n: int, k: int, split_k: int | None, dtype: torch.dtype,
+                device) -> tuple[Config, tuple[int, int, int], int, torch.Tensor]:
+    """Tiles, grid (m, n, split-K), K per split and the output of a matmul launch: [m, n] in
+    the activation dtype, or float32 partials [split, m, n] that split_sum reduces."""
+    cfg = config_for(path, m)
+    grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
+    split = split_k or split_k_for(path, grid_m * grid_n, k, cfg.block_k, device)
+    k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
+    split = -(-k // k_per_split)
+    out = alloc((split, m, n) if split > 1 else (m, n),
+                torch.float32 if split > 1 else dtype, device)
+    return cfg, (grid_m, grid_n, split), k_per_split, out
+
+
+@triton.jit
+def apply_int_scale(q, s_ptr, z_ptr, rn, grp, inside, G, BITS: tl.constexpr,
+                    PER: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """(q - zero) * scale for decoded INT codes q [BN, BK]; zero points packed PER to an int32
+    along the output axis (compressed-tensors' layout)."""
+    s = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=inside, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        zw = tl.load(z_ptr + (rn[:, None] // PER) * G + grp[None, :], mask=inside, other=0)
+        z = ((zw >> ((rn[:, None] % PER) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+        q = q - z.to(tl.float32)
+    return q * s
+
+
 # ---------------------------------------------------------------------------------------------
 # The matmul main loop's shared steps (every weight format decodes its own tile, then these).
 

@@ -146,15 +146,10 @@ def fp4_matmul(x: torch.Tensor, fmt: str, packed: torch.Tensor, scale: torch.Ten
     if path == "dequant":
         w = fp4_dequantize(fmt, packed, scale, global_scale, shape, x.dtype)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
-    cfg = C.config_for(path, m)
-    grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
-    split = split_k or C.split_k_for(path, grid_m * grid_n, k, cfg.block_k, x.device)
-    k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
-    split = -(-k // k_per_split)
-    out = C.alloc((split, m, n) if split > 1 else (m, n),
-                  torch.float32 if split > 1 else x.dtype, x.device)
+    cfg, grid, k_per_split, out = C.launch_plan(path, m, n, k, split_k, x.dtype, x.device)
+    split = grid[2]
     gs = global_scale.float() if global_scale is not None else scale  # unused for MXFP4
-    _fp4_matmul_kernel[(grid_m, grid_n, split)](
+    _fp4_matmul_kernel[grid](
         x2, packed, scale.view(torch.uint8), e2m1_table(x.device), gs,
         bias if bias is not None else x2, out,
         m, n, k, scale.shape[1], FORMATS[fmt], x2.stride(0), m * n, k_per_split,

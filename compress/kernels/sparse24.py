@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from compress.kernels import _common as C
-from compress.kernels._common import mac_tile, store_tile
+from compress.kernels._common import apply_int_scale, mac_tile, store_tile
 from compress.kernels.fp4 import FORMATS as FP4_GROUPS
 from compress.kernels.fp4 import (
     _e4m3_to_f32,
@@ -48,12 +48,7 @@ def _kept_int(v_ptr, s_ptr, z_ptr, rn, rj, grp, inside, k0, N, K, G, BITS: tl.co
     words = tl.load(v_ptr + rn[:, None] * (K // 2 // PER) + rw[None, :],
                     mask=(rn[:, None] < N) & (rw[None, :] < K // 2 // PER), other=0)
     q = _unpack_words(words, BITS, PER, BLOCK_N, HALF).to(tl.float32)
-    s = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=inside, other=0.0).to(tl.float32)
-    if HAS_ZERO:
-        zw = tl.load(z_ptr + (rn[:, None] // PER) * G + grp[None, :], mask=inside, other=0)
-        z = ((zw >> ((rn[:, None] % PER) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-        q = q - z.to(tl.float32)
-    return q * s
+    return apply_int_scale(q, s_ptr, z_ptr, rn, grp, inside, G, BITS, PER, HAS_ZERO)
 
 
 @triton.jit
@@ -211,14 +206,9 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
         w = sparse24_dequantize(kind, tensors, shape, bits, x.dtype)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
     v, s, z, lut, gs, groups = _launch_args(kind, tensors, bits, x.device)
-    cfg = C.config_for(path, m)
-    grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
-    split = split_k or C.split_k_for(path, grid_m * grid_n, k, cfg.block_k, x.device)
-    k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
-    split = -(-k // k_per_split)
-    out = C.alloc((split, m, n) if split > 1 else (m, n),
-                  torch.float32 if split > 1 else x.dtype, x.device)
-    _sparse24_matmul_kernel[(grid_m, grid_n, split)](
+    cfg, grid, k_per_split, out = C.launch_plan(path, m, n, k, split_k, x.dtype, x.device)
+    split = grid[2]
+    _sparse24_matmul_kernel[grid](
         x2, v, tensors["weight_meta"], s, z, lut, gs, bias if bias is not None else x2, out,
         m, n, k, groups, k // groups, x2.stride(0), m * n, k_per_split,
         KIND=VALUE_KINDS[kind], BITS=bits, PER=32 // bits,

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from compress.kernels import _common as C
-from compress.kernels._common import mac_tile, store_tile
+from compress.kernels._common import apply_int_scale, mac_tile, store_tile
 
 
 @triton.jit
@@ -43,12 +43,7 @@ def _int_tile(w_ptr, s_ptr, z_ptr, rn, k0, N, K, KW, G, GROUP,
     q = _unpack_words(words, BITS, PER, BLOCK_N, BLOCK_K).to(tl.float32)
     inside = (rn[:, None] < N) & (rk[None, :] < K)
     grp = rk // GROUP
-    s = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=inside, other=0.0).to(tl.float32)
-    if HAS_ZERO:
-        zw = tl.load(z_ptr + (rn[:, None] // PER) * G + grp[None, :], mask=inside, other=0)
-        z = ((zw >> ((rn[:, None] % PER) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-        q = q - z.to(tl.float32)
-    return q * s
+    return apply_int_scale(q, s_ptr, z_ptr, rn, grp, inside, G, BITS, PER, HAS_ZERO)
 
 
 @triton.jit
@@ -121,14 +116,9 @@ def int_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
         w = int_dequantize(packed, scale, zero, shape, bits, x.dtype)
         y = torch.nn.functional.linear(x2, w, bias)
         return y.reshape(*x.shape[:-1], n)
-    cfg = C.config_for(path, m)
-    grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
-    split = split_k or C.split_k_for(path, grid_m * grid_n, k, cfg.block_k, x.device)
-    k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
-    split = -(-k // k_per_split)
-    out = C.alloc((split, m, n) if split > 1 else (m, n),
-                  torch.float32 if split > 1 else x.dtype, x.device)
-    _int_matmul_kernel[(grid_m, grid_n, split)](
+    cfg, grid, k_per_split, out = C.launch_plan(path, m, n, k, split_k, x.dtype, x.device)
+    split = grid[2]
+    _int_matmul_kernel[grid](
         x2, packed, scale, zero_arg, bias if bias is not None else scale, out,
         m, n, k, packed.shape[1], groups, k // groups, x2.stride(0), m * n, k_per_split,
         HAS_BIAS=bias is not None, USE_DOT=path != "gemv", IEEE=C.dot_in_f32(x.dtype),
