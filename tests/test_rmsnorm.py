@@ -195,14 +195,20 @@ def test_stream_is_zero_mean_after_recentring():
     assert all(h.mean(-1).abs().max() < 1e-4 * h.abs().max() for h in seen)
 
 
-def test_llama_fold_plain_transformers_and_nothing_twice(tmp_path):
+def llama_with_random_norms(**config):
+    """A tiny Llama whose norm weights are not 1, so folding them changes the weights."""
     from support import tiny_llama
 
-    model = tiny_llama(tie_word_embeddings=False)
+    model = tiny_llama(**config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(1.0, 0.3)
+    return model
+
+
+def test_llama_fold_plain_transformers_and_nothing_twice(tmp_path):
+    model = llama_with_random_norms(tie_word_embeddings=False)
     ids = text_ids()
     before = logits(model, ids)
     report = apply_pass(model)
@@ -227,13 +233,7 @@ def test_llama_fold_plain_transformers_and_nothing_twice(tmp_path):
 
 
 def test_tied_fold_keeps_final_norm_or_unties():
-    from support import tiny_llama
-
-    model = tiny_llama(tie_word_embeddings=True)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.3)
+    model = llama_with_random_norms(tie_word_embeddings=True)
     ids = text_ids()
     before = logits(model, ids)
     kept = copy.deepcopy(model)
