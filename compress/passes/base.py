@@ -75,6 +75,7 @@ class Context:
     store: "LayerStore | None" = None        # set when layers stream from/to disk
     run: "Run | None" = None                 # set when the run can resume
     pass_index: int = 0
+    current_layer: str = ""                  # the decoder layer a pass is working on (errors)
     _calib_ids: "torch.Tensor | None" = None
 
     def calibration_ids(self) -> "torch.Tensor":
@@ -111,6 +112,9 @@ class Context:
         return self.run.first_layer(self.pass_index) if self.run else 0
 
     def open_layer(self, index: int, layer: "torch.nn.Module") -> None:
+        from compress.models import layers_path
+
+        self.current_layer = f"{layers_path(self.model, self.arch)}.{index}"
         if self.store is not None:
             self.store.load(index, layer)
 
@@ -154,8 +158,32 @@ def register(config_type: type[PassConfig]) -> Callable[[PassFn], PassFn]:
     return wrap
 
 
+# Known causes of torch RuntimeErrors inside a pass, and what the user can do about each.
+_RUNTIME_FIXES = (
+    ("out of memory", "use fewer or shorter calibration samples (calibration.samples, "
+                      "calibration.batch_size) or --device cpu"),
+    ("same device", "this is a bug in compress; --device cpu works around it"),
+    ("CUDA error", "the GPU failed; run again, or use --device cpu"),
+)
+
+
+def runtime_error_line(exc: RuntimeError, cfg: PassConfig, ctx: Context) -> str:
+    """One line for a torch RuntimeError raised inside a pass: the pass, the module, the device,
+    torch's own first line and, where the cause is known, the fix."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    where = f" in {ctx.current_layer}" if ctx.current_layer else ""
+    fix = next((f"; {fix}" for key, fix in _RUNTIME_FIXES if key.lower() in first.lower()), "")
+    return f"pass {cfg.kind!r} failed{where} on {ctx.device}: {first}{fix}"
+
+
 def run_pass(ctx: Context, cfg: PassConfig) -> PassReport:
+    from compress.errors import CompressError
+
     start = time.perf_counter()
-    report = PASSES[type(cfg)](ctx, cfg)
+    ctx.current_layer = ""
+    try:
+        report = PASSES[type(cfg)](ctx, cfg)
+    except RuntimeError as exc:  # torch's errors (device, memory, CUDA): one line, exit 1
+        raise CompressError(runtime_error_line(exc, cfg, ctx)) from exc
     report.seconds = time.perf_counter() - start
     return report

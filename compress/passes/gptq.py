@@ -55,20 +55,25 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
         W = W * mask
     static = _static_params(W, fmt, g, gs) if act_order else None
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else \
-        torch.arange(in_features)
+        torch.arange(in_features, device=W.device)
+    order = perm.tolist()   # one device-to-host copy, not one .item() per column
     W, H = W[:, perm], H[perm][:, perm]
     mask_p = mask[:, perm] if mask is not None else None
     U, used = inverse_cholesky(H, damp, name=name)  # upper factor of H^-1
 
-    codes = torch.zeros(out_features, in_features, dtype=torch.int8)
-    scales = torch.zeros(out_features, in_features // g)
+    # Every buffer lives where W and H do (the calibration device): nothing is created on the
+    # CPU by default, which is what made GPTQ fail on CUDA.
+    dev = W.device
+    codes = torch.zeros(out_features, in_features, dtype=torch.int8, device=dev)
+    scales = torch.zeros(out_features, in_features // g, device=dev)
     zeros = None if fmt.symmetric else torch.zeros(out_features, in_features // g,
-                                                   dtype=torch.int8)
+                                                   dtype=torch.int8, device=dev)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
-        W1, Err1, U1 = W[:, i1:i2].clone(), torch.zeros(out_features, i2 - i1), U[i1:i2, i1:i2]
+        W1, Err1, U1 = W[:, i1:i2].clone(), torch.zeros(out_features, i2 - i1, device=dev), \
+            U[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = perm[i1 + i].item()          # original column index
+            col = order[i1 + i]                 # original column index
             group = col // g
             if static is not None:
                 scale, zero = static[0][:, group], (None if static[1] is None
