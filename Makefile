@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out/smollm2-int4
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test wheel-check clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+	VENV=$(VENV) bash .ci/wheel-check
+
+# The wheel, installed outside the checkout, carries the bundled recipes, lists and tasks.
+wheel-check: setup
+	VENV=$(VENV) bash .ci/wheel-check
 
 clean:
 	rm -rf $(VENV) out

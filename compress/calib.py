@@ -17,7 +17,8 @@ from torch import nn
 from compress.errors import CompressError, UsageError
 from compress.models import Arch, decoder_layers, layers_path
 
-STDLIB_SETS = Path(__file__).resolve().parents[1] / "calibration" / "stdlib.yaml"
+# Inside the package, so a wheel carries it (the top-level calibration/ is a link to it).
+STDLIB_SETS = Path(__file__).resolve().parent / "bundled" / "calibration" / "stdlib.yaml"
 
 
 class CalibrationConfig(BaseModel):

@@ -15,7 +15,7 @@ import typer
 
 from compress.errors import CompressError
 from compress.models import set_offline_unless_asked
-from compress.progress import console
+from compress.progress import console, key_values
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress transformer language models: quantize, sparsify, prune, "
@@ -39,6 +39,7 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled rec
           dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and estimates; "
                                                                 "load no weights"),
           tp: int = typer.Option(1, help="tensor-parallel size to check vLLM compatibility for"),
+          as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
           ) -> None:
     """Apply a recipe's passes to MODEL and write the compressed artifact to -o.
 
@@ -60,8 +61,11 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled rec
     report = apply_recipe(parsed, model, output, overwrite=overwrite, device=device, dtype=dtype,
                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                           strict=strict, restart=restart)
+    if as_json:
+        print(json.dumps(report))
     for item in report["passes"]:
-        console.print(f"[bold]{item['pass']}[/]: {item['seconds']:.1f}s {item['summary']}")
+        console.print(f"[bold]{item['pass']}[/] {item['seconds']:.1f}s "
+                      f"{key_values(item['summary'])}", highlight=False, soft_wrap=True)
     console.print(f"wrote {output}")
 
 
@@ -84,7 +88,8 @@ def evaluate(artifact: str = typer.Argument(..., help="artifact directory or any
 
     if min_recovery is not None and not baseline:
         raise UsageError("--min-recovery compares against a baseline: pass --baseline MODEL")
-    from compress.evaluation.report import evaluate as run, failing, write_json
+    from compress.evaluation.report import evaluate as run
+    from compress.evaluation.report import failing, write_json
 
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
     result = run(artifact, baseline, text, seq_len, max_tokens, names, limit, batch_size)
@@ -133,7 +138,8 @@ def compare(model: str = ModelArg,
             bench: bool = typer.Option(True, help="measure speed and peak memory"),
             ) -> None:
     """Apply each recipe to MODEL, evaluate and benchmark each; write compare.md, pareto.png."""
-    from compress.evaluation.compare import compare as sweep, write_outputs
+    from compress.compare import compare as sweep
+    from compress.compare import write_outputs
 
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
     result = sweep(model, recipe_files, output, names, limit, seq_len, max_tokens, bench)
@@ -143,11 +149,15 @@ def compare(model: str = ModelArg,
 
 
 @app.command()
-def inspect(artifact: Path = typer.Argument(..., help="artifact directory")) -> None:
+def inspect(artifact: Path = typer.Argument(..., help="artifact directory"),
+            as_json: bool = typer.Option(False, "--json", help="print the facts as JSON on stdout"),
+            ) -> None:
     """Show what an artifact holds: formats per module, sizes, and the recipe's report."""
     from compress.inspect import describe_artifact
 
-    describe_artifact(artifact)
+    facts = describe_artifact(artifact)
+    if as_json:
+        print(json.dumps(facts))
 
 
 @app.command()
@@ -187,7 +197,7 @@ def _load_for_run(spec: str, device: str, dtype: str):
     if resolve(spec).kind == "artifact":
         from transformers import AutoTokenizer
 
-        from compress.formats.artifact import load_artifact
+        from compress.runtime.artifact import load_artifact
 
         model = load_artifact(resolve(spec).path, device=device, dtype=torch_dtype)
         return model, AutoTokenizer.from_pretrained(resolve(spec).path)
@@ -209,7 +219,7 @@ def generate(artifact: str = typer.Argument(..., help="artifact directory or any
     from transformers import TextStreamer
 
     from compress.errors import UsageError
-    from compress.modules import dispatch_summary
+    from compress.runtime.modules import dispatch_summary
 
     if max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from compress.errors import UsageError
-from compress.progress import console
+from compress.progress import console, key_values
 
 
 def weight_bytes(path: Path) -> dict[str, int]:
@@ -55,7 +55,7 @@ def describe_artifact(path: Path) -> dict:
     if report_path.is_file():
         report = json.loads(report_path.read_text())
         for item in report.get("passes", []):
-            table.add_row(f"pass {item['pass']}", f"{item['seconds']}s {item['summary']}")
+            table.add_row(f"pass {item['pass']}", f"{item['seconds']}s {key_values(item['summary'])}")
     console.print(table)
     return {"modules": modules, "weight_bytes": sum(sizes.values())}
 

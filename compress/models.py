@@ -303,7 +303,7 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         return Loaded(model, tokenizer, arch_for(config), source)
     if source.kind == "artifact":
-        from compress.formats.artifact import load_artifact
+        from compress.runtime.artifact import load_artifact
 
         model = load_artifact(source.path)
         tokenizer = AutoTokenizer.from_pretrained(source.path)

@@ -12,7 +12,6 @@ Two ways to run, chosen by the recipe:
 from __future__ import annotations
 
 import hashlib
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from compress.models import layers_path, load_model, model_fingerprint
 from compress.passes import Context, run_pass
 from compress.progress import console, status
 from compress.recipe import Recipe
+from compress.versions import versions
 
 
 def logits_probe(model, ids: torch.Tensor) -> torch.Tensor:
@@ -33,15 +33,6 @@ def logits_probe(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model(ids.to(next(model.parameters()).device))
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float().cpu()
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {"compress": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "machine": platform.machine(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
 def is_layerwise(recipe: Recipe) -> bool:
@@ -57,9 +48,9 @@ def fingerprints(ctx: Context, source, recipe_yaml: str) -> dict[str, str]:
 
 def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: bool) -> None:
     """Attach a LayerStore and a resumable Run (restoring an interrupted one) to ctx."""
-    from compress.formats.artifact import _swap_quantized, structure
     from compress.offload import LayerStore, safetensors_index
     from compress.resume import Run
+    from compress.runtime.artifact import structure, swap_quantized
 
     work = partial_dir(out)
     run = Run.open(work, fingerprints(ctx, loaded.source, recipe_yaml), restart)
@@ -70,7 +61,7 @@ def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: 
     ctx.run = run
     if run.resumed:
         # Rebuild the module structure the written layers were saved with.
-        _swap_quantized(ctx.model, run.modules)
+        swap_quantized(ctx.model, run.modules)
         structure(ctx.model).update(run.structure)
         ctx.store.load_rest(ctx.model)
         done = sum(1 for _ in ctx.store.written())

@@ -117,4 +117,5 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(data, str(path))
 
 
-BUNDLED = Path(__file__).resolve().parents[1] / "recipes"
+# Inside the package, so a wheel carries them (the top-level recipes/ is a link to them).
+BUNDLED = Path(__file__).resolve().parent / "bundled" / "recipes"

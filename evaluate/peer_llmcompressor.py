@@ -118,7 +118,7 @@ def run_ours(work: Path, setting: str) -> dict:
     subprocess.run([sys.executable, "-m", "compress", "apply", str(recipe), "smollm2-135m",
                     "-o", str(out), "--overwrite"], check=True, env=env, capture_output=True)
     report = json.loads((out / "report.json").read_text())
-    from compress.formats.artifact import load_artifact
+    from compress.runtime.artifact import load_artifact
 
     model = load_artifact(out)
     return {"perplexity": perplexity(model, torch.load(work / "eval.pt")),

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.evaluation.bench import measure_speed
 from compress.formats import WeightFormat, codec
-from compress.modules import QuantizedLinear, set_module
+from compress.runtime.modules import QuantizedLinear, set_module
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,

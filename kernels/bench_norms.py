@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from compress.passes.rmsnorm import crms_norm
+from compress.runtime.norms import crms_norm
 
 WIDTHS = (256, 576, 768, 1024, 2048, 4096)
 

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 import support
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "int4-rtn.yaml"
@@ -110,9 +109,9 @@ def test_calibration_file_empty(tmp_path, capsys):
     text.write_text("   \n\n  ")
     recipe = write_recipe(tmp_path, f"calibration: {{source: {text}}}\npasses:\n"
                                     "  - pass: quantize\n")
-    from compress.recipe import load_recipe
     from compress.calib import calibration_windows
     from compress.errors import UsageError
+    from compress.recipe import load_recipe
 
     with pytest.raises(UsageError, match="holds no text"):
         calibration_windows(None, load_recipe(recipe).calibration)
@@ -122,8 +121,8 @@ def test_unknown_architecture_named_before_weights(tmp_path, capsys):
     model_dir = tmp_path / "t5"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"shared.weight": torch.zeros(2, 2)}, str(model_dir / "model.safetensors"))
     code, err = run_cli(capsys, "apply", str(RECIPE), str(model_dir), "-o", str(tmp_path / "o"))
@@ -158,7 +157,6 @@ def test_config_that_does_not_match_the_weights(tmp_path, capsys, hf_dir):
 
 def test_nan_weight_names_the_module(tmp_path, capsys, hf_dir):
     from safetensors.torch import load_file, save_file
-
     from support import copy_model_dir
 
     model = copy_model_dir(hf_dir, tmp_path / "model")

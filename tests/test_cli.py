@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import run_cli
 
 from compress.cli import main
-from support import run_cli
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "int4-rtn.yaml"
 
@@ -55,7 +55,7 @@ def test_compress_load_and_transformers_agree(artifact, eval_windows):
     from transformers import AutoModelForCausalLM
 
     import compress
-    from compress.modules import QuantizedLinear
+    from compress.runtime.modules import QuantizedLinear
 
     ours = compress.load(artifact)
     assert isinstance(ours.model.layers[0].mlp.down_proj, QuantizedLinear)
@@ -144,3 +144,13 @@ def test_partial_output_is_never_left(tmp_path, capsys, monkeypatch):
     with pytest.raises(CompressError, match="No space left on device; nothing was written"):
         artifact_module.save_artifact(tiny_llama(), None, out, "", {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pass_summaries_print_as_key_values_not_dict_reprs():
+    from compress.progress import key_values
+
+    line = key_values({"modules": 210, "awq": {"mean_alpha": 0.512345, "not_foldable": []},
+                       "fallbacks": ["a", "b", "c", "d", "e"], "format": "int4-sym-g64"})
+    assert line == ("modules=210 awq.mean_alpha=0.5123 awq.not_foldable=none "
+                    "fallbacks=[5 items] format=int4-sym-g64")
+    assert "{" not in line and "'" not in line

@@ -148,7 +148,7 @@ def test_compare_writes_table_plot_and_resumes(tmp_path, smollm2):
     JSON; the second run reuses the artifact, its evaluation and its benchmark."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from compress.evaluation.compare import compare, write_outputs
+    from compress.compare import compare, write_outputs
 
     model_dir = tmp_path / "tiny"
     torch.manual_seed(0)

@@ -14,8 +14,10 @@ def sqnr_db(w, w_q):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group_size", [32, 128, None])
 def test_round_trip_matches_compressed_tensors(bits, symmetric, group_size):
-    from compressed_tensors.compressors.pack_quantized.helpers import (pack_to_int32,
-                                                                       unpack_from_int32)
+    from compressed_tensors.compressors.pack_quantized.helpers import (
+        pack_to_int32,
+        unpack_from_int32,
+    )
 
     torch.manual_seed(bits + group_size if group_size else bits)
     fmt = WeightFormat(bits=bits, group_size=group_size, symmetric=symmetric)

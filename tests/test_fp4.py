@@ -93,9 +93,10 @@ def test_artifact_config_and_transformers_load(kind, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from compress.calib import CalibrationConfig
-    from compress.formats.artifact import load_artifact, save_artifact
+    from compress.formats.artifact import save_artifact
     from compress.models import arch_for
     from compress.passes import Context, QuantizeConfig, run_pass
+    from compress.runtime.artifact import load_artifact
 
     model = tiny_llama()
     ctx = Context(model, None, arch_for(model.config), CalibrationConfig(), torch.device("cpu"))

@@ -225,9 +225,9 @@ def test_pass_keeps_zeros_of_modules_marked_sparse():
     """The sparsify pass's contract: modules in structure(model)["sparsity"] keep their zeros
     through GPTQ (and AWQ scaling); other modules are not masked."""
     from compress.calib import CalibrationConfig
-    from compress.formats.artifact import structure
     from compress.models import arch_for
     from compress.passes import Context, QuantizeConfig, run_pass
+    from compress.runtime.artifact import structure
 
     model = tiny_llama()
     sparse = "model.layers.1.mlp.up_proj"

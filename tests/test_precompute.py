@@ -24,7 +24,7 @@ from transformers import (
 
 from compress.calib import CalibrationConfig
 from compress.errors import UsageError
-from compress.formats.artifact import save_artifact, structure
+from compress.formats.artifact import save_artifact
 from compress.models import ARCHES, arch_for
 from compress.passes import Context, PrecomputeConfig, run_pass
 from compress.passes.precompute import (
@@ -37,6 +37,7 @@ from compress.passes.precompute import (
     precompute_accounting,
 )
 from compress.recipe import parse_recipe
+from compress.runtime.artifact import structure
 
 
 def apply(model, **cfg):
@@ -378,8 +379,8 @@ def test_composes_after_quantize(tmp_path):
     """The table is computed from layer 0's quantized weights; the replaced projections leave
     the artifact's quantization config, the rest stays packed."""
     from compress import load
-    from compress.modules import QuantizedLinear
     from compress.passes import QuantizeConfig
+    from compress.runtime.modules import QuantizedLinear
 
     model = tiny_llama()
     ctx = Context(model, None, arch_for(model.config), CalibrationConfig(), torch.device("cpu"))

@@ -14,7 +14,7 @@ import torch
 import compress
 from compress.calib import CalibrationConfig
 from compress.errors import UsageError
-from compress.formats.artifact import save_artifact, structure
+from compress.formats.artifact import save_artifact
 from compress.models import arch_for, decoder_layers
 from compress.passes import Context, run_pass
 from compress.passes.prune_heads import (
@@ -30,6 +30,7 @@ from compress.passes.prune_heads import (
     slice_projection,
 )
 from compress.recipe import parse_recipe
+from compress.runtime.artifact import structure
 
 
 def tiny(model_type: str = "llama"):
@@ -287,7 +288,7 @@ def test_scored_pruning_beats_random_on_smollm2(smollm2, eval_windows):
 
 def test_prune_then_quantize_end_to_end_on_smollm2(smollm2_copy, tmp_path, eval_windows):
     """A recipe's passes in order (prune_heads, then quantize RTN), saved and reloaded."""
-    from compress.modules import QuantizedLinear
+    from compress.runtime.modules import QuantizedLinear
 
     recipe = parse_recipe({
         "calibration": {"samples": 4, "seq_len": 64},

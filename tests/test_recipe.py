@@ -56,3 +56,37 @@ def test_python_tags_are_refused(tmp_path):
 def test_missing_recipe_lists_bundled():
     with pytest.raises(UsageError, match="bundled recipes: .*int4-rtn"):
         load_recipe("no-such-recipe.yaml")
+
+
+def test_a_pass_name_registered_twice_is_refused():
+    from typing import Literal
+
+    from pydantic import Field
+
+    from compress.passes.base import PassConfig, register
+
+    class AnotherQuantize(PassConfig):
+        kind: Literal["quantize"] = Field("quantize", alias="pass")
+
+    with pytest.raises(TypeError, match="registered twice"):
+        register(AnotherQuantize)
+
+
+def test_every_ordering_rule_is_declared_on_its_pass():
+    """The rules live in class attributes checked by the base class: each declared pair is
+    refused in the wrong order and accepted in the right one."""
+    from compress.passes import PASS_CONFIGS
+
+    examples = {"quantize": {"pass": "quantize", "format": "int4"},
+                "sparsify": {"pass": "sparsify"}}
+    checked = 0
+    for config in PASS_CONFIGS:
+        for later in config.comes_before:
+            first = {"pass": config.model_fields["kind"].default}
+            if first["pass"] == "prune_heads":
+                first["fraction"] = 0.25
+            parse_recipe({"passes": [first, examples[later]]})
+            with pytest.raises(UsageError, match=f"must .* before {later}"):
+                parse_recipe({"passes": [examples[later], first]})
+            checked += 1
+    assert checked >= 5

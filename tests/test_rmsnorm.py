@@ -16,7 +16,7 @@ from torch import nn
 
 from compress.calib import CalibrationConfig
 from compress.errors import UsageError
-from compress.formats.artifact import load_artifact, save_artifact, structure
+from compress.formats.artifact import save_artifact
 from compress.models import arch_for
 from compress.passes import Context, run_pass
 from compress.passes.rmsnorm import (
@@ -30,6 +30,7 @@ from compress.passes.rmsnorm import (
     fold_norm_into_linear,
 )
 from compress.recipe import parse_recipe
+from compress.runtime.artifact import load_artifact, structure
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4

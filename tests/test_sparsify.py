@@ -10,8 +10,13 @@ import torch
 from compress.errors import CompressError, UsageError
 from compress.formats import CODECS, QuantizedWeight, WeightFormat, codec
 from compress.formats import sparse24 as s24
-from compress.passes.sparsify import (SparsifyConfig, nm_mask, sparsegpt_prune,
-                                      unstructured_mask, wanda_scores)
+from compress.passes.sparsify import (
+    SparsifyConfig,
+    nm_mask,
+    sparsegpt_prune,
+    unstructured_mask,
+    wanda_scores,
+)
 from compress.recipe import parse_recipe
 
 
@@ -222,9 +227,10 @@ def _logits(model, ids):
 def test_sparsegpt_int4_apply_save_load(smollm2, smollm2_copy, eval_windows, tmp_path):
     """SparseGPT 2:4 on two layers, INT4 on one of them: 2:4 holds everywhere, report and
     structure are written, and the loaded artifact computes the in-memory model's logits."""
-    from compress.formats.artifact import load_artifact, save_artifact
-    from compress.modules import Sparse24Linear, Sparse24QuantizedLinear
+    from compress.formats.artifact import save_artifact
     from compress.passes import run_pass
+    from compress.runtime.artifact import load_artifact
+    from compress.runtime.modules import Sparse24Linear, Sparse24QuantizedLinear
 
     recipe = parse_recipe({"passes": [
         {"pass": "sparsify", "method": "sparsegpt", "targets": [r"re:layers\.[01]\."]},

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from support import copy_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -174,7 +174,7 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 def measure_speed(model: nn.Module, label: str, batch: int = 1, prompt_len: int = 128,
                   new_tokens: int = 64, repeats: int = 3) -> Speed:
-    from compress.modules import dispatch_summary, reset_dispatch_counts
+    from compress.runtime.modules import dispatch_summary, reset_dispatch_counts
 
     device = next(model.parameters()).device
     reset_dispatch_counts(model)
@@ -194,7 +194,7 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     dequantized weight: the unquantized baseline with identical shapes (for speed only)."""
     import copy
 
-    from compress.modules import QuantizedLinear, set_module
+    from compress.runtime.modules import QuantizedLinear, set_module
 
     dense = copy.deepcopy(model)
     dtype = next(p.dtype for p in dense.parameters() if p.is_floating_point())

@@ -1,5 +1,5 @@
-"""Helpers of the local lm-eval tasks in evaluate/tasks/ (their YAMLs reach them through the
-one-line shim evaluate/tasks/stdlib_tasks.py): read a committed JSONL, score rolling perplexity."""
+"""Helpers of the local lm-eval tasks in compress/bundled/tasks/ (evaluate/tasks links there;
+their YAMLs reach them through the one-line shim stdlib_tasks.py beside them): read a committed JSONL, score rolling perplexity."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-TASKS_DIR = Path(__file__).resolve().parents[2] / "evaluate" / "tasks"
+TASKS_DIR = Path(__file__).resolve().parents[1] / "bundled" / "tasks"
 
 
 def read_jsonl(file: str) -> list[dict]:

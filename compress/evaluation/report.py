@@ -112,7 +112,7 @@ def evaluate(spec: str, baseline: str | None = None, text: str = "stdlib", seq_l
     scores of the baseline already measured (a sweep runs them once)."""
     from compress.calib import evaluation_windows
     from compress.models import load_model
-    from compress.pipeline import versions
+    from compress.versions import versions
 
     if tasks:
         from compress.evaluation.lm_eval_adapter import load_tasks

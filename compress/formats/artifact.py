@@ -6,7 +6,8 @@
 
 It is written into a temporary sibling directory and renamed when complete, so an interrupted
 run leaves no partial artifact. Passes that change structure (pruned heads, precomputed first
-layer, ...) record it in model.compress_structure; STRUCTURE_LOADERS rebuild it on load.
+layer, ...) record it in model.compress_structure; compress/runtime/artifact.py (the reader)
+rebuilds it on load.
 """
 
 from __future__ import annotations
@@ -24,16 +25,9 @@ from torch import nn
 from compress import __version__
 from compress.errors import CompressError, UsageError
 from compress.formats import WeightFormat, codec
-from compress.modules import QuantizedLinear, get_module, set_module
+from compress.runtime.artifact import quantized_modules, structure
 
 WEIGHTS = "model.safetensors"
-
-
-def structure(model: nn.Module) -> dict[str, Any]:
-    """Where passes record what a plain HF config cannot express (saved under "compress")."""
-    if not hasattr(model, "compress_structure"):
-        model.compress_structure = {}
-    return model.compress_structure
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -51,10 +45,6 @@ def check_output(out: Path, overwrite: bool) -> None:
     except OSError as exc:
         raise UsageError(f"output {out}: cannot write to {parent} ({exc.strerror}); "
                          "choose a writable location") from None
-
-
-def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
 def quantization_config(model: nn.Module) -> dict | None:
@@ -187,89 +177,5 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-def _swap_quantized(model: nn.Module, modules: dict[str, dict]) -> None:
-    for name, fmt in modules.items():
-        linear = get_module(model, name)
-        if isinstance(linear, QuantizedLinear):
-            continue  # a structure loader already built it (e.g. 2:4 storage)
-        bias = linear.bias if getattr(linear, "bias", None) is not None else None
-        set_module(model, name, QuantizedLinear(linear.in_features, linear.out_features,
-                                                WeightFormat(**fmt), bias))
 
 
-# Structure loaders: key in config["compress"]["structure"] -> fn(model, value) that reshapes
-# the freshly built model before its weights are loaded. Passes add theirs.
-STRUCTURE_LOADERS: dict[str, Callable[[nn.Module, Any], None]] = {}
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CompressError(f"{path} has no *.safetensors weights")
-    tensors = {}
-    for file in files:
-        try:
-            tensors.update(load_file(str(file)))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CompressError(f"{file} is corrupt or truncated ({exc}); rebuild the "
-                                "artifact") from None
-    return tensors
-
-
-def load_artifact(path: str | Path, device=None, dtype=None) -> nn.Module:
-    """Rebuild the compressed model: quantized linears keep packed weights and compute with them."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    import compress.passes  # noqa: F401  (pass modules register their STRUCTURE_LOADERS)
-    from compress.models import arch_for
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{path} is not an artifact (no config.json)")
-    raw = json.loads((path / "config.json").read_text())
-    section = raw.get("compress", {})
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    arch = arch_for(config)
-    auto = AutoModel if arch.encoder else AutoModelForCausalLM
-    torch_dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(torch_dtype, str):
-        torch_dtype = getattr(torch, torch_dtype)
-    model = auto.from_config(config, dtype=torch_dtype)
-    model.compress_structure = dict(section.get("structure", {}))
-    for key, value in model.compress_structure.items():
-        if key not in STRUCTURE_LOADERS:
-            raise CompressError(f"{path}: this version of compress cannot rebuild structure "
-                                f"{key!r}; upgrade compress")
-        STRUCTURE_LOADERS[key](model, value)
-    _swap_quantized(model, section.get("modules", {}))
-    tensors = read_tensors(path)
-    for name, module in quantized_modules(model).items():
-        prefix = name + "."
-        packed = {k[len(prefix):]: tensors.pop(k) for k in list(tensors)
-                  if k.startswith(prefix) and k[len(prefix):].startswith("weight")}
-        if not packed:
-            raise CompressError(f"{path}: no packed weight for {name}; the artifact is corrupt")
-        module.load_packed(packed)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight") or k.endswith("embed_out.weight")}
-    missing = [k for k in missing if k not in tied and not _is_buffer(model, k)]
-    if missing or unexpected:
-        raise CompressError(f"{path}: weights do not match the config (missing "
-                            f"{missing[:3]}, unexpected {unexpected[:3]}); the artifact is corrupt")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    model.eval()
-    return model.to(device) if device is not None else model
-
-
-def _is_buffer(model: nn.Module, key: str) -> bool:
-    module_name, _, leaf = key.rpartition(".")
-    return leaf in dict(get_module(model, module_name).named_buffers(recurse=False))

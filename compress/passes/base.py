@@ -30,8 +30,17 @@ class PassConfig(BaseModel):
     # ctx.calibrator(): a recipe of such passes runs with bounded memory and can resume.
     layerwise: ClassVar[bool] = False
 
+    # The ordering rule, declared once per pass and checked here for every pass: the kinds of
+    # pass that must come later in a recipe than this one, and the sentence that says why
+    # ({later} is the first offending pass).
+    comes_before: ClassVar[tuple[str, ...]] = ()
+    order_rule: ClassVar[str] = "must come before {later}: move it earlier in the recipe"
+
     def order_error(self, index: int, passes: list["PassConfig"]) -> str | None:
         """Why this pass cannot stand at `index` of `passes`, or None when it can."""
+        earlier = [p.kind for p in passes[:index] if p.kind in self.comes_before]
+        if earlier:
+            return f"{self.kind} {self.order_rule.format(later=earlier[0])}"
         return None
 
     def describe(self, model: "torch.nn.Module", arch: "Arch") -> list[str]:
@@ -124,7 +133,7 @@ class Context:
             return
         self.store.save(index, layer)
         if self.run is not None:
-            from compress.formats.artifact import quantized_modules, structure
+            from compress.runtime.artifact import quantized_modules, structure
 
             modules = {n: m.fmt.model_dump() for n, m in quantized_modules(self.model).items()}
             self.run.layer_done(self.pass_index, index, modules, dict(structure(self.model)))
@@ -150,6 +159,12 @@ PASSES: dict[type[PassConfig], PassFn] = {}
 
 def register(config_type: type[PassConfig]) -> Callable[[PassFn], PassFn]:
     """Decorator: `@register(QuantizeConfig) def quantize(ctx, cfg) -> PassReport`."""
+
+    kind = config_type.model_fields["kind"].default
+    taken = [c for c in PASSES if c.model_fields["kind"].default == kind]
+    if taken:  # two passes answering to one name would silently shadow each other
+        raise TypeError(f"pass name {kind!r} is registered twice ({taken[0].__name__} and "
+                        f"{config_type.__name__})")
 
     def wrap(fn: PassFn) -> PassFn:
         PASSES[config_type] = fn

@@ -16,12 +16,18 @@ import torch
 from compress.calib import check_finite
 from compress.errors import CompressError
 from compress.formats import QuantizedWeight, codec
+from compress.models import layers_path
 from compress.passes import awq
 from compress.passes.base import Context, PassReport
 from compress.passes.gptq import gptq_quantize
-from compress.models import layers_path
-from compress.passes.quantize import (ModulePlan, QuantizeConfig, _record, quantize_rtn, ready,
-                                      replace_with_quantized)
+from compress.passes.quantize import (
+    ModulePlan,
+    QuantizeConfig,
+    _record,
+    quantize_rtn,
+    ready,
+    replace_with_quantized,
+)
 
 
 def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, ModulePlan],

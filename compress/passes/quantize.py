@@ -19,8 +19,8 @@ from compress.calib import check_finite
 from compress.errors import UsageError
 from compress.formats import WeightFormat, codec
 from compress.models import layers_path
-from compress.modules import QuantizedLinear, set_module
 from compress.passes.base import Context, PassConfig, PassReport, register
+from compress.runtime.modules import QuantizedLinear, set_module
 
 FORMATS = {
     "int4": dict(type="int", bits=4),
@@ -218,7 +218,7 @@ def plan_modules(model: nn.Module, arch, cfg: QuantizeConfig) -> dict[str, Modul
 def ready(model: nn.Module, name: str, plan: ModulePlan) -> ModulePlan:
     """The plan of a module whose weights are now in memory: checked finite, with the mask of
     a module the sparsify pass marked (its zeros must stay zeros)."""
-    from compress.formats.artifact import structure
+    from compress.runtime.artifact import structure
 
     weight = model.get_submodule(name).weight.data
     check_finite(name, weight)

@@ -24,15 +24,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from compress.errors import UsageError
-from compress.formats.artifact import STRUCTURE_LOADERS, structure
 from compress.models import Arch, decoder_layers
-from compress.modules import get_module, set_module
 from compress.passes.base import Context, PassConfig, PassReport, register
-
-# Passes after which the weights no longer hold what this pass must rewrite exactly
-# (packed codes, sparsity zeros that centring would fill in).
-MUST_COME_AFTER = ("quantize", "sparsify")
-
+from compress.runtime.artifact import structure
+from compress.runtime.modules import get_module, set_module
+from compress.runtime.norms import CRMSNorm, crms_norm, norm_module, sync_shape_attrs  # noqa: F401
 
 class RMSNormConfig(PassConfig):
     """mode: auto (rmsnorm for LayerNorm models, fold for RMSNorm models), rmsnorm, crmsnorm,
@@ -44,13 +40,11 @@ class RMSNormConfig(PassConfig):
     untie: bool = False
 
     exact: ClassVar[bool] = True
-
-    def order_error(self, index: int, passes: list[PassConfig]) -> str | None:
-        before = [p.kind for p in passes[:index] if p.kind in MUST_COME_AFTER]
-        if before:
-            return (f"rmsnorm must run before {before[0]} (it rewrites the float weights "
-                    "exactly): move it earlier in the recipe")
-        return None
+    # After these the weights no longer hold what this pass must rewrite exactly (packed
+    # codes, sparsity zeros that centring would fill in).
+    comes_before: ClassVar[tuple[str, ...]] = ("quantize", "sparsify")
+    order_rule: ClassVar[str] = ("must run before {later} (it rewrites the float weights "
+                                 "exactly): move it earlier in the recipe")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,28 +84,6 @@ def compress_reader(w: torch.Tensor) -> torch.Tensor:
     return w[:, :-1] - w[:, -1:]
 
 
-def crms_norm(x: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
-    """RMSNorm of the zero-mean dim-vector whose first dim-1 entries are x: [..., dim-1]."""
-    total = x.sum(-1, keepdim=True)
-    mean_square = (x.pow(2).sum(-1, keepdim=True) + total.pow(2)) / dim
-    return x * torch.rsqrt(mean_square + eps)
-
-
-class CRMSNorm(nn.Module):
-    """Weightless RMSNorm of a compressed zero-mean vector (the stream stored in dim-1 values)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.dim, self.eps = dim, eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., dim-1]; statistics in float32 like the models' own norms
-        return crms_norm(x.float(), self.dim, self.eps).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim} (stored {self.dim - 1}), eps={self.eps}"
-
-
 # ---------------------------------------------------------------------------------------------
 # Module access: every linear as [out, in], whatever its storage.
 
@@ -131,19 +103,8 @@ def set_oi(module: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> bool:
     added = b is not None and getattr(module, "bias", None) is None
     if b is not None:
         module.bias = nn.Parameter(b.to(dtype).contiguous(), requires_grad=False)
-    _sync_shape_attrs(module)
+    sync_shape_attrs(module)
     return added
-
-
-def _sync_shape_attrs(module: nn.Module) -> None:
-    """Keep in/out feature counts consistent with a (possibly resized) weight."""
-    shape = tuple(module.weight.shape)
-    if isinstance(module, Conv1D):
-        module.nx, module.nf = shape
-    elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = shape
-    elif isinstance(module, nn.Embedding):
-        module.num_embeddings, module.embedding_dim = shape
 
 
 def norm_affine(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -338,7 +299,7 @@ def recentre(model: nn.Module, arch: Arch, report: PassReport,
             if set_oi(linear, *fold_norm_into_linear(*get_oi(linear), gamma, beta)):
                 record["biases"][name] = linear.weight.shape[0]
         record["norms"][norm_name] = {"dim": dim, "eps": norm.eps}
-        set_module(model, norm_name, _norm_module(dim, norm.eps, compress_stream))
+        set_module(model, norm_name, norm_module(dim, norm.eps, compress_stream))
         report.modules[norm_name] = {"folded_into": readers}
     if compress_stream:
         _compress(model, tables, writers, [r for _, readers in plan for r in readers], record)
@@ -366,12 +327,6 @@ def _recentre_embeddings(model: nn.Module, tables: list[str], embed_norms: list[
             table.weight.copy_(center_rows(table.weight.double()).to(table.weight.dtype))
 
 
-def _norm_module(dim: int, eps: float, compressed: bool) -> nn.Module:
-    if compressed:
-        return CRMSNorm(dim, eps)
-    return nn.RMSNorm(dim, eps=eps, elementwise_affine=False)
-
-
 def _compress(model: nn.Module, tables: list[str], writers: list[str], readers: list[str],
               record: dict) -> None:
     """Store the zero-mean stream in d-1 values: tables and writers drop their last output,
@@ -380,7 +335,7 @@ def _compress(model: nn.Module, tables: list[str], writers: list[str], readers: 
         table = get_module(model, name)
         table.weight = nn.Parameter(table.weight.detach()[:, :-1].contiguous(),
                                     requires_grad=False)
-        _sync_shape_attrs(table)
+        sync_shape_attrs(table)
     for name in writers:
         module = get_module(model, name)
         set_oi(module, *compress_writer(*get_oi(module)))
@@ -397,25 +352,4 @@ def _compress(model: nn.Module, tables: list[str], writers: list[str], readers: 
 # ---------------------------------------------------------------------------------------------
 # Loading an artifact: rebuild the norm modules, added biases and compressed shapes
 
-def load_structure(model: nn.Module, record: dict) -> None:
-    """STRUCTURE_LOADERS["rmsnorm"]: reshape a freshly built model before weights load."""
-    if record.get("untied"):
-        model.config.tie_word_embeddings = False
-    compressed = record["mode"] == "crmsnorm"
-    for name, spec in record.get("norms", {}).items():
-        set_module(model, name, _norm_module(spec["dim"], spec["eps"], compressed))
-    for name in record.get("identity", []):
-        set_module(model, name, nn.Identity())
-    for name, out in record.get("biases", {}).items():
-        module = get_module(model, name)
-        module.bias = nn.Parameter(torch.zeros(out, dtype=module.weight.dtype),
-                                   requires_grad=False)
-    for key, shape in record.get("shapes", {}).items():
-        name, _, pname = key.rpartition(".")
-        module = get_module(model, name)
-        dtype = getattr(module, pname).dtype
-        setattr(module, pname, nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False))
-        _sync_shape_attrs(module)
 
-
-STRUCTURE_LOADERS["rmsnorm"] = load_structure

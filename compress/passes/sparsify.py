@@ -13,7 +13,7 @@ compressed 2:4 storage (compress.formats.sparse24) unless `storage: dense`.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -21,14 +21,19 @@ from torch import nn
 
 from compress.calib import check_finite
 from compress.errors import CompressError, UsageError
-from compress.formats import WeightFormat
-from compress.formats.artifact import BEFORE_SAVE, STRUCTURE_LOADERS, structure
+from compress.formats.artifact import BEFORE_SAVE
 from compress.formats.sparse24 import check_nm, fits_24
 from compress.hessian import inverse_cholesky, prepare_hessian
-from compress.modules import (QuantizedLinear, Sparse24Linear, Sparse24QuantizedLinear,
-                              get_module, set_module)
 from compress.passes.base import Context, PassConfig, PassReport, register
 from compress.passes.quantize import target_linears
+from compress.runtime.artifact import structure
+from compress.runtime.modules import (
+    QuantizedLinear,
+    Sparse24Linear,
+    Sparse24QuantizedLinear,
+    get_module,
+    set_module,
+)
 
 PATTERN = re.compile(r"^(\d+):(\d+)$")
 
@@ -83,13 +88,10 @@ class SparsifyConfig(PassConfig):
     def compressed(self) -> bool:
         return self.storage == "compressed" or (self.storage is None and self.fits_24())
 
-    def order_error(self, index: int, passes: list[PassConfig]) -> str | None:
-        for before in passes[:index]:
-            if before.kind == "quantize":
-                return (f"sparsify must come before quantize (passes[{passes.index(before)}] "
-                        "is quantize): quantization keeps the zeros of a sparse model, but "
-                        "pruning would undo the quantized grid; move sparsify first")
-        return None
+    comes_before: ClassVar[tuple[str, ...]] = ("quantize",)
+    order_rule: ClassVar[str] = ("must come before {later}: quantization keeps the zeros of a "
+                                 "sparse model, but pruning would undo the quantized grid; move "
+                                 "sparsify first")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,20 +322,4 @@ def finalize_sparse(model: nn.Module) -> None:
     model.compress_sparse24_pending = set()
 
 
-def load_sparse24(model: nn.Module, modules: dict[str, dict]) -> None:
-    """On load: put 2:4 storage modules in place before the weights are read."""
-    for name, spec in modules.items():
-        linear = get_module(model, name)
-        bias = linear.bias
-        if "format" in spec:
-            module = Sparse24QuantizedLinear(linear.in_features, linear.out_features,
-                                             WeightFormat(**spec["format"]), bias)
-        else:
-            module = Sparse24Linear(linear.in_features, linear.out_features,
-                                    getattr(torch, spec["values_dtype"]), bias)
-        set_module(model, name, module)
-
-
 BEFORE_SAVE.append(finalize_sparse)
-STRUCTURE_LOADERS["sparsity"] = lambda model, value: None  # a marker: zeros are in the weights
-STRUCTURE_LOADERS["sparse24"] = load_sparse24

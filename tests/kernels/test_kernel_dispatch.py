@@ -11,7 +11,7 @@ from torch import nn
 from compress.formats import WeightFormat, codec
 from compress.kernels.sparse24 import gather_kept, kept_positions, pack_meta, sparse24_matmul_ref
 from compress.kernels.w4a16 import int_matmul_ref
-from compress.modules import (
+from compress.runtime.modules import (
     QuantizedLinear,
     dispatch_linear,
     dispatch_summary,

@@ -97,7 +97,7 @@ def compare(model: str, recipes: list[str], out: Path, tasks: list[str], limit: 
                                             tasks, limit, baseline_tasks=base["tasks"]))
         rows.append(_row(name, evaluated, _bench_stage(artifact, str(artifact), build_key,
                                                        run_bench)))
-    from compress.pipeline import versions
+    from compress.versions import versions
 
     return {"model": model, "model_fingerprint": model_fp, "settings": settings, "rows": rows,
             "versions": versions(), "machine": machine()}

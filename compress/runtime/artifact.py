@@ -1,0 +1,125 @@
+"""The artifact reader: config.json + safetensors -> an nn.Module that computes with the
+compressed weights (compress.load). The writer is compress/formats/artifact.py.
+
+A structural change that a plain HF config cannot express (pruned heads, a precomputed first
+layer, CRMSNorm, 2:4 storage) is recorded by its pass in model.compress_structure, saved under
+config["compress"]["structure"], and rebuilt here by the loader of its key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError, UsageError
+from compress.formats import WeightFormat
+from compress.runtime.modules import QuantizedLinear, get_module, set_module
+
+
+def structure(model: nn.Module) -> dict[str, Any]:
+    """Where passes record what a plain HF config cannot express (saved under "compress")."""
+    if not hasattr(model, "compress_structure"):
+        model.compress_structure = {}
+    return model.compress_structure
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def swap_quantized(model: nn.Module, modules: dict[str, dict]) -> None:
+    for name, fmt in modules.items():
+        linear = get_module(model, name)
+        if isinstance(linear, QuantizedLinear):
+            continue  # a structure loader already built it (e.g. 2:4 storage)
+        bias = linear.bias if getattr(linear, "bias", None) is not None else None
+        set_module(model, name, QuantizedLinear(linear.in_features, linear.out_features,
+                                                WeightFormat(**fmt), bias))
+
+
+def structure_loaders() -> dict[str, Callable[[nn.Module, Any], None]]:
+    """Key in config["compress"]["structure"] -> fn(model, record) that reshapes a freshly built
+    model before its weights are loaded. One explicit table: no pass registers anything."""
+    from compress.runtime import heads, norms, precompute, sparse24
+
+    return {"rmsnorm": norms.load_rmsnorm,
+            "precompute": precompute.load_precompute,
+            "attention_heads": heads.rebuild_heads,
+            "sparsity": lambda model, record: None,  # a marker: the zeros are in the weights
+            "sparse24": sparse24.load_sparse24}
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CompressError(f"{path} has no *.safetensors weights")
+    tensors = {}
+    for file in files:
+        try:
+            tensors.update(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CompressError(f"{file} is corrupt or truncated ({exc}); rebuild the "
+                                "artifact") from None
+    return tensors
+
+
+def load_artifact(path: str | Path, device=None, dtype=None) -> nn.Module:
+    """Rebuild the compressed model: quantized linears keep packed weights and compute with them."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from compress.models import arch_for
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} is not an artifact (no config.json)")
+    raw = json.loads((path / "config.json").read_text())
+    section = raw.get("compress", {})
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    arch = arch_for(config)
+    auto = AutoModel if arch.encoder else AutoModelForCausalLM
+    torch_dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(torch_dtype, str):
+        torch_dtype = getattr(torch, torch_dtype)
+    model = auto.from_config(config, dtype=torch_dtype)
+    model.compress_structure = dict(section.get("structure", {}))
+    loaders = structure_loaders()
+    for key, value in model.compress_structure.items():
+        if key not in loaders:
+            raise CompressError(f"{path}: this version of compress cannot rebuild structure "
+                                f"{key!r}; upgrade compress")
+        loaders[key](model, value)
+    swap_quantized(model, section.get("modules", {}))
+    tensors = read_tensors(path)
+    for name, module in quantized_modules(model).items():
+        prefix = name + "."
+        packed = {k[len(prefix):]: tensors.pop(k) for k in list(tensors)
+                  if k.startswith(prefix) and k[len(prefix):].startswith("weight")}
+        if not packed:
+            raise CompressError(f"{path}: no packed weight for {name}; the artifact is corrupt")
+        module.load_packed(packed)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") or k.endswith("embed_out.weight")}
+    missing = [k for k in missing if k not in tied and not _is_buffer(model, k)]
+    if missing or unexpected:
+        raise CompressError(f"{path}: weights do not match the config (missing "
+                            f"{missing[:3]}, unexpected {unexpected[:3]}); the artifact is corrupt")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def _is_buffer(model: nn.Module, key: str) -> bool:
+    module_name, _, leaf = key.rpartition(".")
+    return leaf in dict(get_module(model, module_name).named_buffers(recurse=False))
+
+

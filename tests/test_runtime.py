@@ -1,0 +1,63 @@
+"""The runtime stands alone: loading an artifact never imports the code that made it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from support import tiny_llama
+
+
+def _quantized_artifact(tmp_path):
+    from compress.calib import CalibrationConfig
+    from compress.formats.artifact import save_artifact
+    from compress.models import arch_for
+    from compress.passes import Context, QuantizeConfig, run_pass
+
+    model = tiny_llama()
+    ctx = Context(model, None, arch_for(model.config), CalibrationConfig(), torch.device("cpu"))
+    run_pass(ctx, QuantizeConfig.model_validate({"pass": "quantize", "format": "int4",
+                                                 "group_size": 32, "ignore": ["lm_head"]}))
+    return save_artifact(model, None, tmp_path / "art", "passes: []\n", {}), model
+
+
+def test_loading_an_artifact_imports_no_pass_module(tmp_path):
+    out, model = _quantized_artifact(tmp_path)
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import sys, torch, compress\n"
+            f"model = compress.load({str(out)!r})\n"
+            f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+            "with torch.no_grad():\n"
+            "    logits = model(ids).logits\n"
+            f"torch.save(logits, {str(tmp_path / 'logits.pt')!r})\n"
+            "print(sorted(m for m in sys.modules if m.startswith('compress.')))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    imported = json.loads(result.stdout.strip().replace("'", '"'))
+    assert "compress.runtime.artifact" in imported
+    assert not [m for m in imported if m.startswith("compress.passes")], imported
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+
+def test_runtime_formats_and_evaluation_never_import_passes():
+    """Every import statement under these packages, read from the source (lazy ones too)."""
+    import ast
+    from pathlib import Path
+
+    import compress
+
+    root = Path(compress.__file__).parent
+    offenders = []
+    for package in ("runtime", "formats", "evaluation", "kernels"):
+        for file in (root / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(file.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                offenders += [f"{file.name}: {n}" for n in names
+                              if n.startswith(("compress.passes", "compress.pipeline"))]
+    assert not offenders
