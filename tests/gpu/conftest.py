@@ -45,20 +45,22 @@ def byte_tokenizer():
 
 
 def tiny_model():
-    """tests/support.py's tiny Llama, wider (group sizes of 64 and 128 divide every input) and
-    with the byte tokenizer's vocabulary."""
+    """tests/support.py's tiny Llama, wider (group sizes of 64 and 128 divide every input), with
+    12 KV groups (the bundled prune-heads recipes remove a ninth of them; hidden 384 stays a
+    multiple of the 6 heads left by uniform pruning, which transformers 5 requires at load) and
+    the byte tokenizer's vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=257, hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    config = LlamaConfig(vocab_size=257, hidden_size=384, intermediate_size=768,
+                         num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4,
                          max_position_embeddings=1024, eos_token_id=256, bos_token_id=256)
     return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """A small random Llama (GQA, 2 layers, hidden 128) saved with save_pretrained, float32."""
+    """A small random Llama (GQA, 3 layers, hidden 384) saved with save_pretrained, float32."""
     path = tmp_path_factory.mktemp("tiny") / "llama"
     tiny_model().save_pretrained(path)
     byte_tokenizer().save_pretrained(path)

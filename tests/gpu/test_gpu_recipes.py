@@ -3,8 +3,6 @@ and by logits; both load on either device; the user commands run on CUDA."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,13 +27,15 @@ TOLERANCE = {"rmsnorm": EXACT, "precompute": EXACT, "int4-rtn": RTN, "nvfp4-rtn"
              "mxfp4-rtn": RTN, "sparse24-magnitude": RTN, "fold-norms-int4": RTN}
 
 
-def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-m", "compress", *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"compress {' '.join(args)}\n{result.stdout}\n{result.stderr}"
-    return result
+def cli(*args: str) -> None:
+    """Run `compress ARGS` in this process (imports are paid once for the whole suite)."""
+    from compress.cli import main
+
+    sys.argv = ["compress", *args]
+    try:
+        main()
+    except SystemExit as exc:
+        assert not exc.code, f"compress {' '.join(args)} exited with {exc.code}"
 
 
 def tensors(artifact: Path) -> dict[str, torch.Tensor]:
