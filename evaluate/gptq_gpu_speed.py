@@ -277,12 +277,20 @@ def main() -> None:
             {**common, "name": f"peer-gptq-{args.peer_layers}l", "kind": "peer",
              "model": str(small), "ids": str(args.work / "calibration_ids.pt")},
             args.out, left()))
-    if args.layers != args.peer_layers and left() > 60:
+    # The big run gets as many layers as the time left allows (from ours' time a layer on the
+    # small model; about 1 s a layer to build, 60 s kept for the rest): the table says how many.
+    first = rows[0][2]
+    per_layer = first.get("seconds", 1e9) / args.peer_layers
+    fit = int((left() - 60) / (per_layer * 1.15 + 1.0))
+    big_layers = min(args.layers, fit)
+    if big_layers < args.layers:
+        print(f"time left allows {big_layers} of {args.layers} layers for the big run", flush=True)
+    if big_layers > args.peer_layers:
         t = time.perf_counter()
-        big = build_model(args.work / f"llama-{args.layers}l", args, args.layers)
+        big = build_model(args.work / f"llama-{big_layers}l", args, big_layers)
         print(f"built {big} in {time.perf_counter() - t:.1f} s", flush=True)
-        record("ours gptq", args.layers, run_child(
-            {**common, "name": f"ours-gptq-{args.layers}l", "kind": "gptq", "model": str(big)},
+        record("ours gptq", big_layers, run_child(
+            {**common, "name": f"ours-gptq-{big_layers}l", "kind": "gptq", "model": str(big)},
             args.out, left()))
     for kind in ("sparsegpt-2:4", "awq+gptq"):
         if left() > 30:
