@@ -159,7 +159,7 @@ class LayerStep:
     inputs: list[torch.Tensor]                 # hidden states per batch, [B, L, D]
     kwargs: list[dict[str, Any]]               # the other arguments of the layer, per batch
     device: torch.device
-    store: torch.device = torch.device("cpu")  # where the inputs and kept outputs live
+    store: torch.device = field(default_factory=lambda: torch.device("cpu"))  # inputs, outputs
 
     def run(self, hooks: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], None]]
             | None = None, keep_outputs: bool = False) -> list[torch.Tensor]:

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from column_loop_reference import gptq_quantize_reference  # noqa: E402
+from column_loop_reference import gptq_quantize_reference
 
-from compress.formats import WeightFormat  # noqa: E402
-from compress.passes.gptq import gptq_quantize  # noqa: E402
+from compress.formats import WeightFormat
+from compress.passes.gptq import gptq_quantize
 
 
 def main() -> None:

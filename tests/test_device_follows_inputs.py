@@ -12,8 +12,14 @@ import torch
 from compress.formats import WeightFormat, codec
 from compress.passes import awq
 from compress.passes.prune_heads import contribution, gram_scores
-from compress.passes.rmsnorm import (center_outputs, center_rows, compress_reader,
-                                     compress_writer, crms_norm, fold_norm_into_linear)
+from compress.passes.rmsnorm import (
+    center_outputs,
+    center_rows,
+    compress_reader,
+    compress_writer,
+    crms_norm,
+    fold_norm_into_linear,
+)
 
 FORMATS = [WeightFormat(type="int", group_size=32), WeightFormat(type="int", group_size=32,
                                                                  symmetric=False),
@@ -43,7 +49,7 @@ def test_awq_search_on_its_inputs_device():
     modules = [(torch.randn(16, 64), lambda w: codec(fmt).quantize(w, fmt).dequantize())]
     codec(fmt)
     with torch.device("meta"):
-        s, alpha, before, after = awq.search_scale(mean_abs, G, modules, grid=4)
+        s, _alpha, before, after = awq.search_scale(mean_abs, G, modules, grid=4)
     assert on_cpu(s) and after <= before
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from column_loop_reference import gptq_quantize_reference
 from support import tiny_llama
 
 from compress.errors import CompressError, UsageError
 from compress.formats import WeightFormat, codec
 from compress.passes.gptq import gptq_quantize
-from column_loop_reference import gptq_quantize_reference
 
 FORMATS = [WeightFormat(type="int", group_size=64), WeightFormat(type="int", group_size=32,
                                                                  symmetric=False),

@@ -6,14 +6,19 @@ import json
 
 import pytest
 import torch
-
 from column_loop_reference import sparsegpt_prune_reference
 
 from compress.errors import CompressError, UsageError
 from compress.formats import CODECS, QuantizedWeight, WeightFormat, codec
 from compress.formats import sparse24 as s24
-from compress.passes.sparsify import (SparsifyConfig, nm_mask, sparsegpt_prune,
-                                      select_mask, unstructured_mask, wanda_scores)
+from compress.passes.sparsify import (
+    SparsifyConfig,
+    nm_mask,
+    select_mask,
+    sparsegpt_prune,
+    unstructured_mask,
+    wanda_scores,
+)
 from compress.recipe import parse_recipe
 
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_checks import DTYPES, assert_matmul_close
-from test_kernel_fp4 import CASES as FP4_CASES, make_fp4_weight
-from test_kernel_sparse24 import CASES as SPARSE_CASES, KINDS, make_sparse
-from test_kernel_w4a16 import CASES as INT_CASES, PATHS, make_int_weight
+from test_kernel_fp4 import CASES as FP4_CASES
+from test_kernel_fp4 import make_fp4_weight
+from test_kernel_sparse24 import CASES as SPARSE_CASES
+from test_kernel_sparse24 import KINDS, make_sparse
+from test_kernel_w4a16 import CASES as INT_CASES
+from test_kernel_w4a16 import PATHS, make_int_weight
 
 from compress.kernels.fp4 import fp4_dequantize_ref, fp4_matmul, fp4_matmul_ref
 from compress.kernels.sparse24 import sparse24_matmul, sparse24_matmul_ref
