@@ -129,10 +129,13 @@ def input_stats(step, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.T
 
     def hook(name):
         def fn(module, x, y):
-            x = x.reshape(-1, x.shape[-1]).float()
-            entry = acc.setdefault(name, [0, 0, 0])
-            entry[0] = entry[0] + x.T @ x
-            entry[1] = entry[1] + x.abs().sum(0)
+            x = x.reshape(-1, x.shape[-1]).float()    # all tokens of the batch: [B*L, I]
+            if name not in acc:
+                acc[name] = [x.T @ x, x.abs().sum(0), x.shape[0]]
+                return
+            entry = acc[name]
+            entry[0].addmm_(x.T, x)                   # in place: no [I, I] temporary
+            entry[1] += x.abs().sum(0)
             entry[2] += x.shape[0]
         return fn
 

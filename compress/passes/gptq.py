@@ -54,46 +54,47 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
         mask = mask.to(torch.bool)
         W = W * mask
     static = _static_params(W, fmt, g, gs) if act_order else None
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else \
-        torch.arange(in_features, device=W.device)
-    order = perm.tolist()   # one device-to-host copy, not one .item() per column
-    W, H = W[:, perm], H[perm][:, perm]
-    mask_p = mask[:, perm] if mask is not None else None
-    U, used = inverse_cholesky(H, damp, name=name)  # upper factor of H^-1
-
-    # Every buffer lives where W and H do (the calibration device): nothing is created on the
-    # CPU by default, which is what made GPTQ fail on CUDA.
-    dev = W.device
-    codes = torch.zeros(out_features, in_features, dtype=torch.int8, device=dev)
-    scales = torch.zeros(out_features, in_features // g, device=dev)
-    zeros = None if fmt.symmetric else torch.zeros(out_features, in_features // g,
-                                                   dtype=torch.int8, device=dev)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    U, used = inverse_cholesky(H if perm is None else H[perm][:, perm], damp, name=name)
+    # Work on W^T [I, O] (columns of W as contiguous rows) in processing order; every buffer
+    # is created where W is, and nothing in the loops reads a value back to the host.
+    Wt = (W if perm is None else W[:, perm]).T.contiguous()
+    keep_t = None if mask is None else (mask if perm is None else mask[:, perm]).T.contiguous()
+    group_of = torch.arange(in_features, device=W.device) // g
+    if perm is not None:
+        group_of = group_of[perm]           # column k in processing order is in this group
+    codes_t = torch.empty(in_features, out_features, dtype=torch.int8, device=W.device)
+    if static is not None:
+        scales, zeros = static[0][..., 0].float(), None if static[1] is None else static[1][..., 0]
+    else:
+        scales = torch.empty(out_features, in_features // g, device=W.device)
+        zeros = None if fmt.symmetric else torch.empty_like(scales, dtype=torch.int8)
+    scale = zero = None
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
-        W1, Err1, U1 = W[:, i1:i2].clone(), torch.zeros(out_features, i2 - i1, device=dev), \
-            U[i1:i2, i1:i2]
+        W1, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        if static is not None:   # parameters of every column of the block, gathered once
+            scale_b = scales.T[group_of[i1:i2]]
+            zero_b = None if zeros is None else zeros.T[group_of[i1:i2]]
         for i in range(i2 - i1):
-            col = order[i1 + i]                 # original column index
-            group = col // g
             if static is not None:
-                scale, zero = static[0][:, group], (None if static[1] is None
-                                                    else static[1][:, group])
-            elif col % g == 0:                 # first column of a group: fix its parameters
-                ahead = W1[:, i:i + g] if i + g <= i2 - i1 else \
-                    torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                scale, zero = c.group_params(ahead, fmt, **gs_kw)
-            q = c.encode(W1[:, i:i + 1], scale, zero, fmt, **gs_kw)
-            dq = c.decode(q, scale, zero, **gs_kw)[:, 0]
-            codes[:, col] = q[:, 0]
-            scales[:, group] = scale[:, 0]
-            if zeros is not None:
-                zeros[:, group] = zero[:, 0]
-            err = (W1[:, i] - dq) / U1[i, i]
-            W1[:, i:] -= err[:, None] @ U1[i, i:][None, :]   # W[:, i:] -= err * Hinv[i, i:]
-            if mask_p is not None:
-                W1[:, i:] *= mask_p[:, i1 + i:i2]           # kept zeros stay zero
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]                   # lazy update of later blocks
-        if mask_p is not None:
-            W[:, i2:] *= mask_p[:, i2:]
-    return QuantizedWeight(fmt, codes, scales, zeros, gs), GptqInfo(used, act_order)
+                scale, zero = scale_b[i], None if zero_b is None else zero_b[i]
+            elif (i1 + i) % g == 0:   # first column of a group: parameters from the updated W
+                ahead = W1[i:i + g] if i + g <= i2 - i1 else torch.cat([W1[i:], Wt[i2:]])[:g]
+                scale, zero = c.group_params(ahead.T, fmt, **gs_kw)
+                scales[:, (i1 + i) // g] = scale[:, 0]
+                if zeros is not None:
+                    zeros[:, (i1 + i) // g] = zero[:, 0]
+                scale, zero = scale[:, 0], None if zero is None else zero[:, 0].float()
+            q = c.encode(W1[i], scale, zero, fmt, **gs_kw)
+            codes_t[i1 + i] = q
+            err = torch.div(W1[i] - c.decode(q, scale, zero, **gs_kw), U1[i, i], out=Err1[i])
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)  # W[:, i:] -= err * Hinv[i, i:]
+            if keep_t is not None:
+                W1[i + 1:] *= keep_t[i1 + i + 1:i2]          # kept zeros stay zero
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)     # lazy update of later blocks
+        if keep_t is not None:
+            Wt[i2:] *= keep_t[i2:]
+    codes = codes_t.T if perm is None else codes_t[torch.argsort(perm)].T
+    return QuantizedWeight(fmt, codes.contiguous(), scales, zeros, gs), GptqInfo(used, act_order)

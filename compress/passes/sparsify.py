@@ -133,29 +133,27 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, n: int, m: int,
     pruned float32 weight."""
     H, W = prepare_hessian(H.float(), w.float())
     U, _ = inverse_cholesky(H, damp)
-    columns = W.shape[1]
+    # Work on W^T [I, O] (columns as contiguous rows); buffers follow W's device; no host sync.
+    Wt = W.T.contiguous()
+    columns = Wt.shape[0]
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        W1, Hinv1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        d = torch.diag(Hinv1)
+        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        d = torch.diag(U1)
         if m == 0:  # unstructured: one threshold over the block (the paper's adaptive mask)
-            pruned = ~unstructured_block(W1 ** 2 / d ** 2, sparsity)
+            pruned = ~unstructured_block(W1.T ** 2 / d ** 2, sparsity).T
         else:
-            pruned = torch.zeros_like(W1, dtype=torch.bool)
+            pruned = torch.empty_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             if m and i % m == 0:  # choose the N:M mask of the next m columns, updated so far
-                scores = W1[:, i:i + m] ** 2 / d[i:i + m] ** 2
-                pruned[:, i:i + m] = ~nm_mask(scores, n, m)
-            w_col = W1[:, i]
-            q = torch.where(pruned[:, i], torch.zeros_like(w_col), w_col)
-            err = (w_col - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            W1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return W
+                scores = W1[i:i + m].T ** 2 / d[i:i + m] ** 2
+                pruned[i:i + m] = ~nm_mask(scores, n, m).T
+            err = torch.div(W1[i] * pruned[i], U1[i, i], out=Err1[i])  # (w - q) / d
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)  # W[:, i:] -= err * Hinv[i, i:]
+            W1[i].masked_fill_(pruned[i], 0)
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)   # lazy update of later blocks
+    return Wt.T
 
 
 def unstructured_block(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -1,0 +1,75 @@
+"""The Triton kernels on the GPU against their PyTorch references (on the GPU too), on the odd
+shapes of tests/kernels and on Llama-3-8B shapes, every path and dtype. Inputs are built by the
+CPU kernel tests' own builders, then moved to CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_checks import DTYPES, assert_matmul_close
+from test_kernel_fp4 import CASES as FP4_CASES
+from test_kernel_fp4 import make_fp4_weight
+from test_kernel_sparse24 import CASES as SPARSE_CASES
+from test_kernel_sparse24 import KINDS, make_sparse
+from test_kernel_w4a16 import CASES as INT_CASES
+from test_kernel_w4a16 import PATHS, make_int_weight
+
+from compress.kernels.fp4 import fp4_dequantize_ref, fp4_matmul, fp4_matmul_ref
+from compress.kernels.sparse24 import sparse24_matmul, sparse24_matmul_ref
+from compress.kernels.w4a16 import int_dequantize_ref, int_matmul, int_matmul_ref
+
+LLAMA_SHAPES = [(1, 4096, 4096), (16, 14336, 4096), (128, 4096, 14336)]   # (M, N, K)
+
+
+def cuda(x):
+    if isinstance(x, dict):
+        return {k: cuda(v) for k, v in x.items()}
+    return None if x is None else x.cuda()
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.mark.parametrize("case", INT_CASES + [(m, n, k, 128, False, 4) for m, n, k in LLAMA_SHAPES],
+                         ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_int_kernel_on_gpu(case, dtype, rng):
+    m, n, k, group, symmetric, bits = case
+    packed, scale, zero = cuda(make_int_weight(n, k, group, symmetric, bits, rng))
+    x = torch.randn(m, k, generator=rng).to(dtype).cuda()
+    ref = int_matmul_ref(x, packed, scale, zero, (n, k), bits)
+    w = int_dequantize_ref(packed, scale, zero, (n, k), bits)
+    for path in PATHS + [None]:                  # None: the path chosen by the tuned plan
+        y = int_matmul(x, packed, scale, zero, (n, k), bits, **({"path": path} if path else {}))
+        assert_matmul_close(y, ref, x, w, (path, case))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("case", FP4_CASES + LLAMA_SHAPES[:2], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp4_kernel_on_gpu(fmt, case, dtype, rng):
+    m, n, k = case
+    _, packed, scale, gs = make_fp4_weight(fmt, n, k, rng)
+    packed, scale, gs = cuda(packed), cuda(scale), cuda(gs)
+    x = torch.randn(m, k, generator=rng).to(dtype).cuda()
+    ref = fp4_matmul_ref(x, fmt, packed, scale, gs, (n, k))
+    w = fp4_dequantize_ref(fmt, packed, scale, gs, (n, k))
+    for path in PATHS:
+        y = fp4_matmul(x, fmt, packed, scale, gs, (n, k), path=path)
+        assert_matmul_close(y, ref, x, w, (fmt, path, case))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", SPARSE_CASES + LLAMA_SHAPES[:2], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse24_kernel_on_gpu(kind, case, dtype, rng):
+    m, n, k = case
+    t, dense = make_sparse(kind, n, k, rng)
+    t, dense = cuda(t), dense.cuda()
+    x = torch.randn(m, k, generator=rng).to(dtype).cuda()
+    ref = sparse24_matmul_ref(x, kind, t, (n, k))
+    for path in PATHS:
+        y = sparse24_matmul(x, kind, t, (n, k), path=path)
+        assert_matmul_close(y, ref, x, dense, (kind, path, case))
