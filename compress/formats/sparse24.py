@@ -10,7 +10,7 @@ For a weight [O, I] with at most 2 non-zeros in every 4 consecutive inputs (I % 
                                    format packs its dense codes (INT: int32 [O, I/16]; FP4: uint8
                                    [O, I/4]), with the format's scales unchanged (indexed by the
                                    ORIGINAL input position) and weight_shape = [O, I].
-Stateless functions; the modules that hold these tensors are in compress.modules.
+Stateless functions; the modules that hold these tensors are in compress.runtime.modules.
 """
 
 from __future__ import annotations
