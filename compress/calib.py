@@ -181,24 +181,59 @@ class LayerStep:
                 handle.remove()
         return outputs
 
+    def gather(self, names: list[str], *, gram: bool = False, mean_abs: bool = False,
+               mean_square: bool = False, dtype: torch.dtype = torch.float32,
+               keep_outputs: bool = False) -> tuple[dict[str, "InputStats"], list[torch.Tensor]]:
+        """The statistics passes ask for, of each named submodule's input over every
+        calibration token, in ONE run of the layer (the only place they are computed): the Gram
+        matrix sum x x^T [I, I], sum |x| and sum x^2 [I], accumulated in `dtype` batch by batch.
+        Returns them (see InputStats) and the layer's outputs when keep_outputs."""
+        stats = {name: InputStats() for name in names}
+
+        def hook(entry: InputStats):
+            def fn(module, x, y):
+                x = x.reshape(-1, x.shape[-1]).to(dtype)    # all tokens of the batch: [B*L, I]
+                entry.count += x.shape[0]
+                if gram:
+                    entry.gram = x.T @ x if entry.gram is None else entry.gram.addmm_(x.T, x)
+                if mean_abs:
+                    entry.abs_sum = x.abs().sum(0) + (0 if entry.abs_sum is None else
+                                                      entry.abs_sum)
+                if mean_square:
+                    entry.square_sum = x.pow(2).sum(0) + (0 if entry.square_sum is None else
+                                                          entry.square_sum)
+            return fn
+
+        outputs = self.run({name: hook(entry) for name, entry in stats.items()}, keep_outputs)
+        return stats, outputs
+
     def hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
         """H = 2/n * sum x x^T over all calibration tokens of each named submodule's input
         (float32, [I, I]). Call with one name per group of projections that share an input."""
-        acc: dict[str, torch.Tensor] = {}
-        count: dict[str, int] = {}
+        return {name: s.hessian for name, s in self.gather(names, gram=True)[0].items()}
 
-        def hook(name):
-            def fn(module, x, y):
-                x = x.reshape(-1, x.shape[-1]).float()   # all tokens of the batch: [B*L, I]
-                if name in acc:
-                    acc[name].addmm_(x.T, x)
-                else:
-                    acc[name] = x.T @ x
-                count[name] = count.get(name, 0) + x.shape[0]
-            return fn
 
-        self.run({name: hook(name) for name in names})
-        return {name: 2 * acc[name] / count[name] for name in names}
+@dataclass
+class InputStats:
+    """Sums over the calibration tokens of one submodule's input x [I] (LayerStep.gather)."""
+
+    count: int = 0
+    gram: torch.Tensor | None = None          # sum x x^T, [I, I]
+    abs_sum: torch.Tensor | None = None       # sum |x|, [I]
+    square_sum: torch.Tensor | None = None    # sum x^2, [I]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's and SparseGPT's H = 2/n sum x x^T."""
+        return 2 * self.gram / self.count
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / self.count
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        return self.square_sum / self.count
 
 
 @dataclass
@@ -206,7 +241,7 @@ class Calibrator:
     """Iterate decoder layers with their calibration inputs, one layer on `device` at a time.
 
         for step in ctx.calibrator():
-            H = step.hessians([...])      # or step.run(hooks)
+            stats, _ = step.gather([...], gram=True)   # or step.run(hooks)
             ...change step.layer...
         # after each step the layer is re-run: layer i+1 sees the outputs of the changed layer i
     """

@@ -56,11 +56,11 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled rec
         preflight(parsed, model, output, device=device, dtype=dtype, tp=tp,
                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         return
-    from compress.pipeline import apply_recipe
+    from compress.api import apply as apply_api
 
-    report = apply_recipe(parsed, model, output, overwrite=overwrite, device=device, dtype=dtype,
-                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                          strict=strict, restart=restart)
+    report = apply_api(model, parsed, output, overwrite=overwrite, device=device, dtype=dtype,
+                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                       strict=strict, restart=restart)
     if as_json:
         print(json.dumps(report))
     for item in report["passes"]:

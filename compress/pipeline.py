@@ -21,7 +21,7 @@ import torch
 
 from compress import __version__
 from compress.formats.artifact import check_output, partial_dir, save_artifact
-from compress.models import layers_path, load_model, model_fingerprint
+from compress.models import Loaded, layers_path, load_model, model_fingerprint
 from compress.passes import Context, run_pass
 from compress.progress import console, status
 from compress.recipe import Recipe
@@ -69,18 +69,23 @@ def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: 
                       f"finished, {done} layer file(s) written")
 
 
-def apply_recipe(recipe: Recipe, model_spec: str, out: Path, *, overwrite: bool = False,
+def apply_recipe(recipe: Recipe, model_spec: str | Loaded, out: Path, *, overwrite: bool = False,
                  device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False,
                  allow_pickle: bool = False, strict: bool = False,
                  restart: bool = False) -> dict[str, Any]:
-    """Run every pass of `recipe` on `model_spec` and write the artifact to `out`."""
+    """Run every pass of `recipe` on `model_spec` (a model source, or a model already in
+    memory as `Loaded`) and write the artifact to `out`."""
     out = Path(out)
     check_output(out, overwrite)
     start = time.perf_counter()
-    streaming = is_layerwise(recipe)
-    with status(f"loading {model_spec}"):
-        loaded = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code,
-                            allow_pickle=allow_pickle, lazy=streaming)
+    in_memory = isinstance(model_spec, Loaded)
+    streaming = is_layerwise(recipe) and not in_memory  # a model in memory is not streamed
+    if in_memory:
+        loaded, model_spec = model_spec, type(model_spec.model).__name__
+    else:
+        with status(f"loading {model_spec}"):
+            loaded = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code,
+                                allow_pickle=allow_pickle, lazy=streaming)
     compute = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                            else ("cpu" if device == "auto" else device))
     ctx = Context(loaded.model, loaded.tokenizer, loaded.arch, recipe.calibration, compute,

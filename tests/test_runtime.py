@@ -61,3 +61,29 @@ def test_runtime_formats_and_evaluation_never_import_passes():
                 offenders += [f"{file.name}: {n}" for n in names
                               if n.startswith(("compress.passes", "compress.pipeline"))]
     assert not offenders
+
+
+def test_python_api_applies_a_recipe_to_a_model_in_memory(tmp_path):
+    """compress.apply takes an nn.Module and a list of pass configs; the artifact it writes
+    loads back to the same logits as the model it quantized in memory."""
+    import compress
+    from compress.passes import QuantizeConfig
+
+    model = tiny_llama()
+    config = QuantizeConfig.model_validate({"pass": "quantize", "format": "int4",
+                                            "group_size": 32, "ignore": ["lm_head"]})
+    report = compress.apply(model, [config], tmp_path / "art", device="cpu")
+    assert report["passes"][0]["pass"] == "quantize"
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(compress.load(tmp_path / "art")(ids).logits, model(ids).logits)
+
+
+def test_python_api_takes_recipes_by_name_path_and_dicts():
+    from compress.api import as_recipe
+    from compress.recipe import BUNDLED
+
+    by_name = as_recipe("int4-rtn")
+    assert by_name == as_recipe(BUNDLED / "int4-rtn.yaml")
+    assert as_recipe(by_name) is by_name
+    assert as_recipe([{"pass": "quantize", "format": "nvfp4"}]).passes[0].format == "nvfp4"

@@ -120,24 +120,3 @@ def gqa_expand(repeat: int, head_dim: int) -> Callable[[torch.Tensor], torch.Ten
 def gqa_reduce(mean_abs: torch.Tensor, repeat: int, head_dim: int) -> torch.Tensor:
     """o's input statistics [kv * repeat * hd] -> one per v channel (mean over query heads)."""
     return mean_abs.view(-1, repeat, head_dim).mean(dim=1).reshape(-1)
-
-
-def input_stats(step, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(H = 2/n sum x x^T, mean |x|) of each named submodule's input, in one layer run.
-    H is defined exactly as LayerStep.hessians defines it."""
-    acc: dict[str, list] = {}
-
-    def hook(name):
-        def fn(module, x, y):
-            x = x.reshape(-1, x.shape[-1]).float()    # all tokens of the batch: [B*L, I]
-            if name not in acc:
-                acc[name] = [x.T @ x, x.abs().sum(0), x.shape[0]]
-                return
-            entry = acc[name]
-            entry[0].addmm_(x.T, x)                   # in place: no [I, I] temporary
-            entry[1] += x.abs().sum(0)
-            entry[2] += x.shape[0]
-        return fn
-
-    step.run({name: hook(name) for name in names})
-    return {name: (2 * a / n, b / n) for name, (a, b, n) in acc.items()}

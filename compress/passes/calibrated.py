@@ -41,8 +41,8 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
         if not local:
             continue
         groups = [g for g in ctx.arch.linear_groups() if any(n in local for n in g)]
-        stats = awq.input_stats(step, [g[0] for g in groups])
-        hessians = {g: stats[g[0]][0] for g in groups}
+        stats, _ = step.gather([g[0] for g in groups], gram=True, mean_abs=cfg.awq)
+        hessians = {g: stats[g[0]].hessian for g in groups}
         for g, H in hessians.items():
             check_finite(f"{prefix}{g[0]}", H, "Hessian of the input")
         if cfg.awq:
@@ -87,7 +87,7 @@ def _apply_awq(ctx, cfg, step, local, stats, hessians) -> dict[str, dict]:
     for mapping in found:
         if not all(n in local for n in mapping.linears) or mapping.group not in hessians:
             continue
-        mean_abs = stats[mapping.group[0]][1]
+        mean_abs = stats[mapping.group[0]].mean_abs
         G = hessians[mapping.group] / 2
         expand = (lambda s: s)
         if mapping.heads is not None:

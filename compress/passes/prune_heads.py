@@ -45,6 +45,7 @@ from compress.runtime.heads import (  # noqa: F401  (re-exported for the pass's 
     slice_projection,
 )
 
+
 class PruneHeadsConfig(PassConfig):
     """Remove attention heads. Give exactly one target: fraction, per_layer or uniform.
 
@@ -130,14 +131,8 @@ def score_layer(step, arch: Arch, scorer: str, unit: str) -> torch.Tensor:
     shape = heads_of(step.layer, arch)
     units = [q for q, _ in units_of(shape, unit)]
     w_o = o_weight_of(step.layer, arch)
-    stats = {"gram": 0, "n": 0}
-
-    def gather(module, x, y):
-        x = x.reshape(-1, x.shape[-1]).double()
-        stats["gram"] = stats["gram"] + x.T @ x
-        stats["n"] += x.shape[0]
-
-    base = step.run({arch.o: gather}, keep_outputs=True)
+    gathered, base = step.gather([arch.o], gram=True, dtype=torch.float64, keep_outputs=True)
+    stats = {"gram": gathered[arch.o].gram, "n": gathered[arch.o].count}
     scale = sum(b.double().pow(2).sum() for b in base) / sum(b.numel() for b in base)
     if scorer == "output_norm":
         return gram_scores(stats["gram"], w_o, units, shape.dim) / stats["n"] / w_o.shape[0] / scale

@@ -30,6 +30,7 @@ from compress.runtime.artifact import structure
 from compress.runtime.modules import get_module, set_module
 from compress.runtime.norms import CRMSNorm, crms_norm, norm_module, sync_shape_attrs  # noqa: F401
 
+
 class RMSNormConfig(PassConfig):
     """mode: auto (rmsnorm for LayerNorm models, fold for RMSNorm models), rmsnorm, crmsnorm,
     fold. untie: with tied embeddings, fold the final norm into an untied lm_head (costs

@@ -224,19 +224,9 @@ def _input_stats(step, local: dict[str, nn.Linear], groups: list[tuple[str, ...]
     if method == "sparsegpt":
         hessians = step.hessians(readers)
         return {name: hessians[reader[name]] for name in local}
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(key):
-        def fn(module, x, y):
-            x = x.reshape(-1, x.shape[-1]).float()
-            sums[key] = sums.get(key, 0) + x.pow(2).sum(0)
-            counts[key] = counts.get(key, 0) + x.shape[0]
-        return fn
-
-    step.run({key: hook(key) for key in readers})
+    stats, _ = step.gather(readers, mean_square=True)
     # sqrt(mean x^2) is ||X_j|| up to a constant factor, which does not change the mask
-    return {name: (sums[reader[name]] / counts[reader[name]]).sqrt() for name in local}
+    return {name: stats[reader[name]].mean_square.sqrt() for name in local}
 
 
 @register(SparsifyConfig)

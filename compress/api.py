@@ -1,0 +1,50 @@
+"""The Python API: what `compress apply` does, for a model in memory or on disk.
+
+    import compress
+    compress.apply("smollm2-135m", "int4-gptq", "out/int4")
+    compress.apply(model, [QuantizeConfig(format="int4", group_size=128)], "out/int4",
+                   tokenizer=tokenizer)
+    model = compress.load("out/int4")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from compress.errors import UsageError
+from compress.passes import PassConfig
+from compress.recipe import Recipe, load_recipe, parse_recipe
+
+
+def as_recipe(recipe: str | Path | Recipe | Sequence[PassConfig | dict]) -> Recipe:
+    """A recipe from a YAML path, a bundled recipe's name, a Recipe, or a list of pass configs
+    (PassConfig objects or their dicts, as in a recipe's `passes:`)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (str, Path)):
+        return load_recipe(recipe)
+    passes = [p.model_dump(by_alias=True) if isinstance(p, PassConfig) else p for p in recipe]
+    return parse_recipe({"passes": passes}, "passes")
+
+
+def apply(model: str | nn.Module, recipe: str | Path | Recipe | Sequence[PassConfig | dict],
+          output: str | Path, *, tokenizer: Any = None, **options: Any) -> dict[str, Any]:
+    """Compress `model` (a model source as on the command line, or a transformers model in
+    memory; then pass its `tokenizer` for calibrated passes) with `recipe`, write the artifact
+    to `output` and return its report. `options` are `compress apply`'s: overwrite, device,
+    dtype, strict, restart, trust_remote_code, allow_pickle."""
+    from compress.formats.artifact import check_output
+    from compress.models import Loaded, arch_for
+    from compress.pipeline import apply_recipe
+
+    parsed = as_recipe(recipe)   # errors here, before any model loads
+    check_output(Path(output), options.get("overwrite", False))
+    if isinstance(model, nn.Module):
+        if not hasattr(model, "config"):
+            raise UsageError("compress.apply needs a transformers model (with .config) or a "
+                             "model source string")
+        model = Loaded(model, tokenizer, arch_for(model.config), None)
+    return apply_recipe(parsed, model, Path(output), **options)
