@@ -161,8 +161,9 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
     m = x2.shape[0]
     per = 32 // bits
     use_dot = cfg.block_m > 1
-    C.check(not use_dot or (cfg.block_m >= 16 and cfg.block_k // per >= 16),
-            f"config {cfg}: tensor-core tiles need block_m >= 16 and block_k >= {16 * per}")
+    C.check(not use_dot or (cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k // per >= 16),
+            f"config {cfg}: tensor-core tiles need block_m, block_n >= 16 and block_k >= "
+            f"{16 * per}")
     C.check(cfg.block_k % per == 0 and (cfg.block_k & (cfg.block_k - 1)) == 0,
             f"config {cfg}: block_k must be a power of two and a multiple of {per}")
     groups = scale.shape[1]
