@@ -6,10 +6,13 @@
 
 Shapes are weight [N, K] = out x in features; x is [M, K] bfloat16. Each timed call is preceded
 by a 256 MB memset that flushes L2 (a 4096x4096 INT4 weight, 8 MB, would otherwise stay in the
-H100's 50 MB L2); CUDA events bracket the call alone; the median of --reps calls is reported.
+H200's 60 MB L2); CUDA events bracket the call alone; the median of --reps calls is reported.
 Before timing, every kernel's output is checked against its reference on every path (M = 1,
 16, 64, DEQUANT_MIN_M) for each shape, so a fast wrong kernel cannot enter the table. Full
-results go to --log (JSON lines); a short table is printed last.
+results go to --log (JSON lines); a short table is printed last. The peer `tinygemm` is torch's
+INT4 g128 kernel (torch._weight_int4pack_mm, what torchao's int4 weight-only runs) on the same
+codes as int4-g128, checked against the same reference. Decode configs: the per-GPU JSON, or
+COMPRESS_KERNEL_CONFIGS=file (kernels/autotune.py writes one).
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from compress.kernels.w4a16 import int_matmul, int_matmul_ref
 SHAPES = {"qkv 6144x4096": (6144, 4096), "o 4096x4096": (4096, 4096),
           "gate/up 14336x4096": (14336, 4096), "down 4096x14336": (4096, 14336)}
 MS = [1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
-H100 = {"bandwidth": 3.0e12, "bf16_flops": 790e12}   # sustained HBM3 bytes/s, dense bf16 FLOP/s
+# H200 (132 SMs, 60 MB L2): 4.8 TB/s peak HBM3e, ~4.3 TB/s measured copy; dense bf16 FLOP/s
+H200 = {"bandwidth": 4.3e12, "bf16_flops": 790e12}
 GROUP = 128
+PEERS = ("tinygemm", "torch-2:4-bf16")   # not ours: a wrong peer is dropped, not fatal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,6 +61,7 @@ def weight_bytes(variant: str, n: int, k: int) -> float:
         "2:4-bf16": n * k + n * k / 8,
         "torch-2:4-bf16": n * k + n * k / 8,
         "2:4-int4-g128": n * k / 4 + n * k / 8 + 2 * groups,
+        "tinygemm": n * k / 2 + 4 * groups,     # bf16 scale and zero per group
     }[variant]
 
 
@@ -66,10 +72,10 @@ def roofline(variant: str, m: int, n: int, k: int) -> dict:
     rate: its compute floor is halved."""
     nbytes = weight_bytes(variant, n, k) + 2 * m * k + 2 * m * n
     flops = 2 * m * n * k
-    rate = H100["bf16_flops"] * (2 if variant.startswith("torch-2:4") else 1)
-    floor = max(nbytes / H100["bandwidth"], flops / rate)
+    rate = H200["bf16_flops"] * (2 if variant.startswith("torch-2:4") else 1)
+    floor = max(nbytes / H200["bandwidth"], flops / rate)
     return {"bytes": nbytes, "flops": flops, "floor_us": floor * 1e6,
-            "bound": "memory" if nbytes / H100["bandwidth"] >= flops / rate else "compute"}
+            "bound": "memory" if nbytes / H200["bandwidth"] >= flops / rate else "compute"}
 
 
 def roofline_markdown(ms=MS) -> str:
@@ -143,6 +149,9 @@ def make_variants(n: int, k: int, device) -> dict:
                           lambda x: sparse24_matmul_ref(x, "int", sparse4, shape)),
     }
     if device.type == "cuda":
+        tiny = tinygemm_int4(codes, scale)
+        if tiny is not None:
+            v["tinygemm"] = (tiny, v["int4-g128"][1])
         try:
             from torch.sparse import to_sparse_semi_structured
 
@@ -153,6 +162,26 @@ def make_variants(n: int, k: int, device) -> dict:
         except (RuntimeError, ValueError, ImportError) as exc:
             print(f"torch semi-structured 2:4 unavailable: {exc}", file=sys.stderr)
     return v
+
+
+def tinygemm_int4(codes: torch.Tensor, scale: torch.Tensor, inner_k_tiles: int = 8):
+    """torch's tinygemm INT4 (CUDA, bf16) for signed codes [N, K] in [-8, 7] with group-128
+    scales [N, K/128]: fn(x) -> y, or None (printed why) where this torch lacks it. tinygemm
+    computes (q - 8) * scale + zero with q = code + 8 unsigned; symmetric: zero = 0. Its packer
+    takes uint8 [N, K/2], two codes a byte, the even column in the high nibble (torch >= 2.5,
+    so 2.11-2.13 alike)."""
+    try:
+        q = (codes.to(torch.int32) + 8)
+        w_uint8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(w_uint8, inner_k_tiles)
+        sz = torch.stack([scale.to(torch.bfloat16).T, torch.zeros_like(scale).to(
+            torch.bfloat16).T], dim=-1).contiguous()       # [K/128, N, 2]
+        fn = lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, sz)
+        fn(torch.zeros(1, codes.shape[1], dtype=torch.bfloat16, device=codes.device))
+        return fn
+    except (RuntimeError, AttributeError) as exc:
+        print(f"tinygemm unavailable: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,11 +255,21 @@ def main() -> None:
         log.write(json.dumps(header) + "\n")
         for label, (n, k) in shapes.items():
             variants = make_variants(n, k, device)
-            chosen = args.variants.split(",") if args.variants else list(variants)
-            for m_check in (1, 16, 64, C.DEQUANT_MIN_M):  # gemv, splitk, tile, dequant
+            chosen = [c for c in (args.variants.split(",") if args.variants else variants)
+                      if c in variants]
+            # decode (M=1, 16, 64, 128 buckets), tile, dequant
+            for m_check in (1, 16, 64, 128, C.DECODE_MAX_M + 1, C.DEQUANT_MIN_M):
                 x_check = torch.randn(m_check, k, device=device, dtype=torch.bfloat16)
-                for name in chosen:
-                    check(f"{name} {label} M={m_check}", *variants[name], x_check)
+                for name in list(chosen):
+                    try:
+                        check(f"{name} {label} M={m_check}", *variants[name], x_check)
+                    except SystemExit as exc:
+                        if name not in PEERS:
+                            raise
+                        print(f"peer dropped: {exc}", file=sys.stderr)  # keep our own rows
+                        log.write(json.dumps({"shape": label, "variant": name,
+                                              "error": str(exc)}) + "\n")
+                        chosen.remove(name)
             for m in ms:
                 x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
                 row = {"shape": label, "m": m}

@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from compress.kernels import _common as C  # noqa: E402
-from compress.kernels import fp4, rmsnorm, rope_gather, sparse24, w4a16  # noqa: E402
+from compress.kernels import decode, fp4, rmsnorm, rope_gather, sparse24, w4a16  # noqa: E402
 
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 MATMUL_INTS = ["M", "N", "K", "KW", "G", "GROUP", "stride_xm", "stride_split", "K_PER_SPLIT"]
@@ -42,8 +42,28 @@ def compile_one(kernel, types: dict, consts: dict, arch: int, num_warps: int = 4
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def decode_variants():
+    """The decode kernel for every format x M=1/tensor-core x tile/word scales x split-K."""
+    cfgs = [C.Config(1, 8, 512), C.Config(16, 16, 256), C.Config(64, 64, 128, 8, 3, 2)]
+    for (fmt, bits, zero), act, cfg in itertools.product(
+            [(0, 4, False), (0, 4, True), (0, 8, False), (1, 4, False), (2, 4, False)], ACT, cfgs):
+        atomic = cfg.split_k > 1
+        types = {"x_ptr": ACT[act], "w_ptr": "*i32", "s_ptr": "*bf16" if fmt == 0 else "*u8",
+                 "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32",
+                 "out_ptr": "*fp32" if atomic else ACT[act],
+                 **dict.fromkeys(["M", "N", "K", "KW", "G", "GROUP", "stride_xm",
+                                  "K_PER_SPLIT"], "i32")}
+        consts = dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, HAS_BIAS=True,
+                      TILE_SCALE=fmt == 0 and cfg.block_k <= 128, USE_DOT=cfg.block_m > 1,
+                      IEEE=act == "fp32", ATOMIC=atomic, BLOCK_M=cfg.block_m,
+                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+        yield (f"decode fmt={fmt} int{bits} zero={zero} {act} {cfg}",
+               decode._words_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)
+
+
 def variants():
     """(label, kernel, types, constexprs, num_warps, num_stages) for every launched variant."""
+    yield from decode_variants()
     for act, path, bits, zero in itertools.product(ACT, ["gemv", "splitk", "tile"], (4, 8),
                                                    (False, True)):
         cfg = C.CONFIGS[path]

@@ -1,18 +1,24 @@
 """Host-side pieces shared by the matmul kernels: path choice by M, launch configs, split-K.
 
 The kernels (w4a16.py, fp4.py, sparse24.py) all compute y[M, N] = x[M, K] @ W[N, K]^T with W
-decoded tile by tile in registers. They share the same three paths, chosen by M:
-    gemv     M == 1        CUDA-core multiply-and-sum, split-K to fill the SMs
-    splitk   M in 2..16    tensor-core tiles of 16 rows, split-K
-    tile     M in 17..     tensor-core tiles, no split
+decoded tile by tile in registers. Paths, chosen by M:
+    decode   M <= DECODE_MAX_M  INT4/INT8/NVFP4/MXFP4: compress/kernels/decode.py (one main loop,
+                                per-(GPU, format, M bucket, shape) configs from configs/*.json)
+    gemv     M == 1        2:4 only (old kernel): CUDA-core multiply-and-sum, split-K
+    splitk   M in 2..16    2:4 only: tensor-core tiles of 16 rows, split-K
+    tile     M up to DEQUANT_MIN_M: tensor-core tiles, no split
     dequant  M >= DEQUANT_MIN_M: decode W once to x.dtype (a Triton kernel), then torch.matmul
-The block sizes live in CONFIGS so that per-GPU tuning (issue 11) replaces numbers, not code.
+Launch configs of the decode path are data (configs/<gpu>.json, configs/default.json), so
+per-GPU tuning (kernels/autotune.py) replaces numbers, not code.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -33,6 +39,10 @@ class Config:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
+    split_k: int = 1   # decode path: > 1 adds K-slices into a float32 output with atomics
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 # Untuned defaults (no GPU this session). block_k must be a multiple of 32 (8 int4 codes per
@@ -45,12 +55,64 @@ CONFIGS: dict[str, Config] = {
 }
 
 
-def choose_path(m: int) -> str:
+# The decode kernel serves M up to this many rows (beyond, tensor-core tiles, then dequant).
+DECODE_MAX_M = 128
+M_BUCKETS = (1, 16, 64, 128)   # decode configs per bucket: M=1, 2..16, 17..64, 65..128
+CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_ENV = "COMPRESS_KERNEL_CONFIGS"   # a JSON file that replaces the per-GPU one
+
+
+def choose_path(m: int, decode: bool = False) -> str:
+    """decode: the format has a decode-path kernel (INT, FP4); 2:4 keeps gemv/splitk."""
+    if decode and m <= DECODE_MAX_M:
+        return "decode"
     if m == 1:
         return "gemv"
     if m <= 16:
         return "splitk"
     return "tile" if m < DEQUANT_MIN_M else "dequant"
+
+
+def m_bucket(m: int) -> str:
+    return "m" + str(next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1]))
+
+
+def gpu_config_name(device) -> str:
+    """File stem for a GPU: "NVIDIA H200" -> "nvidia_h200"."""
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+
+
+@functools.lru_cache(maxsize=8)
+def _load_table(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def config_table(device) -> dict:
+    """The decode-config table for this device: $COMPRESS_KERNEL_CONFIGS, else
+    configs/<gpu>.json, else configs/default.json. Layout:
+    {"gpu": ..., "decode": {"<family>/<bucket>": {"default": {...}, "<N>x<K>": {...}}}}"""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return _load_table(str(Path(env).resolve()))
+    own = CONFIG_DIR / f"{gpu_config_name(device)}.json"
+    return _load_table(str(own if own.exists() else CONFIG_DIR / "default.json"))
+
+
+def decode_config(family: str, m: int, n: int, k: int, device) -> Config:
+    """Launch config for the decode kernel: family (int4, int4-asym, int8, nvfp4, mxfp4) and
+    M bucket, the exact shape if tuned, else the bucket default; family int4-asym falls back
+    to int4, any family to "*"."""
+    table = config_table(device).get("decode", {})
+    bucket = m_bucket(m)
+    for fam in (family, family.split("-")[0], "*"):
+        entry = table.get(f"{fam}/{bucket}")
+        if entry:
+            cfg = entry.get(f"{n}x{k}") or entry.get("default")
+            if cfg:
+                return Config(**cfg)
+    raise ValueError(f"no decode config for {family}/{bucket} (nor a '*' default)")
 
 
 def next_pow2(n: int) -> int:

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from compress.kernels import _common as C
 from compress.kernels._common import mac_tile, store_tile
+from compress.kernels.decode import FMT_MXFP4, FMT_NVFP4, words_matmul
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _LUTS: dict[torch.device, torch.Tensor] = {}
@@ -136,13 +137,21 @@ def _check_fp4(fmt, packed, scale, global_scale, n, k):
 def fp4_matmul(x: torch.Tensor, fmt: str, packed: torch.Tensor, scale: torch.Tensor,
                global_scale: torch.Tensor | None, shape: tuple[int, int],
                bias: torch.Tensor | None = None, path: str | None = None,
-               split_k: int | None = None) -> torch.Tensor:
-    """x [..., K] @ dequant(W [N, K])^T + bias -> [..., N] in x.dtype."""
+               split_k: int | None = None, config: C.Config | None = None) -> torch.Tensor:
+    """x [..., K] @ dequant(W [N, K])^T + bias -> [..., N] in x.dtype (path/split_k/config:
+    overrides, as int_matmul)."""
     n, k = shape
     _check_fp4(fmt, packed, scale, global_scale, n, k)
     x2 = C.activation_2d(x, k)
     m = x2.shape[0]
-    path = path or C.choose_path(m)
+    path = path or C.choose_path(m, decode=True)
+    if path == "decode":  # uint8 [N, K/2] read as int32 [N, K/8]: nibble j of word i = 8i + j
+        cfg = config or C.decode_config(fmt, m, n, k, x.device)
+        y = words_matmul(x2, FMT_NVFP4 if fmt == "nvfp4" else FMT_MXFP4,
+                         (packed if packed.storage_offset() % 4 == 0 else packed.clone())
+                         .view(torch.int32), scale.view(torch.uint8), None,
+                         global_scale, n, k, 4, FORMATS[fmt], bias, cfg, x.dtype)
+        return y.reshape(*x.shape[:-1], n)
     if path == "dequant":
         w = fp4_dequantize(fmt, packed, scale, global_scale, shape, x.dtype)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)

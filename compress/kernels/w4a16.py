@@ -8,7 +8,8 @@ so loading needs no repack:
     weight_zero_point  int32 [ceil(N/P), K/g] optional, packed the same way along N
 w[n, k] = (code - zero) * scale[n, k // g]; y = x @ w^T (+ bias).
 
-One entry point, `int_matmul`, picks the path by M (see compress/kernels/_common.py).
+One entry point, `int_matmul`, picks the path by M (see compress/kernels/_common.py); M up to
+DECODE_MAX_M runs the decode kernel of compress/kernels/decode.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from compress.kernels import _common as C
 from compress.kernels._common import apply_int_scale, mac_tile, store_tile
+from compress.kernels.decode import FMT_INT, words_matmul
 
 
 @triton.jit
@@ -101,17 +103,23 @@ def _check_int(packed, scale, zero, bits, n, k):
 def int_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                zero: torch.Tensor | None, shape: tuple[int, int], bits: int = 4,
                bias: torch.Tensor | None = None, path: str | None = None,
-               split_k: int | None = None) -> torch.Tensor:
-    """x [..., K] @ dequant(W [N, K])^T + bias -> [..., N] in x.dtype. path/split_k override
-    the choice by M (tests and benchmarks use them)."""
+               split_k: int | None = None, config: C.Config | None = None) -> torch.Tensor:
+    """x [..., K] @ dequant(W [N, K])^T + bias -> [..., N] in x.dtype. path/split_k/config
+    override the choice by M and the tuned config (tests, benchmarks, autotune use them)."""
     n, k = shape
     _check_int(packed, scale, zero, bits, n, k)
     x2 = C.activation_2d(x, k)
     m = x2.shape[0]
-    path = path or C.choose_path(m)
+    path = path or C.choose_path(m, decode=True)
     per, groups = 32 // bits, scale.shape[1]
     common = dict(BITS=bits, PER=per, HAS_ZERO=zero is not None)
     zero_arg = packed if zero is None else zero
+    if path == "decode":
+        family = f"int{bits}" + ("-asym" if zero is not None else "")
+        cfg = config or C.decode_config(family, m, n, k, x.device)
+        y = words_matmul(x2, FMT_INT, packed, scale, zero, None, n, k, bits, k // groups, bias,
+                         cfg, x.dtype)
+        return y.reshape(*x.shape[:-1], n)
     if path == "dequant":
         w = int_dequantize(packed, scale, zero, shape, bits, x.dtype)
         y = torch.nn.functional.linear(x2, w, bias)

@@ -17,7 +17,7 @@ from compress.kernels.fp4 import (
     fp4_matmul_ref,
 )
 
-PATHS = ["gemv", "splitk", "tile", "dequant"]
+PATHS = ["decode", "gemv", "splitk", "tile", "dequant"]
 
 
 def make_fp4_weight(fmt, n, k, rng):

@@ -10,7 +10,7 @@ from kernel_checks import DTYPES, assert_matmul_close
 from compress.kernels import _common as C
 from compress.kernels.w4a16 import int_dequantize, int_dequantize_ref, int_matmul, int_matmul_ref
 
-PATHS = ["gemv", "splitk", "tile", "dequant"]
+PATHS = ["decode", "gemv", "splitk", "tile", "dequant"]
 # one rounding to the dtype (the interpreter truncates to bfloat16: a full ulp)
 ONE_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -7}
 
@@ -91,6 +91,67 @@ def test_reference_equals_intq_codec(rng):
 def test_path_choice_by_m():
     assert [C.choose_path(m) for m in (1, 2, 16, 17, 256, C.DEQUANT_MIN_M)] == \
         ["gemv", "splitk", "splitk", "tile", "tile", "dequant"]
+    ms = (1, 16, C.DECODE_MAX_M, C.DECODE_MAX_M + 1, C.DEQUANT_MIN_M)
+    assert [C.choose_path(m, decode=True) for m in ms] == \
+        ["decode", "decode", "decode", "tile", "dequant"]
+    assert [C.m_bucket(m) for m in (1, 2, 16, 17, 64, 65, 128)] == \
+        ["m1", "m16", "m16", "m64", "m64", "m128", "m128"]
+
+
+# Decode-kernel configs the autotuner may pick: CUDA-core M=1 (one scale per tile and per word),
+# tensor-core tiles, split-K by atomics, block_k spanning several groups or part of one.
+DECODE_CONFIGS = [C.Config(1, 8, 64), C.Config(1, 16, 256, split_k=3),
+                  C.Config(16, 16, 128), C.Config(32, 32, 256, split_k=2)]
+
+
+DECODE_CASES = [(1, 37, 512, 128, False, 4), (3, 29, 384, 64, True, 4),
+                (1, 23, 264, 8, False, 8), (18, 21, 300, None, True, 8)]
+
+
+def _applies(cfg, case):
+    """block_m 1 is the M=1 kernel; a tensor-core tile needs >= 16 words along K."""
+    m, bits = case[0], case[5]
+    return (m == 1) if cfg.block_m == 1 else cfg.block_k // (32 // bits) >= 16
+
+
+@pytest.mark.parametrize("cfg,case", [(c, s) for c in DECODE_CONFIGS for s in DECODE_CASES
+                                      if _applies(c, s)],
+                         ids=lambda v: str(v) if isinstance(v, C.Config) else
+                         "m{}-n{}-k{}-g{}-{}-int{}".format(*v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_kernel_every_config_shape(cfg, case, dtype, rng):
+    m, n, k, group, symmetric, bits = case
+    packed, scale, zero = make_int_weight(n, k, group, symmetric, bits, rng, torch.bfloat16)
+    bias = torch.randn(n, generator=rng)
+    x = torch.randn(m, k, generator=rng).to(dtype)
+    y = int_matmul(x, packed, scale, zero, (n, k), bits, bias=bias, path="decode", config=cfg)
+    ref = int_matmul_ref(x, packed, scale, zero, (n, k), bits, bias=bias)
+    w = int_dequantize_ref(packed, scale, zero, (n, k), bits)
+    assert_matmul_close(y, ref, x, w, rng.initial_seed(), bias)
+
+
+def test_decode_config_table_lookup(tmp_path, monkeypatch):
+    """Exact shape first, then the bucket default, then the family "*"; the env file wins."""
+    import json
+
+    table = {"decode": {"int4/m1": {"default": C.Config(1, 8, 256).to_dict(),
+                                    "64x128": C.Config(1, 4, 128, split_k=2).to_dict()},
+                        "*/m1": {"default": C.Config(1, 32, 64).to_dict()},
+                        "*/m16": {"default": C.Config(16, 16, 128).to_dict()}}}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(C.CONFIG_ENV, str(path))
+    cpu = torch.device("cpu")
+    assert C.decode_config("int4", 1, 64, 128, cpu) == C.Config(1, 4, 128, split_k=2)
+    assert C.decode_config("int4-asym", 1, 64, 256, cpu) == C.Config(1, 8, 256)
+    assert C.decode_config("nvfp4", 1, 64, 128, cpu) == C.Config(1, 32, 64)
+    assert C.decode_config("int8", 9, 64, 128, cpu) == C.Config(16, 16, 128)
+    with pytest.raises(ValueError, match="no decode config"):
+        C.decode_config("int8", 100, 64, 128, cpu)
+    monkeypatch.delenv(C.CONFIG_ENV)
+    default = json.loads((C.CONFIG_DIR / "default.json").read_text())["decode"]
+    for bucket in C.M_BUCKETS:  # the shipped default covers every bucket of every format
+        assert f"*/m{bucket}" in default
 
 
 def test_bad_shapes_raise_one_clear_error(rng):

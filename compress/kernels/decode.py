@@ -1,0 +1,190 @@
+"""Decode-size matmul (M = 1 .. ~128) for weights packed as 32-bit words of 4- or 8-bit codes.
+
+INT4/INT8 (compressed-tensors pack-quantized, int32 [N, ceil(K/P)]) and NVFP4/MXFP4 (uint8
+[N, K/2], viewed as int32 [N, K/8]: little-endian, so nibble j of word i is element 8 i + j in
+both) share this one main loop; only the per-code decode and the scale differ.
+
+Why this shape (kernels/NOTES.md has the byte/FLOP floors):
+  * no tl.reshape of unpacked codes (it makes Triton shuffle the tile through shared memory):
+    for code slot j of every word we load the activations at k = P*i + j (a strided read of x,
+    which sits in L1) and multiply-add against the j-th codes of all words;
+  * INT codes become floats without an int->float conversion (a quarter-rate instruction):
+    (code | 0x4B000000) read as float32 is 2^23 + code, one subtraction removes 2^23 + offset
+    + zero point (exact);
+  * FP4 E2M1 codes become float16 bits ((c & 7) << 9 | sign << 15): the value times 2^-14,
+    exact, also for the 0.5 subnormal; the 2^14 is folded into the per-group scale;
+  * scales are read once per tile when a tile lies in one group (INT g128, per channel) and
+    applied to the partial sum, else once per word (8 codes), never per element;
+  * M == 1 keeps a [BLOCK_N, WORDS] float32 accumulator and reduces across K only once at the
+    end (no per-iteration warp reduction); M > 1 uses tensor-core tl.dot on [BLOCK_M, WORDS];
+  * split-K, when a config asks for it, adds into a zeroed float32 output with atomics (no
+    partial buffer and no separate reduction kernel over [S, M, N]).
+No repack: rows of packed words are contiguous along K, which is what a row-per-program GEMV
+reads coalesced. Launch configs come from compress/kernels/configs/*.json (see _common).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from compress.kernels import _common as C
+
+FMT_INT, FMT_NVFP4, FMT_MXFP4 = 0, 1, 2
+
+
+@triton.jit
+def _e4m3_bits_to_f32(b):
+    e = (b >> 3) & 0xF
+    m = b & 0x7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+    return tl.where((b & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def _group_scale(s_ptr, z_ptr, gs, rows, cols, mask, G, FMT: tl.constexpr, BITS: tl.constexpr,
+                 PER: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """(scale, zero) float32 for row indices `rows` and group columns `cols` (broadcast shapes).
+    INT: scale as stored, zero point unpacked (0 when symmetric). FP4: the decoded group scale
+    times 2^14 (undoing the float16 trick in _decode_codes), zero 0."""
+    if FMT == 0:
+        s = tl.load(s_ptr + rows * G + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            zw = tl.load(z_ptr + (rows // PER) * G + cols, mask=mask, other=0)
+            z = (((zw >> ((rows % PER) * BITS)) & ((1 << BITS) - 1))
+                 - (1 << (BITS - 1))).to(tl.float32)
+        else:
+            z = tl.zeros_like(s)
+    else:
+        b = tl.load(s_ptr + rows * G + cols, mask=mask, other=0).to(tl.int32)
+        if FMT == 1:
+            s = _e4m3_bits_to_f32(b) * gs
+        else:
+            s = tl.where(b == 0, 5.877471754111438e-39,
+                         (b << 23).to(tl.float32, bitcast=True)) * 16384.0
+        z = tl.zeros_like(s)
+    return s, z
+
+
+@triton.jit
+def _decode_codes(words, j: tl.constexpr, z, FMT: tl.constexpr, BITS: tl.constexpr):
+    """Code slot j of every word -> float32, unscaled: INT code - zero, FP4 value * 2^-14."""
+    c = (words >> (j * BITS)) & ((1 << BITS) - 1)
+    if FMT == 0:
+        return (c | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + (1 << (BITS - 1)) + z)
+    else:
+        h = (((c & 7) << 9) | ((c & 8) << 12)).to(tl.int16)
+        return h.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
+                         M, N, K, KW, G, GROUP, stride_xm, K_PER_SPLIT,
+                         FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                         HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         TILE_SCALE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+                         ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    WORDS: tl.constexpr = BLOCK_K // PER
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ri = tl.arange(0, WORDS)
+    n_in = rn < N
+    gs = 1.0
+    if FMT == 1:  # NVFP4: w = e2m1 * scale / global_scale; 2^14 undoes the float16 decode
+        gs = 16384.0 / tl.load(gs_ptr).to(tl.float32)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:  # BLOCK_M == 1: reduce over K once, after the loop
+        acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        k0 = pid_k * K_PER_SPLIT + kk
+        rw = k0 // PER + ri
+        words = tl.load(w_ptr + rn[:, None] * KW + rw[None, :],
+                        mask=n_in[:, None] & (rw[None, :] < KW), other=0)
+        if TILE_SCALE:  # the whole tile lies in one group: one scale per row
+            s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], k0 // GROUP,
+                                n_in[:, None] & (rn[:, None] * 0 + k0 < K), G,
+                                FMT, BITS, PER, HAS_ZERO)
+        else:           # one scale per word (a word's codes share a group)
+            cols = (rw * PER) // GROUP
+            s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], cols[None, :],
+                                n_in[:, None] & (rw[None, :] < KW), G, FMT, BITS, PER,
+                                HAS_ZERO)
+        if USE_DOT:
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(PER):
+                v = _decode_codes(words, j, z, FMT, BITS)
+                if not TILE_SCALE:
+                    v = v * s
+                rk = k0 + ri * PER + j
+                xj = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                             mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+                if IEEE:
+                    part = tl.dot(xj.to(tl.float32), tl.trans(v), part, input_precision="ieee")
+                else:
+                    part = tl.dot(xj, tl.trans(v.to(xj.dtype)), part)
+            if TILE_SCALE:
+                acc += part * tl.reshape(s, (1, BLOCK_N))
+            else:
+                acc += part
+        else:
+            t = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            for j in tl.static_range(PER):
+                v = _decode_codes(words, j, z, FMT, BITS)
+                rk = k0 + ri * PER + j
+                xj = tl.load(x_ptr + pid_m * stride_xm + rk, mask=rk < K, other=0.0)
+                t += xj.to(tl.float32)[None, :] * v
+            acc2 += t * s
+    if not USE_DOT:
+        acc = tl.reshape(tl.sum(acc2, axis=1), (1, BLOCK_N))
+    if HAS_BIAS:
+        b = tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)
+        acc += b[None, :] * (pid_k == 0).to(tl.float32)
+    out = out_ptr + rm[:, None] * N + rn[None, :]
+    mask = (rm[:, None] < M) & n_in[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=mask)
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor | None, global_scale: torch.Tensor | None, n: int, k: int,
+                 bits: int, group: int, bias: torch.Tensor | None, cfg: C.Config,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """x2 [M, K] (contiguous rows) @ W^T -> [M, N] in out_dtype. words: int32 [N, KW]; scale
+    [N, G] (FP4: raw bits as uint8); arguments already checked by the format's wrapper."""
+    m = x2.shape[0]
+    per = 32 // bits
+    use_dot = cfg.block_m > 1
+    C.check(not use_dot or (cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k // per >= 16),
+            f"config {cfg}: tensor-core tiles need block_m, block_n >= 16 and block_k >= "
+            f"{16 * per}")
+    C.check(cfg.block_k % per == 0 and (cfg.block_k & (cfg.block_k - 1)) == 0,
+            f"config {cfg}: block_k must be a power of two and a multiple of {per}")
+    groups = scale.shape[1]
+    tile_scale = groups == 1 or group % cfg.block_k == 0
+    grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
+    split = max(1, min(cfg.split_k, -(-k // cfg.block_k)))
+    k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
+    split = -(-k // k_per_split)
+    if split > 1:  # atomics add into zeros: this buffer cannot be poisoned
+        out = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
+    else:
+        out = C.alloc((m, n), out_dtype, x2.device)
+    # NVFP4's global scale stays a device tensor read in the kernel (no host sync: CUDA graphs)
+    gs = global_scale if fmt == FMT_NVFP4 else scale
+    _words_matmul_kernel[(grid_m, grid_n, split)](
+        x2, words, scale, zero if zero is not None else words,
+        bias if bias is not None else x2, out,
+        gs,
+        m, n, k, words.shape[1], groups, group, x2.stride(0), k_per_split,
+        FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
+        TILE_SCALE=tile_scale, USE_DOT=use_dot, IEEE=C.dot_in_f32(x2.dtype),
+        ATOMIC=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out.to(out_dtype) if split > 1 else out

@@ -1,0 +1,176 @@
+"""Sweep decode-kernel launch configs on this GPU and write them as data (configs/<gpu>.json).
+
+    python kernels/autotune.py --out $OUT/nvidia_h200.json                 # all formats, buckets
+    python kernels/autotune.py --formats int4,nvfp4 --budget-s 150 --out x.json
+    TRITON_INTERPRET=1 python kernels/autotune.py --dry-run --out /tmp/t.json   # CPU: runs all
+
+For every (format, M bucket, Llama-3-8B shape) each candidate config is first checked against
+the format's *_ref reference (a wrong config is dropped, never timed), then timed like
+bench_kernels (256 MB memset flushes L2 before each call, CUDA events, median of --reps). The
+fastest config per shape is written under "<format>/m<bucket>" -> "<N>x<K>", and the config
+with the smallest summed slowdown over the shapes as that bucket's "default" (other shapes of
+the same model size). "*/m<bucket>" gets int4's defaults (the fallback for untuned formats).
+--budget-s bounds the sweep: once spent, remaining candidates are skipped (the default config,
+always first, is always measured). Use the file with COMPRESS_KERNEL_CONFIGS=path or commit
+it as compress/kernels/configs/<gpu>.json (the name is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_kernels import SHAPES, check, time_call  # noqa: E402
+
+from compress.kernels import _common as C  # noqa: E402
+from compress.kernels.fp4 import fp4_matmul, fp4_matmul_ref  # noqa: E402
+from compress.kernels.w4a16 import int_matmul, int_matmul_ref  # noqa: E402
+
+FAMILIES = ["int4", "int4-asym", "int8", "nvfp4", "mxfp4"]
+BUCKET_M = {1: 1, 16: 16, 64: 64, 128: 128}   # bucket -> the M it is timed at (its worst case)
+
+
+def cfg(bm, bn, bk, warps=4, stages=2, split=1):
+    return C.Config(bm, bn, bk, warps, stages, split)
+
+
+# Candidates per bucket (the shipped default first). M=1: rows per program x K per iteration
+# (bytes in flight), split-K only where N alone gives too few programs. M>1: tensor-core tiles.
+CANDIDATES = {
+    1: [cfg(1, 8, 512), cfg(1, 4, 512), cfg(1, 4, 1024), cfg(1, 8, 1024), cfg(1, 16, 256),
+        cfg(1, 16, 512, 8), cfg(1, 8, 512, 4, 3), cfg(1, 8, 512, 4, 2, 2), cfg(1, 2, 1024, 2)],
+    16: [cfg(16, 16, 256), cfg(16, 32, 256), cfg(16, 16, 512), cfg(16, 32, 128, 4, 3),
+         cfg(16, 64, 256, 4, 2, 2), cfg(16, 16, 256, 2), cfg(16, 32, 512, 8)],
+    64: [cfg(64, 32, 256), cfg(64, 16, 256), cfg(64, 64, 256, 8), cfg(32, 32, 256),
+         cfg(64, 32, 128, 4, 3)],
+    128: [cfg(64, 64, 128), cfg(128, 64, 128, 8), cfg(64, 128, 128, 8), cfg(128, 32, 256, 8)],
+}
+
+
+def make_weight(family: str, n: int, k: int, device):
+    """(fn(x, config), ref(x)) for a random weight of the family in its stored layout."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    if family.startswith("int"):
+        bits = 8 if family == "int8" else 4
+        lo = -(1 << (bits - 1))
+        codes = torch.randint(lo, -lo, (n, k), device=device, generator=gen, dtype=torch.int8)
+        groups = 1 if bits == 8 else k // 128
+        scale = (torch.rand(n, groups, device=device, generator=gen) * 0.01).to(torch.bfloat16)
+        zero = None
+        if family.endswith("asym"):
+            zero = pack_to_int32(torch.randint(lo, -lo, (n, groups), device=device,
+                                               generator=gen, dtype=torch.int8), bits,
+                                 packed_dim=0)
+        packed = pack_to_int32(codes, bits)
+        args = (packed, scale, zero, (n, k), bits)
+        return (lambda x, c: int_matmul(x, *args, path="decode", config=c),
+                lambda x: int_matmul_ref(x, *args))
+    packed = torch.randint(0, 256, (n, k // 2), device=device, generator=gen, dtype=torch.uint8)
+    if family == "nvfp4":
+        scale = (torch.rand(n, k // 16, device=device, generator=gen) * 100 + 1).to(
+            torch.float8_e4m3fn)
+        gs = torch.tensor([1000.0], device=device)
+    else:
+        scale = torch.randint(110, 125, (n, k // 32), device=device, generator=gen,
+                              dtype=torch.uint8)
+        gs = None
+    return (lambda x, c: fp4_matmul(x, family, packed, scale, gs, (n, k), path="decode",
+                                    config=c),
+            lambda x: fp4_matmul_ref(x, family, packed, scale, gs, (n, k)))
+
+
+def applies(c: C.Config, family: str, m: int) -> bool:
+    per = 4 if family == "int8" else 8
+    if c.block_m == 1:
+        return m == 1
+    return c.block_k // per >= 16 and c.block_k % per == 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", default=",".join(FAMILIES))
+    parser.add_argument("--buckets", default="1,16,64,128")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--budget-s", type=float, default=600.0)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--log", default=None, help="JSON lines of every measurement")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shape, 1 rep (CPU)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
+    if args.dry_run:
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--dry-run on the CPU needs TRITON_INTERPRET=1")
+        shapes, args.reps = {"tiny 96x1024": (96, 1024)}, 1
+    elif device.type != "cuda":
+        raise SystemExit("autotune needs a CUDA GPU (or --dry-run with TRITON_INTERPRET=1)")
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) \
+        if device.type == "cuda" else None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
+    start = time.time()
+    log = open(args.log, "a") if args.log else None
+    table: dict = {"gpu": gpu, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+                   "cmd": " ".join(sys.argv), "decode": {}}
+    for family in args.formats.split(","):
+        for bucket in (int(b) for b in args.buckets.split(",")):
+            m = BUCKET_M[bucket]
+            times: dict[int, dict[str, float]] = {}   # candidate index -> shape -> seconds
+            for label, (n, k) in shapes.items():
+                fn, ref = make_weight(family, n, k, device)
+                x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                for i, c in enumerate(CANDIDATES[bucket]):
+                    if not applies(c, family, m):
+                        continue
+                    if i > 0 and time.time() - start > args.budget_s:
+                        break
+                    try:
+                        check(f"{family} {label} M={m} {c}", lambda x: fn(x, c), ref, x)
+                        t = time_call(lambda x: fn(x, c), x, device, args.reps, flush)
+                    except (SystemExit, RuntimeError, ValueError) as exc:
+                        print(f"dropped {family} {label} M={m} {c}: {exc}", file=sys.stderr)
+                        continue
+                    times.setdefault(i, {})[f"{n}x{k}"] = t
+                    if log:
+                        log.write(json.dumps({"family": family, "m": m, "shape": f"{n}x{k}",
+                                              "config": c.to_dict(), "us": t * 1e6}) + "\n")
+            if not times:
+                continue
+            keys = sorted({s for per in times.values() for s in per})
+            entry = {}
+            for s in keys:
+                best = min((i for i in times if s in times[i]), key=lambda i: times[i][s])
+                entry[s] = CANDIDATES[bucket][best].to_dict()
+            full = [i for i in times if len(times[i]) == len(keys)]
+            best_all = min(full, key=lambda i: sum(times[i][s] / min(times[j][s] for j in times
+                                                                   if s in times[j])
+                                                   for s in keys))
+            entry["default"] = CANDIDATES[bucket][best_all].to_dict()
+            table["decode"][f"{family}/m{bucket}"] = entry
+            print(f"{family} m{bucket}: " + ", ".join(
+                f"{s} {min(times[i][s] for i in times if s in times[i]) * 1e6:.1f} us"
+                for s in keys) + f" ({time.time() - start:.0f} s)", flush=True)
+    for bucket in CANDIDATES:  # the fallback for untuned formats: int4's (else the shipped)
+        src = table["decode"].get(f"int4/m{bucket}")
+        if src:
+            table["decode"][f"*/m{bucket}"] = {"default": src["default"]}
+    shipped = json.loads((C.CONFIG_DIR / "default.json").read_text())["decode"]
+    for key, value in shipped.items():
+        table["decode"].setdefault(key, value)
+    Path(args.out).write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {args.out}: commit it as compress/kernels/configs/"
+          f"{C.gpu_config_name(device)}.json ({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
