@@ -87,3 +87,27 @@ def test_python_api_takes_recipes_by_name_path_and_dicts():
     assert by_name == as_recipe(BUNDLED / "int4-rtn.yaml")
     assert as_recipe(by_name) is by_name
     assert as_recipe([{"pass": "quantize", "format": "nvfp4"}]).passes[0].format == "nvfp4"
+
+
+def test_cpu_keeps_decoded_weights_within_its_budget(tmp_path, monkeypatch):
+    """On the CPU a loaded model decodes each weight once (the reference path would otherwise
+    decode it at every call); the outputs are exactly those of decoding every time, and a
+    budget of 0 keeps nothing."""
+    import compress
+    from compress.runtime.modules import QuantizedLinear
+
+    out, _ = _quantized_artifact(tmp_path)
+    ids = torch.randint(0, 256, (1, 16))
+    monkeypatch.setenv("COMPRESS_DECODED_CACHE_MB", "0")
+    model = compress.load(out)
+    with torch.no_grad():
+        fresh = model(ids).logits
+    linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert linears and not any(hasattr(m, "_decoded") for m in linears)
+    monkeypatch.setenv("COMPRESS_DECODED_CACHE_MB", "64")
+    model = compress.load(out)
+    with torch.no_grad():
+        first, second = model(ids).logits, model(ids).logits
+    linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert all(hasattr(m, "_decoded") for m in linears)
+    assert torch.equal(first, fresh) and torch.equal(second, fresh)

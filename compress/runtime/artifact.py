@@ -114,6 +114,9 @@ def load_artifact(path: str | Path, device=None, dtype=None) -> nn.Module:
                             f"{missing[:3]}, unexpected {unexpected[:3]}); the artifact is corrupt")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    for module in model.modules():
+        if hasattr(module, "reference_forward"):
+            module.keep_decoded = True   # decoded weights may be kept on the CPU (modules.py)
     model.eval()
     return model.to(device) if device is not None else model
 
