@@ -11,8 +11,9 @@ def apply(model, recipe, output, **options):
     return run(model, recipe, output, **options)
 
 
-def load(path, device=None, dtype=None):
-    """Load a compress artifact (or any supported model source) as a working nn.Module."""
+def load(path, device=None, dtype=None, verify=True):
+    """Load a compress artifact (or any supported model source) as a working nn.Module.
+    verify=False skips checking the files against their recorded SHA-256 (faster)."""
     from compress.runtime.artifact import load_artifact
 
-    return load_artifact(path, device=device, dtype=dtype)
+    return load_artifact(path, device=device, dtype=dtype, verify=verify)

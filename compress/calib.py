@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from compress.errors import CompressError, UsageError
+from compress.errors import BadInputData, CompressError, UsageError
 from compress.models import Arch, decoder_layers, layers_path
 
 # Inside the package, so a wheel carries it (the top-level calibration/ is a link to it).
@@ -66,10 +66,27 @@ def stdlib_texts(split: Literal["calibration", "evaluation"]) -> list[str]:
     return [doc for name in modules for doc in _docstrings(name)]
 
 
+def check_text_source(source: str, allowed: tuple[Path, ...] | list[Path] = (),
+                      origin: str = "--text") -> None:
+    """A text file must lie below the current directory or an allowed path (the recipe's
+    directory, --allow-path), after symlinks are followed: a recipe from elsewhere must not
+    make compress read /etc/shadow or /proc/self/environ. stdlib and hf: sources pass."""
+    if source == "stdlib" or source.startswith("hf:"):
+        return
+    real = Path(source).expanduser().resolve()
+    roots = [Path.cwd().resolve(), *(Path(a).expanduser().resolve() for a in allowed)]
+    if not any(real == root or root in real.parents for root in roots):
+        raise UsageError(f"{origin}: {source} is outside the current directory"
+                         f"{' and the allowed paths' if allowed else ''}; pass --allow-path "
+                         f"{Path(source).expanduser().parent} if you mean to read it")
+    if not real.is_file():
+        raise UsageError(f"{origin}: text file {source} not found (or not a regular file)")
+
+
 def file_texts(path: Path) -> list[str]:
     """A .txt file (one text) or a .jsonl file (one {"text": ...} object a line)."""
     if not path.is_file():
-        raise UsageError(f"text file {path} not found")
+        raise UsageError(f"text file {path} not found (or not a regular file)")
     raw = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".jsonl":
         texts = []
@@ -345,5 +362,5 @@ def _move_non_layers(model: nn.Module, layers: nn.ModuleList, device: torch.devi
 def check_finite(name: str, tensor: torch.Tensor, what: str = "weight") -> None:
     """Stop the run with the module's name when a tensor holds NaN or Inf."""
     if not torch.isfinite(tensor).all():
-        raise CompressError(f"{what} of {name} contains NaN or Inf: the checkpoint or the "
+        raise BadInputData(f"{what} of {name} contains NaN or Inf: the checkpoint or the "
                             "calibration produced non-finite values; nothing was written")

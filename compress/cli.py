@@ -7,6 +7,7 @@ and hub libraries see HF_HUB_OFFLINE before they import.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -40,19 +41,28 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled rec
                                                                 "load no weights"),
           tp: int = typer.Option(1, help="tensor-parallel size to check vLLM compatibility for"),
           as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
+          allow_path: list[Path] = typer.Option(
+              [], "--allow-path", help="a file or directory calibration text may be read from "
+                                       "(besides the current and the recipe's directory)"),
           ) -> None:
     """Apply a recipe's passes to MODEL and write the compressed artifact to -o.
 
     A killed run resumes when the same command is run again (see --restart)."""
+    from compress.errors import UsageError
     from compress.recipe import load_recipe
 
-    parsed = load_recipe(recipe)  # fails here, before any model loads
-    from compress.formats.artifact import check_output
-
-    check_output(output, overwrite)
+    if tp < 1:
+        raise UsageError(f"--tp {tp}: the tensor-parallel size must be at least 1")
+    _check_dtype(dtype)
+    device = _device(device, resolve_auto=False)
+    parsed = load_recipe(recipe, allow_paths=allow_path)  # fails here, before any model loads
     if dry_run:
+        from compress.formats.artifact import check_output
+        from compress.models import resolve
+        from compress.pipeline import input_paths
         from compress.preflight import preflight
 
+        check_output(output, overwrite, input_paths(resolve(model, allow_pickle)))
         preflight(parsed, model, output, device=device, dtype=dtype, tp=tp,
                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         return
@@ -81,25 +91,39 @@ def evaluate(artifact: str = typer.Argument(..., help="artifact directory or any
              seq_len: int = typer.Option(512, help="tokens per window"),
              max_tokens: int = typer.Option(16384, help="evaluate on at most this many tokens"),
              batch_size: int = typer.Option(4, help="windows / requests per forward"),
-             output: Optional[Path] = typer.Option(None, "-o", "--output", help="JSON results"),
+             output: Optional[Path] = typer.Option(
+                 None, "-o", "--output",
+                 help="JSON results (default: ARTIFACT/evaluation.json when it is writable)"),
+             allow_path: list[Path] = typer.Option(
+                 [], "--allow-path", help="a file or directory --text may be read from (besides "
+                                          "the current directory)"),
              ) -> None:
     """Perplexity, KL and top-1 agreement against --baseline, lm-eval --tasks, recovery gates."""
     from compress.errors import UsageError
 
     if min_recovery is not None and not baseline:
         raise UsageError("--min-recovery compares against a baseline: pass --baseline MODEL")
+    if seq_len < 2 or batch_size < 1 or max_tokens < seq_len or (limit is not None and limit < 1):
+        raise UsageError("--seq-len must be at least 2, --max-tokens at least --seq-len, "
+                         "--batch-size and --limit at least 1")
+    from compress.calib import check_text_source
     from compress.evaluation.report import evaluate as run
-    from compress.evaluation.report import failing, write_json
+    from compress.evaluation.report import failing, results_path, write_json
 
+    check_text_source(text, allow_path)
+    path = results_path(artifact, output)  # checked writable now, not after the evaluation
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
     result = run(artifact, baseline, text, seq_len, max_tokens, names, limit, batch_size)
-    failures = failing(result["recovery"], min_recovery) if min_recovery is not None else []
+    failures = failing(result["recovery"], min_recovery, result) \
+        if min_recovery is not None else []
     result["gate"] = {"min_recovery": min_recovery, "failed": failures}
     _print_evaluation(result)
-    path = output or (Path(artifact) / "evaluation.json" if Path(artifact).is_dir() else None)
     if path:
         write_json(result, path)
         console.print(f"wrote {path}")
+    elif output is None and Path(artifact).is_dir():
+        console.print(f"{artifact} is not writable: the results are on stdout only (-o FILE "
+                      "saves them)", highlight=False)
     print(json.dumps(result))  # stdout stays machine-readable; tables go to stderr
     for line in failures:
         console.print(f"[red]recovery gate failed:[/] {line}", highlight=False)
@@ -174,15 +198,38 @@ def recipes() -> None:
         print(f"{path.stem:24} {' + '.join(passes):28} {first}")
 
 
-def _device(device: str) -> str:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_dtype(dtype: str) -> None:
+    from compress.errors import UsageError
+
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
+def _device(device: str, resolve_auto: bool = True) -> str:
+    """A device torch can use here; "auto" becomes cuda or cpu (unless resolve_auto=False)."""
     import torch
 
     from compress.errors import UsageError
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available; use --device cpu")
+        return ("cuda" if torch.cuda.is_available() else "cpu") if resolve_auto else device
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r}: not a device; use auto, cpu, cuda or "
+                         "cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device is available; use --device "
+                             "cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) here")
+    elif parsed.type != "cpu":
+        raise UsageError(f"--device {device!r}: compress runs on cpu or cuda")
     return device
 
 
@@ -223,6 +270,7 @@ def generate(artifact: str = typer.Argument(..., help="artifact directory or any
 
     if max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
+    _check_dtype(dtype)
     device = _device(device)
     model, tokenizer = _load_for_run(artifact, device, "float32" if device == "cpu" else dtype)
     if chat and getattr(tokenizer, "chat_template", None):
@@ -263,6 +311,7 @@ def bench(artifact: str = typer.Argument(..., help="artifact directory or any mo
 
     if min(prompt_len, new_tokens, batch, repeats) < 1:
         raise UsageError("--prompt-len, --new-tokens, --batch and --repeats must be >= 1")
+    _check_dtype(dtype)
     device = _device(device)
     dtype = "float32" if device == "cpu" else dtype
     model, _ = _load_for_run(artifact, device, dtype)
@@ -299,7 +348,7 @@ def main() -> None:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:  # typer returns 130 for Ctrl-C in this mode
             if code == 130:
-                console.print("interrupted; temporary files removed")
+                console.print("interrupted")
             sys.exit(code)
     except CompressError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -317,4 +366,10 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(130)
-        raise
+        if os.environ.get("COMPRESS_DEBUG") == "1":
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        console.print(f"[red]error:[/] unexpected {type(exc).__name__}: {first} (a bug in "
+                      "compress: please report it; COMPRESS_DEBUG=1 shows the traceback)",
+                      highlight=False, soft_wrap=True)
+        sys.exit(1)

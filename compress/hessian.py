@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.errors import CompressError
+from compress.errors import BadInputData, CompressError
 
 
 def prepare_hessian(H: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,7 +23,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6,
     The damping is multiplied by 10 each time the factorization fails. Returns (U, damp used);
     raises CompressError when every try fails (the caller may fall back to round-to-nearest)."""
     if not torch.isfinite(H).all():
-        raise CompressError(f"Hessian of {name or 'a module'} contains NaN or Inf: the "
+        raise BadInputData(f"Hessian of {name or 'a module'} contains NaN or Inf: the "
                             "calibration activations are not finite; nothing was written")
     mean_diag = torch.diag(H).mean()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)

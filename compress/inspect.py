@@ -8,17 +8,25 @@ from pathlib import Path
 
 from rich.table import Table
 
-from compress.errors import UsageError
+from compress.errors import CompressError, UsageError
 from compress.progress import console, key_values
 
 
 def weight_bytes(path: Path) -> dict[str, int]:
     """Bytes per tensor name from the safetensors headers (no tensor is read)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
+
+    from compress.integrity import check_safetensors_layout
 
     sizes = {}
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as handle:
+        check_safetensors_layout(file)
+        try:
+            handle = safe_open(str(file), "pt")
+        except (SafetensorError, OSError) as exc:
+            raise CompressError(f"{file} is corrupt or truncated ({exc}); rebuild the "
+                                "artifact") from None
+        with handle:
             for name in handle.keys():
                 piece = handle.get_slice(name)
                 count = 1
@@ -38,7 +46,9 @@ def describe_artifact(path: Path) -> dict:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise UsageError(f"{path} is not an artifact (no config.json)")
-    config = json.loads(config_path.read_text())
+    from compress.runtime.artifact import read_artifact_config
+
+    config = read_artifact_config(path, verify=False)
     section = config.get("compress", {})
     modules = section.get("modules", {})
     sizes = weight_bytes(path)
@@ -51,13 +61,29 @@ def describe_artifact(path: Path) -> dict:
     table.add_row("quantized modules", ", ".join(f"{n} x {f}" for f, n in formats.items()) or "none")
     table.add_row("weight bytes", f"{sum(sizes.values()):,}")
     table.add_row("structure", ", ".join(section.get("structure", {})) or "unchanged")
+    table.add_row("checksums", _checksum_status(path, "checksums" in section))
     report_path = path / "report.json"
     if report_path.is_file():
-        report = json.loads(report_path.read_text())
+        try:
+            report = json.loads(report_path.read_text())
+        except ValueError:
+            report = {}
         for item in report.get("passes", []):
-            table.add_row(f"pass {item['pass']}", f"{item['seconds']}s {key_values(item['summary'])}")
+            if isinstance(item, dict):
+                table.add_row(f"pass {item.get('pass')}",
+                              f"{item.get('seconds')}s {key_values(item.get('summary') or {})}")
     console.print(table)
     return {"modules": modules, "weight_bytes": sum(sizes.values())}
+
+
+def _checksum_status(path: Path, required: bool) -> str:
+    from compress.integrity import verify_checksums
+
+    try:
+        verify_checksums(path, required)
+    except CompressError as exc:
+        return f"FAILED: {exc}"
+    return "verified" if (path / "checksums.sha256").is_file() else "none recorded"
 
 
 def _format_name(fmt: dict) -> str:

@@ -247,16 +247,23 @@ def _dir_kind(path: Path, allow_pickle: bool) -> str:
 
 
 def check_safetensors(path: Path) -> None:
-    """Open every shard's header (cheap, reads no tensor) so truncation fails before loading."""
+    """Check every shard's header (cheap, reads no tensor) so truncation, a dtype that lies
+    about its bytes or a broken index fails before loading."""
     from safetensors import SafetensorError, safe_open
 
+    from compress.integrity import check_safetensors_layout
+
     for file in sorted(path.glob("*.safetensors")):
+        check_safetensors_layout(file)
         try:
             with safe_open(str(file), "pt") as handle:
                 handle.keys()
         except (SafetensorError, OSError) as exc:
             raise CompressError(f"{file} is corrupt or truncated ({exc}); re-download or "
                                 "rebuild it") from None
+    from compress.offload import safetensors_index
+
+    safetensors_index(path)  # the index's paths stay inside the directory
 
 
 def load_config(source: Source, trust_remote_code: bool = False):
@@ -271,11 +278,12 @@ def load_config(source: Source, trust_remote_code: bool = False):
     try:
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code,
                                             **source.pretrained_kwargs())
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 (config classes validate with many error types)
         if "trust_remote_code" in str(exc):
             raise UsageError(f"{source.label} needs remote code: pass --trust-remote-code "
                              "if you trust it") from None
-        raise CompressError(f"cannot read the config of {source.label}: {exc}") from None
+        words = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CompressError(f"cannot read the config of {source.label}: {words}") from None
     arch_for(config)
     return config
 
@@ -368,23 +376,27 @@ def load_lazily(source: Source, config, dtype, trust_remote_code: bool = False):
     return model.eval()
 
 
-def model_fingerprint(source: Source) -> str:
-    """A hash that changes when the model's weights or config change (headers and sizes only,
-    so it is cheap for large checkpoints)."""
-    import hashlib
-
-    digest = hashlib.sha256(source.kind.encode() + source.path.encode())
+def input_files(source: Source) -> list[Path]:
+    """The files a model source is read from (the GGUF, or a directory's configs, tokenizer
+    files and weights)."""
     path = Path(source.path)
     if source.gguf_file:
-        file = path / source.gguf_file
-        digest.update(str(file.stat().st_size).encode())
-        with open(file, "rb") as handle:
-            digest.update(handle.read(1 << 20))
-    elif path.is_dir():
-        for file in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
-            digest.update(file.name.encode() + str(file.stat().st_size).encode())
-            with open(file, "rb") as handle:
-                digest.update(handle.read(1 << 16))  # JSON files whole; shard headers
+        return [path / source.gguf_file]
+    if path.is_dir():
+        return sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+    return []
+
+
+def model_fingerprint(source: Source) -> str:
+    """A hash of the whole content of every input file: any change to the model (weights edited
+    in place included) changes it. Reads each file once, at disk speed."""
+    import hashlib
+
+    from compress.integrity import file_sha256
+
+    digest = hashlib.sha256(source.kind.encode() + source.path.encode())
+    for file in input_files(source):
+        digest.update(f"{file.name}:{file_sha256(file)}\n".encode())
     return digest.hexdigest()[:16]
 
 

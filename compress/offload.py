@@ -25,13 +25,32 @@ def safetensors_index(path: Path) -> dict[str, Path]:
 
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            items = [(str(name), inside(path, file)) for name, file in weight_map.items()]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CompressError(f"{index_file} is not a valid shard index (a JSON object with "
+                                "a weight_map of tensor name -> file)") from None
+        for name, file in items:
+            if not file.is_file():
+                raise CompressError(f"{index_file}: {name} is in {file.name}, which is "
+                                    "missing; the checkpoint is incomplete")
+        return dict(items)
     index = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
             index.update({name: file for name in handle.keys()})
     return index
+
+
+def inside(directory: Path, file: str) -> Path:
+    """directory/file, refused unless file is a plain name inside directory (an index from
+    elsewhere must not make us read /etc/... or ../other-model)."""
+    if not isinstance(file, str) or not file or os.path.isabs(file) or \
+            ".." in Path(file).parts or "\0" in file:
+        raise CompressError(f"{directory / 'model.safetensors.index.json'}: weight_map entry "
+                            f"{file!r} is not a file inside the model directory")
+    return directory / file
 
 
 def read_prefixed(index: dict[str, Path], prefix: str, dtype: torch.dtype | None = None

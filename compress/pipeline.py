@@ -12,6 +12,7 @@ Two ways to run, chosen by the recipe:
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from pathlib import Path
@@ -20,11 +21,14 @@ from typing import Any
 import torch
 
 from compress import __version__
+from compress.errors import CompressError, DiskFull
 from compress.formats.artifact import check_output, partial_dir, save_artifact
+from compress.lock import output_lock
 from compress.models import Loaded, layers_path, load_model, model_fingerprint
 from compress.passes import Context, run_pass
 from compress.progress import console, status
 from compress.recipe import Recipe
+from compress.resume import MANIFEST
 from compress.versions import versions
 
 
@@ -39,21 +43,28 @@ def is_layerwise(recipe: Recipe) -> bool:
     return all(cfg.layerwise for cfg in recipe.passes)
 
 
-def fingerprints(ctx: Context, source, recipe_yaml: str) -> dict[str, str]:
+def fingerprints(ctx: Context, source, recipe_yaml: str, options: dict[str, Any]
+                 ) -> dict[str, str]:
+    """What an interrupted run must share with this one to be resumed by it: the model's
+    content, the recipe, the calibration tokens, and every option that changes the output."""
     calib = ctx.calibration_ids()
-    return {"model": model_fingerprint(source),
+    with status("hashing the model's files (to recognise an interrupted run of the same model)"):
+        model = model_fingerprint(source)
+    return {"model": model,
             "recipe": hashlib.sha256((recipe_yaml + __version__).encode()).hexdigest()[:16],
-            "calibration data": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]}
+            "calibration data": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
+            "options": json.dumps(options, sort_keys=True)}
 
 
-def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: bool) -> None:
+def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: bool,
+                    options: dict[str, Any]) -> None:
     """Attach a LayerStore and a resumable Run (restoring an interrupted one) to ctx."""
     from compress.offload import LayerStore, safetensors_index
     from compress.resume import Run
     from compress.runtime.artifact import structure, swap_quantized
 
     work = partial_dir(out)
-    run = Run.open(work, fingerprints(ctx, loaded.source, recipe_yaml), restart)
+    run = Run.open(work, fingerprints(ctx, loaded.source, recipe_yaml, options), restart)
     lazy = loaded.source.kind == "dir"
     ctx.store = LayerStore(layers_path(ctx.model, ctx.arch), work,
                            safetensors_index(Path(loaded.source.path)) if lazy else None,
@@ -69,17 +80,57 @@ def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: 
                       f"finished, {done} layer file(s) written")
 
 
+def input_paths(source) -> tuple[Path, ...]:
+    """What the output must never touch: the model directory, or the GGUF file (nothing for a
+    model already in memory)."""
+    if source is None:
+        return ()
+    path = Path(source.path)
+    if source.gguf_file:
+        return (path / source.gguf_file,)
+    return (path,) if path.exists() else ()
+
+
 def apply_recipe(recipe: Recipe, model_spec: str | Loaded, out: Path, *, overwrite: bool = False,
                  device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False,
                  allow_pickle: bool = False, strict: bool = False,
                  restart: bool = False) -> dict[str, Any]:
     """Run every pass of `recipe` on `model_spec` (a model source, or a model already in
-    memory as `Loaded`) and write the artifact to `out`."""
+    memory as `Loaded`) and write the artifact to `out`, holding the output's lock throughout
+    (a second run on the same output stops at once)."""
+    from compress.models import resolve
+
     out = Path(out)
-    check_output(out, overwrite)
-    start = time.perf_counter()
-    in_memory = isinstance(model_spec, Loaded)
+    source = None if isinstance(model_spec, Loaded) else resolve(model_spec, allow_pickle)
+    # an unwritable place, or one overlapping the input, fails before the lock file is made
+    check_output(out, overwrite, input_paths(source))
+    with output_lock(out):
+        return _apply_locked(recipe, model_spec, source, out, overwrite=overwrite,
+                             device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                             allow_pickle=allow_pickle, strict=strict, restart=restart)
+
+
+def _apply_locked(recipe: Recipe, model_spec: str | Loaded, source, out: Path, *,
+                  overwrite: bool, device: str, dtype: str, trust_remote_code: bool,
+                  allow_pickle: bool, strict: bool, restart: bool) -> dict[str, Any]:
+    from compress.preflight import check_disk, output_bytes, partial_bytes, plan
+
+    check_output(out, overwrite, input_paths(source))
+    in_memory = source is None
+    if in_memory:  # the same checks, on the real model's shapes
+        first = next(model_spec.model.parameters())
+        estimated = output_bytes(model_spec.model, model_spec.arch, recipe, first.element_size())
+    else:  # every check that needs no weight, from the config
+        estimated = plan(recipe, source, dtype, trust_remote_code).output_bytes
+    if restart:
+        shutil.rmtree(partial_dir(out), ignore_errors=True)
     streaming = is_layerwise(recipe) and not in_memory  # a model in memory is not streamed
+    if not streaming and (partial_dir(out) / MANIFEST).is_file():
+        raise CompressError(f"{partial_dir(out)} holds an interrupted run of another recipe; it "
+                            "is kept: rerun the command that started it to resume, or add "
+                            "--restart to discard it")
+    check_disk(out, estimated, partial_bytes(out))
+    start = time.perf_counter()
     if in_memory:
         loaded, model_spec = model_spec, type(model_spec.model).__name__
     else:
@@ -93,21 +144,48 @@ def apply_recipe(recipe: Recipe, model_spec: str | Loaded, out: Path, *, overwri
     recipe_yaml = recipe.to_yaml()
     try:
         if streaming:
-            start_streaming(ctx, loaded, out, recipe_yaml, restart)
+            start_streaming(ctx, loaded, out, recipe_yaml, restart,
+                            {"dtype": dtype, "strict": strict})
         reports = run_passes(ctx, recipe)
         report = {"model": model_spec, "versions": versions(), "passes": reports,
                   "streamed": streaming, "seconds": round(time.perf_counter() - start, 2)}
-        if ctx.run is not None and ctx.run.resumed:
+        if ctx.run is not None and ctx.run.resumed_at_open:
             report["resumed"] = True
         with status(f"saving {out}"):
             save_artifact(ctx.model, loaded.tokenizer, out, recipe_yaml, report, overwrite,
-                          store=ctx.store)
-    except BaseException:
-        # Python-level failures and Ctrl-C clean up; only a hard kill (SIGKILL, power loss)
-        # leaves the partial directory, and the same command then resumes from it.
-        shutil.rmtree(partial_dir(out), ignore_errors=True)
+                          store=ctx.store, inputs=input_paths(source))
+    except BaseException as exc:
+        _after_failure(exc, ctx.run, out, estimated)
         raise
     return report
+
+
+def _after_failure(exc: BaseException, run, out: Path, estimated: int) -> None:
+    """Keep an interrupted run for resume, and say so. Only a run this command started fresh
+    is removed, and only when nothing in it can be resumed: Ctrl-C (the user asked to stop) or
+    input values no rerun can get past (NaN weights). A refused resume never gets here with a
+    run (Run.open raised), so the run it refused stays untouched."""
+    from compress.errors import BadInputData, disk_full
+    from compress.preflight import disk_needed, free_space, partial_bytes
+
+    if disk_full(exc) or isinstance(exc, DiskFull):
+        needed = disk_needed(estimated, partial_bytes(out))
+        where = (f"the interrupted run is kept in {run.dir}: free space and rerun the same "
+                 "command to resume" if run is not None else "nothing was written")
+        raise DiskFull(f"no space left on the device of {out}: about {needed / 1e9:.2f} GB "
+                       f"more needed, {free_space(out) / 1e9:.2f} GB free; {where}") from None
+    if run is None:
+        return
+    fresh = not run.resumed_at_open
+    if fresh and isinstance(exc, (KeyboardInterrupt, BadInputData)):
+        shutil.rmtree(run.dir, ignore_errors=True)
+        return
+    keep = (f"the interrupted run is kept in {run.dir}: rerun the same command to resume, or "
+            "add --restart to discard it")
+    if isinstance(exc, CompressError):
+        exc.args = (f"{exc}; {keep}",)  # the caller re-raises it: one line, same exit code
+    elif isinstance(exc, (Exception, KeyboardInterrupt)):
+        console.print(f"[yellow]{keep}[/]", highlight=False)
 
 
 def run_passes(ctx: Context, recipe: Recipe) -> list[dict[str, Any]]:

@@ -58,9 +58,8 @@ def measured_flops() -> float:
     return 4 * 2 * 1024 ** 3 / (time.perf_counter() - start)
 
 
-def estimate(model: nn.Module, arch, recipe, dtype_bytes: int, streamed: bool) -> Estimate:
-    from compress.models import layers_path
-
+def output_bytes(model: nn.Module, arch, recipe, dtype_bytes: int) -> int:
+    """Estimated size of the artifact's weights."""
     sizes = tensor_bytes(model, arch, dtype_bytes)
     bits: dict[str, float] = {}
     for cfg in recipe.passes:
@@ -68,6 +67,14 @@ def estimate(model: nn.Module, arch, recipe, dtype_bytes: int, streamed: bool) -
     output = sum(size for name, size in sizes.items()
                  if name.removesuffix(".weight") not in bits)
     output += sum(model.get_submodule(n).weight.numel() * b / 8 for n, b in bits.items())
+    return int(output)
+
+
+def estimate(model: nn.Module, arch, recipe, dtype_bytes: int, streamed: bool) -> Estimate:
+    from compress.models import layers_path
+
+    sizes = tensor_bytes(model, arch, dtype_bytes)
+    output = output_bytes(model, arch, recipe, dtype_bytes)
     prefix = layers_path(model, arch)
     layer_sizes = [sum(s for n, s in sizes.items() if n.startswith(f"{prefix}.{i}."))
                    for i in range(len(model.get_submodule(prefix)))]
@@ -124,14 +131,68 @@ def summarize(warnings: list[str]) -> dict[str, int]:
     return dict(Counter(re.sub(r"\.\d+\.", ".*.", w, count=1) for w in warnings))
 
 
-def check_disk(out: Path, needed: int) -> None:
-    parent = out.resolve().parent
+# Room beyond the estimate: tokenizer and JSON files, filesystem rounding, estimate error.
+DISK_MARGIN = 64 << 20
+
+
+def disk_needed(estimated: int, already_written: int = 0) -> int:
+    return max(int(estimated * 1.1) + DISK_MARGIN - already_written, 0)
+
+
+def free_space(out: Path) -> int:
+    parent = Path(out).resolve().parent
     while not parent.exists():
         parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if free < needed * 1.1:
+    return shutil.disk_usage(parent).free
+
+
+def check_disk(out: Path, estimated: int, already_written: int = 0) -> None:
+    """Refuse to start when the output's filesystem lacks the estimate plus a margin."""
+    needed, free = disk_needed(estimated, already_written), free_space(out)
+    if free < needed:
         raise CompressError(f"not enough free disk space for {out}: about {needed / 1e9:.2f} GB "
-                            f"needed, {free / 1e9:.2f} GB free")
+                            f"needed, {free / 1e9:.2f} GB free; free some space or choose "
+                            "another output location")
+
+
+@dataclass
+class Plan:
+    """What the recipe will do to this model, known from its config alone."""
+
+    model: nn.Module | None   # on the meta device (None for an artifact: see plan)
+    arch: object
+    source: object
+    output_bytes: int
+
+
+def plan(recipe, source, dtype: str = "float32", trust_remote_code: bool = False) -> Plan:
+    """Read the config and check every pass against the model's names and shapes (group
+    sizes, fused groups, ...): the checks that need no weights, before any weight loads."""
+    from compress.models import arch_for, load_config
+
+    config = load_config(source, trust_remote_code)
+    arch = arch_for(config)
+    if source.kind == "artifact":
+        # Its config describes the model before compress changed its structure (pruned heads,
+        # ...): shapes are known only once it is rebuilt, so the passes check them then.
+        on_disk = sum(f.stat().st_size for f in Path(source.path).glob("*.safetensors"))
+        return Plan(None, arch, source, on_disk)
+    try:
+        model = meta_model(config, arch)
+    except (TypeError, ValueError, AttributeError, RuntimeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CompressError(f"the config of {source.label} does not describe a model "
+                            f"transformers can build ({type(exc).__name__}: {first})") from None
+    dtype_bytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    return Plan(model, arch, source, output_bytes(model, arch, recipe, dtype_bytes))
+
+
+def partial_bytes(out: Path) -> int:
+    """Bytes an interrupted run already wrote (a resume needs only the rest)."""
+    from compress.formats.artifact import partial_dir
+
+    work = partial_dir(Path(out))
+    return sum(f.stat().st_size for f in work.glob("layer-*.safetensors")) if work.is_dir() else 0
 
 
 def preflight(recipe, model_spec: str, out: Path, *, device: str = "auto",
@@ -156,7 +217,7 @@ def preflight(recipe, model_spec: str, out: Path, *, device: str = "auto",
                   highlight=False)
     console.print(f"estimated time: {result.seconds:,.0f} s (rough: from this machine's matmul "
                   "speed; real runs add overheads)", highlight=False)
-    check_disk(out, result.output_bytes)
+    check_disk(out, result.output_bytes, partial_bytes(out))
     console.print("free disk space: enough", highlight=False)
     for warning, count in summarize(vllm_warnings(model, arch, recipe, tp)).items():
         times = f" ({count} layers)" if count > 1 else ""

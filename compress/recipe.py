@@ -30,6 +30,13 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _check_order(self) -> "Recipe":
+        first: dict[str, int] = {}
+        for index, cfg in enumerate(self.passes):
+            if cfg.kind in first:
+                raise ValueError(f"passes[{index}] ({cfg.kind}): the recipe already has a "
+                                 f"{cfg.kind} pass at passes[{first[cfg.kind]}]; merge them into "
+                                 "one (quantize takes overrides for per-module settings)")
+            first[cfg.kind] = index
         for index, cfg in enumerate(self.passes):
             problem = cfg.order_error(index, list(self.passes))
             if problem:
@@ -97,8 +104,12 @@ def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
         raise UsageError(f"{origin}: {describe(exc)}") from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file (before any model is loaded)."""
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines; anything larger is a mistake or an attack
+
+
+def load_recipe(path: str | Path, allow_paths: tuple[Path, ...] | list[Path] = ()) -> Recipe:
+    """Read and validate a recipe file (before any model is loaded). Its calibration text must
+    lie below the current directory, the recipe's directory or one of allow_paths."""
     path = Path(path)
     if not path.is_file():
         bundled = BUNDLED / f"{path}.yaml"
@@ -107,14 +118,26 @@ def load_recipe(path: str | Path) -> Recipe:
         else:
             raise UsageError(f"recipe {str(path)!r} not found; bundled recipes: "
                              f"{', '.join(sorted(p.stem for p in BUNDLED.glob('*.yaml')))}")
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_RECIPE_BYTES + 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise UsageError(f"{path}: a recipe may be at most {MAX_RECIPE_BYTES >> 20} MB; this one "
+                         "is larger")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UsageError(f"{path}: not valid YAML{where}: {problem}") from None
-    return parse_recipe(data, str(path))
+    recipe = parse_recipe(data, str(path))
+    from compress.calib import check_text_source
+
+    check_text_source(recipe.calibration.source, (path.resolve().parent, *allow_paths),
+                      f"{path}: calibration.source")
+    return recipe
 
 
 # Inside the package, so a wheel carries them (the top-level recipes/ is a link to them).

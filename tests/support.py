@@ -43,3 +43,24 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
         code = exc.code or 0
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with 256 ids (one per byte), matching tiny_llama's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))},
+                                     merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=sorted(alphabet)[0])
+
+
+def tiny_model_dir(path, **overrides):
+    """tiny_llama saved as a Hugging Face directory (safetensors) with a byte tokenizer."""
+    model = tiny_llama(**overrides)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path

@@ -72,7 +72,8 @@ def test_corrupt_safetensors(tmp_path, capsys, hf_dir):
     data = (hf_dir / "model.safetensors").read_bytes()
     (model_dir / "model.safetensors").write_bytes(data[: len(data) // 3])  # truncated
     code, err = run_cli(capsys, "apply", str(RECIPE), str(model_dir), "-o", str(tmp_path / "o"))
-    assert code == 1 and "model.safetensors" in error_line(err) or "corrupt" in error_line(err)
+    line = error_line(err)  # (was `code == 1 and A or B`: passed on B whatever the exit code)
+    assert code == 1 and "model.safetensors" in line and "corrupt" in line
     assert not (tmp_path / "o").exists()
 
 

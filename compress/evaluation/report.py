@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -99,10 +100,61 @@ def recovery(metrics: dict, tasks: dict, baseline_tasks: dict) -> dict[str, floa
     return out
 
 
-def failing(rec: dict[str, float], min_recovery: float) -> list[str]:
-    """One line per metric below the gate."""
-    return [f"{name}: recovery {value:.4f} < {min_recovery} (compressed/baseline)"
-            for name, value in rec.items() if value < min_recovery]
+def failing(rec: dict[str, float], min_recovery: float, result: dict | None = None
+            ) -> list[str]:
+    """One line per metric below the gate. A NaN or Inf recovery, or any non-finite metric in
+    `result` (perplexity nan from a corrupted model), fails: `nan < x` is false, so a plain
+    comparison would let it pass."""
+    lines = [f"{name}: recovery {value:.4f} < {min_recovery} (compressed/baseline)"
+             if math.isfinite(value) else f"{name}: recovery is {value} (not a finite number)"
+             for name, value in rec.items() if not (math.isfinite(value) and value >= min_recovery)]
+    for name, value in _numbers(result or {}):
+        if not math.isfinite(value):
+            lines.append(f"{name} is {value}: the model's outputs are not finite")
+    return lines
+
+
+def _numbers(result: dict, prefix: str = ""):
+    """(dotted name, value) of every metric in an evaluation result (settings excluded)."""
+    for key, value in result.items():
+        if key in ("settings", "gate", "versions", "machine", "fingerprint", "seconds",
+                   "recovery"):
+            continue
+        if isinstance(value, dict):
+            yield from _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{key}", value
+
+
+def results_path(artifact: str, output: Path | None) -> Path | None:
+    """Where `compress evaluate` writes its JSON: -o, else ARTIFACT/evaluation.json when that
+    directory is writable, else nowhere (stdout only). Checked before the evaluation runs, so
+    an unwritable -o fails in a second rather than after the whole evaluation."""
+    import tempfile
+
+    from compress.errors import UsageError
+
+    if output is not None:
+        output = Path(output)
+        if output.is_dir():
+            raise UsageError(f"-o {output} is a directory: name the JSON file to write")
+        parent = output.parent
+        while not parent.exists():
+            parent = parent.parent
+        try:
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as exc:
+            raise UsageError(f"-o {output}: cannot write to {parent} ({exc.strerror}); choose "
+                             "a writable location") from None
+        return output
+    directory = Path(artifact)
+    if not directory.is_dir():
+        return None
+    try:
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError:
+        return None
+    return directory / "evaluation.json"
 
 
 def evaluate(spec: str, baseline: str | None = None, text: str = "stdlib", seq_len: int = 512,

@@ -13,6 +13,7 @@ rebuilds it on load.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -23,20 +24,28 @@ import torch
 from torch import nn
 
 from compress import __version__
-from compress.errors import CompressError, UsageError
+from compress.errors import CompressError, DiskFull, UsageError, disk_full
 from compress.formats import WeightFormat, codec
+from compress.integrity import CHECKSUMS, write_checksums
 from compress.runtime.artifact import quantized_modules, structure
 
 WEIGHTS = "model.safetensors"
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an output we must not write, before any work is done."""
+def check_output(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse an output we must not write, before any work is done: a file, a non-empty
+    directory without --overwrite, a directory --overwrite must not delete (not an artifact, or
+    the working directory), an output that is, holds or lies inside an input."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is a file: choose a directory path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"output {out} is not empty: pass --overwrite to replace it")
+    check_not_input(out, inputs)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"output {out} is not empty: pass --overwrite to replace it")
+        if not is_artifact_dir(out):
+            raise UsageError(f"output {out} is not a compress artifact: --overwrite replaces "
+                             "only an artifact or an empty directory; choose a new path")
     parent = out.resolve().parent
     while not parent.exists():
         parent = parent.parent
@@ -47,17 +56,50 @@ def check_output(out: Path, overwrite: bool) -> None:
                          "choose a writable location") from None
 
 
+def _contains(outer: Path, inner: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_not_input(out: Path, inputs: tuple[Path, ...]) -> None:
+    """The output (and its partial and old copies beside it) may not touch an input or the
+    directory we run in: replacing it would delete them."""
+    target = Path(out).resolve()
+    if _contains(target, Path.cwd().resolve()):
+        raise UsageError(f"output {out} is the current directory or contains it: name a new "
+                         "directory for the artifact")
+    for source in inputs:
+        source = Path(source).resolve()
+        if _contains(target, source) or _contains(source, target):
+            raise UsageError(f"output {out} overlaps the input {source}: the output may not be "
+                             "the input, hold it or lie inside it")
+
+
+def is_artifact_dir(path: Path) -> bool:
+    """A directory compress wrote: config.json with a "compress" section."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "compress" in config
+
+
 def quantization_config(model: nn.Module) -> dict | None:
     """compressed-tensors quantization_config: one config group per distinct weight format."""
+    return quantization_config_for({n: m.fmt for n, m in quantized_modules(model).items()})
+
+
+def quantization_config_for(formats: dict[str, WeightFormat]) -> dict | None:
+    """The quantization_config of modules stored in these formats (what compress writes, and
+    what a loaded artifact's quantization_config must equal)."""
     groups: dict[str, tuple[WeightFormat, list[str]]] = {}
-    for name, module in quantized_modules(model).items():
-        groups.setdefault(module.fmt.name, (module.fmt, []))[1].append(name)
+    for name, fmt in formats.items():
+        groups.setdefault(fmt.name, (fmt, []))[1].append(name)
     if not groups:
         return None
-    formats = {codec(fmt).FORMAT_NAME for fmt, _ in groups.values()}
+    format_names = {codec(fmt).FORMAT_NAME for fmt, _ in groups.values()}
     config = {
         "quant_method": "compressed-tensors",
-        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "format": format_names.pop() if len(format_names) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": {
             f"group_{i}": {"targets": [f"re:^{re.escape(n)}$" for n in names],
@@ -109,7 +151,9 @@ def write_weights(model: nn.Module, directory: Path, store=None) -> None:
         save_file(state_tensors(model), str(directory / WEIGHTS), metadata={"format": "pt"})
         return
     rest = state_tensors(model, skip_prefix=store.layers_prefix + ".")
-    save_file(rest, str(directory / "rest.safetensors"), metadata={"format": "pt"})
+    tmp = directory / "rest.safetensors.tmp"  # a kill mid-write must not leave a truncated rest
+    save_file(rest, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / "rest.safetensors")
     weight_map = {name: "rest.safetensors" for name in rest}
     for file in store.written():
         with safe_open(str(file), "pt") as handle:
@@ -120,11 +164,12 @@ def write_weights(model: nn.Module, directory: Path, store=None) -> None:
 
 
 def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
-                  report: dict[str, Any], overwrite: bool = False, store=None) -> Path:
+                  report: dict[str, Any], overwrite: bool = False, store=None,
+                  inputs: tuple[Path, ...] = ()) -> Path:
     """Write the artifact into partial_dir(out), then rename it to out. With a LayerStore the
     partial directory already holds the layer shards (and is kept for resume until here)."""
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs)
     for hook in BEFORE_SAVE:
         hook(model)
     tmp = partial_dir(out)
@@ -141,6 +186,7 @@ def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
             "version": __version__,
             "modules": {n: m.fmt.model_dump() for n, m in quantized_modules(model).items()},
             "structure": structure(model),
+            "checksums": CHECKSUMS,
         }
         write_weights(model, tmp, store)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -150,20 +196,31 @@ def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
             tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        for leftover in ("run.json", "run.json.tmp"):
-            (tmp / leftover).unlink(missing_ok=True)
+        for leftover in [tmp / "run.json", *tmp.glob("*.tmp")]:
+            leftover.unlink(missing_ok=True)  # progress and temp files of a resumed run
+        write_checksums(tmp)
         tmp.chmod(0o755)  # an artifact is meant to be shared (safetensors writes 0600 files)
         for file in tmp.iterdir():
             file.chmod(0o644)
         _replace_dir(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CompressError(f"could not write {out}: {exc.strerror or exc}; nothing was "
-                            "written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        # A streamed run's partial directory holds its finished layers: kept for resume (the
+        # pipeline says so). Otherwise nothing of value was written yet.
+        if store is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) or disk_full(exc):
+            kept = f"; the finished layers are kept in {tmp} for resume" if store else \
+                "; nothing was written"
+            error = DiskFull if disk_full(exc) else CompressError
+            raise error(f"could not write {out}: {_os_reason(exc)}{kept}") from None
         raise
     return out
+
+
+def _os_reason(exc: BaseException) -> str:
+    if disk_full(exc):
+        return "No space left on device"
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -175,7 +232,3 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
-
-
-
-

@@ -136,7 +136,8 @@ class Context:
             from compress.runtime.artifact import quantized_modules, structure
 
             modules = {n: m.fmt.model_dump() for n, m in quantized_modules(self.model).items()}
-            self.run.layer_done(self.pass_index, index, modules, dict(structure(self.model)))
+            self.run.layer_done(self.pass_index, index, modules, dict(structure(self.model)),
+                                self.store.file(index))
         inject_fault(self.pass_index, index)
 
 

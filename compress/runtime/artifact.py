@@ -60,8 +60,11 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CompressError(f"{path} has no *.safetensors weights")
+    from compress.integrity import check_safetensors_layout
+
     tensors = {}
     for file in files:
+        check_safetensors_layout(file)
         try:
             tensors.update(load_file(str(file)))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -70,16 +73,65 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_artifact(path: str | Path, device=None, dtype=None) -> nn.Module:
-    """Rebuild the compressed model: quantized linears keep packed weights and compute with them."""
+def read_artifact_config(path: Path, verify: bool = True) -> dict:
+    """config.json of an artifact, after its checksums (unless verify=False) and the agreement of
+    quantization_config with compress's module formats are checked."""
+    from compress.formats.artifact import quantization_config_for
+    from compress.integrity import quantization_mismatch, verify_checksums
+
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} is not an artifact (no config.json)")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CompressError(f"{path / 'config.json'} is not valid JSON ({exc}); the artifact "
+                            "is corrupt") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("compress", {}), dict):
+        raise CompressError(f"{path / 'config.json'} is not a config object; the artifact is "
+                            "corrupt")
+    section = raw.get("compress", {})
+    if verify:
+        verify_checksums(path, required="checksums" in section)
+    try:
+        formats = {n: WeightFormat(**f) for n, f in section.get("modules", {}).items()}
+        expected = quantization_config_for(formats)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CompressError(f"{path}: the compress module formats are invalid "
+                            f"({str(exc).splitlines()[0]}); the artifact is corrupt") from None
+    problem = quantization_mismatch(raw.get("quantization_config"), expected)
+    if problem:
+        raise CompressError(f"{path}: {problem}; transformers and vLLM would run a different "
+                            "model than compress: rebuild the artifact")
+    return raw
+
+
+def _corrupt_on_error(load: Callable) -> Callable:
+    """Anything the rebuild trips over in a damaged artifact becomes one CompressError line."""
+    import functools
+
+    @functools.wraps(load)
+    def wrapper(path, *args, **kwargs):
+        try:
+            return load(path, *args, **kwargs)
+        except (CompressError, KeyboardInterrupt, MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 (torch/transformers raise many types here)
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise CompressError(f"{path}: cannot rebuild the model ({type(exc).__name__}: "
+                                f"{first}); the artifact is corrupt") from None
+    return wrapper
+
+
+@_corrupt_on_error
+def load_artifact(path: str | Path, device=None, dtype=None, verify: bool = True) -> nn.Module:
+    """Rebuild the compressed model: quantized linears keep packed weights and compute with them.
+    verify=False skips the checksums (faster for large artifacts)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from compress.models import arch_for
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{path} is not an artifact (no config.json)")
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_artifact_config(path, verify)
     section = raw.get("compress", {})
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
