@@ -9,6 +9,7 @@ Loading verifies it (COMPRESS_NO_VERIFY=1 skips the hashing for speed).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -127,7 +128,7 @@ def check_safetensors_layout(path: Path) -> None:
             raise corrupt(f"tensor {name!r} lies beyond the end of the file")
         spans.append((begin, end, name))
     spans.sort()
-    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
         if begin < end:
             raise corrupt(f"tensors {first!r} and {second!r} overlap")
 

@@ -55,7 +55,7 @@ def byte_tokenizer():
                                      merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=sorted(alphabet)[0])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=min(alphabet))
 
 
 def tiny_model_dir(path, **overrides):
