@@ -41,7 +41,14 @@ def apply(model: str | nn.Module, recipe: str | Path | Recipe | Sequence[PassCon
     from compress.pipeline import apply_recipe
 
     parsed = as_recipe(recipe)   # errors here, before any model loads
-    check_output(Path(output), options.get("overwrite", False))
+    if isinstance(model, str):  # the output may not be, hold or lie inside the input
+        from compress.models import resolve
+        from compress.pipeline import input_paths
+
+        inputs = input_paths(resolve(model, options.get("allow_pickle", False)))
+    else:
+        inputs = ()
+    check_output(Path(output), options.get("overwrite", False), inputs)
     if isinstance(model, nn.Module):
         if not hasattr(model, "config"):
             raise UsageError("compress.apply needs a transformers model (with .config) or a "
