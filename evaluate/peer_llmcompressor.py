@@ -1,16 +1,30 @@
-"""Peer comparison: compress GPTQ vs llm-compressor GPTQ on the same model, calibration windows
-and evaluation text. Run by hand (not in CI), from the repository root, in compress's venv:
+"""Peer comparison: compress vs llm-compressor on the same model, the same calibration token
+windows and the same held-out evaluation windows, with the same perplexity formula.
 
-    python evaluate/peer_llmcompressor.py [--settings int4-sym-g64 int4-asym-g64 nvfp4]
+Run by hand (not in CI), from the repository root, in compress's venv:
 
-llm-compressor pins its own transformers, so it runs in its own virtual environment
-(/work/venv-llmc; create it with `python -m venv /work/venv-llmc &&
-/work/venv-llmc/bin/pip install torch==2.13.0 && /work/venv-llmc/bin/pip install llmcompressor`).
-This script (1) saves SmolLM2 dequantized from its GGUF as an HF directory, the calibration
-token windows of our figure recipe and the evaluation windows, (2) runs our apply + perplexity,
-(3) runs itself under the llm-compressor venv with --llmc to quantize the same HF directory on
-the same token windows and compute perplexity on the same evaluation windows with the same
-formula, and (4) prints both side by side with the wall time of each quantization.
+    PYTHONPATH=. OMP_NUM_THREADS=2 python evaluate/peer_llmcompressor.py \\
+        --settings int4-sym-g128 nvfp4 --work /tmp/peer
+
+llm-compressor runs in its own virtual environment (it pins compressed-tensors 0.19 and its own
+transformers), LLMC_PYTHON (default /work/llmc-venv/bin/python), created with
+
+    python -m venv /work/llmc-venv
+    /work/llmc-venv/bin/python -m pip install torch==2.13.0 llmcompressor==0.14.0.1 gguf
+
+What it does:
+ 1. saves SmolLM2 (dequantized from its GGUF, float32) as an HF directory, ONE set of calibration
+    windows [N, L] (stdlib calibration modules, seed 0) and the evaluation windows (the first
+    --eval-tokens of the stdlib evaluation modules, windows of 512): both sides read these files;
+ 2. our side, in this process: the quantize pass on those windows (RTN and GPTQ with the options
+    of --ours), perplexity on the evaluation windows;
+ 3. llm-compressor's side, in a subprocess under LLMC_PYTHON: its float perplexity, its RTN
+    (QuantizationModifier, data-free) and its GPTQ (GPTQModifier with its defaults: block 128,
+    dampening 0.01, actorder "static"; lm_head ignored; `oneshot` on the same windows);
+ 4. sanity checks before any table: the two float perplexities agree (same model, same text,
+    same formula) and llm-compressor's GPTQ beats its own RTN at every setting. When a check
+    fails the script prints why and exits 1 without a table.
+Each row is cached as JSON under --work (delete the file, or pass --fresh, to measure again).
 """
 
 from __future__ import annotations
@@ -25,10 +39,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LLMC_PYTHON = os.environ.get("LLMC_PYTHON", "/work/venv-llmc/bin/python")
-# setting -> our figure recipe (its calibration section defines the windows both tools use)
-SETTINGS = {"int4-sym-g64": "int4-sym-g64-gptq", "int4-asym-g64": "int4-asym-g64-gptq",
-            "nvfp4": "nvfp4-gptq"}
+LLMC_PYTHON = os.environ.get("LLMC_PYTHON", "/work/llmc-venv/bin/python")
+
+# setting -> our quantize-pass format fields; llm-compressor's scheme is built in llmc_scheme()
+SETTINGS = {
+    "int4-sym-g128": {"format": "int4", "group_size": 128, "symmetric": True},
+    "int4-sym-g64": {"format": "int4", "group_size": 64, "symmetric": True},
+    "int4-asym-g128": {"format": "int4", "group_size": 128, "symmetric": False},
+    "nvfp4": {"format": "nvfp4"},
+    "mxfp4": {"format": "mxfp4"},
+}
+FLOAT_TOLERANCE = 1e-3     # relative: the two venvs must agree on the float model
 
 
 def perplexity(model, windows, batch_size: int = 4) -> float:
@@ -47,52 +68,74 @@ def perplexity(model, windows, batch_size: int = 4) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# llm-compressor side (runs under LLMC_PYTHON)
+# llm-compressor side (runs under LLMC_PYTHON; imports nothing from compress)
 
-def llmc_recipe(setting: str):
-    from llmcompressor.modifiers.quantization import GPTQModifier
-
-    # Same GPTQ settings as ours: block 128, damping 1%, no activation ordering.
-    common = {"targets": "Linear", "ignore": ["lm_head"], "block_size": 128,
-              "dampening_frac": 0.01, "actorder": None}
-    if setting == "nvfp4":
-        return GPTQModifier(scheme="NVFP4A16", **common)
+def llmc_scheme(setting: str) -> dict:
+    """Keyword arguments selecting the setting's scheme in llm-compressor's modifiers."""
+    presets = {"int4-sym-g128": "W4A16", "int4-asym-g128": "W4A16_ASYM", "nvfp4": "NVFP4A16",
+               "mxfp4": "MXFP4A16"}
+    if setting in presets:
+        return {"targets": ["Linear"], "scheme": presets[setting]}
     weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 64,
-               "symmetric": setting == "int4-sym-g64"}
-    return GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-                        **{k: v for k, v in common.items() if k != "targets"})
+               "symmetric": True}
+    return {"config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
 
 
-def run_llmc(work: Path, setting: str) -> dict:
+def llmc_modifiers(setting: str, method: str):
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    scheme = llmc_scheme(setting)
+    if method == "rtn":
+        return [QuantizationModifier(ignore=["lm_head"], **scheme)]
+    if method == "gptq":    # its defaults: block_size 128, dampening_frac 0.01, actorder static
+        return [GPTQModifier(ignore=["lm_head"], **scheme)]
+    if method == "awq+gptq":
+        from llmcompressor.modifiers.awq import AWQModifier
+
+        return [AWQModifier(ignore=["lm_head"], **scheme),
+                GPTQModifier(ignore=["lm_head"], **scheme)]
+    raise ValueError(method)
+
+
+def run_llmc(work: Path, setting: str, method: str) -> dict:
     import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    calib = torch.load(work / f"calib-{setting}.pt")
     windows = torch.load(work / "eval.pt")
     model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32)
+    model.eval()
+    if method == "float":
+        return {"perplexity": perplexity(model, windows), "seconds": 0.0}
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
     tokenizer = AutoTokenizer.from_pretrained(work / "hf")
-    data = Dataset.from_dict({"input_ids": calib.tolist(),
-                              "attention_mask": torch.ones_like(calib).tolist()})
+    calib = torch.load(work / "calib.pt")
+    kwargs = {}
+    if method != "rtn":   # RTN is data-free
+        kwargs = {"dataset": Dataset.from_dict({"input_ids": calib.tolist(),
+                                                "attention_mask": torch.ones_like(calib).tolist()}),
+                  "num_calibration_samples": len(calib), "max_seq_length": calib.shape[1],
+                  "shuffle_calibration_samples": False}
     start = time.perf_counter()
-    oneshot(model=model, tokenizer=tokenizer, dataset=data, recipe=llmc_recipe(setting),
-            num_calibration_samples=len(calib), max_seq_length=calib.shape[1])
+    oneshot(model=model, tokenizer=tokenizer, recipe=llmc_modifiers(setting, method), **kwargs)
     seconds = time.perf_counter() - start
-    return {"perplexity": perplexity(model, windows), "seconds": seconds}
+    import llmcompressor
+
+    return {"perplexity": perplexity(model, windows), "seconds": seconds,
+            "version": llmcompressor.__version__}
 
 
 # ---------------------------------------------------------------------------------------------
 # compress side
 
-def prepare(work: Path, settings: list[str], max_tokens: int) -> None:
-    """SmolLM2 as an HF directory, calibration windows per setting, evaluation windows."""
+def prepare(work: Path, samples: int, seq_len: int, eval_tokens: int) -> None:
+    """SmolLM2 as an HF directory, the calibration windows and the evaluation windows."""
     import torch
 
-    from compress.calib import calibration_windows, evaluation_windows
+    from compress.calib import CalibrationConfig, calibration_windows, evaluation_windows
     from compress.models import load_model
-    from compress.recipe import load_recipe
 
     loaded = load_model("smollm2-135m")
     if not (work / "hf" / "config.json").exists():
@@ -103,74 +146,122 @@ def prepare(work: Path, settings: list[str], max_tokens: int) -> None:
         plain.load_state_dict(loaded.model.state_dict())
         plain.save_pretrained(work / "hf")
         loaded.tokenizer.save_pretrained(work / "hf")
-    for setting in settings:
-        cfg = load_recipe(ROOT / "evaluate" / "gptq" / f"{SETTINGS[setting]}.yaml").calibration
-        torch.save(calibration_windows(loaded.tokenizer, cfg), work / f"calib-{setting}.pt")
-    torch.save(evaluation_windows(loaded.tokenizer, "stdlib", 512, max_tokens), work / "eval.pt")
+    cfg = CalibrationConfig(samples=samples, seq_len=seq_len, seed=0)
+    torch.save(calibration_windows(loaded.tokenizer, cfg), work / "calib.pt")
+    torch.save(evaluation_windows(loaded.tokenizer, "stdlib", 512, eval_tokens), work / "eval.pt")
 
 
-def run_ours(work: Path, setting: str) -> dict:
+def run_ours(work: Path, setting: str, method: str, options: dict) -> dict:
+    """Our quantize pass on the saved windows, in this process; perplexity of the result."""
     import torch
 
-    recipe = ROOT / "evaluate" / "gptq" / f"{SETTINGS[setting]}.yaml"
-    out = work / f"ours-{setting}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "compress", "apply", str(recipe), "smollm2-135m",
-                    "-o", str(out), "--overwrite"], check=True, env=env, capture_output=True)
-    report = json.loads((out / "report.json").read_text())
-    from compress.runtime.artifact import load_artifact
+    from compress.calib import CalibrationConfig
+    from compress.models import load_model
+    from compress.passes.base import PASSES, Context
+    from compress.passes.quantize import QuantizeConfig
 
-    model = load_artifact(out)
-    return {"perplexity": perplexity(model, torch.load(work / "eval.pt")),
-            "seconds": report["passes"][0]["seconds"]}
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    windows, calib = torch.load(work / "eval.pt"), torch.load(work / "calib.pt")
+    loaded = load_model(str(work / "hf"))
+    if method == "float":
+        return {"perplexity": perplexity(loaded.model, windows), "seconds": 0.0}
+    fields = {**SETTINGS[setting], "ignore": ["lm_head"]}
+    if method != "rtn":
+        fields.update({"method": "gptq", **options})
+    cfg = QuantizeConfig(**fields)
+    ctx = Context(loaded.model, loaded.tokenizer, loaded.arch,
+                  CalibrationConfig(samples=len(calib), seq_len=calib.shape[1], batch_size=8),
+                  torch.device("cpu"), _calib_ids=calib)
+    start = time.perf_counter()
+    PASSES[type(cfg)](ctx, cfg)
+    seconds = time.perf_counter() - start
+    return {"perplexity": perplexity(loaded.model, windows), "seconds": seconds,
+            "options": {k: v for k, v in fields.items() if k not in SETTINGS[setting]}}
 
 
-def reuse_ours(setting: str, results: Path, artifacts: Path) -> dict:
-    """Our figures from evaluate/gptq/run.sh (same recipe, windows, text and formula)."""
-    name = SETTINGS[setting]
-    report = json.loads((artifacts / name / "report.json").read_text())
-    return {"perplexity": json.loads((results / f"{name}.json").read_text())["perplexity"],
-            "seconds": report["passes"][0]["seconds"]}
+def cached(path: Path, fresh: bool, compute) -> dict:
+    if path.exists() and not fresh:
+        return json.loads(path.read_text())
+    result = compute()
+    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    path.write_text(json.dumps(result))
+    return result
+
+
+def llmc_subprocess(work: Path, setting: str, method: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # none of our packages
+    run = subprocess.run([LLMC_PYTHON, __file__, "--work", str(work), "--llmc",
+                          f"{setting}:{method}"], capture_output=True, text=True, env=env,
+                         check=False)
+    if run.returncode:
+        (work / f"llmc-{setting}-{method}.log").write_text(run.stdout + run.stderr)
+        raise RuntimeError(f"llm-compressor {setting} {method} failed: "
+                           + (run.stderr.strip().splitlines() or ["?"])[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/peer-llmc"))
-    parser.add_argument("--max-tokens", type=int, default=16384)
-    parser.add_argument("--reuse", action="store_true",
-                        help="take our figures from evaluate/gptq/results and the artifacts of "
-                             "evaluate/gptq/run.sh in /tmp/gptq-figures instead of re-running")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/peer"))
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--ours", default='{"act_order": true, "scale_search": "mse"}',
+                        help="JSON: our GPTQ options (QuantizeConfig fields)")
+    parser.add_argument("--tag", default="gptq", help="name of our GPTQ row (cache key)")
+    parser.add_argument("--fresh", action="store_true", help="measure cached rows again")
     parser.add_argument("--llmc", help=argparse.SUPPRESS)      # internal: one llm-compressor run
     args = parser.parse_args()
     if args.llmc:
-        print(json.dumps(run_llmc(args.work, args.llmc)))
+        setting, method = args.llmc.split(":")
+        print(json.dumps(run_llmc(args.work, setting, method)))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    prepare(args.work, args.settings, args.max_tokens)
-    rows = []
-    for setting in args.settings:
-        ours = reuse_ours(setting, ROOT / "evaluate" / "gptq" / "results",
-                          Path("/tmp/gptq-figures")) if args.reuse else run_ours(args.work, setting)
-        run = subprocess.run([LLMC_PYTHON, __file__, "--work", str(args.work), "--llmc", setting],
-                             capture_output=True, text=True, check=False)
-        if run.returncode:
-            theirs = {"error": (run.stderr.strip().splitlines() or ["?"])[-1]}
-        else:
-            theirs = json.loads(run.stdout.strip().splitlines()[-1])
-        rows.append((setting, ours, theirs))
-        print(json.dumps({"setting": setting, "compress": ours, "llmcompressor": theirs}),
-              flush=True)
-    print(f"\n{'setting':15} {'ppl compress':>13} {'ppl llmc':>10} {'s compress':>11} "
-          f"{'s llmc':>8} {'speed-up':>9}")
-    for setting, ours, theirs in rows:
-        if "error" in theirs:
-            print(f"{setting:15} {ours['perplexity']:13.3f}  llm-compressor failed: "
-                  f"{theirs['error']}")
-            continue
-        print(f"{setting:15} {ours['perplexity']:13.3f} {theirs['perplexity']:10.3f} "
-              f"{ours['seconds']:11.1f} {theirs['seconds']:8.1f} "
-              f"{theirs['seconds'] / ours['seconds']:8.1f}x")
+    if not (args.work / "calib.pt").exists() or args.fresh:
+        prepare(args.work, args.samples, args.seq_len, args.eval_tokens)
+    options = json.loads(args.ours)
+    w = args.work
+    floats = {"compress": cached(w / "ours-float.json", args.fresh,
+                                 lambda: run_ours(w, "nvfp4", "float", {})),
+              "llmc": cached(w / "llmc-float.json", args.fresh,
+                             lambda: llmc_subprocess(w, "nvfp4", "float"))}
+    print(json.dumps({"float": floats}), flush=True)
+    rows, problems = [], []
+    a, b = floats["compress"]["perplexity"], floats["llmc"]["perplexity"]
+    if abs(a - b) > FLOAT_TOLERANCE * a:
+        problems.append(f"float perplexities differ: compress {a:.4f}, llm-compressor {b:.4f}")
+    for s in args.settings:
+        row = {"setting": s}
+        for method in ("rtn", "gptq"):
+            row[f"llmc {method}"] = cached(w / f"llmc-{s}-{method}.json", args.fresh,
+                                           lambda: llmc_subprocess(w, s, method))
+        row["ours rtn"] = cached(w / f"ours-{s}-rtn.json", args.fresh,
+                                 lambda: run_ours(w, s, "rtn", {}))
+        row["ours gptq"] = cached(w / f"ours-{s}-{args.tag}.json", args.fresh,
+                                  lambda: run_ours(w, s, "gptq", options))
+        print(json.dumps(row), flush=True)
+        if row["llmc gptq"]["perplexity"] >= row["llmc rtn"]["perplexity"]:
+            problems.append(f"{s}: llm-compressor's GPTQ ({row['llmc gptq']['perplexity']:.3f})"
+                            f" is not better than its RTN ({row['llmc rtn']['perplexity']:.3f})")
+        rows.append(row)
+    if problems:
+        print("\nREFUSING to print a comparison: the peer run failed its sanity checks:")
+        for p in problems:
+            print("  - " + p)
+        sys.exit(1)
+    f = floats["compress"]["perplexity"]
+    print(f"\nfloat perplexity {f:.3f} (llm-compressor venv: {b:.3f}); calibration "
+          f"{args.samples} x {args.seq_len} tokens; ours = {args.tag} {options}")
+    print("| setting | RTN llmc | RTN ours | GPTQ llmc | GPTQ ours | loss ours / loss llmc "
+          "| s llmc | s ours |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lo, lt = r["ours gptq"]["perplexity"] - f, r["llmc gptq"]["perplexity"] - f
+        print(f"| {r['setting']} | {r['llmc rtn']['perplexity']:.3f} | "
+              f"{r['ours rtn']['perplexity']:.3f} | {r['llmc gptq']['perplexity']:.3f} | "
+              f"{r['ours gptq']['perplexity']:.3f} | {lo / lt:.2f} | "
+              f"{r['llmc gptq']['seconds']:.0f} | {r['ours gptq']['seconds']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -132,7 +132,8 @@ def _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks) 
         W = torch.cat([m.weight.data for m in linears])
         info = {}
         if plan.method == "gptq":
-            qw, info = _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fallbacks)
+            gs = _fused_global_scale(step, group, local, plan)
+            qw, info = _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fallbacks, gs)
         else:
             qw = codec(plan.fmt).quantize(W, plan.fmt)
         start = 0
@@ -147,16 +148,30 @@ def _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks) 
             _record(report, prefix + n, local[n], stats, **info)
 
 
-def _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fallbacks):
+def _fused_global_scale(step, group, local, plan):
+    """NVFP4: one global scale for every targeted NVFP4 member of a group that serving
+    runtimes fuse into one matrix (q/k/v, gate/up): vLLM keeps one per fused matrix, so
+    separate scales would not survive loading. None for other formats."""
+    if plan.fmt.type != "nvfp4":
+        return None
+    members = [n for n in group if n in local and local[n].fmt == plan.fmt]
+    W = torch.cat([step.layer.get_submodule(n).weight.data for n in members])
+    return codec(plan.fmt).global_scale(W)
+
+
+def _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fallbacks, global_scale=None):
     label = ", ".join(prefix + n for n in members)
     mask = plan.mask
     try:
         qw, info = gptq_quantize(W, H, plan.fmt, cfg.block_size, cfg.damp, cfg.act_order,
-                                 mask, name=label)
+                                 mask, name=label, static_groups=cfg.static_groups,
+                                 scale_search=cfg.scale_search, global_scale=global_scale)
         return qw, {"damp": info.damp, "act_order": info.act_order}
     except CompressError as exc:
         if ctx.strict:
             raise CompressError(f"GPTQ failed for {label} ({exc}); --strict forbids the "
                                 "round-to-nearest fallback") from None
         fallbacks.extend(prefix + n for n in members)
+        if global_scale is not None:
+            return codec(plan.fmt).quantize(W, plan.fmt, global_scale), {"fallback": f"rtn: {exc}"}
         return codec(plan.fmt).quantize(W, plan.fmt), {"fallback": f"rtn: {exc}"}

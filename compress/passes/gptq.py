@@ -15,6 +15,7 @@ import torch
 
 from compress.formats import QuantizedWeight, WeightFormat, codec
 from compress.hessian import inverse_cholesky, prepare_hessian
+from compress.passes import qparams
 
 
 @dataclass
@@ -23,18 +24,20 @@ class GptqInfo:
     act_order: bool
 
 
-def _static_params(w: torch.Tensor, fmt: WeightFormat, g: int, gs):
-    """Group parameters of the whole matrix up front ("static groups"). w: [O, I] ->
-    scale, zero [O, I/g, 1]."""
-    c = codec(fmt)
+def _static_params(w: torch.Tensor, fmt: WeightFormat, g: int, gs, importance: torch.Tensor,
+                   search: qparams.ScaleSearch):
+    """Group parameters of the whole matrix up front ("static groups"). w: [O, I],
+    importance: [I] -> scale, zero [O, I/g, 1]."""
     wg = w.reshape(w.shape[0], -1, g)
-    return c.group_params(wg, fmt, gs) if gs is not None else c.group_params(wg, fmt)
+    return qparams.group_params(wg, fmt, gs, importance.reshape(-1, g), search)
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False,
-                  mask: torch.Tensor | None = None, name: str = "") -> tuple[QuantizedWeight,
-                                                                            GptqInfo]:
+                  mask: torch.Tensor | None = None, name: str = "",
+                  static_groups: bool = False, scale_search: qparams.ScaleSearch = "minmax",
+                  global_scale: torch.Tensor | None = None
+                  ) -> tuple[QuantizedWeight, GptqInfo]:
     """w: [O, I], H: [I, I] (2/n sum x x^T), mask: bool [O, I] of weights allowed to be non-zero.
     Returns the quantized weight (same layout as round-to-nearest) and what was used.
 
@@ -43,17 +46,25 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
     order of decreasing H[i, i] but group parameters are fixed from the original weights first
     ("static groups", llm-compressor's actorder=weight): the stored layout stays the plain
     [O, I/g] one, so no weight_g_idx is needed and every kernel reads it unchanged.
+    static_groups without act_order fixes every group's parameters from the original weights
+    too (llm-compressor's GPTQ does this by default). scale_search chooses how a group's
+    parameters are found (compress/passes/qparams.py: min-max or a diag(H)-weighted MSE search).
+    global_scale: NVFP4's per-tensor scale when it is shared with other tensors (fused q/k/v).
     Raises CompressError when the Hessian cannot be factorized at any damping."""
     c = codec(fmt)
     out_features, in_features = w.shape
     g = fmt.group_for(in_features)
-    gs = c.global_scale(w) if fmt.type == "nvfp4" else None  # from the whole tensor first
+    gs = None
+    if fmt.type == "nvfp4":       # from the whole tensor (or the fused group) first
+        gs = global_scale if global_scale is not None else c.global_scale(w)
     gs_kw = {"global_scale": gs} if gs is not None else {}
     H, W = prepare_hessian(H.float(), w.float())
     if mask is not None:
         mask = mask.to(torch.bool)
         W = W * mask
-    static = _static_params(W, fmt, g, gs) if act_order else None
+    importance = torch.diag(H)     # mean squared input of each column (before damping)
+    static = _static_params(W, fmt, g, gs, importance, scale_search) \
+        if act_order or static_groups else None
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     U, used = inverse_cholesky(H if perm is None else H[perm][:, perm], damp, name=name)
     # Work on W^T [I, O] (columns of W as contiguous rows) in processing order; every buffer
@@ -82,7 +93,9 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
                 scale, zero = scale_b[i], None if zero_b is None else zero_b[i]
             elif (i1 + i) % g == 0:   # first column of a group: parameters from the updated W
                 ahead = W1[i:i + g] if i + g <= i2 - i1 else torch.cat([W1[i:], Wt[i2:]])[:g]
-                scale, zero = c.group_params(ahead.T, fmt, **gs_kw)
+                col = i1 + i            # natural order here: act_order implies static
+                scale, zero = qparams.group_params(ahead.T, fmt, gs,
+                                                   importance[col:col + g], scale_search)
                 scales[:, (i1 + i) // g] = scale[:, 0]
                 if zeros is not None:
                     zeros[:, (i1 + i) // g] = zero[:, 0]

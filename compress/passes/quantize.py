@@ -66,6 +66,12 @@ class QuantizeConfig(PassConfig):
     block_size: int = Field(128, ge=1)
     damp: float = Field(0.01, gt=0)
     act_order: bool = False
+    # static_groups: fix every group's scale from the original weights before the column loop
+    # (as llm-compressor does) instead of from the updated weights when the loop reaches the
+    # group; act_order implies it. scale_search: "minmax" or "mse" (a diag(H)-weighted search
+    # over clipping ratios per group, compress/passes/qparams.py).
+    static_groups: bool = False
+    scale_search: Literal["minmax", "mse"] = "minmax"
     # AWQ: grid points for alpha in [0, 1).
     awq_grid: int = Field(20, ge=1)
     # A layer whose input size the group size does not divide: fail, or fall back to one scale
