@@ -45,16 +45,26 @@ def _docstrings(module_name: str) -> list[str]:
         return _module_docstrings(module, module_name)
 
 
+def _own_doc(obj) -> str | None:
+    """The object's own docstring, cleaned. Not inspect.getdoc: it falls back to the docstring
+    of a base class, which put io's and email's docstrings into both the calibration and the
+    evaluation split (a method of an evaluation module overriding a calibration one)."""
+    doc = obj.__doc__ if isinstance(getattr(obj, "__doc__", None), str) else None
+    return inspect.cleandoc(doc) if doc else None
+
+
 def _module_docstrings(module, module_name: str) -> list[str]:
-    found = [inspect.getdoc(module)]
+    found = [_own_doc(module)]
     for _, obj in sorted(vars(module).items()):
         if getattr(obj, "__module__", None) != module_name:
             continue
         if inspect.isclass(obj) or inspect.isfunction(obj):
-            found.append(inspect.getdoc(obj))
+            found.append(_own_doc(obj))
         if inspect.isclass(obj):
-            found += [inspect.getdoc(m) for _, m in sorted(vars(obj).items())
-                      if inspect.isfunction(m)]
+            # methods written in this module (enum copies enum's own functions into every
+            # Enum subclass: those belong to enum's text, not this module's)
+            found += [_own_doc(m) for _, m in sorted(vars(obj).items())
+                      if inspect.isfunction(m) and m.__module__ == module_name]
     return [doc for doc in found if doc]
 
 

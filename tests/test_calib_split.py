@@ -1,0 +1,51 @@
+"""The calibration and evaluation text of the built-in stdlib source must not overlap: a method
+that calibrates on the text it is judged on would look better than it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from compress.calib import STDLIB_SETS, stdlib_texts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _package_and_parents(name: str) -> set[str]:
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+def test_module_lists_share_no_module():
+    sets = yaml.safe_load(STDLIB_SETS.read_text())
+    calibration, evaluation = sets["calibration"], sets["evaluation"]
+    assert calibration and evaluation
+    assert len(set(calibration)) == len(calibration) and len(set(evaluation)) == len(evaluation)
+    assert not set(calibration) & set(evaluation)
+    # no module of one list inside (or above) a module of the other: "json" would read the
+    # docstrings json.decoder's objects re-export
+    for name in calibration:
+        for other in evaluation:
+            assert name not in _package_and_parents(other), (name, other)
+            assert other not in _package_and_parents(name), (name, other)
+
+
+def test_texts_share_no_docstring():
+    """The extracted texts themselves are disjoint (an object re-exported from another module
+    would otherwise bring the same docstring into both)."""
+    calibration = {t for t in stdlib_texts("calibration") if len(t) >= 80}
+    evaluation = {t for t in stdlib_texts("evaluation") if len(t) >= 80}
+    assert len(calibration) > 100 and len(evaluation) > 100
+    assert not calibration & evaluation
+
+
+def test_local_lm_eval_tasks_come_from_evaluation_text_only():
+    """evaluate/tasks documents are evaluation-split docstrings, none from calibration."""
+    calibration = "\n\n".join(stdlib_texts("calibration"))
+    docs = [json.loads(line) for line in
+            (ROOT / "evaluate" / "tasks" / "stdlib_docs.jsonl").read_text().splitlines() if line]
+    texts = [next(v for v in d.values() if isinstance(v, str) and len(v) > 80) for d in docs]
+    assert texts
+    assert not [t for t in texts if t in calibration]
