@@ -24,8 +24,8 @@ from compress.passes.gptq import gptq_quantize
 
 FORMATS = {
     "int4-sym-g64": WeightFormat(type="int", bits=4, group_size=64, symmetric=True),
-    "int4-sym-g128": WeightFormat(type="int", bits=4, group_size=128, symmetric=True),
-    "int4-asym-g128": WeightFormat(type="int", bits=4, group_size=128, symmetric=False),
+    "int4-sym-g192": WeightFormat(type="int", bits=4, group_size=192, symmetric=True),
+    "int4-asym-g192": WeightFormat(type="int", bits=4, group_size=192, symmetric=False),
     "nvfp4": WeightFormat(type="nvfp4", group_size=16),
     "mxfp4": WeightFormat(type="mxfp4", group_size=32),
 }
