@@ -214,6 +214,8 @@ def main() -> None:
                         help="JSON: our GPTQ options (QuantizeConfig fields)")
     parser.add_argument("--tag", default="gptq", help="name of our GPTQ row (cache key)")
     parser.add_argument("--fresh", action="store_true", help="measure cached rows again")
+    parser.add_argument("--only-ours", action="store_true",
+                        help="measure (and cache) our rows only, e.g. beside a running peer")
     parser.add_argument("--llmc", help=argparse.SUPPRESS)      # internal: one llm-compressor run
     args = parser.parse_args()
     if args.llmc:
@@ -225,6 +227,12 @@ def main() -> None:
         prepare(args.work, args.samples, args.seq_len, args.eval_tokens)
     options = json.loads(args.ours)
     w = args.work
+    if args.only_ours:
+        for s in args.settings:
+            for method, tag, opts in (("rtn", "rtn", {}), ("gptq", args.tag, options)):
+                print(s, tag, cached(w / f"ours-{s}-{tag}.json", args.fresh,
+                                     lambda: run_ours(w, s, method, opts)), flush=True)
+        return
     floats = {"compress": cached(w / "ours-float.json", args.fresh,
                                  lambda: run_ours(w, "nvfp4", "float", {})),
               "llmc": cached(w / "llmc-float.json", args.fresh,
