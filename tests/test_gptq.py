@@ -304,3 +304,26 @@ def test_calibrated_pass_quantizes_every_target_and_reports_the_method():
     assert methods["model.layers.0.self_attn.q_proj"] == "gptq"
     assert report.modules["model.layers.0.self_attn.q_proj"]["damp"] == 0.01
     assert report.summary["fallback_count"] == 0
+
+
+def test_nvfp4_gptq_shares_one_global_scale_per_fused_group():
+    """q/k/v (and gate/up) become one matrix in vLLM, which keeps one global scale for it."""
+    from compress.calib import CalibrationConfig
+    from compress.models import arch_for
+    from compress.passes import Context, QuantizeConfig, run_pass
+
+    model = tiny_llama()
+    with torch.no_grad():          # give k a different range, so per-tensor scales would differ
+        model.model.layers[0].self_attn.k_proj.weight.mul_(3)
+    ctx = Context(model, None, arch_for(model.config), CalibrationConfig(samples=4, seq_len=32),
+                  torch.device("cpu"))
+    ctx._calib_ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    run_pass(ctx, QuantizeConfig(format="nvfp4", method="gptq"))
+    layer = model.model.layers[0]
+    qkv = [getattr(layer.self_attn, n).weight_global_scale for n in ("q_proj", "k_proj",
+                                                                                "v_proj")]
+    assert torch.equal(qkv[0], qkv[1]) and torch.equal(qkv[1], qkv[2])
+    gate, up = (getattr(layer.mlp, n).weight_global_scale for n in ("gate_proj",
+                                                                              "up_proj"))
+    assert torch.equal(gate, up)
+    assert not torch.equal(qkv[0], gate)     # separate groups keep separate scales

@@ -126,14 +126,16 @@ def _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks) 
         stackable = plan.method == "gptq" and plan.fmt.type != "nvfp4" and plan.mask is None
         key = ("stack", plan.fmt) if stackable else ("one", n)
         batches.setdefault(key, []).append(n)
+    # NVFP4 global scales of the fused group, from its weights before any member is replaced
+    fused_gs = {n: _fused_global_scale(step, group, local, local[n]) for n in names}
     for members in batches.values():
         linears = [step.layer.get_submodule(n) for n in members]
         plan = local[members[0]]
         W = torch.cat([m.weight.data for m in linears])
         info = {}
         if plan.method == "gptq":
-            gs = _fused_global_scale(step, group, local, plan)
-            qw, info = _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fallbacks, gs)
+            qw, info = _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fallbacks,
+                                         fused_gs[members[0]])
         else:
             qw = codec(plan.fmt).quantize(W, plan.fmt)
         start = 0
