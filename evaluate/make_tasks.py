@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from compress.calib import STDLIB_SETS, _docstrings  # noqa: E402
 
-OUT = ROOT / "evaluate" / "tasks"
+from compress.evaluation.local_tasks import TASKS_DIR as OUT  # noqa: E402
 LAST_WORD = re.compile(r"^(?P<context>.*\S)\s+(?P<word>[A-Za-z]{3,})\.?$", re.DOTALL)
 
 

@@ -4,13 +4,10 @@ that calibrates on the text it is judged on would look better than it is."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import yaml
 
 from compress.calib import STDLIB_SETS, stdlib_texts
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _package_and_parents(name: str) -> set[str]:
@@ -42,10 +39,12 @@ def test_texts_share_no_docstring():
 
 
 def test_local_lm_eval_tasks_come_from_evaluation_text_only():
-    """evaluate/tasks documents are evaluation-split docstrings, none from calibration."""
+    """The bundled task documents are evaluation-split docstrings, none from calibration."""
     calibration = "\n\n".join(stdlib_texts("calibration"))
+    from compress.evaluation.local_tasks import TASKS_DIR
+
     docs = [json.loads(line) for line in
-            (ROOT / "evaluate" / "tasks" / "stdlib_docs.jsonl").read_text().splitlines() if line]
+            (TASKS_DIR / "stdlib_docs.jsonl").read_text().splitlines() if line]
     texts = [next(v for v in d.values() if isinstance(v, str) and len(v) > 80) for d in docs]
     assert texts
     assert not [t for t in texts if t in calibration]
