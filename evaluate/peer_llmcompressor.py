@@ -61,8 +61,10 @@ def perplexity(model, windows, batch_size: int = 4) -> float:
     import torch.nn.functional as F
 
     nll, tokens = 0.0, 0
+    device = next(model.parameters()).device
     with torch.no_grad():
         for ids in windows.split(batch_size):
+            ids = ids.to(device)
             logits = model(ids, use_cache=False).logits.float()
             nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                    ids[:, 1:].reshape(-1), reduction="sum").item()
@@ -108,6 +110,8 @@ def run_llmc(work: Path, setting: str, method: str) -> dict:
     windows = torch.load(work / "eval.pt")
     model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32)
     model.eval()
+    if torch.cuda.is_available():   # llm-compressor calibrates on the GPU when there is one
+        model.to("cuda")
     if method == "float":
         return {"perplexity": perplexity(model, windows), "seconds": 0.0}
     from datasets import Dataset
@@ -166,19 +170,21 @@ def run_ours(work: Path, setting: str, method: str, options: dict) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     windows, calib = torch.load(work / "eval.pt"), torch.load(work / "calib.pt")
     loaded = load_model(str(work / "hf"))
+    # the pass moves one layer at a time to the device; the whole model goes there to evaluate
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if method == "float":
-        return {"perplexity": perplexity(loaded.model, windows), "seconds": 0.0}
+        return {"perplexity": perplexity(loaded.model.to(device), windows), "seconds": 0.0}
     fields = {**SETTINGS[setting], "ignore": ["lm_head"]}
     if method != "rtn":
         fields.update({"method": "gptq", **options})
     cfg = QuantizeConfig(**fields)
     ctx = Context(loaded.model, loaded.tokenizer, loaded.arch,
                   CalibrationConfig(samples=len(calib), seq_len=calib.shape[1], batch_size=8),
-                  torch.device("cpu"), _calib_ids=calib)
+                  device, _calib_ids=calib)
     start = time.perf_counter()
     PASSES[type(cfg)](ctx, cfg)
     seconds = time.perf_counter() - start
-    return {"perplexity": perplexity(loaded.model, windows), "seconds": seconds,
+    return {"perplexity": perplexity(loaded.model.to(device), windows), "seconds": seconds,
             "options": {k: v for k, v in fields.items() if k not in SETTINGS[setting]}}
 
 
