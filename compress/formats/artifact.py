@@ -54,7 +54,7 @@ def quantization_config(model: nn.Module) -> dict | None:
         groups.setdefault(module.fmt.name, (module.fmt, []))[1].append(name)
     if not groups:
         return None
-    formats = {codec(fmt).FORMAT_NAME for fmt, _ in groups.values()}
+    formats = {codec(fmt).format_name(fmt) for fmt, _ in groups.values()}
     config = {
         "quant_method": "compressed-tensors",
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
@@ -63,7 +63,7 @@ def quantization_config(model: nn.Module) -> dict | None:
             f"group_{i}": {"targets": [f"re:^{re.escape(n)}$" for n in names],
                            "weights": codec(fmt).scheme_args(fmt),
                            "input_activations": None, "output_activations": None,
-                           "format": codec(fmt).FORMAT_NAME}
+                           "format": codec(fmt).format_name(fmt)}
             for i, (fmt, names) in enumerate(groups.values())},
         "ignore": [],
         "kv_cache_scheme": None,

@@ -123,7 +123,9 @@ def _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks) 
     batches: dict[tuple, list[str]] = {}
     for n in names:
         plan = local[n]
-        stackable = plan.method == "gptq" and plan.fmt.type != "nvfp4" and plan.mask is None
+        # (a format with a per-tensor scale would share it across the stacked modules)
+        stackable = plan.method == "gptq" and not plan.fmt.row.tensor_scale \
+            and plan.mask is None
         key = ("stack", plan.fmt) if stackable else ("one", n)
         batches.setdefault(key, []).append(n)
     for members in batches.values():
