@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from compress import __version__
-from compress.formats.artifact import check_output, partial_dir, save_artifact
+from compress.formats.artifact import check_output, partial_dir, save_artifact, saved_dtype
 from compress.models import Loaded, layers_path, load_model, model_fingerprint
 from compress.passes import Context, run_pass
 from compress.progress import console, status
@@ -41,9 +41,24 @@ def is_layerwise(recipe: Recipe) -> bool:
 
 def fingerprints(ctx: Context, source, recipe_yaml: str) -> dict[str, str]:
     calib = ctx.calibration_ids()
-    return {"model": model_fingerprint(source),
+    return {"model": model_fingerprint(source), "save dtype": str(ctx.save_dtype),
             "recipe": hashlib.sha256((recipe_yaml + __version__).encode()).hexdigest()[:16],
             "calibration data": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]}
+
+
+def source_dtype(loaded: Loaded) -> torch.dtype | None:
+    """The dtype the source model stores its weights in: config.json's for a directory, the
+    in-memory parameters' for a model passed in memory; None for a GGUF (no 16-bit dtype)."""
+    import json
+
+    if loaded.source is None:
+        return next(loaded.model.parameters()).dtype
+    config = Path(loaded.source.path) / "config.json"
+    if loaded.source.gguf_file or not config.is_file():
+        return None
+    raw = json.loads(config.read_text())
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
 
 
 def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: bool) -> None:
@@ -72,11 +87,13 @@ def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: 
 def apply_recipe(recipe: Recipe, model_spec: str | Loaded, out: Path, *, overwrite: bool = False,
                  device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False,
                  allow_pickle: bool = False, strict: bool = False,
-                 restart: bool = False) -> dict[str, Any]:
+                 restart: bool = False, save_dtype: str = "auto") -> dict[str, Any]:
     """Run every pass of `recipe` on `model_spec` (a model source, or a model already in
-    memory as `Loaded`) and write the artifact to `out`."""
+    memory as `Loaded`) and write the artifact to `out`. The passes compute in `dtype`; the
+    artifact stores unquantized tensors in `save_dtype` (auto: the source's 16-bit dtype)."""
     out = Path(out)
     check_output(out, overwrite)
+    saved_dtype(save_dtype, None)  # an unknown name fails before the model loads
     start = time.perf_counter()
     in_memory = isinstance(model_spec, Loaded)
     streaming = is_layerwise(recipe) and not in_memory  # a model in memory is not streamed
@@ -90,6 +107,7 @@ def apply_recipe(recipe: Recipe, model_spec: str | Loaded, out: Path, *, overwri
                            else ("cpu" if device == "auto" else device))
     ctx = Context(loaded.model, loaded.tokenizer, loaded.arch, recipe.calibration, compute,
                   strict=strict)
+    ctx.save_dtype = saved_dtype(save_dtype, source_dtype(loaded))
     recipe_yaml = recipe.to_yaml()
     try:
         if streaming:
@@ -101,7 +119,7 @@ def apply_recipe(recipe: Recipe, model_spec: str | Loaded, out: Path, *, overwri
             report["resumed"] = True
         with status(f"saving {out}"):
             save_artifact(ctx.model, loaded.tokenizer, out, recipe_yaml, report, overwrite,
-                          store=ctx.store)
+                          store=ctx.store, dtype=ctx.save_dtype)
     except BaseException:
         # Python-level failures and Ctrl-C clean up; only a hard kill (SIGKILL, power loss)
         # leaves the partial directory, and the same command then resumes from it.
@@ -116,6 +134,8 @@ def run_passes(ctx: Context, recipe: Recipe) -> list[dict[str, Any]]:
         if index < len(reports):
             continue  # finished before an interruption; its layers are on disk
         ctx.pass_index = index
+        if ctx.store is not None:  # the last pass writes the artifact's shards
+            ctx.store.final_dtype = ctx.save_dtype if index == len(recipe.passes) - 1 else None
         probe = ctx.calibration_ids()[:2, :128] if cfg.exact else None
         before = logits_probe(ctx.model, probe) if cfg.exact else None
         resumed_at = ctx.first_layer()

@@ -55,6 +55,10 @@ FORMATS: dict[str, FormatRow] = {row.name: row for row in (
     FormatRow("nvfp4", "nvfp4", 4, 16, "float8_e4m3fn", 8, True, "nvfp4-pack-quantized", "fp4"),
     FormatRow("mxfp4", "mxfp4", 4, 32, "e8m0", 8, False, "mxfp4-pack-quantized", "fp4"),
 )}
+# Stored tensors whose dtype a format fixes whatever the artifact's dtype: NVFP4's global scale
+# (float32 in compressed-tensors) and 2:4 values (their dtype is recorded in the structure
+# section when they are built); every other floating tensor is saved in the saved dtype.
+FIXED_DTYPE_TENSORS = ("weight_global_scale", "weight_values")
 FormatName = Literal[tuple(FORMATS)]                                        # type: ignore[valid-type]
 CodecName = Literal[tuple(dict.fromkeys(r.codec for r in FORMATS.values()))]  # type: ignore[valid-type]
 
