@@ -35,7 +35,7 @@ def apply(model: str | nn.Module, recipe: str | Path | Recipe | Sequence[PassCon
     """Compress `model` (a model source as on the command line, or a transformers model in
     memory; then pass its `tokenizer` for calibrated passes) with `recipe`, write the artifact
     to `output` and return its report. `options` are `compress apply`'s: overwrite, device,
-    dtype, strict, restart, trust_remote_code, allow_pickle."""
+    dtype (compute), save_dtype (artifact), strict, restart, trust_remote_code, allow_pickle."""
     from compress.formats.artifact import check_output
     from compress.models import Loaded, arch_for
     from compress.pipeline import apply_recipe

@@ -31,7 +31,11 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled rec
           output: Path = typer.Option(..., "-o", "--output", help="artifact directory"),
           overwrite: bool = typer.Option(False, help="replace a non-empty output directory"),
           device: str = typer.Option("auto", help="compute device for calibration"),
-          dtype: str = typer.Option("float32", help="dtype to load the model in"),
+          dtype: str = typer.Option("float32", help="dtype the passes compute in (the model is "
+                                                    "loaded in it)"),
+          save_dtype: str = typer.Option("auto", help="dtype of the artifact's unquantized "
+                                         "tensors and INT scales: auto (the source's 16-bit "
+                                         "dtype, else bfloat16), bfloat16, float16, float32"),
           trust_remote_code: bool = typer.Option(False, help="allow model code from the hub"),
           allow_pickle: bool = typer.Option(False, help="allow .bin/.pt pickle checkpoints"),
           strict: bool = typer.Option(False, help="make any fallback (e.g. GPTQ -> RTN) an error"),
@@ -69,6 +73,7 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled rec
     from compress.api import apply as apply_api
 
     report = apply_api(model, parsed, output, overwrite=overwrite, device=device, dtype=dtype,
+                       save_dtype=save_dtype,
                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                        strict=strict, restart=restart)
     if as_json:

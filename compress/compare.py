@@ -112,7 +112,6 @@ def _bench_stage(folder: Path, spec: str, key: str, run_bench: bool) -> dict | N
 def _row(name: str, evaluated: dict, speed: dict | None) -> dict:
     from compress.evaluation.lm_eval_adapter import headline
 
-    metrics = evaluated.get("metrics", evaluated)  # results written before 0.1 nested them
     tasks = {}
     for task, scores in evaluated["tasks"].items():
         top = headline(scores)
@@ -120,8 +119,9 @@ def _row(name: str, evaluated: dict, speed: dict | None) -> dict:
             tasks[f"{task} {top[0]}"] = top[1]
     return {"recipe": name, "bits_per_weight": evaluated["size"]["bits_per_weight"],
             "model_bytes": evaluated["size"]["model_bytes"],
-            "perplexity": metrics["perplexity"], "kl_divergence": metrics.get("kl_divergence"),
-            "top1_agreement": metrics.get("top1_agreement"), "tasks": tasks,
+            "perplexity": evaluated["perplexity"],
+            "kl_divergence": evaluated.get("kl_divergence"),
+            "top1_agreement": evaluated.get("top1_agreement"), "tasks": tasks,
             "recovery": evaluated.get("recovery", {}), "speed": speed,
             "fingerprint": evaluated["fingerprint"]["model"]}
 

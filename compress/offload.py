@@ -102,6 +102,9 @@ class LayerStore:
         self.work_dir = work_dir
         self.source = source or {}
         self.dtype = dtype
+        # Set for the recipe's last pass only: its layer files become the artifact's shards, so
+        # they are written in the saved dtype; earlier passes' files keep full precision.
+        self.final_dtype: torch.dtype | None = None
 
     def file(self, index: int) -> Path:
         return self.work_dir / f"layer-{index:05d}.safetensors"
@@ -113,6 +116,7 @@ class LayerStore:
         prefix = f"{self.layers_prefix}.{index}."
         if written.is_file():  # saved under full names: they are the artifact's shards
             tensors = {k.removeprefix(prefix): v for k, v in load_file(str(written)).items()}
+            tensors = self._compute_dtype(tensors)
         elif not is_materialized(layer):
             tensors = read_prefixed(self.source, prefix, self.dtype)
         else:
@@ -129,13 +133,23 @@ class LayerStore:
         from safetensors.torch import save_file
 
         prefix = f"{self.layers_prefix}.{index}."
-        tensors = {prefix + k: v.detach().to("cpu").contiguous()
-                   for k, v in layer.state_dict().items()}
+        from compress.formats.artifact import cast_for_save
+
+        tensors = cast_for_save({prefix + k: v.detach().to("cpu").contiguous()
+                                 for k, v in layer.state_dict().items()}, self.final_dtype)
         target = self.file(index)
         tmp = target.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, target)
         free(layer)
+
+    def _compute_dtype(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A layer file written in the saved dtype (a resumed last pass re-reads it) goes back
+        to the dtype the passes compute in; files in full precision are unchanged."""
+        if self.final_dtype is None or self.dtype is None:
+            return tensors
+        return {k: v.to(self.dtype) if v.dtype == self.final_dtype else v
+                for k, v in tensors.items()}
 
     def written(self) -> list[Path]:
         return sorted(self.work_dir.glob("layer-*.safetensors"))

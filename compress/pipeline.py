@@ -22,7 +22,7 @@ import torch
 
 from compress import __version__
 from compress.errors import CompressError, DiskFull
-from compress.formats.artifact import check_output, partial_dir, save_artifact
+from compress.formats.artifact import check_output, partial_dir, save_artifact, saved_dtype
 from compress.lock import output_lock
 from compress.models import Loaded, layers_path, load_model, model_fingerprint
 from compress.passes import Context, run_pass
@@ -54,6 +54,21 @@ def fingerprints(ctx: Context, source, recipe_yaml: str, options: dict[str, Any]
             "recipe": hashlib.sha256((recipe_yaml + __version__).encode()).hexdigest()[:16],
             "calibration data": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
             "options": json.dumps(options, sort_keys=True)}
+
+
+def source_dtype(loaded: Loaded) -> torch.dtype | None:
+    """The dtype the source model stores its weights in: config.json's for a directory, the
+    in-memory parameters' for a model passed in memory; None for a GGUF (no 16-bit dtype)."""
+    import json
+
+    if loaded.source is None:
+        return next(loaded.model.parameters()).dtype
+    config = Path(loaded.source.path) / "config.json"
+    if loaded.source.gguf_file or not config.is_file():
+        return None
+    raw = json.loads(config.read_text())
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
 
 
 def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: bool,
@@ -94,25 +109,29 @@ def input_paths(source) -> tuple[Path, ...]:
 def apply_recipe(recipe: Recipe, model_spec: str | Loaded, out: Path, *, overwrite: bool = False,
                  device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False,
                  allow_pickle: bool = False, strict: bool = False,
-                 restart: bool = False) -> dict[str, Any]:
+                 restart: bool = False, save_dtype: str = "auto") -> dict[str, Any]:
     """Run every pass of `recipe` on `model_spec` (a model source, or a model already in
     memory as `Loaded`) and write the artifact to `out`, holding the output's lock throughout
-    (a second run on the same output stops at once)."""
+    (a second run on the same output stops at once). The passes compute in `dtype`; the
+    artifact stores unquantized tensors in `save_dtype` (auto: the source's 16-bit dtype)."""
     from compress.models import resolve
 
     out = Path(out)
+    saved_dtype(save_dtype, None)  # an unknown name fails before the model loads
     source = None if isinstance(model_spec, Loaded) else resolve(model_spec, allow_pickle)
     # an unwritable place, or one overlapping the input, fails before the lock file is made
     check_output(out, overwrite, input_paths(source))
     with output_lock(out):
         return _apply_locked(recipe, model_spec, source, out, overwrite=overwrite,
                              device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                             allow_pickle=allow_pickle, strict=strict, restart=restart)
+                             allow_pickle=allow_pickle, strict=strict, restart=restart,
+                             save_dtype=save_dtype)
 
 
 def _apply_locked(recipe: Recipe, model_spec: str | Loaded, source, out: Path, *,
                   overwrite: bool, device: str, dtype: str, trust_remote_code: bool,
-                  allow_pickle: bool, strict: bool, restart: bool) -> dict[str, Any]:
+                  allow_pickle: bool, strict: bool, restart: bool, save_dtype: str
+                  ) -> dict[str, Any]:
     from compress.preflight import check_disk, output_bytes, partial_bytes, plan
 
     check_output(out, overwrite, input_paths(source))
@@ -141,11 +160,13 @@ def _apply_locked(recipe: Recipe, model_spec: str | Loaded, source, out: Path, *
                            else ("cpu" if device == "auto" else device))
     ctx = Context(loaded.model, loaded.tokenizer, loaded.arch, recipe.calibration, compute,
                   strict=strict)
+    ctx.save_dtype = saved_dtype(save_dtype, source_dtype(loaded))
     recipe_yaml = recipe.to_yaml()
     try:
         if streaming:
             start_streaming(ctx, loaded, out, recipe_yaml, restart,
-                            {"dtype": dtype, "strict": strict})
+                            {"dtype": dtype, "strict": strict,
+                             "save dtype": str(ctx.save_dtype)})
         reports = run_passes(ctx, recipe)
         report = {"model": model_spec, "versions": versions(), "passes": reports,
                   "streamed": streaming, "seconds": round(time.perf_counter() - start, 2)}
@@ -153,7 +174,8 @@ def _apply_locked(recipe: Recipe, model_spec: str | Loaded, source, out: Path, *
             report["resumed"] = True
         with status(f"saving {out}"):
             save_artifact(ctx.model, loaded.tokenizer, out, recipe_yaml, report, overwrite,
-                          store=ctx.store, inputs=input_paths(source))
+                          store=ctx.store, inputs=input_paths(source),
+                          dtype=ctx.save_dtype)
     except BaseException as exc:
         _after_failure(exc, ctx.run, out, estimated)
         raise
@@ -194,6 +216,8 @@ def run_passes(ctx: Context, recipe: Recipe) -> list[dict[str, Any]]:
         if index < len(reports):
             continue  # finished before an interruption; its layers are on disk
         ctx.pass_index = index
+        if ctx.store is not None:  # the last pass writes the artifact's shards
+            ctx.store.final_dtype = ctx.save_dtype if index == len(recipe.passes) - 1 else None
         probe = ctx.calibration_ids()[:2, :128] if cfg.exact else None
         before = logits_probe(ctx.model, probe) if cfg.exact else None
         resumed_at = ctx.first_layer()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.formats import QuantizedWeight, WeightFormat, codec
+from compress.formats import GroupParams, QuantizedWeight, WeightFormat, codec
 from compress.hessian import inverse_cholesky, prepare_hessian
 from compress.passes.sparsify import nm_mask, unstructured_block
 
@@ -13,9 +13,8 @@ from compress.passes.sparsify import nm_mask, unstructured_block
 def _static_params(w: torch.Tensor, fmt: WeightFormat, g: int, gs):
     """Group parameters of the whole matrix up front ("static groups"). w: [O, I] ->
     scale, zero [O, I/g, 1]."""
-    c = codec(fmt)
-    wg = w.reshape(w.shape[0], -1, g)
-    return c.group_params(wg, fmt, gs) if gs is not None else c.group_params(wg, fmt)
+    p = codec(fmt).group_params(w.reshape(w.shape[0], -1, g), fmt, gs)
+    return p.scale, p.zero
 
 
 def gptq_quantize_reference(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat,
@@ -25,8 +24,7 @@ def gptq_quantize_reference(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat,
     c = codec(fmt)
     out_features, in_features = w.shape
     g = fmt.group_for(in_features)
-    gs = c.global_scale(w) if fmt.type == "nvfp4" else None  # from the whole tensor first
-    gs_kw = {"global_scale": gs} if gs is not None else {}
+    gs = c.tensor_scale(w, fmt)  # from the whole tensor first (NVFP4; None for others)
     H, W = prepare_hessian(H.float(), w.float())
     if mask is not None:
         mask = mask.to(torch.bool)
@@ -59,9 +57,11 @@ def gptq_quantize_reference(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat,
             elif col % g == 0:                 # first column of a group: fix its parameters
                 ahead = W1[:, i:i + g] if i + g <= i2 - i1 else \
                     torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                scale, zero = c.group_params(ahead, fmt, **gs_kw)
-            q = c.encode(W1[:, i:i + 1], scale, zero, fmt, **gs_kw)
-            dq = c.decode(q, scale, zero, **gs_kw)[:, 0]
+                p = c.group_params(ahead, fmt, gs)
+                scale, zero = p.scale, p.zero
+            p = GroupParams(fmt, scale, zero, gs)
+            q = c.encode(W1[:, i:i + 1], p)
+            dq = c.decode(q, p)[:, 0]
             codes[:, col] = q[:, 0]
             scales[:, group] = scale[:, 0]
             if zeros is not None:

@@ -14,7 +14,7 @@ from compressed_tensors.quantization.quant_scheme import MXFP4A16, NVFP4A16
 from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
 from support import tiny_llama
 
-from compress.formats import WeightFormat, codec
+from compress.formats import GroupParams, WeightFormat, codec
 from compress.formats.fp4 import E2M1, e2m1_codes, e2m1_values, pack_codes, unpack_codes
 
 NVFP4 = WeightFormat(type="nvfp4", group_size=16)
@@ -33,10 +33,10 @@ def test_every_e2m1_value_encodes_and_decodes_exactly():
     for fmt in (NVFP4, MXFP4):
         scale = torch.full((16, 1), 0.25)
         gs = torch.tensor([2.0]) if fmt.type == "nvfp4" else None
-        kw = {"global_scale": gs} if gs is not None else {}
+        p = GroupParams(fmt, scale, None, gs)
         w = values[:, None] * (scale / (gs if gs is not None else 1))
-        q = codec(fmt).encode(w, scale, None, fmt, **kw)
-        assert torch.equal(codec(fmt).decode(q, scale, None, **kw), w)
+        q = codec(fmt).encode(w, p)
+        assert torch.equal(codec(fmt).decode(q, p), w)
 
 
 def test_ties_round_to_even_mantissa_like_the_library():

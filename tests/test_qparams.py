@@ -19,10 +19,10 @@ def test_mse_search_never_worse_than_minmax_and_usually_better(fmt):
     w = torch.randn(64, 8, fmt.group_size) * torch.rand(64, 8, 1)
     w[0, 0, 0] = 8.0                                   # an outlier worth clipping
     importance = torch.rand(fmt.group_size) + 0.1
-    gs = codec(fmt).global_scale(w) if fmt.type == "nvfp4" else None
-    base = qparams.quant_error(w, *qparams.group_params(w, fmt, gs), fmt, gs, importance)
-    searched = qparams.quant_error(w, *qparams.group_params(w, fmt, gs, importance, "mse"),
-                                   fmt, gs, importance)
+    gs = codec(fmt).tensor_scale(w, fmt)
+    base = qparams.quant_error(w, qparams.group_params(w, fmt, gs), importance)
+    searched = qparams.quant_error(w, qparams.group_params(w, fmt, gs, importance, "mse"),
+                                   importance)
     assert (searched <= base + 1e-9).all()
     # MXFP4's power-of-two scales leave the search only one step down: a smaller gain
     assert searched.sum() < (0.995 if fmt.type == "mxfp4" else 0.97) * base.sum()
@@ -31,9 +31,8 @@ def test_mse_search_never_worse_than_minmax_and_usually_better(fmt):
 def test_minmax_is_the_codec_rule():
     fmt = FORMATS[0]
     w = torch.randn(4, 2, 32)
-    scale, zero = qparams.group_params(w, fmt)
-    ref_scale, ref_zero = codec(fmt).group_params(w, fmt)
-    assert torch.equal(scale, ref_scale) and zero is None and ref_zero is None
+    p, ref = qparams.group_params(w, fmt), codec(fmt).group_params(w, fmt)
+    assert torch.equal(p.scale, ref.scale) and p.zero is None and ref.zero is None
 
 
 def test_gptq_static_groups_keep_the_minmax_scales_of_the_original_weights():
@@ -54,6 +53,6 @@ def test_gptq_uses_a_given_nvfp4_global_scale():
 
     fmt = WeightFormat(type="nvfp4", group_size=16)
     w, x = torch.randn(8, 32), torch.randn(256, 32)
-    gs = codec(fmt).global_scale(3 * w)        # as if a fused sibling had larger weights
+    gs = codec(fmt).tensor_scale(3 * w, fmt)        # as if a fused sibling had larger weights
     q, _ = gptq_quantize(w, 2 * x.T @ x / 256, fmt, global_scale=gs)
     assert torch.equal(q.global_scale, gs)

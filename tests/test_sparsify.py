@@ -9,7 +9,7 @@ import torch
 from column_loop_reference import sparsegpt_prune_reference
 
 from compress.errors import CompressError, UsageError
-from compress.formats import CODECS, QuantizedWeight, WeightFormat, codec
+from compress.formats import WeightFormat, codec
 from compress.formats import sparse24 as s24
 from compress.passes.sparsify import (
     SparsifyConfig,
@@ -123,50 +123,8 @@ def test_int4_round_trip_keeps_codes_and_scales(symmetric):
     assert torch.equal(back.dequantize(), q.dequantize())
 
 
-class TinyNvfp4:
-    """A minimal NVFP4 codec in the compressed-tensors layout (codes are E2M1 values), used when
-    compress.formats has no FP4 codec yet; the real one replaces it once merged."""
-
-    GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-
-    @classmethod
-    def quantize(cls, w, fmt):
-        global_scale = (448.0 * 6.0 / w.abs().max()).reshape(1)
-        groups = w.reshape(w.shape[0], -1, 16)
-        scale = (groups.abs().amax(-1) / 6.0 * global_scale).to(torch.float8_e4m3fn)
-        x = groups / (scale.float() / global_scale).clamp_min(1e-12).unsqueeze(-1)
-        idx = (x.abs().unsqueeze(-1) - cls.GRID).abs().argmin(-1)
-        codes = (cls.GRID[idx] * x.sign()).reshape(w.shape)
-        return QuantizedWeight(fmt, codes, scale, None, global_scale)
-
-    @staticmethod
-    def dequantize(q):
-        scale = (q.scale.float() / q.global_scale).repeat_interleave(16, dim=1)
-        return q.codes.float() * scale
-
-    @staticmethod
-    def pack(q, scale_dtype=torch.float32):
-        from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
-
-        return {"weight_packed": pack_fp4_to_uint8(q.codes), "weight_scale": q.scale,
-                "weight_global_scale": q.global_scale,
-                "weight_shape": torch.tensor(list(q.shape), dtype=torch.int64)}
-
-    @staticmethod
-    def unpack(tensors, fmt):
-        from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
-
-        rows, cols = tensors["weight_shape"].tolist()
-        codes = unpack_fp4_from_uint8(tensors["weight_packed"], rows, cols, torch.float32)
-        return QuantizedWeight(fmt, codes, tensors["weight_scale"], None,
-                               tensors["weight_global_scale"])
-
-
-def test_nvfp4_round_trip_keeps_codes_and_scales(monkeypatch):
+def test_nvfp4_round_trip_keeps_codes_and_scales():
     fmt = WeightFormat(type="nvfp4", group_size=16)
-    codec(WeightFormat())  # fill the registry first, so a real FP4 codec wins when present
-    if "nvfp4" not in CODECS:
-        monkeypatch.setitem(CODECS, "nvfp4", TinyNvfp4)
     q = codec(fmt).quantize(random_24(8, 64), fmt)
     dense = codec(fmt).pack(q, torch.float32)
     tensors = s24.compress_quantized(q)

@@ -87,7 +87,7 @@ def test_streamed_artifact_is_sharded_and_loads_everywhere(uninterrupted, eval_w
     assert not (uninterrupted / "run.json").exists()
     ids = eval_windows[:1, :64]
     with torch.no_grad():
-        ours = compress.load(uninterrupted)(ids).logits
+        ours = compress.load(uninterrupted, dtype=torch.float32)(ids).logits  # (saved in bf16)
         theirs = AutoModelForCausalLM.from_pretrained(uninterrupted, dtype=torch.float32)(ids).logits
     assert (ours - theirs).abs().max() < 1e-3
 

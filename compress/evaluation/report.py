@@ -7,7 +7,6 @@ agreement with the baseline, and task scores as ratios (inverted for lower-is-be
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,30 +20,13 @@ from torch import nn
 
 from compress.evaluation.accuracy import evaluate_accuracy
 
-SAMPLE = 4 << 20  # bytes read from each end of a weight file for its fingerprint
-
 
 def fingerprint(spec: str) -> str:
-    """Identity of a model source, cheap at any size: config, safetensors headers (names, dtypes,
-    shapes), and each weight file's size plus its first and last 4 MiB. Not a tamper check."""
-    from compress.models import resolve
+    """The identity of a model source: the same hash `compress apply` records to resume
+    (compress.models.model_fingerprint), one definition for both."""
+    from compress.models import model_fingerprint, resolve
 
-    source = resolve(spec)
-    root = Path(source.path)
-    files = [root / source.gguf_file] if source.gguf_file else (
-        sorted(root.glob("config.json")) + sorted(root.glob("*.safetensors")) if root.is_dir()
-        else [])
-    if not files:
-        return hashlib.sha256(spec.encode()).hexdigest()[:16]  # a hub id not cached locally
-    digest = hashlib.sha256()
-    for file in files:
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}".encode())
-        with file.open("rb") as handle:
-            digest.update(handle.read(SAMPLE))
-            handle.seek(max(size - SAMPLE, 0))
-            digest.update(handle.read(SAMPLE))
-    return digest.hexdigest()[:16]
+    return model_fingerprint(resolve(spec))
 
 
 def machine() -> dict[str, Any]:

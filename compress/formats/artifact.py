@@ -25,11 +25,34 @@ from torch import nn
 
 from compress import __version__
 from compress.errors import CompressError, DiskFull, UsageError, disk_full
-from compress.formats import WeightFormat, codec
+from compress.formats import FIXED_DTYPE_TENSORS, WeightFormat, codec
 from compress.integrity import CHECKSUMS, write_checksums
 from compress.runtime.artifact import quantized_modules, structure
 
 WEIGHTS = "model.safetensors"
+SAVE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def saved_dtype(option: str, source_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype unquantized tensors (and INT scales) are saved in: `option` when given, else
+    ("auto") the source model's 16-bit dtype, bfloat16 when it has none (float32, GGUF)."""
+    if option not in SAVE_DTYPES:
+        raise UsageError(f"--save-dtype {option!r}: choose one of {', '.join(SAVE_DTYPES)}")
+    if option != "auto":
+        return getattr(torch, option)
+    return source_dtype if source_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def cast_for_save(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
+                  ) -> dict[str, torch.Tensor]:
+    """Floating tensors (float32/float16/bfloat16) in `dtype`, except those whose dtype the
+    format fixes (compress.formats.FIXED_DTYPE_TENSORS); codes and FP8/E8M0 scales untouched.
+    dtype None: unchanged (intermediate files of a multi-pass run keep full precision)."""
+    if dtype is None:
+        return tensors
+    wide = (torch.float32, torch.float16, torch.bfloat16)
+    return {name: t.to(dtype) if t.dtype in wide and t.dtype != dtype
+            and not name.endswith(FIXED_DTYPE_TENSORS) else t for name, t in tensors.items()}
 
 
 def check_output(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
@@ -96,7 +119,7 @@ def quantization_config_for(formats: dict[str, WeightFormat]) -> dict | None:
         groups.setdefault(fmt.name, (fmt, []))[1].append(name)
     if not groups:
         return None
-    format_names = {codec(fmt).FORMAT_NAME for fmt, _ in groups.values()}
+    format_names = {codec(fmt).format_name(fmt) for fmt, _ in groups.values()}
     config = {
         "quant_method": "compressed-tensors",
         "format": format_names.pop() if len(format_names) == 1 else "mixed-precision",
@@ -105,7 +128,7 @@ def quantization_config_for(formats: dict[str, WeightFormat]) -> dict | None:
             f"group_{i}": {"targets": [f"re:^{re.escape(n)}$" for n in names],
                            "weights": codec(fmt).scheme_args(fmt),
                            "input_activations": None, "output_activations": None,
-                           "format": codec(fmt).FORMAT_NAME}
+                           "format": codec(fmt).format_name(fmt)}
             for i, (fmt, names) in enumerate(groups.values())},
         "ignore": [],
         "kv_cache_scheme": None,
@@ -141,16 +164,19 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def write_weights(model: nn.Module, directory: Path, store=None) -> None:
-    """One model.safetensors; or, when a LayerStore wrote the layers as shards, the remaining
-    tensors as rest.safetensors plus the shard index transformers reads."""
+def write_weights(model: nn.Module, directory: Path, store=None,
+                  dtype: torch.dtype | None = None) -> None:
+    """One model.safetensors; or, when a LayerStore wrote the layers as shards (already in
+    `dtype`: see LayerStore.final_dtype), the remaining tensors as rest.safetensors plus the
+    shard index transformers reads. Floating tensors are saved in `dtype` (cast_for_save)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     if store is None:
-        save_file(state_tensors(model), str(directory / WEIGHTS), metadata={"format": "pt"})
+        save_file(cast_for_save(state_tensors(model), dtype), str(directory / WEIGHTS),
+                  metadata={"format": "pt"})
         return
-    rest = state_tensors(model, skip_prefix=store.layers_prefix + ".")
+    rest = cast_for_save(state_tensors(model, skip_prefix=store.layers_prefix + "."), dtype)
     tmp = directory / "rest.safetensors.tmp"  # a kill mid-write must not leave a truncated rest
     save_file(rest, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / "rest.safetensors")
@@ -165,9 +191,10 @@ def write_weights(model: nn.Module, directory: Path, store=None) -> None:
 
 def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
                   report: dict[str, Any], overwrite: bool = False, store=None,
-                  inputs: tuple[Path, ...] = ()) -> Path:
+                  inputs: tuple[Path, ...] = (), dtype: torch.dtype | None = None) -> Path:
     """Write the artifact into partial_dir(out), then rename it to out. With a LayerStore the
-    partial directory already holds the layer shards (and is kept for resume until here)."""
+    partial directory already holds the layer shards (and is kept for resume until here).
+    dtype: what floating tensors are saved in (None: as they are in memory)."""
     out = Path(out)
     check_output(out, overwrite, inputs)
     for hook in BEFORE_SAVE:
@@ -188,7 +215,9 @@ def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
             "structure": structure(model),
             "checksums": CHECKSUMS,
         }
-        write_weights(model, tmp, store)
+        if dtype is not None:
+            set_config_dtype(config, dtype)
+        write_weights(model, tmp, store, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -221,6 +250,14 @@ def _os_reason(exc: BaseException) -> str:
     if disk_full(exc):
         return "No space left on device"
     return getattr(exc, "strerror", None) or str(exc)
+
+
+def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
+    """config.json says the dtype the tensors are saved in (transformers loads in it)."""
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = name
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.formats import CODECS, QuantizedWeight, WeightFormat, grouped
+from compress.formats import Codec, GroupParams, QuantizedWeight, WeightFormat, register_codec
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 FP4_MAX = 6.0
@@ -61,51 +61,25 @@ def _round_pow2(x: torch.Tensor) -> torch.Tensor:
     return ((bits + (1 << 21)) & ~((1 << 23) - 1)).view(torch.float32)
 
 
-def group_params(w: torch.Tensor, fmt: WeightFormat, global_scale: torch.Tensor | None = None):
-    """Scale for groups along the last axis. w: [..., g] -> (scale [..., 1] float32, None).
-    NVFP4 scales are FP8-representable values (global scale included, as the library stores
-    them); MXFP4 scales are powers of two."""
-    absmax = w.float().abs().amax(dim=-1, keepdim=True)
-    if fmt.type == "nvfp4":
-        if global_scale is None:
-            raise ValueError("NVFP4 group scales need the tensor's global scale")
-        scale = global_scale.float() * (absmax / FP4_MAX)
-        scale = scale.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-        return torch.where(scale == 0, torch.full_like(scale, 0.125), scale), None
+def nvfp4_scales(absmax: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 group scales: FP8-representable values (global scale included, as the library
+    stores them); an all-zero group gets 0.125."""
+    scale = tensor_scale.float() * (absmax / FP4_MAX)
+    scale = scale.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return torch.where(scale == 0, torch.full_like(scale, 0.125), scale)
+
+
+def mxfp4_scales(absmax: torch.Tensor) -> torch.Tensor:
+    """MXFP4 group scales: powers of two 2^(e - 127), e an E8M0 exponent in [0, 255]."""
     exponent = 127 + torch.floor(torch.log2(_round_pow2(absmax))) - 2
     exponent = torch.round(exponent.clamp(0, 255))
-    return 2.00 ** (exponent - 127), None
+    return 2.00 ** (exponent - 127)
 
 
-def _effective(scale: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
-    return scale.float() if global_scale is None else scale.float() / global_scale.float()
-
-
-def encode(w: torch.Tensor, scale: torch.Tensor, zero=None, fmt: WeightFormat | None = None,
-           global_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """E2M1 codes (int8) of w on the grid given by scale (broadcast) and the global scale."""
-    return e2m1_codes(w.float() / _effective(scale, global_scale)).to(torch.int8)
-
-
-def decode(codes: torch.Tensor, scale: torch.Tensor, zero=None,
-           global_scale: torch.Tensor | None = None) -> torch.Tensor:
-    return e2m1_values(codes) * _effective(scale, global_scale)
-
-
-def quantize(w: torch.Tensor, fmt: WeightFormat,
-             global_scale_: torch.Tensor | None = None) -> QuantizedWeight:
-    """Round-to-nearest. w: [O, I] -> codes [O, I], scale [O, I/g] (+ global scale for NVFP4)."""
-    gs = (global_scale_ if global_scale_ is not None else global_scale(w)) \
-        if fmt.type == "nvfp4" else None
-    wg = grouped(w.float(), fmt.group_size)
-    scale, _ = group_params(wg, fmt, gs)
-    codes = encode(wg, scale, None, fmt, gs).reshape(w.shape)
-    return QuantizedWeight(fmt, codes, scale.squeeze(-1), None, gs)
-
-
-def dequantize(q: QuantizedWeight) -> torch.Tensor:
-    scale = q.scale.float().unsqueeze(-1)
-    return decode(grouped(q.codes, q.fmt.group_size), scale, None, q.global_scale).reshape(q.shape)
+def _effective(p: GroupParams) -> torch.Tensor:
+    """The real step of each group: scale / global scale (NVFP4) or scale."""
+    return p.scale.float() if p.tensor_scale is None else \
+        p.scale.float() / p.tensor_scale.float()
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -120,51 +94,68 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
         packed.shape[0], -1).to(torch.int8)
 
 
-def pack(q: QuantizedWeight, scale_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """compressed-tensors tensors; scale_dtype is ignored (FP4 formats fix their scale dtype)."""
-    out = {"weight_packed": pack_codes(q.codes)}
-    if q.fmt.type == "nvfp4":
-        out["weight_scale"] = q.scale.float().to(torch.float8_e4m3fn).contiguous()
-        out["weight_global_scale"] = q.global_scale.float().reshape(1).contiguous()
-    else:  # compressed_tensors.compress_mx_scale
-        out["weight_scale"] = (127 + torch.floor(torch.log2(q.scale.float()))).to(
-            torch.int32).to(torch.uint8).contiguous()
-    return out
+class Fp4Codec(Codec):
+    """E2M1 codes, two a byte; the group scales are what differs between NVFP4 and MXFP4."""
+
+    def encode(self, w, p: GroupParams) -> torch.Tensor:
+        return e2m1_codes(w.float() / _effective(p)).to(torch.int8)
+
+    def decode(self, codes, p: GroupParams) -> torch.Tensor:
+        return e2m1_values(codes) * _effective(p)
+
+    def scheme_args(self, fmt: WeightFormat) -> dict:
+        """The weights' QuantizationArgs of compressed-tensors' NVFP4A16 / MXFP4A16 presets."""
+        from compressed_tensors.quantization import quant_scheme
+
+        preset = getattr(quant_scheme, f"{fmt.type.upper()}A16")
+        return preset["weights"].model_dump(mode="json")
 
 
-def unpack(tensors: dict[str, torch.Tensor], fmt: WeightFormat) -> QuantizedWeight:
-    codes = unpack_codes(tensors["weight_packed"])
-    if fmt.type == "nvfp4":
-        return QuantizedWeight(fmt, codes, tensors["weight_scale"].float(), None,
+class Nvfp4Codec(Fp4Codec):
+    """NVFP4: groups of 16, FP8-E4M3 group scales, one FP32 global scale per tensor."""
+
+    name = "nvfp4"
+
+    def tensor_scale(self, w, fmt):
+        return global_scale(w)
+
+    def group_params(self, w, fmt, tensor_scale=None) -> GroupParams:
+        if tensor_scale is None:
+            raise ValueError("NVFP4 group scales need the tensor's global scale")
+        absmax = w.float().abs().amax(dim=-1, keepdim=True)
+        return GroupParams(fmt, nvfp4_scales(absmax, tensor_scale), None, tensor_scale)
+
+    def pack(self, q, scale_dtype=torch.float32):
+        """scale_dtype is ignored: NVFP4 stores FP8 scales and an FP32 global scale."""
+        return {"weight_packed": pack_codes(q.codes),
+                "weight_scale": q.scale.float().to(torch.float8_e4m3fn).contiguous(),
+                "weight_global_scale": q.global_scale.float().reshape(1).contiguous()}
+
+    def unpack(self, tensors, fmt):
+        return QuantizedWeight(fmt, unpack_codes(tensors["weight_packed"]),
+                               tensors["weight_scale"].float(), None,
                                tensors["weight_global_scale"].float())
-    scale = 2.0 ** (tensors["weight_scale"].to(torch.float32) - 127)
-    return QuantizedWeight(fmt, codes, scale)
 
 
-def scheme_args(fmt: WeightFormat) -> dict:
-    """The weights' QuantizationArgs of compressed-tensors' NVFP4A16 / MXFP4A16 presets."""
-    from compressed_tensors.quantization.quant_scheme import MXFP4A16, NVFP4A16
+class Mxfp4Codec(Fp4Codec):
+    """MXFP4: groups of 32, E8M0 (power-of-two) group scales."""
 
-    preset = NVFP4A16 if fmt.type == "nvfp4" else MXFP4A16
-    return preset["weights"].model_dump(mode="json")
+    name = "mxfp4"
 
+    def group_params(self, w, fmt, tensor_scale=None) -> GroupParams:
+        return GroupParams(fmt, mxfp4_scales(w.float().abs().amax(dim=-1, keepdim=True)))
 
-class _Fp4Codec:
-    """The codec interface of compress.formats for one FP4 format (same functions as intq)."""
+    def pack(self, q, scale_dtype=torch.float32):
+        """scale_dtype is ignored: the scales are stored as uint8 exponents
+        (compressed_tensors.compress_mx_scale)."""
+        exponent = 127 + torch.floor(torch.log2(q.scale.float()))
+        return {"weight_packed": pack_codes(q.codes),
+                "weight_scale": exponent.to(torch.int32).to(torch.uint8).contiguous()}
 
-    def __init__(self, format_name: str):
-        self.FORMAT_NAME = format_name
-
-    quantize = staticmethod(quantize)
-    dequantize = staticmethod(dequantize)
-    pack = staticmethod(pack)
-    unpack = staticmethod(unpack)
-    group_params = staticmethod(group_params)
-    encode = staticmethod(encode)
-    decode = staticmethod(decode)
-    scheme_args = staticmethod(scheme_args)
-    global_scale = staticmethod(global_scale)
+    def unpack(self, tensors, fmt):
+        scale = 2.0 ** (tensors["weight_scale"].to(torch.float32) - 127)
+        return QuantizedWeight(fmt, unpack_codes(tensors["weight_packed"]), scale)
 
 
-CODECS["nvfp4"] = _Fp4Codec("nvfp4-pack-quantized")
-CODECS["mxfp4"] = _Fp4Codec("mxfp4-pack-quantized")
+register_codec(Nvfp4Codec())
+register_codec(Mxfp4Codec())

@@ -9,18 +9,16 @@ The range always includes 0 so that zero weights stay exactly zero.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from compress.formats import CODECS, QuantizedWeight, WeightFormat, grouped
+from compress.formats import Codec, GroupParams, QuantizedWeight, WeightFormat, register_codec
 
 
 def int_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-def group_params(w: torch.Tensor, fmt: WeightFormat, global_scale=None):
+def group_params(w: torch.Tensor, fmt: WeightFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero for groups along the last axis. w: [..., g] -> scale, zero: [..., 1]."""
     qmin, qmax = int_range(fmt.bits)
     lo = w.amin(dim=-1, keepdim=True).clamp(max=0).float()
@@ -36,9 +34,9 @@ def group_params(w: torch.Tensor, fmt: WeightFormat, global_scale=None):
     return scale, zero
 
 
-def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: WeightFormat):
+def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int):
     """Round w to codes on the grid given by scale/zero (broadcast). Returns int8."""
-    qmin, qmax = int_range(fmt.bits)
+    qmin, qmax = int_range(bits)
     q = torch.round(w.float() / scale)
     if zero is not None:
         q = q + zero.float()
@@ -52,23 +50,7 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) 
     return q * scale.float()
 
 
-def quantize(w: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
-    """Round-to-nearest. w: [O, I] -> codes [O, I], scale/zero [O, I/g]."""
-    g = fmt.group_for(w.shape[1])
-    wg = grouped(w.float(), g)
-    scale, zero = group_params(wg, fmt)
-    codes = encode(wg, scale, zero, fmt).reshape(w.shape)
-    return QuantizedWeight(fmt, codes, scale.squeeze(-1),
-                           None if zero is None else zero.squeeze(-1))
-
-
-def dequantize(q: QuantizedWeight) -> torch.Tensor:
-    g = q.fmt.group_for(q.shape[1])
-    zero = None if q.zero is None else q.zero.unsqueeze(-1)
-    return decode(grouped(q.codes, g), q.scale.float().unsqueeze(-1), zero).reshape(q.shape)
-
-
-def pack(q: QuantizedWeight, scale_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def pack_int(q: QuantizedWeight, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """compressed-tensors "pack-quantized": codes packed 32/b per int32 along the input axis,
     zero points packed along the output axis."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
@@ -92,7 +74,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     return (values - (1 << (bits - 1))).to(torch.int8)
 
 
-def unpack(tensors: dict[str, torch.Tensor], fmt: WeightFormat) -> QuantizedWeight:
+def unpack_int(tensors: dict[str, torch.Tensor], fmt: WeightFormat) -> QuantizedWeight:
     out_features, in_features = tensors["weight_shape"].tolist()
     codes = unpack_int32(tensors["weight_packed"], fmt.bits, in_features)
     scale = tensors["weight_scale"]
@@ -102,13 +84,30 @@ def unpack(tensors: dict[str, torch.Tensor], fmt: WeightFormat) -> QuantizedWeig
     return QuantizedWeight(fmt, codes, scale, zero)
 
 
-def scheme_args(fmt: WeightFormat) -> dict:
-    """The compressed-tensors QuantizationArgs for `fmt`, as a dict."""
-    return {"num_bits": fmt.bits, "type": "int", "symmetric": fmt.symmetric,
-            "strategy": "group" if fmt.group_size else "channel",
-            "group_size": fmt.group_size, "dynamic": False, "observer": "minmax"}
+class IntCodec(Codec):
+    """Group-wise INT4 / INT8, symmetric or with zero points ("pack-quantized")."""
+
+    name = "int"
+
+    def group_params(self, w, fmt, tensor_scale=None) -> GroupParams:
+        return GroupParams(fmt, *group_params(w, fmt))
+
+    def encode(self, w, p: GroupParams) -> torch.Tensor:
+        return encode(w, p.scale, p.zero, p.fmt.bits)
+
+    def decode(self, codes, p: GroupParams) -> torch.Tensor:
+        return decode(codes, p.scale, p.zero)
+
+    def pack(self, q, scale_dtype=torch.float32):
+        return pack_int(q, scale_dtype)
+
+    def unpack(self, tensors, fmt):
+        return unpack_int(tensors, fmt)
+
+    def scheme_args(self, fmt: WeightFormat) -> dict:
+        return {"num_bits": fmt.bits, "type": "int", "symmetric": fmt.symmetric,
+                "strategy": "group" if fmt.group_size else "channel",
+                "group_size": fmt.group_size, "dynamic": False, "observer": "minmax"}
 
 
-FORMAT_NAME = "pack-quantized"
-
-CODECS["int"] = sys.modules[__name__]
+register_codec(IntCodec())

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from compress.formats import FORMATS as FORMAT_TABLE
 from compress.kernels import _common as C
 from compress.kernels._common import mac_tile, store_tile
 from compress.kernels.decode import FMT_MXFP4, FMT_NVFP4, words_matmul
@@ -115,20 +116,21 @@ def _fp4_dequant_kernel(w_ptr, s_ptr, lut_ptr, gs_ptr, out_ptr, N, K, G, GROUP,
 # ---------------------------------------------------------------------------------------------
 # Host wrapper
 
-FORMATS = {"nvfp4": 16, "mxfp4": 32}  # format -> group size
+# format -> group size, from the one format table
+FORMATS = {name: row.group_size for name, row in FORMAT_TABLE.items() if row.kernel == "fp4"}
 
 
 def _check_fp4(fmt, packed, scale, global_scale, n, k):
-    C.check(fmt in FORMATS, f"unknown FP4 format {fmt!r}; use nvfp4 or mxfp4")
+    C.check(fmt in FORMATS, f"unknown FP4 format {fmt!r}; use {' or '.join(FORMATS)}")
     group = FORMATS[fmt]
     C.check(k % group == 0, f"{fmt} needs in_features divisible by {group}, got {k}")
     C.check(packed.dtype == torch.uint8 and packed.shape == (n, k // 2),
             f"weight_packed must be uint8 [{n}, {k // 2}], got {packed.dtype} {list(packed.shape)}")
-    want = torch.float8_e4m3fn if fmt == "nvfp4" else torch.uint8
+    want = FORMAT_TABLE[fmt].stored_scale_dtype(torch.float32)
     C.check(scale.dtype == want and scale.shape == (n, k // group),
             f"{fmt} weight_scale must be {want} [{n}, {k // group}], got {scale.dtype} "
             f"{list(scale.shape)}")
-    if fmt == "nvfp4":
+    if FORMAT_TABLE[fmt].tensor_scale:
         C.check(global_scale is not None and global_scale.numel() == 1,
                 "nvfp4 needs weight_global_scale (float32 [1])")
     C.check(packed.is_contiguous() and scale.is_contiguous(), "FP4 tensors must be contiguous")

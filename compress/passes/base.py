@@ -84,6 +84,7 @@ class Context:
     store: "LayerStore | None" = None        # set when layers stream from/to disk
     run: "Run | None" = None                 # set when the run can resume
     pass_index: int = 0
+    save_dtype: "torch.dtype | None" = None  # what the artifact stores unquantized tensors in
     current_layer: str = ""                  # the decoder layer a pass is working on (errors)
     _calib_ids: "torch.Tensor | None" = None
 

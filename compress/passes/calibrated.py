@@ -123,7 +123,9 @@ def _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks) 
     batches: dict[tuple, list[str]] = {}
     for n in names:
         plan = local[n]
-        stackable = plan.method == "gptq" and plan.fmt.type != "nvfp4" and plan.mask is None
+        # (a format with a per-tensor scale would share it across the stacked modules)
+        stackable = plan.method == "gptq" and not plan.fmt.row.tensor_scale \
+            and plan.mask is None
         key = ("stack", plan.fmt) if stackable else ("one", n)
         batches.setdefault(key, []).append(n)
     # NVFP4 global scales of the fused group, from its weights before any member is replaced
@@ -154,11 +156,11 @@ def _fused_global_scale(step, group, local, plan):
     """NVFP4: one global scale for every targeted NVFP4 member of a group that serving
     runtimes fuse into one matrix (q/k/v, gate/up): vLLM keeps one per fused matrix, so
     separate scales would not survive loading. None for other formats."""
-    if plan.fmt.type != "nvfp4":
+    if not plan.fmt.row.tensor_scale:
         return None
     members = [n for n in group if n in local and local[n].fmt == plan.fmt]
     W = torch.cat([step.layer.get_submodule(n).weight.data for n in members])
-    return codec(plan.fmt).global_scale(W)
+    return codec(plan.fmt).tensor_scale(W, plan.fmt)
 
 
 def _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fallbacks, global_scale=None):

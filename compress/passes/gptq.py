@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.formats import QuantizedWeight, WeightFormat, codec
+from compress.formats import GroupParams, QuantizedWeight, WeightFormat, codec
 from compress.hessian import inverse_cholesky, prepare_hessian
 from compress.passes import qparams
 
@@ -24,12 +24,12 @@ class GptqInfo:
     act_order: bool
 
 
-def _static_params(w: torch.Tensor, fmt: WeightFormat, g: int, gs, importance: torch.Tensor,
-                   search: qparams.ScaleSearch):
+def _static_params(w: torch.Tensor, fmt: WeightFormat, g: int, tensor_scale,
+                   importance: torch.Tensor, search: qparams.ScaleSearch) -> GroupParams:
     """Group parameters of the whole matrix up front ("static groups"). w: [O, I],
-    importance: [I] -> scale, zero [O, I/g, 1]."""
+    importance: [I] -> params [O, I/g, 1]."""
     wg = w.reshape(w.shape[0], -1, g)
-    return qparams.group_params(wg, fmt, gs, importance.reshape(-1, g), search)
+    return qparams.group_params(wg, fmt, tensor_scale, importance.reshape(-1, g), search)
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_size: int = 128,
@@ -54,16 +54,14 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
     c = codec(fmt)
     out_features, in_features = w.shape
     g = fmt.group_for(in_features)
-    gs = None
-    if fmt.type == "nvfp4":       # from the whole tensor (or the fused group) first
-        gs = global_scale if global_scale is not None else c.global_scale(w)
-    gs_kw = {"global_scale": gs} if gs is not None else {}
+    # from the whole tensor (or the fused group) first; None for formats without one
+    tensor_scale = global_scale if global_scale is not None else c.tensor_scale(w, fmt)
     H, W = prepare_hessian(H.float(), w.float())
     if mask is not None:
         mask = mask.to(torch.bool)
         W = W * mask
     importance = torch.diag(H)     # mean squared input of each column (before damping)
-    static = _static_params(W, fmt, g, gs, importance, scale_search) \
+    static = _static_params(W, fmt, g, tensor_scale, importance, scale_search) \
         if act_order or static_groups else None
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     U, used = inverse_cholesky(H if perm is None else H[perm][:, perm], damp, name=name)
@@ -76,33 +74,34 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
         group_of = group_of[perm]           # column k in processing order is in this group
     codes_t = torch.empty(in_features, out_features, dtype=torch.int8, device=W.device)
     if static is not None:
-        scales, zeros = static[0][..., 0].float(), None if static[1] is None else static[1][..., 0]
+        scales, zeros = static.scale[..., 0].float(), None if static.zero is None else \
+            static.zero[..., 0]
     else:
         scales = torch.empty(out_features, in_features // g, device=W.device)
         zeros = None if fmt.symmetric else torch.empty_like(scales, dtype=torch.int8)
-    scale = zero = None
+    p = None
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         W1, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
         if static is not None:   # parameters of every column of the block, gathered once
-            scale_b = scales.T[group_of[i1:i2]]
-            zero_b = None if zeros is None else zeros.T[group_of[i1:i2]]
+            columns = group_of[i1:i2]
+            block_p = GroupParams(fmt, scales, zeros, tensor_scale).map(
+                lambda t, columns=columns: t.T[columns])
         for i in range(i2 - i1):
             if static is not None:
-                scale, zero = scale_b[i], None if zero_b is None else zero_b[i]
+                p = block_p.map(lambda t, i=i: t[i])
             elif (i1 + i) % g == 0:   # first column of a group: parameters from the updated W
                 ahead = W1[i:i + g] if i + g <= i2 - i1 else torch.cat([W1[i:], Wt[i2:]])[:g]
                 col = i1 + i            # natural order here: act_order implies static
-                scale, zero = qparams.group_params(ahead.T, fmt, gs,
-                                                   importance[col:col + g], scale_search)
-                scales[:, (i1 + i) // g] = scale[:, 0]
+                p = qparams.group_params(ahead.T, fmt, tensor_scale, importance[col:col + g],
+                                         scale_search).map(lambda t: t[:, 0])  # [O]
+                scales[:, (i1 + i) // g] = p.scale
                 if zeros is not None:
-                    zeros[:, (i1 + i) // g] = zero[:, 0]
-                scale, zero = scale[:, 0], None if zero is None else zero[:, 0].float()
-            q = c.encode(W1[i], scale, zero, fmt, **gs_kw)
+                    zeros[:, (i1 + i) // g] = p.zero
+            q = c.encode(W1[i], p)
             codes_t[i1 + i] = q
-            err = torch.div(W1[i] - c.decode(q, scale, zero, **gs_kw), U1[i, i], out=Err1[i])
+            err = torch.div(W1[i] - c.decode(q, p), U1[i, i], out=Err1[i])
             W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)  # W[:, i:] -= err * Hinv[i, i:]
             if keep_t is not None:
                 W1[i + 1:] *= keep_t[i1 + i + 1:i2]          # kept zeros stay zero
@@ -110,4 +109,5 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
         if keep_t is not None:
             Wt[i2:] *= keep_t[i2:]
     codes = codes_t.T if perm is None else codes_t[torch.argsort(perm)].T
-    return QuantizedWeight(fmt, codes.contiguous(), scales, zeros, gs), GptqInfo(used, act_order)
+    return QuantizedWeight(fmt, codes.contiguous(), scales, zeros, tensor_scale), \
+        GptqInfo(used, act_order)

@@ -16,11 +16,12 @@ for NVFP4, powers of two for MXFP4) because the codec rounds it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
 
-from compress.formats import WeightFormat, codec
+from compress.formats import GroupParams, WeightFormat, codec
 
 ScaleSearch = Literal["minmax", "mse"]
 
@@ -28,42 +29,43 @@ ScaleSearch = Literal["minmax", "mse"]
 MSE_GRID = tuple(1.0 - 0.02 * k for k in range(21))
 
 
-def quant_error(w: torch.Tensor, scale, zero, fmt: WeightFormat, global_scale=None,
+def quant_error(w: torch.Tensor, p: GroupParams,
                 importance: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-group (optionally weighted) squared rounding error. w: [..., g] -> [..., 1]."""
-    c = codec(fmt)
-    kw = {"global_scale": global_scale} if global_scale is not None else {}
-    dq = c.decode(c.encode(w, scale, zero, fmt, **kw), scale, zero, **kw)
-    err = (w.float() - dq).pow(2)
+    """Per-group (optionally weighted) squared rounding error on the grid p. w: [..., g] ->
+    [..., 1]."""
+    c = codec(p.fmt)
+    err = (w.float() - c.decode(c.encode(w, p), p)).pow(2)
     if importance is not None:
         err = err * importance
     return err.sum(dim=-1, keepdim=True)
 
 
-def mse_scale_search(w: torch.Tensor, fmt: WeightFormat, global_scale=None,
-                     importance: torch.Tensor | None = None, grid=MSE_GRID):
-    """Per-group scale (and zero) minimizing the (weighted) rounding error over shrink factors.
+def _pick(better: torch.Tensor, new: GroupParams, best: GroupParams) -> GroupParams:
+    return replace(best, scale=torch.where(better, new.scale, best.scale),
+                   zero=None if best.zero is None else torch.where(better, new.zero, best.zero))
+
+
+def mse_scale_search(w: torch.Tensor, fmt: WeightFormat, tensor_scale=None,
+                     importance: torch.Tensor | None = None, grid=MSE_GRID) -> GroupParams:
+    """Per-group grid minimizing the (weighted) rounding error over shrink factors.
     w: [..., g]; importance: broadcastable to w (e.g. [g] = diag(H) of the group's columns).
-    Returns scale, zero shaped like the codec's group_params: [..., 1]."""
+    Returns params shaped like the codec's group_params: [..., 1]."""
     c = codec(fmt)
-    kw = {"global_scale": global_scale} if global_scale is not None else {}
-    best_scale, best_zero = c.group_params(w, fmt, **kw)
-    best_err = quant_error(w, best_scale, best_zero, fmt, global_scale, importance)
-    for p in grid[1:]:
-        scale, zero = c.group_params(w * p, fmt, **kw)
-        err = quant_error(w, scale, zero, fmt, global_scale, importance)
+    best = c.group_params(w, fmt, tensor_scale)
+    best_err = quant_error(w, best, importance)
+    for shrink in grid[1:]:
+        candidate = c.group_params(w * shrink, fmt, tensor_scale)
+        err = quant_error(w, candidate, importance)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        if zero is not None:
-            best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+        best = _pick(better, candidate, best)
+    return best
 
 
-def group_params(w: torch.Tensor, fmt: WeightFormat, global_scale=None,
-                 importance: torch.Tensor | None = None, search: ScaleSearch = "minmax"):
-    """Scale and zero of groups along the last axis, by min-max or by the "mse" search."""
+def group_params(w: torch.Tensor, fmt: WeightFormat, tensor_scale=None,
+                 importance: torch.Tensor | None = None,
+                 search: ScaleSearch = "minmax") -> GroupParams:
+    """The grid of groups along the last axis, by min-max or by the "mse" search."""
     if search == "mse":
-        return mse_scale_search(w, fmt, global_scale, importance)
-    kw = {"global_scale": global_scale} if global_scale is not None else {}
-    return codec(fmt).group_params(w, fmt, **kw)
+        return mse_scale_search(w, fmt, tensor_scale, importance)
+    return codec(fmt).group_params(w, fmt, tensor_scale)

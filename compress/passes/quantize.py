@@ -17,17 +17,10 @@ from torch import nn
 
 from compress.calib import check_finite
 from compress.errors import UsageError
-from compress.formats import WeightFormat, codec
+from compress.formats import FORMATS, FormatName, WeightFormat, codec
 from compress.models import layers_path
 from compress.passes.base import Context, PassConfig, PassReport, register
 from compress.runtime.modules import QuantizedLinear, set_module
-
-FORMATS = {
-    "int4": dict(type="int", bits=4),
-    "int8": dict(type="int", bits=8),
-    "nvfp4": dict(type="nvfp4", group_size=16),
-    "mxfp4": dict(type="mxfp4", group_size=32),
-}
 
 
 class QuantizeOverride(BaseModel):
@@ -36,7 +29,7 @@ class QuantizeOverride(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     targets: list[str] = Field(min_length=1)
-    format: Literal["int4", "int8", "nvfp4", "mxfp4"] | None = None
+    format: FormatName | None = None
     group_size: int | None = None
     symmetric: bool | None = None
     method: Literal["rtn", "gptq"] | None = None
@@ -53,7 +46,7 @@ class QuantizeConfig(PassConfig):
     layerwise: ClassVar[bool] = True
 
     kind: Literal["quantize"] = Field("quantize", alias="pass")
-    format: Literal["int4", "int8", "nvfp4", "mxfp4"] = "int4"
+    format: FormatName = "int4"
     group_size: int | None = 128
     symmetric: bool = True
     method: Literal["rtn", "gptq"] = "rtn"
@@ -89,11 +82,11 @@ class QuantizeConfig(PassConfig):
         return self
 
     def weight_format(self, group_size: int | None | Literal["default"] = "default") -> WeightFormat:
-        spec = dict(FORMATS[self.format])
-        if self.format.startswith("int"):
-            spec["group_size"] = self.group_size if group_size == "default" else group_size
-            spec["symmetric"] = self.symmetric
-        return WeightFormat(**spec)
+        row = FORMATS[self.format]
+        if row.group_size:  # fixed by the format
+            return WeightFormat(type=row.codec, bits=row.bits, group_size=row.group_size)
+        return WeightFormat(type=row.codec, bits=row.bits, symmetric=self.symmetric,
+                            group_size=self.group_size if group_size == "default" else group_size)
 
     def for_override(self, override: QuantizeOverride) -> "QuantizeConfig":
         """This config with the override's given fields in place (and no overrides)."""
@@ -159,7 +152,7 @@ def format_for(name: str, weight: torch.Tensor, cfg: QuantizeConfig) -> tuple[We
     fmt = cfg.weight_format()
     in_features = weight.shape[1]
     if fmt.group_size and in_features % fmt.group_size:
-        if cfg.indivisible == "per_channel" and fmt.type == "int":
+        if cfg.indivisible == "per_channel" and not fmt.row.group_size:  # recipe-chosen groups
             return cfg.weight_format(group_size=None), "per-channel (group size does not divide)"
         raise UsageError(f"{name}: input size {in_features} is not divisible by group_size "
                          f"{fmt.group_size}; choose a group size that divides it, ignore the "

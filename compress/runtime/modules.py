@@ -143,7 +143,7 @@ def kernel_unavailable(x: torch.Tensor) -> str | None:
 def kernel_key(module: nn.Module, layout: str = "dense") -> str:
     """Which kernel a module's storage needs: int4, int8, nvfp4, mxfp4, 2:4-16bit, 2:4-int4, ..."""
     fmt = getattr(module, "fmt", None)
-    name = "16bit" if fmt is None else (f"int{fmt.bits}" if fmt.type == "int" else fmt.type)
+    name = "16bit" if fmt is None else fmt.row.name
     return name if layout == "dense" else f"{layout}-{name}"
 
 
@@ -157,7 +157,7 @@ def _run_kernel(module: nn.Module, x: torch.Tensor, layout: str, path: str) -> t
 
         kind = "16bit" if fmt is None else fmt.type
         return sparse24_matmul(x, kind, t, shape, fmt.bits if fmt else 4, bias, path)
-    if fmt.type == "int":
+    if fmt.row.kernel == "int":
         from compress.kernels.w4a16 import int_matmul
 
         return int_matmul(x, t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"),

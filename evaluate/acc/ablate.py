@@ -45,13 +45,11 @@ VARIANTS = {
 
 def rtn(W, H, fmt, scale_search="minmax", global_scale=None):
     c = codec(fmt)
-    gs = (global_scale if global_scale is not None else c.global_scale(W)) \
-        if fmt.type == "nvfp4" else None
+    gs = global_scale if global_scale is not None else c.tensor_scale(W, fmt)
     g = fmt.group_for(W.shape[1])
     wg = W.float().reshape(W.shape[0], -1, g)
-    scale, zero = qparams.group_params(wg, fmt, gs, torch.diag(H).reshape(-1, g), scale_search)
-    kw = {"global_scale": gs} if gs is not None else {}
-    return c.decode(c.encode(wg, scale, zero, fmt, **kw), scale, zero, **kw).reshape(W.shape)
+    p = qparams.group_params(wg, fmt, gs, torch.diag(H).reshape(-1, g), scale_search)
+    return c.decode(c.encode(wg, p), p).reshape(W.shape)
 
 
 def rel_error(W, Q, H) -> float:
@@ -83,8 +81,8 @@ def main() -> None:
                 qs = []
                 for W in mats:   # each module on its own (its own NVFP4 global scale) ...
                     gs = None
-                    if args.fused_global_scale and fmt.type == "nvfp4":
-                        gs = codec(fmt).global_scale(torch.cat(mats))
+                    if args.fused_global_scale:
+                        gs = codec(fmt).tensor_scale(torch.cat(mats), fmt)
                     if VARIANTS[v] is None:
                         qs.append(rtn(W, H_cal, fmt, "minmax" if v.endswith("minmax") else "mse",
                                       gs))
