@@ -8,6 +8,18 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Without a GPU the kernels run under Triton's interpreter, which must be on before any test
+# module imports a kernel (triton.jit reads it when a kernel is decorated). tests/gpu is
+# collected before tests/kernels and imports the kernels too, so it is set here, first; on a
+# GPU machine tests/gpu runs on its own (tests/gpu/README.md).
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
