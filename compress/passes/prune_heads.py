@@ -56,6 +56,8 @@ class PruneHeadsConfig(PassConfig):
                the layer's KV heads (unit query)
     """
 
+    needs_family: ClassVar[bool] = True   # the attention/MLP layout of the Arch table
+
     kind: Literal["prune_heads"] = Field("prune_heads", alias="pass")
     scorer: Literal["output_norm", "ablation", "random"] = "output_norm"
     unit: Literal["kv_group", "query"] = "kv_group"
