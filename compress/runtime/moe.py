@@ -23,18 +23,28 @@ from compress.errors import CompressError
 Layout = Literal["gate_up", "gate_up_t"]   # [E, 2F, D] and [E, D, 2F] (Llama 4 style)
 
 
-class ExpertMLP(nn.Module):
-    """One expert: down(act(gate(x)) * up(x))."""
+DEFAULT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
-    def __init__(self, hidden: int, inner: int, act_fn: nn.Module, dtype=None, device=None):
+
+class ExpertMLP(nn.Module):
+    """One expert: down(act(gate(x)) * up(x)). `names`: what the family's checkpoints call
+    gate, up and down (Mixtral: w1, w3, w2), so the artifact's tensor names are theirs."""
+
+    def __init__(self, hidden: int, inner: int, act_fn: nn.Module, names=DEFAULT_NAMES,
+                 dtype=None, device=None):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False, dtype=dtype, device=device)
-        self.up_proj = nn.Linear(hidden, inner, bias=False, dtype=dtype, device=device)
-        self.down_proj = nn.Linear(inner, hidden, bias=False, dtype=dtype, device=device)
+        self.names = tuple(names)
+        for name, (i, o) in zip(self.names, [(hidden, inner), (hidden, inner), (inner, hidden)]):
+            setattr(self, name, nn.Linear(i, o, bias=False, dtype=dtype, device=device))
         self.act_fn = act_fn
 
+    def projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """(gate, up, down), whatever their names."""
+        return tuple(getattr(self, name) for name in self.names)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up, down = self.projections()
+        return down(self.act_fn(gate(x)) * up(x))
 
 
 class ExpertMLPs(nn.ModuleList):
@@ -67,7 +77,31 @@ def fused_layout(module: nn.Module, hidden: int) -> Layout | None:
     return None
 
 
-def unfused(module: nn.Module, layout: Layout) -> ExpertMLPs:
+def checkpoint_names(model_type: str) -> tuple[str, str, str]:
+    """What the family's checkpoints call each expert's gate, up and down projections, read
+    from transformers' own checkpoint conversion table (the per-expert tensors it fuses on
+    load); gate_proj, up_proj, down_proj when it has none."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        conversions = get_checkpoint_conversion_mapping(model_type) or []
+    except ImportError:   # a transformers without the table
+        return DEFAULT_NAMES
+    found = {}
+    for conversion in conversions:
+        targets = getattr(conversion, "target_patterns", None) or []
+        sources = getattr(conversion, "source_patterns", None) or []
+        leaf = [p.split("*.", 1)[-1].removesuffix(".weight") for p in sources if "*." in p]
+        if any(t.endswith("experts.gate_up_proj") for t in targets) and len(leaf) == 2:
+            found["gate"], found["up"] = leaf
+        if any(t.endswith("experts.down_proj") for t in targets) and len(leaf) == 1:
+            found["down"] = leaf[0]
+    if len(found) != 3:
+        return DEFAULT_NAMES
+    return found["gate"], found["up"], found["down"]
+
+
+def unfused(module: nn.Module, layout: Layout, names=DEFAULT_NAMES) -> ExpertMLPs:
     """ExpertMLPs holding the weights of a fused experts module (gate rows first, then up)."""
     gate_up, down = module.gate_up_proj.data, module.down_proj.data
     if layout == "gate_up_t":
@@ -75,13 +109,14 @@ def unfused(module: nn.Module, layout: Layout) -> ExpertMLPs:
     experts, inner2, hidden = gate_up.shape
     inner = inner2 // 2
     act = module.act_fn
-    result = ExpertMLPs([ExpertMLP(hidden, inner, act, gate_up.dtype, gate_up.device)
+    result = ExpertMLPs([ExpertMLP(hidden, inner, act, names, gate_up.dtype, gate_up.device)
                          for _ in range(experts)])
     if gate_up.device.type != "meta":
         for e, expert in enumerate(result):
-            expert.gate_proj.weight.data.copy_(gate_up[e, :inner])
-            expert.up_proj.weight.data.copy_(gate_up[e, inner:])
-            expert.down_proj.weight.data.copy_(down[e])
+            gate, up, down_proj = expert.projections()
+            gate.weight.data.copy_(gate_up[e, :inner])
+            up.weight.data.copy_(gate_up[e, inner:])
+            down_proj.weight.data.copy_(down[e])
     return result
 
 
@@ -111,17 +146,20 @@ def fused_experts(model: nn.Module) -> dict[str, Layout]:
     return found
 
 
-def unfuse_experts(model: nn.Module, check: bool = True) -> dict[str, Layout]:
+def unfuse_experts(model: nn.Module, check: bool = True) -> dict[str, dict]:
     """Replace every fused experts module by ExpertMLPs (same weights, same function; checked
-    on random input unless the weights are on the meta device). Returns what it unfused."""
+    on random input unless the weights are on the meta device). Returns what it unfused:
+    {module name: {"layout": ..., "names": [gate, up, down]}} (structure["experts"])."""
     from compress.runtime.modules import get_module, set_module
 
-    found = fused_experts(model)
-    for name, layout in found.items():
+    names = checkpoint_names(model.config.model_type)
+    found = {}
+    for name, layout in fused_experts(model).items():
         fused = get_module(model, name)
-        experts = unfused(fused, layout)
+        experts = unfused(fused, layout, names)
+        found[name] = {"layout": layout, "names": list(names)}
         if check and fused.gate_up_proj.device.type != "meta" and not same_function(
-                fused, experts, experts[0].gate_proj.in_features):
+                fused, experts, fused.gate_up_proj.shape[2 if layout == "gate_up" else 1]):
             raise CompressError(f"{name}: the fused experts of {type(fused).__name__} do not "
                                 "compute act(gate) * up -> down with gate rows first; "
                                 "compress cannot split them into per-expert Linears")
@@ -129,9 +167,10 @@ def unfuse_experts(model: nn.Module, check: bool = True) -> dict[str, Layout]:
     return found
 
 
-def load_experts(model: nn.Module, record: dict[str, str]) -> None:
+def load_experts(model: nn.Module, record: dict[str, dict]) -> None:
     """structure["experts"] loader: unfuse the same blocks of a freshly built model."""
     from compress.runtime.modules import get_module, set_module
 
-    for name, layout in record.items():
-        set_module(model, name, unfused(get_module(model, name), layout))
+    for name, entry in record.items():
+        set_module(model, name, unfused(get_module(model, name), entry["layout"],
+                                        entry["names"]))
