@@ -189,3 +189,10 @@ def test_family_layout_passes_refuse_an_unknown_family_in_one_line(tokenizer, tm
         apply(tiny("olmo2"), tokenizer, tmp_path / "a",
               {"pass": "prune_heads", "uniform": 1}, {"pass": "quantize"})
     assert not (tmp_path / "a").exists()
+
+
+def test_readme_support_table_is_the_generated_one():
+    from compress.support import table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert table() in readme

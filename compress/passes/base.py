@@ -51,6 +51,12 @@ class PassConfig(BaseModel):
         may be on the meta device: use names and shapes only)."""
         return [f"{self.kind}: whole model" + ("" if self.layerwise else " (held in memory)")]
 
+    @classmethod
+    def family_problem(cls, arch: "Arch") -> str | None:
+        """Why this pass refuses a model family with a table row, or None (the support table
+        in the README is generated from this; see compress/support.py)."""
+        return None
+
     def needs_calibration(self) -> bool:
         """Whether the pass reads calibration data (for time estimates)."""
         return True

@@ -38,6 +38,14 @@ class RMSNormConfig(PassConfig):
 
     needs_family: ClassVar[bool] = True   # the attention/MLP layout of the Arch table
 
+    @classmethod
+    def family_problem(cls, arch: Arch) -> str | None:
+        try:
+            resolve_mode(arch, "auto")
+        except UsageError as exc:
+            return str(exc)
+        return None
+
     kind: Literal["rmsnorm"] = Field("rmsnorm", alias="pass")
     mode: Literal["auto", "rmsnorm", "crmsnorm", "fold"] = "auto"
     untie: bool = False
