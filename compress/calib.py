@@ -338,8 +338,6 @@ class Calibrator:
         return self.device if need < free / 3 else torch.device("cpu")
 
     def _capture(self, layers: nn.ModuleList, store: torch.device) -> tuple[list, list]:
-        from transformers.cache_utils import Cache
-
         """Layer 0's hidden-state inputs per batch, and the other arguments EACH layer receives
         per batch: families give layers of different types different arguments (Gemma 3:
         sliding-window vs global masks and rotary tables), so each layer is replayed with its
