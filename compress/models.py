@@ -197,7 +197,7 @@ def find_layers(model) -> str:
     """The full name of the decoder layers' ModuleList: the longest ModuleList whose children
     are all of a class the model names in _no_split_modules (its repeated block), else the
     longest ModuleList of one class holding Linear layers."""
-    import torch.nn as nn
+    from torch import nn
 
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     lists = [(name, m) for name, m in model.named_modules()

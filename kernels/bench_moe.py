@@ -23,10 +23,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_e2e import FORMATS, compress_linears, restore   # noqa: E402
+from bench_e2e import FORMATS, compress_linears, restore
 
-from compress.evaluation.bench import measure_speed   # noqa: E402
-from compress.runtime.moe import fused_experts, unfuse_experts   # noqa: E402
+from compress.evaluation.bench import measure_speed
+from compress.runtime.moe import fused_experts, unfuse_experts
 
 QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                      num_experts=128, num_experts_per_tok=8, num_attention_heads=32,
@@ -89,8 +89,7 @@ def main() -> None:
     header = {"gpu": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
               "config": kwargs, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
     with open(args.log, "a") as log:
-        for speed in runs.values():
-            log.write(json.dumps({**header, **speed.__dict__}) + "\n")
+        log.writelines(json.dumps({**header, **speed.__dict__}) + "\n" for speed in runs.values())
     print(f"\nQwen3-MoE shapes ({kwargs['num_hidden_layers']} layers, {kwargs['num_experts']} "
           f"experts, top-{kwargs['num_experts_per_tok']}), {gpu}, torch {torch.__version__}")
     print("| weights | decode tok/s (batch 1) | prefill tok/s | peak MB | method |")

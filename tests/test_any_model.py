@@ -79,7 +79,7 @@ def test_layers_and_embeddings_found_in_the_model():
 def test_calibrator_replays_each_layer_with_its_own_arguments(tokenizer):
     """Layer i's calibration inputs are the model's own hidden states before layer i: Gemma 3's
     global layer 1 is replayed with its own mask and rotary table, not the sliding layer 0's."""
-    from compress.calib import Calibrator, calibration_windows, CalibrationConfig
+    from compress.calib import CalibrationConfig, Calibrator, calibration_windows
     from compress.models import arch_for
 
     model = tiny("gemma3_text")

@@ -108,7 +108,9 @@ def mappings(arch, config) -> tuple[list[Mapping], list[str]]:
     """Where scales can be folded for this architecture, and why others cannot."""
     skipped = []
     if not arch.known:
-        return [], [f"{arch.name}: no table entry (mappings are inferred per layer)"]
+        why = (f"{arch.name}: no table entry; only norm -> linears mappings are inferred "
+               "(found in each layer, checked to fold exactly)")
+        return [], [why]
     if arch.placement != "pre" or arch.conv1d:
         return [], [f"{arch.name}: only pre-norm nn.Linear models are supported"]
     groups = arch.linear_groups()

@@ -71,9 +71,7 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
         mappings = {n["awq_prev"]: n for n in awq_notes.values()}
         report.summary["awq"] = {
             "mappings": len(mappings),
-            "not_foldable": awq.mappings(ctx.arch, ctx.model.config)[1] if ctx.arch.known
-            else [f"{ctx.arch.name}: no table entry; only norm -> linears mappings are "
-                  "inferred (found in the layer, checked to fold exactly)"],
+            "not_foldable": awq.mappings(ctx.arch, ctx.model.config)[1],
             "mean_alpha": sum(n["awq_alpha"] for n in mappings.values()) / max(len(mappings), 1),
             # summed over mappings: output error of plain quantization vs with the scales
             "output_error_plain": sum(n["awq_error_plain"] for n in mappings.values()),
