@@ -188,7 +188,7 @@ def test_awq_infers_norm_mappings_only_where_they_fold(tokenizer, tmp_path):
 def test_family_layout_passes_refuse_an_unknown_family_in_one_line(tokenizer, tmp_path):
     with pytest.raises(UsageError, match=r"^prune_heads needs the attention/MLP layout .*'olmo2'"):
         apply(tiny("olmo2"), tokenizer, tmp_path / "a",
-              {"pass": "prune_heads", "uniform": 1}, {"pass": "quantize"})
+              {"pass": "prune_heads", "uniform": 1}, {"pass": "quantize", "group_size": 32})
     assert not (tmp_path / "a").exists()
 
 
