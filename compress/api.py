@@ -37,7 +37,7 @@ def apply(model: str | nn.Module, recipe: str | Path | Recipe | Sequence[PassCon
     to `output` and return its report. `options` are `compress apply`'s: overwrite, device,
     dtype (compute), save_dtype (artifact), strict, restart, trust_remote_code, allow_pickle."""
     from compress.formats.artifact import check_output
-    from compress.models import Loaded, arch_for
+    from compress.models import Loaded, arch_for, split_experts
     from compress.pipeline import apply_recipe
 
     parsed = as_recipe(recipe)   # errors here, before any model loads
@@ -53,5 +53,6 @@ def apply(model: str | nn.Module, recipe: str | Path | Recipe | Sequence[PassCon
         if not hasattr(model, "config"):
             raise UsageError("compress.apply needs a transformers model (with .config) or a "
                              "model source string")
+        split_experts(model)   # fused MoE experts -> per-expert Linears, in place
         model = Loaded(model, tokenizer, arch_for(model.config), None)
     return apply_recipe(parsed, model, Path(output), **options)

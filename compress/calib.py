@@ -234,6 +234,49 @@ class LayerStep:
         outputs = self.run({name: hook(entry) for name, entry in stats.items()}, keep_outputs)
         return stats, outputs
 
+    def input_groups(self, names: list[str]) -> tuple[list[tuple[str, ...]], dict]:
+        """The named submodules grouped by the input tensor they read (q/k/v, gate/up, one
+        expert's gate/up), found by running the first batch: two modules read one input when
+        their inputs are the same memory (data pointer, shape and strides; every tensor is kept
+        alive during the run, so an address is never reused). Also returns, per group, the
+        name of the parameterized module whose output that tensor is (a norm before q/k/v),
+        when one is. A module the batch does not reach is a group of its own."""
+        seen: dict[tuple, list[str]] = {}
+        produced: dict[tuple, str] = {}
+        alive: list[torch.Tensor] = []
+
+        def key(t: torch.Tensor) -> tuple:
+            alive.append(t)
+            return (t.data_ptr(), tuple(t.shape), t.stride())
+
+        def reader(name):
+            def fn(module, args):
+                if not any(name in members for members in seen.values()):  # first call counts
+                    seen.setdefault(key(args[0]), []).append(name)
+            return fn
+
+        def producer(name):
+            def fn(module, args, out):
+                if isinstance(out, torch.Tensor):
+                    produced.setdefault(key(out), name)
+            return fn
+
+        handles = [self.layer.get_submodule(n).register_forward_pre_hook(reader(n))
+                   for n in names]
+        handles += [m.register_forward_hook(producer(n)) for n, m in self.layer.named_modules()
+                    if n and n not in names and list(m.parameters(recurse=False))]
+        try:
+            with torch.no_grad():
+                self.layer(self.inputs[0].to(self.device), **self.kwargs[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+        groups = [tuple(members) for members in seen.values()]
+        reached = {n for g in groups for n in g}
+        groups += [(n,) for n in names if n not in reached]
+        producers = {tuple(members): produced[k] for k, members in seen.items() if k in produced}
+        return groups, producers
+
     def hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
         """H = 2/n * sum x x^T over all calibration tokens of each named submodule's input
         (float32, [I, I]). Call with one name per group of projections that share an input."""
@@ -295,18 +338,37 @@ class Calibrator:
         return self.device if need < free / 3 else torch.device("cpu")
 
     def _capture(self, layers: nn.ModuleList, store: torch.device) -> tuple[list, list]:
-        inputs, kwargs_list = [], []
+        """Layer 0's hidden-state inputs per batch, and the other arguments EACH layer receives
+        per batch: families give layers of different types different arguments (Gemma 3:
+        sliding-window vs global masks and rotary tables), so each layer is replayed with its
+        own. The layers do not run: each one's forward is replaced, for this one model call, by
+        one that records its arguments and passes the hidden states through; the last raises
+        _Captured. Arguments shared by layers are the same tensor objects (no copies)."""
+        from transformers.cache_utils import Cache
 
-        def grab(module, args, kwargs):
-            inputs.append(args[0].to(store) if args else kwargs.pop("hidden_states").to(store))
-            kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            # Other positional arguments (BERT passes attention_mask positionally) by name.
-            kwargs.update(zip(_positional_names(module)[1:], args[1:]))
-            kwargs.update(use_cache=False, past_key_values=None)
-            kwargs_list.append(kwargs)
-            raise _Captured
+        inputs: list[torch.Tensor] = []
+        per_layer: list[list[dict]] = [[] for _ in layers]
 
-        handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        def recorder(index: int, names: list[str]):
+            def forward(*args, **kwargs):
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                # Other positional arguments (BERT passes attention_mask positionally) by name.
+                kwargs.update(zip(names[1:], args[1:]))
+                # no KV cache in a replay (whatever the family calls the argument)
+                kwargs = {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}
+                if "use_cache" in kwargs:
+                    kwargs["use_cache"] = False
+                per_layer[index].append(kwargs)
+                if index == 0:
+                    inputs.append(hidden.to(store))
+                if index == len(layers) - 1:
+                    raise _Captured
+                return hidden
+            return forward
+
+        for index, layer in enumerate(layers):
+            layer.forward = recorder(index, _positional_names(layer))
         moved = _move_non_layers(self.model, layers, self.device)
         try:
             with torch.no_grad():
@@ -316,9 +378,14 @@ class Calibrator:
                     except _Captured:
                         pass
         finally:
-            handle.remove()
+            for layer in layers:
+                del layer.forward   # the class's forward again
             _move_non_layers(self.model, layers, torch.device("cpu"), only=moved)
-        return inputs, kwargs_list
+        if any(len(k) != len(inputs) for k in per_layer):
+            raise CompressError(f"{type(self.model).__name__}: the calibration forward did not "
+                                "reach every decoder layer once per batch; this model's layer "
+                                "loop is not supported by the calibrator")
+        return inputs, per_layer
 
     def __iter__(self) -> Iterator[LayerStep]:
         from compress.offload import free
@@ -329,14 +396,14 @@ class Calibrator:
         ctx = self.context
         start = ctx.first_layer() if ctx else 0
         store = self._store_device()
-        inputs, kwargs = self._capture(layers, store)
+        inputs, per_layer = self._capture(layers, store)
         with bar("calibrating layers", len(layers)) as advance:
             for index, layer in enumerate(layers):
                 if ctx:
                     ctx.open_layer(index, layer)
                 layer.to(self.device)
-                step = LayerStep(index, f"{prefix}.{index}", layer, inputs, kwargs, self.device,
-                                 store)
+                step = LayerStep(index, f"{prefix}.{index}", layer, inputs, per_layer[index],
+                                 self.device, store)
                 if index >= start:
                     yield step
                 # A layer finished before a resume is only re-run, to rebuild the next inputs.

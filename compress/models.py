@@ -22,17 +22,17 @@ class Arch:
 
     name: str
     layers: str                      # the ModuleList of blocks, from the model root
-    embed: str                       # token embedding
-    final_norm: str | None           # norm before the LM head
-    lm_head: str | None              # None for encoders
-    q: str                           # query projection, or the fused qkv projection
-    k: str | None                    # None when q is a fused qkv projection
-    v: str | None
-    o: str                           # attention output projection
-    mlp_in: tuple[str, ...]          # projections reading the MLP input (gate, up / fc1)
-    mlp_out: str                     # down_proj / fc2
-    attn_norm: str | None            # norm before attention (after, for post-LN)
-    mlp_norm: str | None             # norm before the MLP; None when the block shares attn_norm
+    embed: str | None = None         # token embedding
+    final_norm: str | None = None    # norm before the LM head
+    lm_head: str | None = None       # None for encoders
+    q: str | None = None             # query projection, or the fused qkv projection
+    k: str | None = None             # None when q is a fused qkv projection
+    v: str | None = None
+    o: str | None = None             # attention output projection
+    mlp_in: tuple[str, ...] = ()     # projections reading the MLP input (gate, up / fc1)
+    mlp_out: str | None = None       # down_proj / fc2
+    attn_norm: str | None = None     # norm before attention (after, for post-LN)
+    mlp_norm: str | None = None      # norm before the MLP; None when the block shares attn_norm
     norm: Literal["rms", "layer"] = "rms"
     placement: Literal["pre", "post"] = "pre"
     parallel: bool = False           # attention and MLP read the same input (GPT-J, Phi, NeoX)
@@ -41,6 +41,18 @@ class Arch:
     extra_embeds: tuple[str, ...] = field(default_factory=tuple)  # positions, embed norms
     qkv_per_head: bool = False       # fused qkv rows are [head][q, k, v] (NeoX), not [q][k][v]
     alibi: bool = False              # per-head position slopes depend on the head's index
+    # False: a family without a table row. Its layers were found in the model itself; passes
+    # that need the attention / MLP layout (require()) refuse it, the others infer what they
+    # need (input groups, AWQ norm mappings) from the layer (compress.calib.LayerStep).
+    known: bool = True
+
+    def require(self, what: str) -> None:
+        """One-line refusal for a pass that needs this family's layout in the table."""
+        if not self.known:
+            raise UsageError(f"{what} needs the attention/MLP layout of the model family, and "
+                             f"compress has no table entry for {self.name!r} (it has: "
+                             f"{', '.join(sorted(ARCHES))}); quantize and sparsify work on "
+                             "any model")
 
     @property
     def fused_qkv(self) -> bool:
@@ -52,7 +64,10 @@ class Arch:
         return self.mlp_out.rpartition(".")[0]
 
     def linear_groups(self) -> list[tuple[str, ...]]:
-        """Projections of one layer grouped by the input they read (they share a Hessian)."""
+        """Projections of one layer grouped by the input they read (they share a Hessian).
+        Empty for an unknown family: the calibrator infers them (LayerStep.input_groups)."""
+        if not self.known:
+            return []
         qkv = (self.q,) if self.fused_qkv else (self.q, self.k, self.v)
         if self.parallel and self.mlp_norm is None:
             return [qkv + self.mlp_in, (self.o,), (self.mlp_out,)]
@@ -60,7 +75,10 @@ class Arch:
 
     def fused_groups(self) -> list[tuple[str, ...]]:
         """Projections serving runtimes fuse into one matrix (qkv_proj, gate_up_proj): they
-        must share a format."""
+        must share a format. Unknown family: by the usual names (q/k/v_proj, gate/up_proj)."""
+        if not self.known:
+            return [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                    ("mlp.gate_proj", "mlp.up_proj")]
         groups = [] if self.fused_qkv else [(self.q, self.k, self.v)]
         return groups + ([self.mlp_in] if len(self.mlp_in) > 1 else [])
 
@@ -133,17 +151,65 @@ ARCHES: dict[str, Arch] = {
 
 
 def arch_for(config) -> Arch:
-    """The adapter for a transformers config; GPT-NeoX's residual style is read from it."""
+    """The adapter for a transformers config: its table row, or for a family without one the
+    decoder layers found in the model itself (generic_arch)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHES:
-        raise UsageError(f"unsupported architecture {model_type!r}: supported are "
-                         f"{', '.join(sorted(ARCHES))}")
+        return generic_arch(config)
     arch = ARCHES[model_type]
     if model_type == "gpt_neox" and getattr(config, "use_parallel_residual", True):
         arch = Arch(**{**arch.__dict__, "parallel": True})
     if model_type == "opt" and not getattr(config, "do_layer_norm_before", True):
         arch = Arch(**{**arch.__dict__, "placement": "post"})
     return arch
+
+
+def is_causal_lm(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def generic_arch(config) -> Arch:
+    """An Arch for a family without a table row, from the module tree of the model the config
+    builds (on the meta device: no memory): the decoder layers, embedding and LM head."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    encoder = not is_causal_lm(config)
+    auto = AutoModel if encoder else AutoModelForCausalLM
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = auto.from_config(config, dtype=torch.float32)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"unsupported architecture {config.model_type!r}: transformers cannot "
+                         f"build it ({str(exc).splitlines()[0]})") from None
+    names = {id(m): n for n, m in model.named_modules()}
+    head = model.get_output_embeddings() if not encoder else None
+    return Arch(name=config.model_type, layers=find_layers(model),
+                embed=names.get(id(model.get_input_embeddings())),
+                lm_head=names.get(id(head)) if head is not None else None,
+                encoder=encoder, known=False)
+
+
+def find_layers(model) -> str:
+    """The full name of the decoder layers' ModuleList: the longest ModuleList whose children
+    are all of a class the model names in _no_split_modules (its repeated block), else the
+    longest ModuleList of one class holding Linear layers."""
+    from torch import nn
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    lists = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0]
+    named = [(n, m) for n, m in lists if all(type(c).__name__ in blocks for c in m)]
+    uniform = [(n, m) for n, m in lists if len({type(c) for c in m}) == 1
+               and any(isinstance(x, nn.Linear) for x in m[0].modules())]
+    for found in (named, uniform):
+        if found:
+            return max(found, key=lambda item: len(item[1]))[0]
+    raise UsageError(f"cannot find the decoder layers of {type(model).__name__}: no ModuleList "
+                     f"of its blocks ({', '.join(sorted(blocks)) or 'none named'})")
 
 
 def resolve_path(model, path: str):
@@ -308,8 +374,9 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     if lazy and source.kind == "dir" and any(Path(source.path).glob("*.safetensors")):
         config = load_config(source, trust_remote_code)
         model = load_lazily(source, config, getattr(torch, dtype), trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
-        return Loaded(model, tokenizer, arch_for(config), source)
+        if model is not None:
+            tokenizer = AutoTokenizer.from_pretrained(source.path)
+            return Loaded(model, tokenizer, arch_for(config), source)
     if source.kind == "artifact":
         from compress.runtime.artifact import load_artifact
 
@@ -335,13 +402,26 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
         del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
+    split_experts(model)
     model.eval()
     return Loaded(model, tokenizer, arch, source)
 
 
+def split_experts(model) -> None:
+    """Fused 3D MoE experts become one Linear per expert projection (compress.runtime.moe), so
+    every pass sees plain Linears; recorded so the artifact loader does the same."""
+    from compress.runtime.artifact import structure
+    from compress.runtime.moe import unfuse_experts
+
+    found = unfuse_experts(model)
+    if found:
+        structure(model)["experts"] = found
+
+
 def load_lazily(source: Source, config, dtype, trust_remote_code: bool = False):
     """Build the model on the meta device (accelerate), check every tensor's name and shape
-    against the config from the shard headers, and load all but the decoder layers."""
+    against the config from the shard headers, and load all but the decoder layers.
+    None for a model with fused MoE experts (not streamed yet: the caller loads it whole)."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoModel, AutoModelForCausalLM
@@ -352,6 +432,10 @@ def load_lazily(source: Source, config, dtype, trust_remote_code: bool = False):
     auto = AutoModel if arch.encoder else AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
         model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    from compress.runtime.moe import fused_experts
+
+    if fused_experts(model):
+        return None  # fused MoE experts are split in memory (split_experts): load it whole
     index = safetensors_index(Path(source.path))
     expected = model.state_dict()
     tied = {"lm_head.weight", "embed_out.weight"} if getattr(config, "tie_word_embeddings",

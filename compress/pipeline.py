@@ -212,6 +212,9 @@ def _after_failure(exc: BaseException, run, out: Path, estimated: int) -> None:
 
 def run_passes(ctx: Context, recipe: Recipe) -> list[dict[str, Any]]:
     reports = list(ctx.run.passes) if ctx.run else []
+    for cfg in recipe.passes:
+        if cfg.needs_family:
+            ctx.arch.require(cfg.kind)
     for index, cfg in enumerate(recipe.passes):
         if index < len(reports):
             continue  # finished before an interruption; its layers are on disk

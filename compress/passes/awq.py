@@ -76,6 +76,24 @@ def divide_output(module: nn.Module, s: torch.Tensor) -> None:
         module.bias.data.div_(s)
 
 
+def folds_exactly(module: nn.Module, size: int) -> bool:
+    """Whether divide_output(module, s) divides the module's output by s: checked on a random
+    input for a module with a 1-D weight of `size` (a norm; Gemma's (1 + w) norm fails it)."""
+    import copy
+
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != (size,):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, size, generator=gen).to(weight.device, weight.dtype)
+    s = (torch.rand(size, generator=gen) + 0.5).to(weight.device)
+    scaled = copy.deepcopy(module)
+    divide_output(scaled, s)
+    with torch.no_grad():
+        want, got = module(x), scaled(x)
+    return bool(torch.allclose(got * s.to(got.dtype), want, rtol=1e-3, atol=1e-5))
+
+
 @dataclass
 class Mapping:
     """Linears reading one input, and the op before them that absorbs 1/s."""
@@ -89,6 +107,10 @@ class Mapping:
 def mappings(arch, config) -> tuple[list[Mapping], list[str]]:
     """Where scales can be folded for this architecture, and why others cannot."""
     skipped = []
+    if not arch.known:
+        why = (f"{arch.name}: no table entry; only norm -> linears mappings are inferred "
+               "(found in each layer, checked to fold exactly)")
+        return [], [why]
     if arch.placement != "pre" or arch.conv1d:
         return [], [f"{arch.name}: only pre-norm nn.Linear models are supported"]
     groups = arch.linear_groups()

@@ -29,6 +29,9 @@ class PassConfig(BaseModel):
     # True when the pass touches decoder layers one at a time only through ctx.layers() or
     # ctx.calibrator(): a recipe of such passes runs with bounded memory and can resume.
     layerwise: ClassVar[bool] = False
+    # True when the pass needs the family's attention/MLP layout from the Arch table: it is
+    # refused (one line, before any pass runs) for a model family without a table row.
+    needs_family: ClassVar[bool] = False
 
     # The ordering rule, declared once per pass and checked here for every pass: the kinds of
     # pass that must come later in a recipe than this one, and the sentence that says why
@@ -47,6 +50,12 @@ class PassConfig(BaseModel):
         """What the pass will do to which modules, for `compress apply --dry-run` (the model
         may be on the meta device: use names and shapes only)."""
         return [f"{self.kind}: whole model" + ("" if self.layerwise else " (held in memory)")]
+
+    @classmethod
+    def family_problem(cls, arch: "Arch") -> str | None:
+        """Why this pass refuses a model family with a table row, or None (the support table
+        in the README is generated from this; see compress/support.py)."""
+        return None
 
     def needs_calibration(self) -> bool:
         """Whether the pass reads calibration data (for time estimates)."""

@@ -33,6 +33,7 @@ from compress.passes.quantize import (
 def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, ModulePlan],
                         report: PassReport) -> None:
     fallbacks: list[str] = []
+    few_tokens: dict[str, int] = {}     # linear name -> calibration tokens it saw (too few)
     awq_notes: dict[str, dict] = {}     # linear name -> its mapping's alpha and errors
     for step in ctx.calibrator():
         prefix = step.name + "."
@@ -40,21 +41,30 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
                  for name, plan in plans.items() if name.startswith(prefix)}
         if not local:
             continue
-        groups = [g for g in ctx.arch.linear_groups() if any(n in local for n in g)]
+        groups, found = input_groups(ctx, step, list(local))
         stats, _ = step.gather([g[0] for g in groups], gram=True, mean_abs=cfg.awq)
+        for g in [g for g in groups if stats[g[0]].count < cfg.min_tokens]:
+            # an expert the router sent (almost) no calibration token: no usable Hessian
+            groups.remove(g)
+            for n in [n for n in g if n in local]:
+                few_tokens[prefix + n] = stats[g[0]].count
+                quantize_rtn(ctx, prefix + n, replace(local[n], method="rtn"), report,
+                             note=f"{stats[g[0]].count} calibration tokens (< min_tokens "
+                                  f"{cfg.min_tokens}): round-to-nearest")
         hessians = {g: stats[g[0]].hessian for g in groups}
         for g, H in hessians.items():
             check_finite(f"{prefix}{g[0]}", H, "Hessian of the input")
         if cfg.awq:
-            awq_notes.update(_apply_awq(ctx, cfg, step, local, stats, hessians))
+            awq_notes.update(_apply_awq(ctx, cfg, step, local, stats, hessians, found))
         for group, H in hessians.items():
             _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks)
-        grouped = {n for g in groups for n in g}
+        grouped = {n for g in groups for n in g} | {n[len(prefix):] for n in few_tokens}
         for n in [n for n in local if n not in grouped]:  # not in any Arch input group
             quantize_rtn(ctx, prefix + n, replace(local[n], method="rtn"), report,
                          note="no input group in the Arch table: round-to-nearest")
     _quantize_rest(ctx, plans, report)
-    report.summary.update(fallback_count=len(fallbacks), fallbacks=fallbacks)
+    report.summary.update(fallback_count=len(fallbacks), fallbacks=fallbacks,
+                          few_tokens_rtn=few_tokens)
     if cfg.awq:
         for name, note in awq_notes.items():
             report.modules[name].update(note)
@@ -79,10 +89,23 @@ def _quantize_rest(ctx: Context, plans: dict[str, ModulePlan], report: PassRepor
                          note="not a decoder-layer projection: round-to-nearest")
 
 
-def _apply_awq(ctx, cfg, step, local, stats, hessians) -> dict[str, dict]:
+def input_groups(ctx: Context, step, names: list[str]):
+    """The input groups of a layer's targeted linears, and the AWQ mappings: from the Arch
+    table for a known family; for any other, found by running the layer (LayerStep.input_groups)
+    with one mapping per group whose input a norm produces that folds 1/s exactly."""
+    if ctx.arch.known:
+        groups = [g for g in ctx.arch.linear_groups() if any(n in names for n in g)]
+        return groups, awq.mappings(ctx.arch, ctx.model.config)[0]
+    groups, producers = step.input_groups(names)
+    found = [awq.Mapping(prev, g, g) for g, prev in producers.items()
+             if awq.folds_exactly(step.layer.get_submodule(prev),
+                                  step.layer.get_submodule(g[0]).in_features)]
+    return groups, found
+
+
+def _apply_awq(ctx, cfg, step, local, stats, hessians, found) -> dict[str, dict]:
     """Search and fold the scales of every mapping whose linears are all targeted.
     Updates `hessians` in place: the scaled input has H' = H / (s s^T). Returns notes per linear."""
-    found, _ = awq.mappings(ctx.arch, ctx.model.config)  # the rest are listed in the summary
     notes = {}
     for mapping in found:
         if not all(n in local for n in mapping.linears) or mapping.group not in hessians:

@@ -52,6 +52,12 @@ BATCHES = (1, 16, 256, 1024)
 class PrecomputeConfig(PassConfig):
     """Replace the embedding table by precomputed first-layer rows."""
 
+    needs_family: ClassVar[bool] = True   # the attention/MLP layout of the Arch table
+
+    @classmethod
+    def family_problem(cls, arch: Arch) -> str | None:
+        return unsupported(arch)
+
     kind: Literal["precompute"] = Field("precompute", alias="pass")
     # Storage of the table; int8 keeps one float32 scale per row and segment (emb, q, k, v).
     table_dtype: Literal["float32", "bfloat16", "float16", "int8"] = "float32"

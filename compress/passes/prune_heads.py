@@ -56,6 +56,15 @@ class PruneHeadsConfig(PassConfig):
                the layer's KV heads (unit query)
     """
 
+    needs_family: ClassVar[bool] = True   # the attention/MLP layout of the Arch table
+
+    @classmethod
+    def family_problem(cls, arch: Arch) -> str | None:
+        if arch.alibi:
+            return (f"prune_heads: {arch.name} uses ALiBi, whose per-head slopes depend on "
+                    "the head's index; pruning its heads is not supported")
+        return None
+
     kind: Literal["prune_heads"] = Field("prune_heads", alias="pass")
     scorer: Literal["output_norm", "ablation", "random"] = "output_norm"
     unit: Literal["kv_group", "query"] = "kv_group"
@@ -273,9 +282,9 @@ def kv_bytes(shape: Heads, element_bytes: int) -> int:
 @register(PruneHeadsConfig)
 def prune_heads(ctx: Context, cfg: PruneHeadsConfig) -> PassReport:
     arch = ctx.arch
-    if arch.alibi:
-        raise UsageError(f"prune_heads: {arch.name} uses ALiBi, whose per-head slopes depend on "
-                         "the head's index; pruning its heads is not supported")
+    problem = cfg.family_problem(arch)
+    if problem:
+        raise UsageError(problem)
     layers = decoder_layers(ctx.model, arch)
     before = {i: heads_of(layer, arch) for i, layer in enumerate(layers)}
     params = sum(projection_params(layer, arch) for layer in layers)

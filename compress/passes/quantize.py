@@ -68,6 +68,9 @@ class QuantizeConfig(PassConfig):
     # over clipping ratios per group, compress/passes/qparams.py).
     static_groups: bool = False
     scale_search: Literal["minmax", "mse"] = "mse"
+    # GPTQ: a group of linears whose input saw fewer calibration tokens than this (an MoE
+    # expert the router rarely picks) is rounded to nearest instead (reported).
+    min_tokens: int = Field(32, ge=1)
     # AWQ: grid points for alpha in [0, 1).
     awq_grid: int = Field(20, ge=1)
     # A layer whose input size the group size does not divide: fail, or fall back to one scale
@@ -141,10 +144,18 @@ def matches(name: str, patterns: list[str]) -> bool:
     return False
 
 
+def is_router(name: str) -> bool:
+    """An MoE router (mlp.gate, router, shared_expert_gate): it picks experts from small logit
+    differences, so it stays in 16 bits whatever the targets say."""
+    last = name.rsplit(".", 1)[-1]
+    return last in ("gate", "router") or last.endswith("_gate")
+
+
 def target_linears(model: nn.Module, targets: list[str], ignore: list[str]) -> dict[str, nn.Linear]:
-    """The nn.Linear modules a pass acts on, by name."""
+    """The nn.Linear modules a pass acts on, by name (never a router)."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and matches(name, targets) and not matches(name, ignore)}
+            if isinstance(m, nn.Linear) and matches(name, targets) and not matches(name, ignore)
+            and not is_router(name)}
 
 
 def format_for(name: str, weight: torch.Tensor, cfg: QuantizeConfig) -> tuple[WeightFormat, str]:
@@ -200,7 +211,7 @@ def plan_modules(model: nn.Module, arch, cfg: QuantizeConfig) -> dict[str, Modul
                           "no module", highlight=False)
     plans = {}
     for name, linear in linears.items():
-        if matches(name, cfg.targets) and not matches(name, cfg.ignore):
+        if matches(name, cfg.targets) and not matches(name, cfg.ignore) and not is_router(name):
             module_cfg = cfg.for_module(name)
             fmt, note = format_for(name, linear.weight, module_cfg)
             plans[name] = ModulePlan(fmt, module_cfg.method, note)
@@ -208,6 +219,8 @@ def plan_modules(model: nn.Module, arch, cfg: QuantizeConfig) -> dict[str, Modul
     for index in range(len(model.get_submodule(prefix))):
         for group in arch.fused_groups():
             names = [f"{prefix}.{index}.{member}" for member in group]
+            if not arch.known and not all(n in linears for n in names):
+                continue  # the usual names are a guess for a family without a table row
             formats = {plans[n].fmt.name if n in plans else "unquantized" for n in names}
             if len(formats) > 1:
                 raise UsageError(f"quantize: {', '.join(names)} form one fused matrix in "

@@ -36,6 +36,16 @@ class RMSNormConfig(PassConfig):
     fold. untie: with tied embeddings, fold the final norm into an untied lm_head (costs
     vocab x hidden parameters); by default the final norm keeps its weight and the tie stays."""
 
+    needs_family: ClassVar[bool] = True   # the attention/MLP layout of the Arch table
+
+    @classmethod
+    def family_problem(cls, arch: Arch) -> str | None:
+        try:
+            resolve_mode(arch, "auto")
+        except UsageError as exc:
+            return str(exc)
+        return None
+
     kind: Literal["rmsnorm"] = Field("rmsnorm", alias="pass")
     mode: Literal["auto", "rmsnorm", "crmsnorm", "fold"] = "auto"
     untie: bool = False

@@ -185,16 +185,19 @@ def _prune(name: str, linear: nn.Linear, cfg: SparsifyConfig, stat: torch.Tensor
     n, m = cfg.nm()
     w = linear.weight.data
     check_finite(name, w)
-    if cfg.method == "sparsegpt":
+    method = cfg.method if stat is not None else "magnitude"
+    if method == "sparsegpt":
         try:
             new = sparsegpt_prune(w, stat, n, m, cfg.sparsity, cfg.block_size, cfg.damp)
         except CompressError as exc:
             raise CompressError(f"{name}: {exc}") from None
     else:
-        scores = w.abs() if cfg.method == "magnitude" else wanda_scores(w.float(), stat)
+        scores = w.abs() if method == "magnitude" else wanda_scores(w.float(), stat)
         new = w * select_mask(scores, n, m, cfg.sparsity)
     check_finite(name, new, "pruned weight")
     stats = layer_stats(w, new)
+    if method != cfg.method:
+        stats["note"] = "no calibration token reached it: magnitude"
     linear.weight.data = new.to(w.dtype)
     verify(linear.weight.data, cfg.pattern, name)
     return stats
@@ -218,15 +221,17 @@ def _check_targets(linears: dict[str, nn.Linear], cfg: SparsifyConfig, prefix: s
 def _input_stats(step, local: dict[str, nn.Linear], groups: list[tuple[str, ...]],
                  method: str) -> dict[str, torch.Tensor]:
     """Per local linear name: x_norm [I] (wanda) or the Hessian [I, I] (sparsegpt), computed
-    once per group of projections that read the same input."""
+    once per group of projections that read the same input. None for a linear no calibration
+    token reached (an MoE expert the router never picked): it is pruned by magnitude."""
     reader = {name: next((g[0] for g in groups if name in g), name) for name in local}
     readers = sorted(set(reader.values()))
+    stats, _ = step.gather(readers, gram=method == "sparsegpt", mean_square=method == "wanda")
     if method == "sparsegpt":
-        hessians = step.hessians(readers)
-        return {name: hessians[reader[name]] for name in local}
-    stats, _ = step.gather(readers, mean_square=True)
+        return {name: stats[reader[name]].hessian if stats[reader[name]].count else None
+                for name in local}
     # sqrt(mean x^2) is ||X_j|| up to a constant factor, which does not change the mask
-    return {name: stats[reader[name]].mean_square.sqrt() for name in local}
+    return {name: stats[reader[name]].mean_square.sqrt() if stats[reader[name]].count else None
+            for name in local}
 
 
 @register(SparsifyConfig)
@@ -249,7 +254,9 @@ def sparsify(ctx: Context, cfg: SparsifyConfig) -> PassReport:
             local = {name[len(step.name) + 1:]: linear for name, linear in linears.items()
                      if name.startswith(step.name + ".")}
             if local:
-                stats = _input_stats(step, local, ctx.arch.linear_groups(), cfg.method)
+                groups = (ctx.arch.linear_groups() if ctx.arch.known
+                          else step.input_groups(list(local))[0])
+                stats = _input_stats(step, local, groups, cfg.method)
                 for short, linear in local.items():
                     name = f"{step.name}.{short}"
                     report.modules[name] = _prune(name, linear, cfg, stats[short])

@@ -44,13 +44,14 @@ def swap_quantized(model: nn.Module, modules: dict[str, dict]) -> None:
 def structure_loaders() -> dict[str, Callable[[nn.Module, Any], None]]:
     """Key in config["compress"]["structure"] -> fn(model, record) that reshapes a freshly built
     model before its weights are loaded. One explicit table: no pass registers anything."""
-    from compress.runtime import heads, norms, precompute, sparse24
+    from compress.runtime import heads, moe, norms, precompute, sparse24
 
     return {"rmsnorm": norms.load_rmsnorm,
             "precompute": precompute.load_precompute,
             "attention_heads": heads.rebuild_heads,
             "sparsity": lambda model, record: None,  # a marker: the zeros are in the weights
-            "sparse24": sparse24.load_sparse24}
+            "sparse24": sparse24.load_sparse24,
+            "experts": moe.load_experts}
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
