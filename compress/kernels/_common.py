@@ -225,3 +225,23 @@ def store_tile(acc, b_ptr, out_ptr, rm, rn, M, N, pid_k, stride_split, HAS_BIAS:
         acc += b[None, :] * (pid_k == 0).to(tl.float32)
     out = out_ptr + pid_k * stride_split + rm[:, None] * N + rn[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# ---------------------------------------------------------------------------------------------
+# FP4 scale encodings (read by the FP4, 2:4 and decode kernels)
+
+@triton.jit
+def e4m3_to_f32(b):
+    """float8_e4m3fn bits (int32) -> float32, exactly: normal 2^(e-7) * (1 + m/8), subnormal
+    m * 2^-9 (NaN encodings are not produced by quantizers and not handled)."""
+    e = (b >> 3) & 0xF
+    m = b & 0x7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+    return tl.where((b & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def e8m0_to_f32(b):
+    """E8M0 exponent bits (int32) -> 2^(b - 127) as float32 (b = 0 gives 2^-127)."""
+    return tl.where(b == 0, 5.877471754111438e-39, (b << 23).to(tl.float32, bitcast=True))

@@ -35,15 +35,6 @@ FMT_INT, FMT_NVFP4, FMT_MXFP4 = 0, 1, 2
 
 
 @triton.jit
-def _e4m3_bits_to_f32(b):
-    e = (b >> 3) & 0xF
-    m = b & 0x7
-    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
-    return tl.where((b & 0x80) != 0, -mag, mag)
-
-
-@triton.jit
 def _group_scale(s_ptr, z_ptr, gs, rows, cols, mask, G, FMT: tl.constexpr, BITS: tl.constexpr,
                  PER: tl.constexpr, HAS_ZERO: tl.constexpr):
     """(scale, zero) float32 for row indices `rows` and group columns `cols` (broadcast shapes).
@@ -60,10 +51,9 @@ def _group_scale(s_ptr, z_ptr, gs, rows, cols, mask, G, FMT: tl.constexpr, BITS:
     else:
         b = tl.load(s_ptr + rows * G + cols, mask=mask, other=0).to(tl.int32)
         if FMT == 1:
-            s = _e4m3_bits_to_f32(b) * gs
+            s = C.e4m3_to_f32(b) * gs
         else:
-            s = tl.where(b == 0, 5.877471754111438e-39,
-                         (b << 23).to(tl.float32, bitcast=True)) * 16384.0
+            s = C.e8m0_to_f32(b) * 16384.0
         z = tl.zeros_like(s)
     return s, z
 

@@ -43,23 +43,6 @@ def _unpack_nibbles(bytes_, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _e4m3_to_f32(b):
-    """float8_e4m3fn bits (int32) -> float32, exactly: normal 2^(e-7) * (1 + m/8), subnormal
-    m * 2^-9 (NaN encodings are not produced by quantizers and not handled)."""
-    e = (b >> 3) & 0xF
-    m = b & 0x7
-    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
-    return tl.where((b & 0x80) != 0, -mag, mag)
-
-
-@triton.jit
-def _e8m0_to_f32(b):
-    """E8M0 exponent bits (int32) -> 2^(b - 127) as float32 (b = 0 gives 2^-127)."""
-    return tl.where(b == 0, 5.877471754111438e-39, (b << 23).to(tl.float32, bitcast=True))
-
-
-@triton.jit
 def _fp4_tile(w_ptr, s_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP, MX: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Decoded weights [BLOCK_N, BLOCK_K] float32 (0 outside N x K); k0 is even."""
@@ -71,9 +54,9 @@ def _fp4_tile(w_ptr, s_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP, MX: tl.cons
     inside = (rn[:, None] < N) & (rk[None, :] < K)
     sbits = tl.load(s_ptr + rn[:, None] * G + (rk // GROUP)[None, :], mask=inside, other=0)
     if MX:
-        s = _e8m0_to_f32(sbits.to(tl.int32))
+        s = C.e8m0_to_f32(sbits.to(tl.int32))
     else:
-        s = _e4m3_to_f32(sbits.to(tl.int32)) / gscale
+        s = C.e4m3_to_f32(sbits.to(tl.int32)) / gscale
     return tl.where(inside, values * s, 0.0)
 
 

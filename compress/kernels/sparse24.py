@@ -27,8 +27,6 @@ from compress.kernels import _common as C
 from compress.kernels._common import apply_int_scale, mac_tile, store_tile
 from compress.kernels.fp4 import FORMATS as FP4_GROUPS
 from compress.kernels.fp4 import (
-    _e4m3_to_f32,
-    _e8m0_to_f32,
     _unpack_nibbles,
     e2m1_table,
     fp4_scale_ref,
@@ -61,9 +59,9 @@ def _kept_fp4(v_ptr, s_ptr, lut_ptr, gscale, rn, grp, inside, k0, N, K, G, MX: t
     values = tl.load(lut_ptr + _unpack_nibbles(bytes_, BLOCK_N, HALF))
     sbits = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=inside, other=0).to(tl.int32)
     if MX:
-        s = _e8m0_to_f32(sbits)
+        s = C.e8m0_to_f32(sbits)
     else:
-        s = _e4m3_to_f32(sbits) / gscale
+        s = C.e4m3_to_f32(sbits) / gscale
     return tl.where(inside, values * s, 0.0)
 
 
