@@ -177,6 +177,10 @@ def generic_arch(config) -> Arch:
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
+    if getattr(config, "is_encoder_decoder", False):
+        raise UsageError(f"unsupported architecture {config.model_type!r}: encoder-decoder "
+                         "models are not supported; compress takes causal LMs (llama, qwen3, "
+                         "gemma3, mixtral, ... any AutoModelForCausalLM) and encoders (bert)")
     encoder = not is_causal_lm(config)
     auto = AutoModel if encoder else AutoModelForCausalLM
     try:
