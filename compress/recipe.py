@@ -33,9 +33,10 @@ class Recipe(BaseModel):
         first: dict[str, int] = {}
         for index, cfg in enumerate(self.passes):
             if cfg.kind in first:
-                raise ValueError(f"passes[{index}] ({cfg.kind}): the recipe already has a "
-                                 f"{cfg.kind} pass at passes[{first[cfg.kind]}]; merge them into "
-                                 "one (quantize takes overrides for per-module settings)")
+                raise ValueError(f"passes[{index}] ({cfg.kind}): {cfg.kind} appears twice: the "
+                                 f"recipe already has a {cfg.kind} pass at "
+                                 f"passes[{first[cfg.kind]}]; merge them into one (quantize "
+                                 "takes overrides for per-module settings)")
             first[cfg.kind] = index
         for index, cfg in enumerate(self.passes):
             problem = cfg.order_error(index, list(self.passes))
