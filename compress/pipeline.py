@@ -185,11 +185,11 @@ def _apply_locked(recipe: Recipe, model_spec: str | Loaded, source, out: Path, *
 
 
 def _after_failure(exc: BaseException, run, out: Path, estimated: int) -> None:
-    """Keep an interrupted run for resume, and say so. Only a run this command started fresh
-    is removed, and only when nothing in it can be resumed: Ctrl-C (the user asked to stop) or
-    input values no rerun can get past (NaN weights). A refused resume never gets here with a
-    run (Run.open raised), so the run it refused stays untouched."""
-    from compress.errors import BadInputData, disk_full
+    """Keep an interrupted run, whatever stopped it, and say how to resume or discard it: only
+    `--restart` or the run's own success deletes a partial run (Ctrl-C included: the user may
+    want to continue later). A refused resume never gets here with a run (Run.open raised), so
+    the run it refused stays untouched."""
+    from compress.errors import disk_full
     from compress.preflight import disk_needed, free_space, partial_bytes
 
     if disk_full(exc) or isinstance(exc, DiskFull):
@@ -199,10 +199,6 @@ def _after_failure(exc: BaseException, run, out: Path, estimated: int) -> None:
         raise DiskFull(f"no space left on the device of {out}: about {needed / 1e9:.2f} GB "
                        f"more needed, {free_space(out) / 1e9:.2f} GB free; {where}") from None
     if run is None:
-        return
-    fresh = not run.resumed_at_open
-    if fresh and isinstance(exc, (KeyboardInterrupt, BadInputData)):
-        shutil.rmtree(run.dir, ignore_errors=True)
         return
     keep = (f"the interrupted run is kept in {run.dir}: rerun the same command to resume, or "
             "add --restart to discard it")

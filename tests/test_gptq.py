@@ -214,7 +214,7 @@ def _poisoned(tokenizer_dir: Path, out: Path, tensor: str, value: float) -> Path
     ("model.layers.1.post_attention_layernorm.weight", float("inf"), "gptq",
      "Hessian of the input of model.layers.1.mlp.gate_proj"),
 ])
-def test_non_finite_stops_the_run_and_writes_nothing(tokenizer_dir, tmp_path, tensor, value,
+def test_non_finite_stops_the_run_and_writes_no_artifact(tokenizer_dir, tmp_path, tensor, value,
                                                      method, named):
     model_dir = _poisoned(tokenizer_dir, tmp_path / "model", tensor, value)
     recipe = tmp_path / "r.yaml"
@@ -226,7 +226,7 @@ def test_non_finite_stops_the_run_and_writes_nothing(tokenizer_dir, tmp_path, te
     assert run.returncode != 0
     message = " ".join((run.stdout + run.stderr).split())
     assert named in message and "NaN or Inf" in message
-    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    assert not out.exists() and "--restart to discard it" in message  # the partial run is kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,10 +165,14 @@ def test_temp_files_never_reach_the_artifact(work, tiny_dir, capsys):
     compress.load(work / "out")  # checksums cover every shard that is there
 
 
-def test_ctrl_c_of_a_fresh_run_cleans_up(work, tiny_dir):
+def test_ctrl_c_of_a_fresh_run_keeps_it(work, tiny_dir):
     done = cli_process("apply", "r.yaml", str(tiny_dir), "-o", "out", fault="0:0:INT")
     assert done.returncode == 130, done.stderr
-    assert sorted(p.name for p in work.iterdir()) == ["calib.txt", "r.yaml"]
+    assert sorted(p.name for p in work.iterdir()) == [".out.partial", "calib.txt", "r.yaml"]
+    assert "--restart to discard it" in " ".join(done.stderr.split())
+    restarted = cli_process("apply", "r.yaml", str(tiny_dir), "-o", "out", "--restart")
+    assert restarted.returncode == 0, restarted.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["calib.txt", "out", "r.yaml"]
 
 
 # ---------------------------------------------------------------------------------------------

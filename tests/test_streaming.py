@@ -136,11 +136,16 @@ def test_resume_refuses_a_different_recipe(hf_dir, tmp_path):
     assert "resuming" not in restarted.stderr
 
 
-def test_sigint_exits_130_and_cleans_up(hf_dir, tmp_path):
+def test_sigint_exits_130_and_keeps_the_run_for_resume(uninterrupted, hf_dir, tmp_path):
     out = tmp_path / "int4"
     done = compress_cli("apply", str(RECIPE), str(hf_dir), "-o", str(out), fault="0:3:INT")
     assert done.returncode == 130, done.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert "rerun the same command to resume" in " ".join(done.stderr.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".int4.partial"]
+    resumed = compress_cli("apply", str(RECIPE), str(hf_dir), "-o", str(out))
+    assert resumed.returncode == 0 and "resuming the interrupted run" in resumed.stderr
+    a, b = tensors(uninterrupted), tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_dry_run_reads_no_weights(hf_dir, tmp_path):
