@@ -46,7 +46,9 @@ def cfg(bm, bn, bk, warps=4, stages=2, split=1):
 # (bytes in flight), split-K only where N alone gives too few programs. M>1: tensor-core tiles.
 CANDIDATES = {
     1: [cfg(1, 8, 512), cfg(1, 4, 512), cfg(1, 4, 1024), cfg(1, 8, 1024), cfg(1, 16, 256),
-        cfg(1, 16, 512, 8), cfg(1, 8, 512, 4, 3), cfg(1, 8, 512, 4, 2, 2), cfg(1, 2, 1024, 2)],
+        cfg(1, 16, 512, 8), cfg(1, 8, 512, 4, 3), cfg(1, 8, 512, 4, 2, 2), cfg(1, 2, 1024, 2),
+        cfg(1, 16, 128), cfg(1, 32, 128, 4), cfg(1, 32, 256, 8), cfg(1, 4, 256, 2),
+        cfg(1, 8, 256, 2), cfg(1, 16, 256, 4, 3), cfg(1, 8, 1024, 8, 2, 2)],
     16: [cfg(16, 16, 256), cfg(16, 32, 256), cfg(16, 16, 512), cfg(16, 32, 128, 4, 3),
          cfg(16, 64, 256, 4, 2, 2), cfg(16, 16, 256, 2), cfg(16, 32, 512, 8)],
     64: [cfg(64, 32, 256), cfg(64, 16, 256), cfg(64, 64, 256, 8), cfg(32, 32, 256),

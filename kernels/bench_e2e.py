@@ -58,7 +58,7 @@ def build(config_kwargs: dict, layers: int | None, device) -> nn.Module:
             model = LlamaForCausalLM(LlamaConfig(**kwargs))
     finally:
         torch.set_default_dtype(default)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def random_fp4(linear: nn.Linear, fmt: WeightFormat) -> dict[str, torch.Tensor]:
@@ -152,6 +152,32 @@ def decode_roofline(context: int = 256) -> str:
     return "\n".join(lines)
 
 
+@torch.inference_mode()
+def profile_decode(model: nn.Module, label: str, path: Path, steps: int = 8) -> None:
+    """Where a decode step's GPU time goes: `steps` eager batch-1 steps under torch.profiler,
+    the kernels by total CUDA time appended to `path` (the graph-replayed step runs the same
+    kernels without the launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    cache = StaticCache(config=model.config, max_cache_len=64 + steps + 4)
+    ids = torch.randint(0, model.config.vocab_size, (1, 64), device=device)
+    model(ids, past_key_values=cache, cache_position=torch.arange(64, device=device))
+    tok = ids[:, -1:]
+    for i in range(2):  # warm up (Triton compiles)
+        model(tok, past_key_values=cache, cache_position=torch.tensor([64 + i], device=device))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            model(tok, past_key_values=cache,
+                  cache_position=torch.tensor([66 + i], device=device))
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70)
+    with open(path, "a") as f:
+        f.write(f"\n=== {label}: {steps} eager decode steps ===\n{table}\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default="int4")
@@ -164,6 +190,9 @@ def main() -> None:
     parser.add_argument("--roofline", action="store_true", help="print the decode byte count")
     parser.add_argument("--quantize-lm-head", action="store_true",
                         help="lm_head in the same format too (1 GB of a bf16 step's reads)")
+    parser.add_argument("--profile", default=None,
+                        help="append a torch.profiler kernel table of eager decode steps of "
+                             "every row to this file")
     parser.add_argument("--prefill-len", type=int, default=0,
                         help="also time prefill of a prompt this long (e.g. 2048)")
     args = parser.parse_args()
@@ -182,6 +211,8 @@ def main() -> None:
         if args.prefill_len:  # a long prompt: prefill tokens/s (2 new tokens, not reported)
             prefill[name] = measure_speed(model, name, 1, args.prefill_len, 2,
                                           args.repeats).prefill_tokens_per_s
+        if args.profile and device.type == "cuda":
+            profile_decode(model, name, Path(args.profile))
 
     measure("bf16")
     for name in args.formats.split(","):
@@ -196,6 +227,9 @@ def main() -> None:
             torch.cuda.empty_cache()
         measure(name)
         restore(model, originals)
+        del originals
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     header = {"gpu": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
               "cmd": " ".join(sys.argv), "layers": model.config.num_hidden_layers,

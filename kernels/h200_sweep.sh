@@ -46,8 +46,9 @@ if [ $DRY = 1 ]; then
       --quantize-lm-head --prefill-len 16 --prompt-len 4 --new-tokens 2 --repeats 1 \
       --log "$OUT/bench_e2e.jsonl" >"$OUT/bench_e2e.txt" 2>&1
 else
-  timeout 110 $PY kernels/bench_e2e.py --formats tinygemm,int4,nvfp4 --prefill-len 2048 \
-      --repeats 2 --log "$OUT/bench_e2e.jsonl" >"$OUT/bench_e2e.txt" 2>&1
+  timeout 150 $PY kernels/bench_e2e.py --formats tinygemm,int4,nvfp4 --prefill-len 2048 \
+      --repeats 2 --profile "$OUT/decode_profile.txt" --log "$OUT/bench_e2e.jsonl" \
+      >"$OUT/bench_e2e.txt" 2>&1
 fi
 stamp "bench_e2e rc=$?"
 

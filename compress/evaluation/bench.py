@@ -105,6 +105,7 @@ def _as_cuda_graph(step):
     return "cuda graph + static cache", graph.replay
 
 
+@torch.inference_mode()
 def measure_static(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
                    repeats: int) -> tuple[float, float, str]:
     """(prefill seconds, seconds per decode step, method): static cache, the decode step

@@ -24,6 +24,8 @@ LLAMA_SHAPES = [(1, 4096, 4096), (16, 14336, 4096), (128, 4096, 14336)]   # (M, 
 def cuda(x):
     if isinstance(x, dict):
         return {k: cuda(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(cuda(v) for v in x)
     return None if x is None else x.cuda()
 
 

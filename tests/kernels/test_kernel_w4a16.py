@@ -23,7 +23,7 @@ def make_int_weight(n, k, group, symmetric, bits, rng, scale_dtype=torch.float32
     zero = None
     if not symmetric:
         zero = pack_to_int32(torch.randint(lo, hi, (n, groups), generator=rng, dtype=torch.int8),
-                             bits, packed_dim=0)
+                             bits, packed_dim=0).contiguous()
     return pack_to_int32(codes, bits), scale, zero
 
 
