@@ -48,7 +48,10 @@ CANDIDATES = {
     1: [cfg(1, 8, 512), cfg(1, 4, 512), cfg(1, 4, 1024), cfg(1, 8, 1024), cfg(1, 16, 256),
         cfg(1, 16, 512, 8), cfg(1, 8, 512, 4, 3), cfg(1, 8, 512, 4, 2, 2), cfg(1, 2, 1024, 2),
         cfg(1, 16, 128), cfg(1, 32, 128, 4), cfg(1, 32, 256, 8), cfg(1, 4, 256, 2),
-        cfg(1, 8, 256, 2), cfg(1, 16, 256, 4, 3), cfg(1, 8, 1024, 8, 2, 2)],
+        cfg(1, 8, 256, 2), cfg(1, 16, 256, 4, 3), cfg(1, 8, 1024, 8, 2, 2),
+        # more bytes in flight per program (the first H200 sweep: larger block_k always won)
+        cfg(1, 8, 2048), cfg(1, 4, 2048), cfg(1, 8, 2048, 8), cfg(1, 4, 4096), cfg(1, 8, 4096, 8),
+        cfg(1, 2, 4096), cfg(1, 16, 2048, 8), cfg(1, 8, 2048, 4, 2, 2), cfg(1, 4, 2048, 4, 2, 2)],
     16: [cfg(16, 16, 256), cfg(16, 32, 256), cfg(16, 16, 512), cfg(16, 32, 128, 4, 3),
          cfg(16, 64, 256, 4, 2, 2), cfg(16, 16, 256, 2), cfg(16, 32, 512, 8)],
     64: [cfg(64, 32, 256), cfg(64, 16, 256), cfg(64, 64, 256, 8), cfg(32, 32, 256),
@@ -106,6 +109,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=600.0)
     parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--base", default=None,
+                        help="a config table whose entries are kept where this run tunes none "
+                             "(retune one bucket of the shipped file)")
     parser.add_argument("--log", default=None, help="JSON lines of every measurement")
     parser.add_argument("--dry-run", action="store_true", help="tiny shape, 1 rep (CPU)")
     args = parser.parse_args()
@@ -166,8 +172,9 @@ def main() -> None:
         src = table["decode"].get(f"int4/m{bucket}")
         if src:
             table["decode"][f"*/m{bucket}"] = {"default": src["default"]}
+    keep = json.loads(Path(args.base).read_text())["decode"] if args.base else {}
     shipped = json.loads((C.CONFIG_DIR / "default.json").read_text())["decode"]
-    for key, value in shipped.items():
+    for key, value in {**shipped, **keep}.items():
         table["decode"].setdefault(key, value)
     Path(args.out).write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {args.out}: commit it as compress/kernels/configs/"
