@@ -144,6 +144,7 @@ def job_ours(spec: dict) -> dict:
                                       "passes": RECIPES[spec["kind"]]}, sort_keys=False))
     artifact = Path(spec["work"]) / f"artifact-{spec['name']}"
     sys.argv = ["compress", "apply", str(recipe), spec["model"], "-o", str(artifact),
+                "--allow-path", str(Path(spec["calibration"]["source"]).parent),
                 "--overwrite", "--restart", "--device", spec["device"], "--dtype", "bfloat16"]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
