@@ -59,7 +59,9 @@ def pack_int(q: QuantizedWeight, scale_dtype: torch.dtype) -> dict[str, torch.Te
            "weight_scale": q.scale.to(scale_dtype).contiguous(),
            "weight_shape": torch.tensor(list(q.shape), dtype=torch.int64)}
     if q.zero is not None:
-        out["weight_zero_point"] = pack_to_int32(q.zero, q.fmt.bits, packed_dim=0)
+        # compressed-tensors 0.19 returns a transposed view for packed_dim=0 (0.20 copies):
+        # kernels read raw memory, and safetensors refuses views
+        out["weight_zero_point"] = pack_to_int32(q.zero, q.fmt.bits, packed_dim=0).contiguous()
     return out
 
 

@@ -149,6 +149,8 @@ def _check(kind, t, n, k, bits):
     C.check(kind in VALUE_KINDS, f"unknown 2:4 value kind {kind!r}; use {sorted(VALUE_KINDS)}")
     C.check(k % 8 == 0, f"2:4 storage needs in_features divisible by 8, got {k}")
     meta = t["weight_meta"]
+    C.check(all(v.is_contiguous() for v in t.values()),  # the kernel reads raw memory
+            "2:4 tensors must be contiguous (call .contiguous() on views)")
     C.check(meta.dtype == torch.uint8 and meta.shape == (n, k // 8),
             f"weight_meta must be uint8 [{n}, {k // 8}], got {meta.dtype} {list(meta.shape)}")
     if kind == "16bit":

@@ -46,7 +46,7 @@ def make_sparse(kind, n, k, rng):
         pos = kept_positions(dense)
         return {"weight_packed": pack_to_int32(gather_kept(codes, pos), 4),
                 "weight_meta": pack_meta(pos), "weight_scale": scale,
-                "weight_zero_point": pack_to_int32(zero, 4, packed_dim=0)}, dense
+                "weight_zero_point": pack_to_int32(zero, 4, packed_dim=0).contiguous()}, dense
     mags = torch.tensor(E2M1_VALUES)[torch.randint(1, 8, (n, k), generator=rng)]
     e2m1 = mags * (torch.randint(0, 2, (n, k), generator=rng) * 2 - 1) * mask
     pos = kept_positions(e2m1)
@@ -100,3 +100,12 @@ def test_layout_rejects_dense_weights_and_bad_shapes():
     with pytest.raises(ValueError, match="divisible by 8"):
         sparse24_matmul(torch.randn(1, 12), "16bit", {"weight_meta": torch.zeros(
             2, 1, dtype=torch.uint8)}, (2, 12))
+
+
+def test_views_are_refused_not_misread(rng):
+    """compressed-tensors 0.19 packs zero points (packed_dim=0) into a transposed view; the
+    kernel reads raw memory, so a view must be refused, never read in the wrong order."""
+    t, _ = make_sparse("int", 21, 160, rng)
+    t["weight_zero_point"] = t["weight_zero_point"].T.contiguous().T
+    with pytest.raises(ValueError, match="contiguous"):
+        sparse24_matmul(torch.randn(1, 160), "int", t, (21, 160))
