@@ -9,6 +9,8 @@ the outputs of the already-quantized layers (sequential GPTQ).
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -35,6 +37,7 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
     fallbacks: list[str] = []
     few_tokens: dict[str, int] = {}     # linear name -> calibration tokens it saw (too few)
     awq_notes: dict[str, dict] = {}     # linear name -> its mapping's alpha and errors
+    seconds = dict.fromkeys(("statistics", "awq", "solve"), 0.0)  # the rest: layer runs, I/O
     for step in ctx.calibrator():
         prefix = step.name + "."
         local = {name[len(prefix):]: ready(ctx.model, name, plan)
@@ -42,7 +45,8 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
         if not local:
             continue
         groups, found = input_groups(ctx, step, list(local))
-        stats, _ = step.gather([g[0] for g in groups], gram=True, mean_abs=cfg.awq)
+        with stage(seconds, "statistics", step.layer):
+            stats, _ = step.gather([g[0] for g in groups], gram=True, mean_abs=cfg.awq)
         for g in [g for g in groups if stats[g[0]].count < cfg.min_tokens]:
             # an expert the router sent (almost) no calibration token: no usable Hessian
             groups.remove(g)
@@ -55,16 +59,19 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
         for g, H in hessians.items():
             check_finite(f"{prefix}{g[0]}", H, "Hessian of the input")
         if cfg.awq:
-            awq_notes.update(_apply_awq(ctx, cfg, step, local, stats, hessians, found))
-        for group, H in hessians.items():
-            _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks)
+            with stage(seconds, "awq", step.layer):
+                awq_notes.update(_apply_awq(ctx, cfg, step, local, stats, hessians, found))
+        with stage(seconds, "solve", step.layer):
+            for group, H in hessians.items():
+                _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks)
         grouped = {n for g in groups for n in g} | {n[len(prefix):] for n in few_tokens}
         for n in [n for n in local if n not in grouped]:  # not in any Arch input group
             quantize_rtn(ctx, prefix + n, replace(local[n], method="rtn"), report,
                          note="no input group in the Arch table: round-to-nearest")
     _quantize_rest(ctx, plans, report)
     report.summary.update(fallback_count=len(fallbacks), fallbacks=fallbacks,
-                          few_tokens_rtn=few_tokens)
+                          few_tokens_rtn=few_tokens,
+                          seconds={k: round(v, 2) for k, v in seconds.items()})
     if cfg.awq:
         for name, note in awq_notes.items():
             report.modules[name].update(note)
@@ -76,6 +83,23 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
             # summed over mappings: output error of plain quantization vs with the scales
             "output_error_plain": sum(n["awq_error_plain"] for n in mappings.values()),
             "output_error_scaled": sum(n["awq_error_scaled"] for n in mappings.values())}
+
+
+@contextmanager
+def stage(seconds: dict[str, float], name: str, layer: torch.nn.Module):
+    """Add the wall time of the block to seconds[name]; on a GPU the queued work is waited
+    for at both ends (a few syncs per layer), so each stage is charged its own kernels."""
+    param = next(layer.parameters(), None)
+    on_gpu = param is not None and param.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda *_: None)
+    device = param.device if on_gpu else None
+    sync(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        sync(device)
+        seconds[name] += time.perf_counter() - start
 
 
 def _quantize_rest(ctx: Context, plans: dict[str, ModulePlan], report: PassReport) -> None:
