@@ -327,3 +327,27 @@ def test_nvfp4_gptq_shares_one_global_scale_per_fused_group():
                                                                               "up_proj"))
     assert torch.equal(gate, up)
     assert not torch.equal(qkv[0], gate)     # separate groups keep separate scales
+
+
+@pytest.mark.parametrize("fmt_kwargs,masked", [({"group_size": 32}, False),
+                                               ({"group_size": 32, "symmetric": False}, True),
+                                               ({"type": "nvfp4", "group_size": 16}, False)])
+def test_block_graph_buffers_give_the_eager_codes(monkeypatch, fmt_kwargs, masked):
+    """The CUDA-graph column loop (compress.passes.gptq._BlockGraph) copies each block into
+    static buffers and replays; here the replay is the eager body, so its buffer handling is
+    checked on the CPU against the eager loop, full and short last block, mask or not."""
+    from compress.formats import WeightFormat
+    from compress.passes import gptq
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 160)
+    x = torch.randn(512, 160)
+    H = 2 * x.T @ x / 512
+    fmt = WeightFormat(**fmt_kwargs)
+    mask = (torch.rand(48, 160) > 0.5) if masked else None
+    eager, _ = gptq.gptq_quantize(w, H, fmt, block_size=64, act_order=True, mask=mask)
+    monkeypatch.setattr(gptq, "graphs_enabled", lambda _w: True)
+    monkeypatch.setattr(gptq._BlockGraph, "capture", classmethod(lambda cls, *a: cls(*a)))
+    replayed, _ = gptq.gptq_quantize(w, H, fmt, block_size=64, act_order=True, mask=mask)
+    assert torch.equal(eager.codes, replayed.codes)
+    assert torch.equal(eager.scale, replayed.scale)

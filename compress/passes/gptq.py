@@ -9,6 +9,7 @@ quantized as one stacked matrix).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,87 @@ import torch
 from compress.formats import GroupParams, QuantizedWeight, WeightFormat, codec
 from compress.hessian import inverse_cholesky, prepare_hessian
 from compress.passes import qparams
+
+GRAPH_ENV = "COMPRESS_GPTQ_GRAPH"   # "0": run the column loop eagerly on CUDA too
+
+
+def graphs_enabled(w: torch.Tensor) -> bool:
+    return w.is_cuda and os.environ.get(GRAPH_ENV, "1") != "0"
+
+
+def _solve_column(c, W1, U1, codes1, Err1, i: int, p: GroupParams, keep1) -> None:
+    """Column i of a block, in place: encode it, record its scaled error, spread the error
+    over the block's later columns (W1 is W^T: a column is a contiguous row)."""
+    q = c.encode(W1[i], p)
+    codes1[i] = q
+    err = torch.div(W1[i] - c.decode(q, p), U1[i, i], out=Err1[i])
+    W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)  # W[:, i:] -= err * Hinv[i, i:]
+    if keep1 is not None:
+        W1[i + 1:] *= keep1[i + 1:]                   # kept zeros stay zero
+
+
+def _solve_columns(c, W1, U1, codes1, Err1, params, keep1) -> None:
+    """Every column of a block whose parameters are fixed up front (params(i) -> GroupParams)."""
+    for i in range(W1.shape[0]):
+        _solve_column(c, W1, U1, codes1, Err1, i, params(i), keep1)
+
+
+class _BlockGraph:
+    """The column loop of one full block (static parameters) captured once as a CUDA graph and
+    replayed for every block of the matrix. Eagerly the loop is ~10 small kernels a column
+    whose launch cost on the host exceeds their GPU time (the H200 spent ~150 us a column on
+    a [28672, 4096] weight); replayed, they run back to back. Inputs are copied into the
+    graph's static buffers before each replay; the last, shorter block runs eagerly."""
+
+    def __init__(self, c, fmt, block: int, out_features: int, has_zero: bool, has_keep: bool,
+                 tensor_scale, device):
+        f32 = {"device": device, "dtype": torch.float32}
+        self.W1 = torch.zeros(block, out_features, **f32)
+        self.U1 = torch.empty(block, block, **f32)
+        self.scale = torch.empty(block, out_features, **f32)
+        self.err = torch.empty(block, out_features, **f32)
+        self.zero = torch.zeros(block, out_features, device=device, dtype=torch.int8) \
+            if has_zero else None
+        self.keep = torch.ones(block, out_features, device=device, dtype=torch.bool) \
+            if has_keep else None
+        self.codes = torch.empty(block, out_features, device=device, dtype=torch.int8)
+        p = GroupParams(fmt, self.scale, self.zero, tensor_scale)
+        self.U1.copy_(torch.eye(block, **f32))       # warm-up values: any finite ones do
+        self.scale.fill_(1.0)
+        self.body = lambda: _solve_columns(c, self.W1, self.U1, self.codes, self.err,
+                                           lambda i: p.map(lambda t: t[i]), self.keep)
+        self.replay = self.body                        # until captured (tests run it so)
+
+    @classmethod
+    def capture(cls, *args) -> _BlockGraph | None:
+        """The captured loop, or None (eager) where this torch cannot capture it."""
+        try:
+            self = cls(*args)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.body()                            # allocations settle before capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.body()
+            self.graph, self.replay = graph, graph.replay
+            return self
+        except RuntimeError:
+            return None
+
+    def run(self, W1, U1, p: GroupParams, keep1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [B, O], scaled errors [B, O]) of the block; the views stay valid until the
+        next run."""
+        self.W1.copy_(W1)
+        self.U1.copy_(U1)
+        self.scale.copy_(p.scale)
+        if self.zero is not None:
+            self.zero.copy_(p.zero)
+        if self.keep is not None:
+            self.keep.copy_(keep1)
+        self.replay()
+        return self.codes, self.err
 
 
 @dataclass
@@ -80,31 +162,37 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
         scales = torch.empty(out_features, in_features // g, device=W.device)
         zeros = None if fmt.symmetric else torch.empty_like(scales, dtype=torch.int8)
     p = None
+    graph = None
+    if static is not None and in_features >= block_size and graphs_enabled(W):
+        graph = _BlockGraph.capture(c, fmt, block_size, out_features, zeros is not None,
+                                    keep_t is not None, tensor_scale, W.device)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
-        W1, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2]
-        Err1 = torch.empty_like(W1)
         if static is not None:   # parameters of every column of the block, gathered once
             columns = group_of[i1:i2]
             block_p = GroupParams(fmt, scales, zeros, tensor_scale).map(
                 lambda t, columns=columns: t.T[columns])
-        for i in range(i2 - i1):
-            if static is not None:
-                p = block_p.map(lambda t, i=i: t[i])
-            elif (i1 + i) % g == 0:   # first column of a group: parameters from the updated W
-                ahead = W1[i:i + g] if i + g <= i2 - i1 else torch.cat([W1[i:], Wt[i2:]])[:g]
-                col = i1 + i            # natural order here: act_order implies static
-                p = qparams.group_params(ahead.T, fmt, tensor_scale, importance[col:col + g],
-                                         scale_search).map(lambda t: t[:, 0])  # [O]
-                scales[:, (i1 + i) // g] = p.scale
-                if zeros is not None:
-                    zeros[:, (i1 + i) // g] = p.zero
-            q = c.encode(W1[i], p)
-            codes_t[i1 + i] = q
-            err = torch.div(W1[i] - c.decode(q, p), U1[i, i], out=Err1[i])
-            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)  # W[:, i:] -= err * Hinv[i, i:]
-            if keep_t is not None:
-                W1[i + 1:] *= keep_t[i1 + i + 1:i2]          # kept zeros stay zero
+            keep1 = None if keep_t is None else keep_t[i1:i2]
+            if graph is not None and i2 - i1 == block_size:
+                codes_t[i1:i2], Err1 = graph.run(Wt[i1:i2], U[i1:i2, i1:i2], block_p, keep1)
+            else:
+                W1, Err1 = Wt[i1:i2].clone(), torch.empty_like(Wt[i1:i2])
+                _solve_columns(c, W1, U[i1:i2, i1:i2], codes_t[i1:i2], Err1,
+                               lambda i, bp=block_p: bp.map(lambda t: t[i]), keep1)
+        else:
+            W1, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2]
+            Err1 = torch.empty_like(W1)
+            for i in range(i2 - i1):
+                if (i1 + i) % g == 0:   # first column of a group: parameters from the updated W
+                    ahead = W1[i:i + g] if i + g <= i2 - i1 else torch.cat([W1[i:], Wt[i2:]])[:g]
+                    col = i1 + i            # natural order here: act_order implies static
+                    p = qparams.group_params(ahead.T, fmt, tensor_scale, importance[col:col + g],
+                                             scale_search).map(lambda t: t[:, 0])  # [O]
+                    scales[:, (i1 + i) // g] = p.scale
+                    if zeros is not None:
+                        zeros[:, (i1 + i) // g] = p.zero
+                _solve_column(c, W1, U1, codes_t[i1:i2], Err1, i, p,
+                              None if keep_t is None else keep_t[i1:i2])
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)     # lazy update of later blocks
         if keep_t is not None:
             Wt[i2:] *= keep_t[i2:]
