@@ -172,7 +172,10 @@ def main() -> None:
         src = table["decode"].get(f"int4/m{bucket}")
         if src:
             table["decode"][f"*/m{bucket}"] = {"default": src["default"]}
-    keep = json.loads(Path(args.base).read_text())["decode"] if args.base else {}
+    base = json.loads(Path(args.base).read_text()) if args.base else {}
+    keep = base.get("decode", {})
+    if "paths" in base:   # the M limits between paths (measured by bench_kernels) stay
+        table["paths"] = base["paths"]
     shipped = json.loads((C.CONFIG_DIR / "default.json").read_text())["decode"]
     for key, value in {**shipped, **keep}.items():
         table["decode"].setdefault(key, value)

@@ -62,15 +62,21 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 CONFIG_ENV = "COMPRESS_KERNEL_CONFIGS"   # a JSON file that replaces the per-GPU one
 
 
-def choose_path(m: int, decode: bool = False) -> str:
-    """decode: the format has a decode-path kernel (INT, FP4); 2:4 keeps gemv/splitk."""
-    if decode and m <= DECODE_MAX_M:
+def choose_path(m: int, decode: bool = False, device=None) -> str:
+    """decode: the format has a decode-path kernel (INT, FP4); 2:4 keeps gemv/splitk. The M
+    limits are DECODE_MAX_M and DEQUANT_MIN_M unless the device's config table names its own
+    ("paths": {"decode_max_m": .., "dequant_min_m": ..}, measured by kernels/bench_kernels.py)."""
+    limits = config_table(device).get("paths", {}) if device is not None else {}
+    if decode and m <= limits.get("decode_max_m", DECODE_MAX_M):
         return "decode"
+    dequant_min_m = limits.get("dequant_min_m", DEQUANT_MIN_M)
+    if m >= dequant_min_m:
+        return "dequant"
     if m == 1:
         return "gemv"
     if m <= 16:
         return "splitk"
-    return "tile" if m < DEQUANT_MIN_M else "dequant"
+    return "tile"
 
 
 def m_bucket(m: int) -> str:

@@ -129,7 +129,7 @@ def fp4_matmul(x: torch.Tensor, fmt: str, packed: torch.Tensor, scale: torch.Ten
     _check_fp4(fmt, packed, scale, global_scale, n, k)
     x2 = C.activation_2d(x, k)
     m = x2.shape[0]
-    path = path or C.choose_path(m, decode=True)
+    path = path or C.choose_path(m, decode=True, device=x.device)
     if path == "decode":  # uint8 [N, K/2] read as int32 [N, K/8]: nibble j of word i = 8i + j
         cfg = config or C.decode_config(fmt, m, n, k, x.device)
         y = words_matmul(x2, FMT_NVFP4 if fmt == "nvfp4" else FMT_MXFP4,

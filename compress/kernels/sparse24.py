@@ -201,7 +201,7 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
     _check(kind, tensors, n, k, bits)
     x2 = C.activation_2d(x, k)
     m = x2.shape[0]
-    path = path or C.choose_path(m)
+    path = path or C.choose_path(m, device=x.device)
     if path == "dequant":
         w = sparse24_dequantize(kind, tensors, shape, bits, x.dtype)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)

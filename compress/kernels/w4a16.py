@@ -110,7 +110,7 @@ def int_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     _check_int(packed, scale, zero, bits, n, k)
     x2 = C.activation_2d(x, k)
     m = x2.shape[0]
-    path = path or C.choose_path(m, decode=True)
+    path = path or C.choose_path(m, decode=True, device=x.device)
     per, groups = 32 // bits, scale.shape[1]
     common = dict(BITS=bits, PER=per, HAS_ZERO=zero is not None)
     zero_arg = packed if zero is None else zero

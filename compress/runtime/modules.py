@@ -185,7 +185,7 @@ def dispatch_linear(module: nn.Module, x: torch.Tensor,
         return reference(x)
     from compress.kernels._common import choose_path
 
-    path = choose_path(x.numel() // x.shape[-1], decode=layout == "dense")
+    path = choose_path(x.numel() // x.shape[-1], decode=layout == "dense", device=x.device)
     _record(module, f"triton/{kernel_key(module, layout)}/{path}")
     return _run_kernel(module, x, layout, path)
 

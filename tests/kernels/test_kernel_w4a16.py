@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
@@ -132,7 +134,6 @@ def test_decode_kernel_every_config_shape(cfg, case, dtype, rng):
 
 def test_decode_config_table_lookup(tmp_path, monkeypatch):
     """Exact shape first, then the bucket default, then the family "*"; the env file wins."""
-    import json
 
     table = {"decode": {"int4/m1": {"default": C.Config(1, 8, 256).to_dict(),
                                     "64x128": C.Config(1, 4, 128, split_k=2).to_dict()},
@@ -152,6 +153,24 @@ def test_decode_config_table_lookup(tmp_path, monkeypatch):
     default = json.loads((C.CONFIG_DIR / "default.json").read_text())["decode"]
     for bucket in C.M_BUCKETS:  # the shipped default covers every bucket of every format
         assert f"*/m{bucket}" in default
+
+
+def test_a_config_table_moves_the_path_limits(tmp_path, monkeypatch):
+    """configs/<gpu>.json may name where the decode kernel stops and dequantize + matmul
+    starts (the H200's does); without a device or a "paths" entry the built-in limits hold."""
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"decode": {}, "paths": {"decode_max_m": 16,
+                                                        "dequant_min_m": 17}}))
+    monkeypatch.setenv(C.CONFIG_ENV, str(path))
+    cpu = torch.device("cpu")
+    assert [C.choose_path(m, True, cpu) for m in (1, 16, 17, 64)] == \
+        ["decode", "decode", "dequant", "dequant"]
+    assert [C.choose_path(m, False, cpu) for m in (1, 16, 17)] == ["gemv", "splitk", "dequant"]
+    assert C.choose_path(64, True) == "decode" and C.choose_path(300, False) == "tile"
+    other = tmp_path / "u.json"
+    other.write_text(json.dumps({"decode": {}}))
+    monkeypatch.setenv(C.CONFIG_ENV, str(other))
+    assert C.choose_path(64, True, cpu) == "decode"
 
 
 def test_bad_shapes_raise_one_clear_error(rng):
