@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from compress import distributed
 from compress.errors import BadInputData, CompressError, UsageError
 from compress.models import Arch, decoder_layers, layers_path
 
@@ -213,7 +214,8 @@ class LayerStep:
                keep_outputs: bool = False) -> tuple[dict[str, "InputStats"], list[torch.Tensor]]:
         """The statistics passes ask for, of each named submodule's input over every
         calibration token, in ONE run of the layer (the only place they are computed): the Gram
-        matrix sum x x^T [I, I], sum |x| and sum x^2 [I], accumulated in `dtype` batch by batch.
+        matrix sum x x^T [I, I], sum |x| and sum x^2 [I], accumulated in `dtype` batch by batch
+        (and over the ranks, when several share the samples: compress.distributed).
         Returns them (see InputStats) and the layer's outputs when keep_outputs."""
         stats = {name: InputStats() for name in names}
 
@@ -232,6 +234,9 @@ class LayerStep:
             return fn
 
         outputs = self.run({name: hook(entry) for name, entry in stats.items()}, keep_outputs)
+        # Several ranks: each saw its share of the samples; sum the sums (count included).
+        distributed.sum_stats(stats, [name for name, on in (("gram", gram), ("abs_sum", mean_abs),
+                                                           ("square_sum", mean_square)) if on])
         return stats, outputs
 
     def input_groups(self, names: list[str]) -> tuple[list[tuple[str, ...]], dict]:

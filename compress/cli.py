@@ -44,6 +44,9 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled rec
           dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and estimates; "
                                                                 "load no weights"),
           tp: int = typer.Option(1, help="tensor-parallel size to check vLLM compatibility for"),
+          gpus: Optional[int] = typer.Option(
+              None, help="calibrate data parallel on this many GPUs (with --device cpu: CPU "
+                         "processes); default 1, or torchrun's WORLD_SIZE (docs/multi_gpu.md)"),
           as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
           allow_path: list[Path] = typer.Option(
               [], "--allow-path", help="a file or directory calibration text may be read from "
@@ -75,7 +78,7 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled rec
     report = apply_api(model, parsed, output, overwrite=overwrite, device=device, dtype=dtype,
                        save_dtype=save_dtype,
                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                       strict=strict, restart=restart)
+                       strict=strict, restart=restart, gpus=gpus)
     if as_json:
         print(json.dumps(report))
     for item in report["passes"]:

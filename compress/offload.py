@@ -97,8 +97,9 @@ class LayerStore:
     """Where decoder layer i lives between passes: source shards, or the file a pass wrote."""
 
     def __init__(self, layers_prefix: str, work_dir: Path, source: dict[str, Path] | None,
-                 dtype: torch.dtype | None):
+                 dtype: torch.dtype | None, writes: bool = True):
         self.layers_prefix = layers_prefix      # e.g. "model.layers"
+        self.writes = writes                    # False on ranks > 0: they read rank 0's files
         self.work_dir = work_dir
         self.source = source or {}
         self.dtype = dtype
@@ -132,6 +133,9 @@ class LayerStore:
         """Write the layer (atomically: temp file + rename) and free its memory."""
         from safetensors.torch import save_file
 
+        if not self.writes:
+            free(layer)
+            return
         prefix = f"{self.layers_prefix}.{index}."
         from compress.formats.artifact import cast_for_save
 
@@ -158,6 +162,8 @@ class LayerStore:
         """Write everything outside the decoder layers (after a pass, for resume)."""
         from safetensors.torch import save_file
 
+        if not self.writes:
+            return
         from compress.formats.artifact import state_tensors
 
         tmp = self.work_dir / "rest.safetensors.tmp"

@@ -11,6 +11,7 @@ Two ways to run, chosen by the recipe:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from compress import __version__
+from compress import __version__, distributed
 from compress.errors import CompressError, DiskFull
 from compress.formats.artifact import check_output, partial_dir, save_artifact, saved_dtype
 from compress.lock import output_lock
@@ -79,11 +80,14 @@ def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: 
     from compress.runtime.artifact import structure, swap_quantized
 
     work = partial_dir(out)
-    run = Run.open(work, fingerprints(ctx, loaded.source, recipe_yaml, options), restart)
+    # Rank 0 opens (or resumes) the run; the other ranks get its state and never write.
+    run = distributed.from_writer(
+        lambda: Run.open(work, fingerprints(ctx, loaded.source, recipe_yaml, options), restart))
+    run.writes = distributed.is_writer()
     lazy = loaded.source.kind == "dir"
     ctx.store = LayerStore(layers_path(ctx.model, ctx.arch), work,
                            safetensors_index(Path(loaded.source.path)) if lazy else None,
-                           next(ctx.model.parameters()).dtype)
+                           next(ctx.model.parameters()).dtype, writes=run.writes)
     ctx.run = run
     if run.resumed:
         # Rebuild the module structure the written layers were saved with.
@@ -123,7 +127,8 @@ def apply_recipe(recipe: Recipe, model_spec: str | Loaded, out: Path, *, overwri
     source = None if isinstance(model_spec, Loaded) else resolve(model_spec, allow_pickle)
     # an unwritable place, or one overlapping the input, fails before the lock file is made
     check_output(out, overwrite, input_paths(source))
-    with output_lock(out):
+    # With several ranks, rank 0 alone holds the lock (and alone writes under it).
+    with output_lock(out) if distributed.is_writer() else contextlib.nullcontext():
         return _apply_locked(recipe, model_spec, source, out, overwrite=overwrite,
                              device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                              allow_pickle=allow_pickle, strict=strict, restart=restart,
@@ -143,7 +148,7 @@ def _apply_locked(recipe: Recipe, model_spec: str | Loaded, source, out: Path, *
         estimated = output_bytes(model_spec.model, model_spec.arch, recipe, first.element_size())
     else:  # every check that needs no weight, from the config
         estimated = plan(recipe, source, dtype, trust_remote_code).output_bytes
-    if restart:
+    if restart and distributed.is_writer():
         shutil.rmtree(partial_dir(out), ignore_errors=True)
     streaming = is_layerwise(recipe) and not in_memory  # a model in memory is not streamed
     if not streaming and (partial_dir(out) / MANIFEST).is_file():
@@ -174,12 +179,15 @@ def _apply_locked(recipe: Recipe, model_spec: str | Loaded, source, out: Path, *
                   "streamed": streaming, "seconds": round(time.perf_counter() - start, 2)}
         if ctx.run is not None and ctx.run.resumed_at_open:
             report["resumed"] = True
-        with status(f"saving {out}"):
-            save_artifact(ctx.model, loaded.tokenizer, out, recipe_yaml, report, overwrite,
-                          store=ctx.store, inputs=input_paths(source),
-                          dtype=ctx.save_dtype)
+        report["ranks"] = distributed.peak_memory(compute)
+        if distributed.is_writer():
+            with status(f"saving {out}"):
+                save_artifact(ctx.model, loaded.tokenizer, out, recipe_yaml, report, overwrite,
+                              store=ctx.store, inputs=input_paths(source),
+                              dtype=ctx.save_dtype)
     except BaseException as exc:
-        _after_failure(exc, ctx.run, out, estimated)
+        if distributed.is_writer():  # what it wrote is what a rerun resumes
+            _after_failure(exc, ctx.run, out, estimated)
         raise
     return report
 

@@ -35,6 +35,7 @@ class Run:
     structure: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)          # layer file -> sha256
     resumed_at_open: bool = False    # this process continues a run another one started
+    writes: bool = True              # False on ranks > 0: rank 0 alone writes the manifest
 
     @classmethod
     def open(cls, directory: Path, fingerprint: dict[str, str], restart: bool = False) -> "Run":
@@ -94,7 +95,7 @@ class Run:
     def layer_done(self, pass_index: int, layer_index: int, modules: dict, structure: dict,
                    written: Path | None = None) -> None:
         self.current = {"pass": pass_index, "layer": layer_index}
-        if written is not None:
+        if written is not None and self.writes:
             self.files[written.name] = file_sha256(written)
         self.modules, self.structure = modules, structure
         self.write()
@@ -105,6 +106,8 @@ class Run:
         self.write()
 
     def write(self) -> None:
+        if not self.writes:
+            return
         state = {"fingerprint": self.fingerprint, "passes": self.passes, "current": self.current,
                  "modules": self.modules, "structure": self.structure, "files": self.files}
         tmp = self.dir / (MANIFEST + ".tmp")

@@ -32,6 +32,9 @@ class PassConfig(BaseModel):
     # True when the pass needs the family's attention/MLP layout from the Arch table: it is
     # refused (one line, before any pass runs) for a model family without a table row.
     needs_family: ClassVar[bool] = False
+    # True when the pass gets the same result on several ranks that each see a share of the
+    # calibration data (it uses only LayerStep.gather's statistics, which are summed over them).
+    data_parallel: ClassVar[bool] = True
 
     # The ordering rule, declared once per pass and checked here for every pass: the kinds of
     # pass that must come later in a recipe than this one, and the sentence that says why
@@ -109,7 +112,9 @@ class Context:
         """A fresh layer-wise pass over the calibration data (see compress.calib.Calibrator)."""
         from compress.calib import Calibrator
 
-        return Calibrator(self.model, self.arch, self.calibration_ids(),
+        from compress import distributed
+
+        return Calibrator(self.model, self.arch, distributed.share_of(self.calibration_ids()),
                           batch_size=self.calibration.batch_size, device=self.device,
                           context=self)
 
@@ -138,9 +143,13 @@ class Context:
             self.store.load(index, layer)
 
     def close_layer(self, index: int, layer: "torch.nn.Module") -> None:
-        """The pass is done with this layer: write it (and the progress) and free it."""
+        """The pass is done with this layer: write it (and the progress) and free it. With
+        several ranks only rank 0 writes; the others wait until it has (they read the file in
+        the next pass)."""
         if self.store is None:
             return
+        from compress import distributed
+
         self.store.save(index, layer)
         if self.run is not None:
             from compress.runtime.artifact import quantized_modules, structure
@@ -148,19 +157,24 @@ class Context:
             modules = {n: m.fmt.model_dump() for n, m in quantized_modules(self.model).items()}
             self.run.layer_done(self.pass_index, index, modules, dict(structure(self.model)),
                                 self.store.file(index))
+        distributed.barrier()
         inject_fault(self.pass_index, index)
 
 
 def inject_fault(pass_index: int, layer_index: int) -> None:
     """Fault injection for the resume tests: COMPRESS_FAULT_AFTER_LAYER="PASS:LAYER:SIGNAL"
-    sends SIGNAL (KILL or INT) to this process once that layer of that pass is written."""
+    sends SIGNAL (KILL or INT) to this process once that layer of that pass is written;
+    "PASS:LAYER:SIGNAL:RANK" to that rank's process only (with several ranks)."""
     import os
     import signal
 
+    from compress import distributed
+
     fault = os.environ.get("COMPRESS_FAULT_AFTER_LAYER")
     if fault:
-        at_pass, at_layer, name = fault.split(":")
-        if (int(at_pass), int(at_layer)) == (pass_index, layer_index):
+        at_pass, at_layer, name, *at_rank = fault.split(":")
+        if (int(at_pass), int(at_layer)) == (pass_index, layer_index) and \
+                (not at_rank or int(at_rank[0]) == distributed.rank()):
             os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 
+from compress import distributed
 from compress.calib import check_finite
 from compress.errors import CompressError
 from compress.formats import QuantizedWeight, codec
@@ -62,8 +64,14 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
             with stage(seconds, "awq", step.layer):
                 awq_notes.update(_apply_awq(ctx, cfg, step, local, stats, hessians, found))
         with stage(seconds, "solve", step.layer):
-            for group, H in hessians.items():
-                _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks)
+            solves = [solve for group, H in hessians.items()
+                      for solve in _group_solves(ctx, cfg, step, prefix, group, H, local)]
+            # several ranks: each solve runs on one of them, every rank gets every result
+            results = distributed.spread([s.run for s in solves], [s.cost for s in solves])
+            for solve, (qw, info) in zip(solves, results):
+                _store(step, prefix, solve, qw, info, local, report)
+                if "fallback" in info:
+                    fallbacks.extend(prefix + n for n in solve.members)
         grouped = {n for g in groups for n in g} | {n[len(prefix):] for n in few_tokens}
         for n in [n for n in local if n not in grouped]:  # not in any Arch input group
             quantize_rtn(ctx, prefix + n, replace(local[n], method="rtn"), report,
@@ -163,9 +171,19 @@ def _apply_awq(ctx, cfg, step, local, stats, hessians, found) -> dict[str, dict]
     return notes
 
 
-def _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks) -> None:
-    """Quantize the targeted linears of one input group. GPTQ modules with the same int format
-    and no sparsity mask are stacked into one matrix (their rows are independent given H)."""
+@dataclass
+class Solve:
+    """One quantization of a layer: `members` stacked into one matrix, computed by run()."""
+
+    members: list[str]
+    run: Callable[[], tuple[QuantizedWeight, dict[str, Any]]]
+    cost: float          # relative time, to spread solves over ranks: GPTQ's sequential columns
+
+
+def _group_solves(ctx, cfg, step, prefix, group, H, local) -> list[Solve]:
+    """The solves that quantize the targeted linears of one input group. GPTQ modules with the
+    same int format and no sparsity mask are stacked into one matrix (their rows are
+    independent given H)."""
     names = [n for n in group if n in local]
     batches: dict[tuple, list[str]] = {}
     for n in names:
@@ -177,26 +195,32 @@ def _quantize_group(ctx, cfg, step, prefix, group, H, local, report, fallbacks) 
         batches.setdefault(key, []).append(n)
     # NVFP4 global scales of the fused group, from its weights before any member is replaced
     fused_gs = {n: _fused_global_scale(step, group, local, local[n]) for n in names}
-    for members in batches.values():
-        linears = [step.layer.get_submodule(n) for n in members]
+
+    def run(members: list[str]) -> tuple[QuantizedWeight, dict[str, Any]]:
         plan = local[members[0]]
-        W = torch.cat([m.weight.data for m in linears])
-        info = {}
+        W = torch.cat([step.layer.get_submodule(n).weight.data for n in members])
         if plan.method == "gptq":
-            qw, info = _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fallbacks,
-                                         fused_gs[members[0]])
-        else:
-            qw = codec(plan.fmt).quantize(W, plan.fmt)
-        start = 0
-        for n, linear in zip(members, linears):
-            rows = slice(start, start + linear.weight.shape[0])
-            start = rows.stop
-            q = QuantizedWeight(plan.fmt, qw.codes[rows], qw.scale[rows],
-                                None if qw.zero is None else qw.zero[rows], qw.global_scale)
-            if q.global_scale is not None:
-                check_finite(prefix + n, q.global_scale, "global scale")
-            stats = replace_with_quantized(step.layer, n, linear, q)
-            _record(report, prefix + n, local[n], stats, **info)
+            return _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fused_gs[members[0]])
+        return codec(plan.fmt).quantize(W, plan.fmt), {}
+
+    return [Solve(members, lambda members=members: run(members),
+                  H.shape[0] if local[members[0]].method == "gptq" else 0)
+            for members in batches.values()]
+
+
+def _store(step, prefix, solve: Solve, qw: QuantizedWeight, info: dict, local, report) -> None:
+    """Swap the solve's linears for their rows of qw."""
+    start = 0
+    for n in solve.members:
+        linear = step.layer.get_submodule(n)
+        rows = slice(start, start + linear.weight.shape[0])
+        start = rows.stop
+        q = QuantizedWeight(qw.fmt, qw.codes[rows], qw.scale[rows],
+                            None if qw.zero is None else qw.zero[rows], qw.global_scale)
+        if q.global_scale is not None:
+            check_finite(prefix + n, q.global_scale, "global scale")
+        stats = replace_with_quantized(step.layer, n, linear, q)
+        _record(report, prefix + n, local[n], stats, **info)
 
 
 def _fused_global_scale(step, group, local, plan):
@@ -210,7 +234,8 @@ def _fused_global_scale(step, group, local, plan):
     return codec(plan.fmt).tensor_scale(W, plan.fmt)
 
 
-def _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fallbacks, global_scale=None):
+def _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, global_scale=None):
+    """GPTQ, or round-to-nearest when it fails (info then says so under "fallback")."""
     label = ", ".join(prefix + n for n in members)
     mask = plan.mask
     try:
@@ -222,7 +247,6 @@ def _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fallbacks, global_s
         if ctx.strict:
             raise CompressError(f"GPTQ failed for {label} ({exc}); --strict forbids the "
                                 "round-to-nearest fallback") from None
-        fallbacks.extend(prefix + n for n in members)
         if global_scale is not None:
             return codec(plan.fmt).quantize(W, plan.fmt, global_scale), {"fallback": f"rtn: {exc}"}
         return codec(plan.fmt).quantize(W, plan.fmt), {"fallback": f"rtn: {exc}"}

@@ -57,6 +57,8 @@ class PruneHeadsConfig(PassConfig):
     """
 
     needs_family: ClassVar[bool] = True   # the attention/MLP layout of the Arch table
+    # its scores also sum the layer's outputs over the samples, outside LayerStep.gather
+    data_parallel: ClassVar[bool] = False
 
     @classmethod
     def family_problem(cls, arch: Arch) -> str | None:

@@ -19,6 +19,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from compress import distributed
 from compress.calib import check_finite
 from compress.errors import CompressError, UsageError
 from compress.formats.artifact import BEFORE_SAVE
@@ -182,8 +183,20 @@ def layer_stats(w_old: torch.Tensor, w_new: torch.Tensor) -> dict[str, float]:
 
 def _prune(name: str, linear: nn.Linear, cfg: SparsifyConfig, stat: torch.Tensor | None) -> dict:
     """Prune one linear in place; stat is x_norm [I] (Wanda) or H [I, I] (SparseGPT)."""
+    new, stats = _pruned(name, linear.weight.data, cfg, stat)
+    _set_pruned(name, linear, cfg, new)
+    return stats
+
+
+def _set_pruned(name: str, linear: nn.Linear, cfg: SparsifyConfig, new: torch.Tensor) -> None:
+    linear.weight.data = new.to(linear.weight.dtype)
+    verify(linear.weight.data, cfg.pattern, name)
+
+
+def _pruned(name: str, w: torch.Tensor, cfg: SparsifyConfig, stat: torch.Tensor | None
+            ) -> tuple[torch.Tensor, dict]:
+    """The pruned weight of one linear, and its statistics for the report."""
     n, m = cfg.nm()
-    w = linear.weight.data
     check_finite(name, w)
     method = cfg.method if stat is not None else "magnitude"
     if method == "sparsegpt":
@@ -198,9 +211,7 @@ def _prune(name: str, linear: nn.Linear, cfg: SparsifyConfig, stat: torch.Tensor
     stats = layer_stats(w, new)
     if method != cfg.method:
         stats["note"] = "no calibration token reached it: magnitude"
-    linear.weight.data = new.to(w.dtype)
-    verify(linear.weight.data, cfg.pattern, name)
-    return stats
+    return new, stats
 
 
 def _check_targets(linears: dict[str, nn.Linear], cfg: SparsifyConfig, prefix: str) -> None:
@@ -257,9 +268,15 @@ def sparsify(ctx: Context, cfg: SparsifyConfig) -> PassReport:
                 groups = (ctx.arch.linear_groups() if ctx.arch.known
                           else step.input_groups(list(local))[0])
                 stats = _input_stats(step, local, groups, cfg.method)
-                for short, linear in local.items():
-                    name = f"{step.name}.{short}"
-                    report.modules[name] = _prune(name, linear, cfg, stats[short])
+                names = {short: f"{step.name}.{short}" for short in local}
+                # several ranks: each module is pruned on one, every rank gets every result
+                # (the cost: SparseGPT's sequential columns)
+                pruned = distributed.spread(
+                    [lambda s=short: _pruned(names[s], local[s].weight.data, cfg, stats[s])
+                     for short in local], [linear.in_features for linear in local.values()])
+                for (short, linear), (new, module_stats) in zip(local.items(), pruned):
+                    _set_pruned(names[short], linear, cfg, new)
+                    report.modules[names[short]] = module_stats
             if step.index == last:
                 step.layer.to("cpu")  # later layers are unchanged: no need to run them
                 break
