@@ -120,10 +120,13 @@ def joined(device: str) -> Iterator[str]:
         backend, mine = "nccl", f"cuda:{local}"
         torch.cuda.set_device(local)
     dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_S))
-    if rank() != 0:
+    if rank() != 0:  # one progress display: rank 0's
+        from transformers.utils import logging
+
         from compress.progress import console
 
-        console.quiet = True  # one progress display: rank 0's
+        console.quiet = True
+        logging.disable_progress_bar()
     yield mine
     # Only after success: after a failure a peer may be gone, and NCCL's teardown could wait.
     dist.destroy_process_group()
@@ -141,7 +144,7 @@ def launch(gpus: int, fn: Callable[..., T], args: tuple, kwargs: dict, partial: 
         try:
             while not context.join(grace_period=5):
                 pass
-        except mp.ProcessException:
+        except (mp.ProcessExitedException, mp.ProcessRaisedException):
             raise _failure(context.processes, Path(outcomes), partial) from None
         except KeyboardInterrupt:
             _interrupt(context.processes)
