@@ -123,6 +123,46 @@ def test_requests_that_cannot_run_on_several_ranks_fail_before_any_process_start
     assert not (tmp_path / "out").exists()
 
 
+def _collectives_on_each_rank() -> dict:
+    """Run on two gloo ranks: sum_stats, spread and share against what one process computes."""
+    from compress import distributed
+    from compress.calib import InputStats
+
+    def tokens(r: int) -> torch.Tensor:
+        return torch.randn(5 + r, 6, generator=torch.Generator().manual_seed(r))
+
+    def stats_of(x: torch.Tensor | None) -> InputStats:
+        return InputStats() if x is None else InputStats(len(x), x.T @ x, x.abs().sum(0),
+                                                         x.pow(2).sum(0))
+
+    with distributed.joined("cpu"):
+        me = distributed.rank()
+        stats = {"both": stats_of(tokens(me)), "rank 1 only": stats_of(tokens(1) if me else None),
+                 "nobody": stats_of(None)}
+        distributed.sum_stats(stats, ["gram", "abs_sum", "square_sum"])
+        both = torch.cat([tokens(0), tokens(1)])
+        want = {"both": stats_of(both), "rank 1 only": stats_of(tokens(1))}
+        errors = {f"{k} {f}": (getattr(stats[k], f) - getattr(w, f)).abs().max().item()
+                  for k, w in want.items() for f in ("gram", "abs_sum", "square_sum")}
+        ran = distributed.spread([lambda i=i: {"by": me, "t": torch.full((2,), float(i))}
+                                  for i in range(3)], [3.0, 1.0, 1.0])
+        shared = distributed.share({"codes": torch.arange(4, dtype=torch.int8) * me, "n": me}, 1)
+        return {"errors": errors, "counts": {k: s.count for k, s in stats.items()},
+                "nobody": stats["nobody"].gram is None,
+                "ran_by": [r["by"] for r in ran], "values": [r["t"].tolist() for r in ran],
+                "shared": [shared["codes"].tolist(), shared["n"]]}
+
+
+def test_statistics_solves_and_results_cross_ranks(tmp_path):
+    from compress.distributed import launch
+
+    seen = launch(2, _collectives_on_each_rank, (), {}, tmp_path)   # rank 0's view
+    assert max(seen["errors"].values()) < 1e-5
+    assert seen["counts"] == {"both": 11, "rank 1 only": 6, "nobody": 0} and seen["nobody"]
+    assert seen["ran_by"] == [0, 1, 1] and seen["values"] == [[0, 0], [1, 1], [2, 2]]
+    assert seen["shared"] == [[0, 1, 2, 3], 1]
+
+
 def test_solves_go_to_the_least_loaded_rank_costliest_first():
     from compress.distributed import owners
 
