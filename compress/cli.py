@@ -79,7 +79,7 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled rec
                        save_dtype=save_dtype,
                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                        strict=strict, restart=restart, gpus=gpus)
-    if as_json:
+    if as_json and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0's only
         print(json.dumps(report))
     for item in report["passes"]:
         console.print(f"[bold]{item['pass']}[/] {item['seconds']:.1f}s "

@@ -322,8 +322,9 @@ def from_writer(fn: Callable[[], T]) -> T:
 
 
 def barrier() -> None:
-    if active():
-        dist.barrier()
+    if active():  # (NCCL: on this rank's GPU, which it cannot guess before a collective)
+        dist.barrier(device_ids=[torch.cuda.current_device()]
+                     if dist.get_backend() == "nccl" else None)
 
 
 def _device() -> torch.device:
