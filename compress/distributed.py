@@ -144,8 +144,9 @@ def launch(gpus: int, fn: Callable[..., T], args: tuple, kwargs: dict, partial: 
         try:
             while not context.join(grace_period=5):
                 pass
-        except (mp.ProcessExitedException, mp.ProcessRaisedException):
-            raise _failure(context.processes, Path(outcomes), partial) from None
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
+            raise _failure(context.processes, exc.error_index, Path(outcomes), partial) \
+                from None
         except KeyboardInterrupt:
             _interrupt(context.processes)
             raise
@@ -182,21 +183,22 @@ def _outcome(outcomes: Path, index: int) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _failure(processes, outcomes: Path, partial: Path) -> CompressError:
+def _failure(processes, first: int, outcomes: Path, partial: Path) -> CompressError:
     """The error to show for a failed group: a rank that died by a signal (not the SIGTERM the
-    launcher sends the others) is the cause; else the first rank that reported an error."""
+    launcher sends the others) is the cause; else the rank seen failing `first` (its peers'
+    errors, such as a closed connection, follow from it); else any rank's error."""
     codes = [p.exitcode for p in processes]
     dead = [i for i, c in enumerate(codes) if c is not None and c < 0 and c != -signal.SIGTERM]
-    for i in dead:
+    if dead:
         from compress.resume import MANIFEST
 
         kept = (f"the interrupted run is kept in {partial}: rerun the same command to resume, "
                 "or add --restart to discard it" if (partial / MANIFEST).is_file()
                 else "nothing was written")
-        return CompressError(f"rank {i} of {len(processes)} died "
-                             f"({signal.Signals(-codes[i]).name}); {kept}")
-    for i, code in enumerate(codes):
-        error = _outcome(outcomes, i).get("error")
+        return CompressError(f"rank {dead[0]} of {len(processes)} died "
+                             f"({signal.Signals(-codes[dead[0]]).name}); {kept}")
+    for i in [first] + [i for i in range(len(codes)) if i != first]:
+        code, error = codes[i], _outcome(outcomes, i).get("error")
         if error:
             return CompressError(f"rank {i}: {error}" if i else error, exit_code=code or 1)
     return CompressError(f"a rank stopped with exit codes {codes} and no message")

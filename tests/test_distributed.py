@@ -123,8 +123,9 @@ def test_requests_that_cannot_run_on_several_ranks_fail_before_any_process_start
     assert not (tmp_path / "out").exists()
 
 
-def _collectives_on_each_rank() -> dict:
-    """Run on two gloo ranks: sum_stats, spread and share against what one process computes."""
+def _collectives_on_each_rank() -> None:
+    """Run on two gloo ranks: sum_stats, spread and share against what one process computes
+    (an assertion that fails reaches the launcher as the rank's error), then rank 1 fails."""
     from compress import distributed
     from compress.calib import InputStats
 
@@ -140,27 +141,30 @@ def _collectives_on_each_rank() -> dict:
         stats = {"both": stats_of(tokens(me)), "rank 1 only": stats_of(tokens(1) if me else None),
                  "nobody": stats_of(None)}
         distributed.sum_stats(stats, ["gram", "abs_sum", "square_sum"])
-        both = torch.cat([tokens(0), tokens(1)])
-        want = {"both": stats_of(both), "rank 1 only": stats_of(tokens(1))}
-        errors = {f"{k} {f}": (getattr(stats[k], f) - getattr(w, f)).abs().max().item()
-                  for k, w in want.items() for f in ("gram", "abs_sum", "square_sum")}
+        want = {"both": stats_of(torch.cat([tokens(0), tokens(1)])),
+                "rank 1 only": stats_of(tokens(1))}
+        for key, entry in want.items():
+            assert stats[key].count == entry.count, key
+            for f in ("gram", "abs_sum", "square_sum"):
+                assert torch.allclose(getattr(stats[key], f), getattr(entry, f), atol=1e-5), f
+        assert stats["nobody"].count == 0 and stats["nobody"].gram is None
         ran = distributed.spread([lambda i=i: {"by": me, "t": torch.full((2,), float(i))}
                                   for i in range(3)], [3.0, 1.0, 1.0])
+        assert [r["by"] for r in ran] == [0, 1, 1], ran
+        assert [r["t"].tolist() for r in ran] == [[0, 0], [1, 1], [2, 2]], ran
         shared = distributed.share({"codes": torch.arange(4, dtype=torch.int8) * me, "n": me}, 1)
-        return {"errors": errors, "counts": {k: s.count for k, s in stats.items()},
-                "nobody": stats["nobody"].gram is None,
-                "ran_by": [r["by"] for r in ran], "values": [r["t"].tolist() for r in ran],
-                "shared": [shared["codes"].tolist(), shared["n"]]}
+        assert shared["codes"].tolist() == [0, 1, 2, 3] and shared["n"] == 1, shared
+    if me == 1:
+        raise UsageError("checks passed; this error is the test's")
 
 
-def test_statistics_solves_and_results_cross_ranks(tmp_path):
+def test_statistics_solves_and_results_cross_ranks_and_a_rank_error_is_one_line(tmp_path):
     from compress.distributed import launch
 
-    seen = launch(2, _collectives_on_each_rank, (), {}, tmp_path)   # rank 0's view
-    assert max(seen["errors"].values()) < 1e-5
-    assert seen["counts"] == {"both": 11, "rank 1 only": 6, "nobody": 0} and seen["nobody"]
-    assert seen["ran_by"] == [0, 1, 1] and seen["values"] == [[0, 0], [1, 1], [2, 2]]
-    assert seen["shared"] == [[0, 1, 2, 3], 1]
+    with pytest.raises(CompressError) as failed:
+        launch(2, _collectives_on_each_rank, (), {}, tmp_path)
+    assert str(failed.value) == "rank 1: checks passed; this error is the test's"
+    assert failed.value.exit_code == 2
 
 
 def test_solves_go_to_the_least_loaded_rank_costliest_first():
