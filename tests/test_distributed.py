@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from support import tiny_model_dir
+from support import assert_same_up_to_rounding, tiny_model_dir
 
 import compress
 from compress.errors import CompressError, UsageError
@@ -40,34 +39,6 @@ def recipe(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
     return path
-
-
-def tensors(artifact: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for file in sorted(artifact.glob("*.safetensors")):
-        found.update(load_file(str(file)))
-    return found
-
-
-def int4_codes(packed: torch.Tensor) -> torch.Tensor:
-    """The eight 4-bit codes in each int32 of a packed weight."""
-    return torch.stack([(packed >> (4 * i)) & 0xF for i in range(8)], -1)
-
-
-def assert_same_up_to_rounding(one: Path, two: Path) -> None:
-    a, b = tensors(one), tensors(two)
-    assert a.keys() == b.keys()
-    for name in a:
-        x, y = a[name], b[name]
-        if name.endswith("weight_packed"):
-            assert (int4_codes(x) == int4_codes(y)).float().mean() >= 0.999, name
-        elif x.is_floating_point():
-            if name.endswith("proj.weight"):  # pruned: the same zeros, nearly the same rest
-                assert ((x == 0) == (y == 0)).float().mean() >= 0.999, name
-            tol = 1e-4 * x.abs().max()
-            assert torch.allclose(x, y, rtol=1e-4, atol=tol.item()), name
-        else:
-            assert torch.equal(x, y), name
 
 
 def test_sparsegpt_on_two_ranks_equals_one_process(model_dir, tmp_path):
