@@ -205,7 +205,10 @@ def _failure(processes, first: int, outcomes: Path, partial: Path) -> CompressEr
 
 
 def _interrupt(processes) -> None:
-    """Ctrl-C reached the launcher: pass it on, so rank 0 keeps its run state for resume."""
+    """Ctrl-C reached the launcher (from a terminal, the ranks got it too): let the ranks stop
+    (rank 0 keeps its run state for resume), pass SIGINT to any still running, then kill."""
+    for process in processes:
+        process.join(timeout=5)
     for process in processes:
         if process.is_alive():
             os.kill(process.pid, signal.SIGINT)
