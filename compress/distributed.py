@@ -22,10 +22,11 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,7 @@ T = TypeVar("T")
 # A collective that waits longer than this fails instead of hanging (a rank stuck or gone).
 # It must exceed the longest gap between two collectives: rank 0 hashing a 70B checkpoint's
 # files before the others receive the run state takes minutes.
-TIMEOUT_S = float(os.environ.get("COMPRESS_DIST_TIMEOUT", 1800))
+TIMEOUT_S = float(os.environ.get("COMPRESS_DIST_TIMEOUT", "1800"))
 
 
 def active() -> bool:
@@ -165,7 +166,7 @@ def _rank_main(index: int, size: int, port: int, outcomes: str, fn, args, kwargs
         code, outcome["error"] = exc.exit_code, str(exc)
     except KeyboardInterrupt:
         code, outcome["error"] = 130, "interrupted"
-    except Exception as exc:  # a bug: one line, the traceback with COMPRESS_DEBUG=1
+    except Exception as exc:  # noqa: BLE001  (a bug: one line; COMPRESS_DEBUG=1: traceback)
         if os.environ.get("COMPRESS_DEBUG") == "1":
             import traceback
 

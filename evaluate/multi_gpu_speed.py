@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_gpu_speed import build_model, calibration_text  # noqa: E402  (the same model, text)
+from gptq_gpu_speed import build_model, calibration_text  # the same model and text
 
 SHAPES = {  # hidden, intermediate, heads, KV heads, vocab, layers
     "8b": (4096, 14336, 32, 8, 128256, 32),

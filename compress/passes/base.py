@@ -110,9 +110,8 @@ class Context:
 
     def calibrator(self) -> "Calibrator":
         """A fresh layer-wise pass over the calibration data (see compress.calib.Calibrator)."""
-        from compress.calib import Calibrator
-
         from compress import distributed
+        from compress.calib import Calibrator
 
         return Calibrator(self.model, self.arch, distributed.share_of(self.calibration_ids()),
                           batch_size=self.calibration.batch_size, device=self.device,

@@ -10,9 +10,10 @@ the outputs of the already-quantized layers (sequential GPTQ).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

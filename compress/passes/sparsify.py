@@ -272,8 +272,9 @@ def sparsify(ctx: Context, cfg: SparsifyConfig) -> PassReport:
                 # several ranks: each module is pruned on one, every rank gets every result
                 # (the cost: SparseGPT's sequential columns)
                 pruned = distributed.spread(
-                    [lambda s=short: _pruned(names[s], local[s].weight.data, cfg, stats[s])
-                     for short in local], [linear.in_features for linear in local.values()])
+                    [lambda name=names[s], w=linear.weight.data, stat=stats[s]:
+                     _pruned(name, w, cfg, stat) for s, linear in local.items()],
+                    [linear.in_features for linear in local.values()])
                 for (short, linear), (new, module_stats) in zip(local.items(), pruned):
                     _set_pruned(names[short], linear, cfg, new)
                     report.modules[names[short]] = module_stats
