@@ -1,11 +1,11 @@
 """Data-parallel GPTQ on one host (`compress apply --gpus N`): time and peak memory per GPU.
 
     # H200 x4: Llama-3-8B shapes, W4A16 g128 GPTQ, 128 x 2048 calibration, on 1, 2 and 4 GPUs
-    python evaluate/multi_gpu_speed.py --out $OUT --shape 8b --gpus 1,2,4 --layers 8
+    python evaluate/multi_gpu_speed.py --out $OUT --shape 8b --gpus 1,2,4 --layers 8 --budget 330
     # Llama-3-70B shapes (80 layers) streamed from disk on 4 GPUs, in parts of at most
     # --budget seconds: a part that runs out interrupts the run (it is kept), and the same
     # command resumes it; the table adds up the parts
-    python evaluate/multi_gpu_speed.py --out $OUT --shape 70b --gpus 4 --budget 540
+    python evaluate/multi_gpu_speed.py --out $OUT --shape 70b --gpus 4 --budget 330
     # CPU check (gloo ranks): tiny shapes
     python evaluate/multi_gpu_speed.py --tiny --device cpu --gpus 1,2
     python evaluate/multi_gpu_speed.py --tiny --device cpu --shape 70b --gpus 2 --budget 60
@@ -14,8 +14,10 @@ SPEED ONLY: random bf16 weights (std 0.02) and random printable text through a b
 tokenizer (both from evaluate/gptq_gpu_speed.py). Each run is `python -m compress apply ...
 --gpus N --dtype bfloat16 --json` in its own process group; its log goes to --out. Columns:
 wall s = the whole command (imports, starting the ranks, loading, hashing the model for resume,
-calibration, saving); pass s = the quantize pass on rank 0 (calibration and solves, the part
-more GPUs divide); peak GB = torch's peak allocated memory of each rank's GPU (CPU: peak RSS).
+calibration, saving); pass s = the quantize pass on rank 0 (calibration and solves); stats s
+and solve s = its time gathering the statistics (the part more GPUs divide) and in the solves
+(spread whole over the GPUs); peak GB = torch's peak allocated memory of each rank's GPU (CPU:
+the peak RSS of each rank).
 """
 
 from __future__ import annotations
@@ -81,8 +83,10 @@ def run_apply(args, model: Path, recipe: Path, artifact: Path, gpus: int, fresh:
         tail = (log.read_text().strip().splitlines() or ["?"])[-1]
         return {"wall": wall, "error": f"exit {proc.returncode}: {tail[:200]}"}
     report = json.loads(out.strip().splitlines()[-1])
+    stages = report["passes"][0]["summary"].get("seconds", {})   # statistics, awq, solve
     return {"wall": wall, "apply": report["seconds"],
             "pass": sum(p["seconds"] for p in report["passes"]),
+            "statistics": stages.get("statistics"), "solve": stages.get("solve"),
             "peaks": [r["peak_memory_gb"] for r in report["ranks"]],
             "resumed": report.get("resumed", False)}
 
@@ -161,13 +165,14 @@ def print_table(rows, args, name: str, layers: int, streamed: bool) -> None:
     base = next((r for g, r in rows if g == 1 and "pass" in r), None)
     print(f"\n{name}: W4A16 g{args.group_size} GPTQ, {args.samples} x {args.seq} calibration "
           f"tokens, device {args.device}, compute bfloat16")
-    print(f"{'GPUs':>4} {'wall s':>8} {'pass s':>8} {'x (pass)':>8} {'x (wall)':>8} "
-          f"{'peak GB per GPU':>24}  note")
+    print(f"{'GPUs':>4} {'wall s':>8} {'pass s':>8} {'stats s':>8} {'solve s':>8} "
+          f"{'x (pass)':>8} {'x (wall)':>8} {'peak GB per GPU':>24}  note")
     for gpus, r in rows:
         if "pass" not in r:
             what = r.get("error") or (f"interrupted at the budget after {r['layers_done']}/"
                                       f"{layers} layers: rerun the same command to resume")
-            print(f"{gpus:4} {r.get('wall', 0):8.1f} {'-':>8} {'-':>8} {'-':>8} {'-':>24}  {what}")
+            print(f"{gpus:4} {r.get('wall', 0):8.1f} {'-':>8} {'-':>8} {'-':>8} {'-':>8} "
+                  f"{'-':>8} {'-':>24}  {what}")
             continue
         fast = f"{base['pass'] / r['pass']:8.2f}" if base else f"{'-':>8}"
         fast_wall = f"{base['wall'] / r['wall']:8.2f}" if base else f"{'-':>8}"
@@ -175,7 +180,10 @@ def print_table(rows, args, name: str, layers: int, streamed: bool) -> None:
         note = (f"{r['parts']} parts, {r['wall_total']:.0f} s wall in all (each resume "
                 "re-hashes the model and re-runs the finished layers' forward)"
                 if streamed and r.get("parts", 1) > 1 else "")
-        print(f"{gpus:4} {r['wall']:8.1f} {r['pass']:8.1f} {fast} {fast_wall} {peaks:>24}  {note}")
+        stages = " ".join(f"{r[k]:8.1f}" if r.get(k) is not None else f"{'-':>8}"
+                          for k in ("statistics", "solve"))
+        print(f"{gpus:4} {r['wall']:8.1f} {r['pass']:8.1f} {stages} {fast} {fast_wall} "
+              f"{peaks:>24}  {note}")
     print("x: speed-up over 1 GPU in the same command. Random weights and text: speed only.")
 
 
