@@ -251,6 +251,8 @@ def sum_stats(stats: dict[str, Any], fields: Sequence[str]) -> None:
     dist.all_reduce(widths, op=dist.ReduceOp.MAX)
     for entry, count, width in zip(entries, counts.tolist(), widths.tolist()):
         entry.count = count
+        if width == 0:  # no rank saw a token (the same answer on every rank)
+            continue
         for name in fields:
             value = getattr(entry, name)
             if value is None:
