@@ -197,3 +197,21 @@ def test_readme_support_table_is_the_generated_one():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert table() in readme
+
+
+def test_experts_of_an_unsplittable_layout_are_reported_not_silently_kept(tokenizer, tmp_path,
+                                                                           capsys):
+    """gpt-oss stores its experts fused with biases and interleaved gate/up: compress cannot
+    split them into Linears, so they stay in 16 bits, and the run says so."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gpt_oss", **{**SHAPE, "num_local_experts": 4,
+                                                "num_experts_per_tok": 2})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    report = apply(model, tokenizer, tmp_path / "o", {"pass": "quantize", "format": "int4",
+                                                      "group_size": 32})
+    summary = report["passes"][0]["summary"]
+    assert summary["experts_left_16bit"] == 2 and summary["modules"] > 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "2 fused expert modules (GptOssExperts)" in err and "stay in 16 bits" in err

@@ -26,7 +26,7 @@ from compress.formats.artifact import BEFORE_SAVE
 from compress.formats.sparse24 import check_nm, fits_24
 from compress.hessian import inverse_cholesky, prepare_hessian
 from compress.passes.base import Context, PassConfig, PassReport, register
-from compress.passes.quantize import target_linears
+from compress.passes.quantize import note_unsplit_experts, target_linears
 from compress.runtime.artifact import structure
 from compress.runtime.modules import (
     QuantizedLinear,
@@ -286,6 +286,7 @@ def sparsify(ctx: Context, cfg: SparsifyConfig) -> PassReport:
     errors = [m["rel_error"] for m in report.modules.values()]
     report.summary.update(modules=len(linears), mean_sparsity=sum(values) / len(values),
                           mean_rel_error=sum(errors) / len(errors))
+    note_unsplit_experts(ctx.model, report)
     return report
 
 

@@ -146,6 +146,16 @@ def fused_experts(model: nn.Module) -> dict[str, Layout]:
     return found
 
 
+def unsplit_experts(model: nn.Module) -> dict[str, str]:
+    """Modules holding 3D expert weights this module cannot split into Linears (a layout with
+    biases or interleaved gate/up, such as gpt-oss's): {module name: class name}. Passes that
+    target Linears leave them in 16 bits, and say so."""
+    hidden = model.config.get_text_config().hidden_size
+    return {name: type(module).__name__ for name, module in model.named_modules()
+            if any(p.dim() == 3 for p in module.parameters(recurse=False))
+            and fused_layout(module, hidden) is None}
+
+
 def unfuse_experts(model: nn.Module, check: bool = True) -> dict[str, dict]:
     """Replace every fused experts module by ExpertMLPs (same weights, same function; checked
     on random input unless the weights are on the meta device). Returns what it unfused:
