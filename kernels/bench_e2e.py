@@ -190,6 +190,10 @@ def main() -> None:
     parser.add_argument("--roofline", action="store_true", help="print the decode byte count")
     parser.add_argument("--quantize-lm-head", action="store_true",
                         help="lm_head in the same format too (1 GB of a bf16 step's reads)")
+    parser.add_argument("--no-fuse-norms", dest="fuse_norms", action="store_false",
+                        help="keep transformers' RMSNorm in the compressed rows (the bf16 row "
+                             "always runs it; the others run the fused kernel by default, as "
+                             "a model loaded by compress.load on CUDA does)")
     parser.add_argument("--profile", default=None,
                         help="append a torch.profiler kernel table of eager decode steps of "
                              "every row to this file")
@@ -215,6 +219,10 @@ def main() -> None:
             profile_decode(model, name, Path(args.profile))
 
     measure("bf16")
+    if args.fuse_norms:   # every later row (tinygemm too): compress.load does this on CUDA
+        from compress.runtime.norms import fuse_rmsnorms
+
+        print(f"{fuse_rmsnorms(model)} RMSNorms fused after the bf16 row", file=sys.stderr)
     for name in args.formats.split(","):
         if name == "tinygemm":
             if device.type != "cuda":

@@ -171,7 +171,13 @@ def load_artifact(path: str | Path, device=None, dtype=None, verify: bool = True
         if hasattr(module, "reference_forward"):
             module.keep_decoded = True   # decoded weights may be kept on the CPU (modules.py)
     model.eval()
-    return model.to(device) if device is not None else model
+    if device is not None:
+        model = model.to(device)
+    if any(p.is_cuda for p in model.parameters()):
+        from compress.runtime.norms import fuse_rmsnorms
+
+        fuse_rmsnorms(model)   # one Triton kernel per norm call in the decode step
+    return model
 
 
 def _is_buffer(model: nn.Module, key: str) -> bool:

@@ -1,0 +1,47 @@
+"""compress.runtime.norms.fuse_rmsnorms: the loaded model's RMSNorms run the Triton kernel (here
+the interpreter, COMPRESS_KERNELS=always) with the same logits; norms of another formula stay."""
+
+from __future__ import annotations
+
+import torch
+
+from compress.runtime.norms import fuse_rmsnorms
+
+
+def tiny(family: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=128, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, **extra)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_llama_norms_run_fused_with_the_same_logits(monkeypatch):
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    model = tiny("llama")
+    for norm in model.modules():  # non-trivial weights, so a kernel that ignored them fails
+        if type(norm).__name__.endswith("RMSNorm"):
+            norm.weight.data.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert fuse_rmsnorms(model) == 2 * 2 + 1      # two a layer and the final norm
+        got = model(ids).logits
+    assert all(getattr(m, "fused_rmsnorm", False) for m in model.modules()
+               if type(m).__name__.endswith("RMSNorm"))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert fuse_rmsnorms(model) == 0                 # already fused: nothing to do twice
+
+
+def test_a_norm_of_another_formula_is_left_alone(monkeypatch):
+    """Gemma's RMSNorm scales by (1 + weight): the check on a random row keeps it unfused."""
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    model = tiny("gemma3_text", sliding_window=8, layer_types=["sliding_attention"] * 2)
+    assert fuse_rmsnorms(model) == 0
+
+
+def test_nothing_is_fused_where_kernels_do_not_run(monkeypatch):
+    monkeypatch.setenv("COMPRESS_KERNELS", "auto")     # CPU tensors: the reference runs
+    assert fuse_rmsnorms(tiny("llama")) == 0
