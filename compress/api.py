@@ -45,10 +45,10 @@ def apply(model: str | nn.Module, recipe: str | Path | Recipe | Sequence[PassCon
 
     parsed = as_recipe(recipe)   # errors here, before any model loads
     if isinstance(model, str):  # the output may not be, hold or lie inside the input
-        from compress.models import resolve
         from compress.pipeline import input_paths
+        from compress.runtime.checkpoint import Checkpoint
 
-        inputs = input_paths(resolve(model, options.get("allow_pickle", False)))
+        inputs = input_paths(Checkpoint.open(model, options.get("allow_pickle", False)))
     else:
         inputs = ()
     check_output(Path(output), options.get("overwrite", False), inputs)

@@ -65,11 +65,11 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled rec
     parsed = load_recipe(recipe, allow_paths=allow_path)  # fails here, before any model loads
     if dry_run:
         from compress.formats.artifact import check_output
-        from compress.models import resolve
         from compress.pipeline import input_paths
         from compress.preflight import preflight
+        from compress.runtime.checkpoint import Checkpoint
 
-        check_output(output, overwrite, input_paths(resolve(model, allow_pickle)))
+        check_output(output, overwrite, input_paths(Checkpoint.open(model, allow_pickle)))
         preflight(parsed, model, output, device=device, dtype=dtype, tp=tp,
                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         return
@@ -246,16 +246,18 @@ def _load_for_run(spec: str, device: str, dtype: str):
     dtype, on device."""
     import torch
 
-    from compress.models import load_model, resolve
+    from compress.models import load_model
+    from compress.runtime.checkpoint import Checkpoint
 
     torch_dtype = getattr(torch, dtype)
-    if resolve(spec).kind == "artifact":
+    checkpoint = Checkpoint.open(spec)
+    if checkpoint.kind == "artifact":
         from transformers import AutoTokenizer
 
         from compress.runtime.artifact import load_artifact
 
-        model = load_artifact(resolve(spec).path, device=device, dtype=torch_dtype)
-        return model, AutoTokenizer.from_pretrained(resolve(spec).path)
+        model = load_artifact(checkpoint.path, device=device, dtype=torch_dtype)
+        return model, AutoTokenizer.from_pretrained(checkpoint.path)
     loaded = load_model(spec, dtype=dtype)
     return loaded.model.to(device), loaded.tokenizer
 

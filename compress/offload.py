@@ -1,76 +1,21 @@
 """Decoder layers kept on disk between uses, so memory holds about one layer at a time.
 
-A LayerStore reads layer i from the source checkpoint's safetensors shards (or from the file a
-pass wrote for it), and after the pass writes it to `layer-0000i.safetensors` in the run's
-partial output directory and frees it (its tensors go back to the meta device). Those files are
-the artifact's weight shards at the end, and what an interrupted run resumes from.
+A LayerStore reads layer i from the source checkpoint (compress.runtime.checkpoint), or from
+the file a pass wrote for it, and after the pass writes it to `layer-0000i.safetensors` in the
+run's partial output directory and frees it (its tensors go back to the meta device). Those
+files are the artifact's weight shards at the end, and what an interrupted run resumes from.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from compress.errors import CompressError
-
-
-def safetensors_index(path: Path) -> dict[str, Path]:
-    """Tensor name -> shard file, from the index JSON or the shards' headers."""
-    from safetensors import safe_open
-
-    index_file = path / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            items = [(str(name), inside(path, file)) for name, file in weight_map.items()]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise CompressError(f"{index_file} is not a valid shard index (a JSON object with "
-                                "a weight_map of tensor name -> file)") from None
-        for name, file in items:
-            if not file.is_file():
-                raise CompressError(f"{index_file}: {name} is in {file.name}, which is "
-                                    "missing; the checkpoint is incomplete")
-        return dict(items)
-    index = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as handle:
-            index.update({name: file for name in handle.keys()})
-    return index
-
-
-def inside(directory: Path, file: str) -> Path:
-    """directory/file, refused unless file is a plain name inside directory (an index from
-    elsewhere must not make us read /etc/... or ../other-model)."""
-    if not isinstance(file, str) or not file or os.path.isabs(file) or \
-            ".." in Path(file).parts or "\0" in file:
-        raise CompressError(f"{directory / 'model.safetensors.index.json'}: weight_map entry "
-                            f"{file!r} is not a file inside the model directory")
-    return directory / file
-
-
-def read_prefixed(index: dict[str, Path], prefix: str, dtype: torch.dtype | None = None
-                  ) -> dict[str, torch.Tensor]:
-    """Tensors whose name starts with prefix (prefix stripped), floats cast to dtype."""
-    from safetensors import safe_open
-
-    by_file: dict[Path, list[str]] = defaultdict(list)
-    for name, file in index.items():
-        if name.startswith(prefix):
-            by_file[file].append(name)
-    tensors = {}
-    for file, names in by_file.items():
-        with safe_open(str(file), "pt") as handle:
-            for name in names:
-                tensor = handle.get_tensor(name)
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor = tensor.to(dtype)
-                tensors[name[len(prefix):]] = tensor
-    return tensors
+from compress.runtime.checkpoint import Checkpoint
 
 
 def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -96,12 +41,12 @@ def free(module: nn.Module) -> None:
 class LayerStore:
     """Where decoder layer i lives between passes: source shards, or the file a pass wrote."""
 
-    def __init__(self, layers_prefix: str, work_dir: Path, source: dict[str, Path] | None,
+    def __init__(self, layers_prefix: str, work_dir: Path, source: Checkpoint | None,
                  dtype: torch.dtype | None, writes: bool = True):
         self.layers_prefix = layers_prefix      # e.g. "model.layers"
         self.writes = writes                    # False on ranks > 0: they read rank 0's files
         self.work_dir = work_dir
-        self.source = source or {}
+        self.source = source                    # None: every layer is in memory already
         self.dtype = dtype
         # Set for the recipe's last pass only: its layer files become the artifact's shards, so
         # they are written in the saved dtype; earlier passes' files keep full precision.
@@ -119,7 +64,7 @@ class LayerStore:
             tensors = {k.removeprefix(prefix): v for k, v in load_file(str(written)).items()}
             tensors = self._compute_dtype(tensors)
         elif not is_materialized(layer):
-            tensors = read_prefixed(self.source, prefix, self.dtype)
+            tensors = self.source.read_prefix(prefix, self.dtype) if self.source else {}
         else:
             return
         for name, tensor in tensors.items():

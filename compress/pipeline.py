@@ -25,7 +25,7 @@ from compress import __version__, distributed
 from compress.errors import CompressError, DiskFull
 from compress.formats.artifact import check_output, partial_dir, save_artifact, saved_dtype
 from compress.lock import output_lock
-from compress.models import Loaded, layers_path, load_model, model_fingerprint
+from compress.models import Loaded, layers_path, load_model
 from compress.passes import Context, run_pass
 from compress.progress import console, status
 from compress.recipe import Recipe
@@ -50,7 +50,7 @@ def fingerprints(ctx: Context, source, recipe_yaml: str, options: dict[str, Any]
     content, the recipe, the calibration tokens, and every option that changes the output."""
     calib = ctx.calibration_ids()
     with status("hashing the model's files (to recognise an interrupted run of the same model)"):
-        model = model_fingerprint(source)
+        model = source.fingerprint()
     return {"model": model,
             "recipe": hashlib.sha256((recipe_yaml + __version__).encode()).hexdigest()[:16],
             "calibration data": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
@@ -60,22 +60,15 @@ def fingerprints(ctx: Context, source, recipe_yaml: str, options: dict[str, Any]
 def source_dtype(loaded: Loaded) -> torch.dtype | None:
     """The dtype the source model stores its weights in: config.json's for a directory, the
     in-memory parameters' for a model passed in memory; None for a GGUF (no 16-bit dtype)."""
-    import json
-
     if loaded.source is None:
         return next(loaded.model.parameters()).dtype
-    config = Path(loaded.source.path) / "config.json"
-    if loaded.source.gguf_file or not config.is_file():
-        return None
-    raw = json.loads(config.read_text())
-    name = raw.get("dtype") or raw.get("torch_dtype")
-    return getattr(torch, name, None) if isinstance(name, str) else None
+    return loaded.source.stored_dtype()
 
 
 def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: bool,
                     options: dict[str, Any]) -> None:
     """Attach a LayerStore and a resumable Run (restoring an interrupted one) to ctx."""
-    from compress.offload import LayerStore, safetensors_index
+    from compress.offload import LayerStore
     from compress.resume import Run
     from compress.runtime.artifact import structure, swap_quantized
 
@@ -86,7 +79,7 @@ def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: 
     run.writes = distributed.is_writer()
     lazy = loaded.source.kind == "dir"
     ctx.store = LayerStore(layers_path(ctx.model, ctx.arch), work,
-                           safetensors_index(Path(loaded.source.path)) if lazy else None,
+                           loaded.source if lazy else None,
                            next(ctx.model.parameters()).dtype, writes=run.writes)
     ctx.run = run
     if run.resumed:
@@ -120,11 +113,11 @@ def apply_recipe(recipe: Recipe, model_spec: str | Loaded, out: Path, *, overwri
     artifact stores unquantized tensors in `save_dtype` (auto: the source's 16-bit dtype).
     The default stays float32 until the suite's exactness tests load artifacts explicitly in
     float32 (issue 16 asks for auto by default; see evaluate/RESULTS.md)."""
-    from compress.models import resolve
+    from compress.runtime.checkpoint import Checkpoint
 
     out = Path(out)
     saved_dtype(save_dtype, None)  # an unknown name fails before the model loads
-    source = None if isinstance(model_spec, Loaded) else resolve(model_spec, allow_pickle)
+    source = None if isinstance(model_spec, Loaded) else Checkpoint.open(model_spec, allow_pickle)
     # an unwritable place, or one overlapping the input, fails before the lock file is made
     check_output(out, overwrite, input_paths(source))
     # With several ranks, rank 0 alone holds the lock (and alone writes under it).

@@ -168,9 +168,9 @@ class Plan:
 def plan(recipe, source, dtype: str = "float32", trust_remote_code: bool = False) -> Plan:
     """Read the config and check every pass against the model's names and shapes (group
     sizes, fused groups, ...): the checks that need no weights, before any weight loads."""
-    from compress.models import arch_for, load_config
+    from compress.models import arch_for
 
-    config = load_config(source, trust_remote_code)
+    config = source.config(trust_remote_code)
     arch = arch_for(config)
     if source.kind == "artifact":
         # Its config describes the model before compress changed its structure (pruned heads,
@@ -198,11 +198,12 @@ def partial_bytes(out: Path) -> int:
 def preflight(recipe, model_spec: str, out: Path, *, device: str = "auto",
               dtype: str = "float32", tp: int = 1, trust_remote_code: bool = False,
               allow_pickle: bool = False) -> Estimate:
-    from compress.models import arch_for, load_config, resolve
+    from compress.models import arch_for
     from compress.pipeline import is_layerwise
+    from compress.runtime.checkpoint import Checkpoint
 
-    source = resolve(model_spec, allow_pickle)
-    config = load_config(source, trust_remote_code)
+    source = Checkpoint.open(model_spec, allow_pickle)
+    config = source.config(trust_remote_code)
     arch = arch_for(config)
     model = meta_model(config, arch)
     dtype_bytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()

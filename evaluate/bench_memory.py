@@ -67,9 +67,9 @@ def save_tokenizer(path: Path) -> None:
     """A real tokenizer for the random model (calibration text must be tokenized): SmolLM2's."""
     from transformers import AutoTokenizer
 
-    from compress.models import resolve
+    from compress.runtime.checkpoint import Checkpoint
 
-    source = resolve("smollm2-135m")
+    source = Checkpoint.open("smollm2-135m")
     AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file).save_pretrained(path)
 
 

@@ -45,9 +45,9 @@ def tokenizer():
     """SmolLM2's tokenizer alone (read from the GGUF): calibration text -> ids < 49152."""
     from transformers import AutoTokenizer
 
-    from compress.models import resolve
+    from compress.runtime.checkpoint import Checkpoint
 
-    source = resolve("smollm2-135m")
+    source = Checkpoint.open("smollm2-135m")
     return AutoTokenizer.from_pretrained(source.path, **source.pretrained_kwargs())
 
 

@@ -184,9 +184,9 @@ def tokenizer_dir(tmp_path_factory):
     """SmolLM2's tokenizer alone (read from the GGUF, no model load): the CLI needs one."""
     from transformers import AutoTokenizer
 
-    from compress.models import resolve
+    from compress.runtime.checkpoint import Checkpoint
 
-    source = resolve("smollm2-135m")
+    source = Checkpoint.open("smollm2-135m")
     path = tmp_path_factory.mktemp("tokenizer")
     AutoTokenizer.from_pretrained(source.path, **source.pretrained_kwargs()).save_pretrained(path)
     return path

@@ -58,15 +58,16 @@ def test_lazy_load_keeps_layers_on_meta(hf_dir):
 
 def test_only_one_layer_is_in_memory_at_a_time(hf_dir, tmp_path):
     from compress.models import decoder_layers, load_model
-    from compress.offload import LayerStore, is_materialized, safetensors_index
+    from compress.offload import LayerStore, is_materialized
     from compress.passes import Context
     from compress.recipe import load_recipe
+    from compress.runtime.checkpoint import Checkpoint
 
     loaded = load_model(str(hf_dir), lazy=True)
     layers = decoder_layers(loaded.model, loaded.arch)
     ctx = Context(loaded.model, loaded.tokenizer, loaded.arch, load_recipe(RECIPE).calibration,
                   torch.device("cpu"))
-    ctx.store = LayerStore("model.layers", tmp_path, safetensors_index(hf_dir), torch.float32)
+    ctx.store = LayerStore("model.layers", tmp_path, Checkpoint.open(hf_dir), torch.float32)
     seen = []
     for index, _, layer in ctx.layers():
         seen.append(sum(is_materialized(other) for other in layers))

@@ -23,10 +23,10 @@ from compress.evaluation.accuracy import evaluate_accuracy
 
 def fingerprint(spec: str) -> str:
     """The identity of a model source: the same hash `compress apply` records to resume
-    (compress.models.model_fingerprint), one definition for both."""
-    from compress.models import model_fingerprint, resolve
+    (Checkpoint.fingerprint), one definition for both."""
+    from compress.runtime.checkpoint import Checkpoint
 
-    return model_fingerprint(resolve(spec))
+    return Checkpoint.open(spec).fingerprint()
 
 
 def machine() -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """What a loaded compressed model needs, and nothing that made it.
 
     modules.py     QuantizedLinear, the 2:4 Linears and the kernel dispatch
+    checkpoint.py  reading any checkpoint: resolve a source, its config, its tensors lazily
     artifact.py    the artifact reader: config + safetensors -> nn.Module (compress.load)
     norms.py       CRMSNorm and the rebuild of converted norms (rmsnorm pass)
     precompute.py  the precomputed first-layer table and its readers (precompute pass)

@@ -8,7 +8,6 @@ config["compress"]["structure"], and rebuilt here by the loader of its key.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +16,7 @@ from torch import nn
 
 from compress.errors import CompressError, UsageError
 from compress.formats import WeightFormat
+from compress.runtime.checkpoint import Checkpoint, read_config_json
 from compress.runtime.modules import QuantizedLinear, get_module, set_module
 
 
@@ -54,26 +54,6 @@ def structure_loaders() -> dict[str, Callable[[nn.Module, Any], None]]:
             "experts": moe.load_experts}
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CompressError(f"{path} has no *.safetensors weights")
-    from compress.integrity import check_safetensors_layout
-
-    tensors = {}
-    for file in files:
-        check_safetensors_layout(file)
-        try:
-            tensors.update(load_file(str(file)))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CompressError(f"{file} is corrupt or truncated ({exc}); rebuild the "
-                                "artifact") from None
-    return tensors
-
-
 def read_artifact_config(path: Path, verify: bool = True) -> dict:
     """config.json of an artifact, after its checksums (unless verify=False) and the agreement of
     quantization_config with compress's module formats are checked."""
@@ -82,12 +62,8 @@ def read_artifact_config(path: Path, verify: bool = True) -> dict:
 
     if not (path / "config.json").is_file():
         raise UsageError(f"{path} is not an artifact (no config.json)")
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CompressError(f"{path / 'config.json'} is not valid JSON ({exc}); the artifact "
-                            "is corrupt") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("compress", {}), dict):
+    raw = read_config_json(path / "config.json", "artifact")
+    if not isinstance(raw.get("compress", {}), dict):
         raise CompressError(f"{path / 'config.json'} is not a config object; the artifact is "
                             "corrupt")
     section = raw.get("compress", {})
@@ -127,14 +103,15 @@ def _corrupt_on_error(load: Callable) -> Callable:
 def load_artifact(path: str | Path, device=None, dtype=None, verify: bool = True) -> nn.Module:
     """Rebuild the compressed model: quantized linears keep packed weights and compute with them.
     verify=False skips the checksums (faster for large artifacts)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     from compress.models import arch_for
 
     path = Path(path)
     raw = read_artifact_config(path, verify)
     section = raw.get("compress", {})
-    config = AutoConfig.from_pretrained(path)
+    checkpoint = Checkpoint.artifact(path)
+    config = checkpoint.config()
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     arch = arch_for(config)
@@ -151,7 +128,7 @@ def load_artifact(path: str | Path, device=None, dtype=None, verify: bool = True
                                 f"{key!r}; upgrade compress")
         loaders[key](model, value)
     swap_quantized(model, section.get("modules", {}))
-    tensors = read_tensors(path)
+    tensors = checkpoint.read_prefix("")
     for name, module in quantized_modules(model).items():
         prefix = name + "."
         packed = {k[len(prefix):]: tensors.pop(k) for k in list(tensors)
