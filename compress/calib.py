@@ -411,6 +411,8 @@ class Calibrator:
                                  self.device, store)
                 if index >= start:
                     yield step
+                    if ctx:
+                        ctx.settle_layer(layer)
                 # A layer finished before a resume is only re-run, to rebuild the next inputs.
                 inputs = step.run(keep_outputs=True)
                 layer.to("cpu")

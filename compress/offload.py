@@ -92,6 +92,17 @@ class LayerStore:
         os.replace(tmp, target)
         free(layer)
 
+    def round_to_saved(self, layer: nn.Module) -> None:
+        """Round the layer's floating tensors, in place and in their compute dtype, to the
+        values save() will write (a no-op unless this is the last pass and it saves narrower)."""
+        from compress.formats.artifact import cast_for_save
+
+        state = layer.state_dict()
+        with torch.no_grad():
+            for name, saved in cast_for_save(state, self.final_dtype).items():
+                if saved is not state[name]:
+                    state[name].copy_(saved)
+
     def _compute_dtype(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A layer file written in the saved dtype (a resumed last pass re-reads it) goes back
         to the dtype the passes compute in; files in full precision are unchanged."""

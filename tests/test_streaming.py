@@ -190,3 +190,33 @@ def test_killed_gptq_run_resumes_to_identical_tensors(hf_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     a, b = tensors(whole), tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_last_pass_rounds_a_layer_to_what_it_saves(tmp_path):
+    """Before the calibrator re-runs a finished layer for the next layer's inputs, the layer
+    holds what its file will hold (bfloat16 values, float32 compute): a resumed run, which
+    re-runs it from that file, then computes the same inputs. Codes are untouched."""
+    from support import tiny_llama
+
+    from compress.formats import WeightFormat, codec
+    from compress.offload import LayerStore
+    from compress.passes.quantize import replace_with_quantized
+
+    layer = tiny_llama().model.layers[0]
+    fmt = WeightFormat(group_size=32)
+    proj = layer.mlp.up_proj
+    replace_with_quantized(layer, "mlp.up_proj", proj, codec(fmt).quantize(proj.weight.data, fmt))
+    codes = layer.mlp.up_proj.weight_packed.clone()
+    store = LayerStore("model.layers", tmp_path, None, torch.float32)
+    store.final_dtype = torch.bfloat16
+    before = [v for v in layer.state_dict().values() if v.is_floating_point()]
+    assert not all(torch.equal(v, v.bfloat16().float()) for v in before)  # random: not bf16
+    store.round_to_saved(layer)
+    held = {k: v.clone() for k, v in layer.state_dict().items()}
+    floats = [v for v in held.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 for v in floats)
+    assert all(torch.equal(v, v.bfloat16().float()) for v in floats)
+    assert torch.equal(layer.mlp.up_proj.weight_packed, codes)
+    store.save(0, layer)
+    store.load(0, layer)
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in held.items())

@@ -141,6 +141,13 @@ class Context:
         if self.store is not None:
             self.store.load(index, layer)
 
+    def settle_layer(self, layer: "torch.nn.Module") -> None:
+        """The pass changed this layer and the calibrator is about to re-run it for the next
+        layer's inputs: round it to what will be saved first, so those inputs are the ones a
+        resumed run rebuilds from the written file (and the ones the artifact computes)."""
+        if self.store is not None:
+            self.store.round_to_saved(layer)
+
     def close_layer(self, index: int, layer: "torch.nn.Module") -> None:
         """The pass is done with this layer: write it (and the progress) and free it. With
         several ranks only rank 0 writes; the others wait until it has (they read the file in
