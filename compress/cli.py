@@ -33,9 +33,9 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML (or a bundled rec
           device: str = typer.Option("auto", help="compute device for calibration"),
           dtype: str = typer.Option("float32", help="dtype the passes compute in (the model is "
                                                     "loaded in it)"),
-          save_dtype: str = typer.Option("float32", help="dtype of the artifact's unquantized "
-                                         "tensors and INT scales: float32, auto (the source's "
-                                         "16-bit dtype, else bfloat16), bfloat16, float16"),
+          save_dtype: str = typer.Option("auto", help="dtype of the artifact's unquantized "
+                                         "tensors and INT scales: auto (the source's 16-bit "
+                                         "dtype, else bfloat16), bfloat16, float16, float32"),
           trust_remote_code: bool = typer.Option(False, help="allow model code from the hub"),
           allow_pickle: bool = typer.Option(False, help="allow .bin/.pt pickle checkpoints"),
           strict: bool = typer.Option(False, help="make any fallback (e.g. GPTQ -> RTN) an error"),

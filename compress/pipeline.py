@@ -106,13 +106,12 @@ def input_paths(source) -> tuple[Path, ...]:
 def apply_recipe(recipe: Recipe, model_spec: str | Loaded, out: Path, *, overwrite: bool = False,
                  device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False,
                  allow_pickle: bool = False, strict: bool = False,
-                 restart: bool = False, save_dtype: str = "float32") -> dict[str, Any]:
+                 restart: bool = False, save_dtype: str = "auto") -> dict[str, Any]:
     """Run every pass of `recipe` on `model_spec` (a model source, or a model already in
     memory as `Loaded`) and write the artifact to `out`, holding the output's lock throughout
     (a second run on the same output stops at once). The passes compute in `dtype`; the
-    artifact stores unquantized tensors in `save_dtype` (auto: the source's 16-bit dtype).
-    The default stays float32 until the suite's exactness tests load artifacts explicitly in
-    float32 (issue 16 asks for auto by default; see evaluate/RESULTS.md)."""
+    artifact stores unquantized tensors in `save_dtype` (auto: the source's 16-bit dtype, else
+    bfloat16; float32 keeps the passes' values exactly)."""
     from compress.runtime.checkpoint import Checkpoint
 
     out = Path(out)

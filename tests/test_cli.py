@@ -19,7 +19,10 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "int4-rtn.yaml"
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("apply") / "smollm2-int4"
-    sys.argv = ["compress", "apply", str(RECIPE), "smollm2-135m", "-o", str(out)]
+    # float32 storage: the tests below compare with the float32 model exactly (the default,
+    # bfloat16 for a GGUF source, is covered by tests/test_streaming.py)
+    sys.argv = ["compress", "apply", str(RECIPE), "smollm2-135m", "-o", str(out),
+                "--save-dtype", "float32"]
     try:
         main()
     except SystemExit as exc:

@@ -166,8 +166,9 @@ def test_compare_writes_table_plot_and_resumes(tmp_path, smollm2):
     table = (out / "compare.md").read_text()
     assert "| baseline |" in table and "| int4-g32 |" in table and "decode tok/s (cpu)" in table
     rows = {r["recipe"]: r for r in first["rows"]}
-    # 4-bit codes + one float32 scale per 32 weights (+ the 16-byte weight_shape per layer)
-    assert 4 + 32 / 32 <= rows["int4-g32"]["bits_per_weight"] < 4 + 32 / 32 + 0.05
+    # 4-bit codes + one bfloat16 scale per 32 weights (the default save dtype for a float32
+    # model), + the 16-byte weight_shape per layer
+    assert 4 + 16 / 32 <= rows["int4-g32"]["bits_per_weight"] < 4 + 16 / 32 + 0.05
     assert rows["baseline"]["bits_per_weight"] == 32
     stamp = {p: p.stat().st_mtime_ns for p in (out / "artifacts" / "int4-g32").iterdir()}
     second = compare(str(model_dir), [str(recipe)], out, [], None, seq_len=64, max_tokens=256)
@@ -176,4 +177,4 @@ def test_compare_writes_table_plot_and_resumes(tmp_path, smollm2):
     recipe.write_text("passes:\n  - {pass: quantize, format: int4, group_size: 16}\n")
     third = compare(str(model_dir), [str(recipe)], out, [], None, seq_len=64, max_tokens=256,
                     run_bench=False)
-    assert third["rows"][1]["bits_per_weight"] >= 4 + 32 / 16  # rebuilt with groups of 16
+    assert third["rows"][1]["bits_per_weight"] >= 4 + 16 / 16  # rebuilt with groups of 16

@@ -360,7 +360,7 @@ def test_cli_apply_writes_report_and_artifact(smollm2, tmp_path):
     smollm2.tokenizer.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "compress", "apply", "precompute",
-                          str(tmp_path / "tiny"), "-o", str(out)],
+                          str(tmp_path / "tiny"), "-o", str(out), "--save-dtype", "float32"],
                          capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((out / "report.json").read_text())["passes"][0]["summary"]

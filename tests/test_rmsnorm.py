@@ -311,7 +311,8 @@ def test_cli_apply_records_diff_and_reloads(tmp_path):
                       "  - pass: rmsnorm\n    mode: crmsnorm\n")
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "compress", "apply", str(recipe), str(src),
-                          "-o", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          "-o", str(out), "--save-dtype", "float32"], capture_output=True,
+                         text=True, cwd=ROOT,
                          check=False)
     assert run.returncode == 0, run.stderr + run.stdout
     report = json.loads((out / "report.json").read_text())

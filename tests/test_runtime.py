@@ -72,7 +72,8 @@ def test_python_api_applies_a_recipe_to_a_model_in_memory(tmp_path):
     model = tiny_llama()
     config = QuantizeConfig.model_validate({"pass": "quantize", "format": "int4",
                                             "group_size": 32, "ignore": ["lm_head"]})
-    report = compress.apply(model, [config], tmp_path / "art", device="cpu")
+    # float32 artifact: the logits are compared exactly with the float32 model's
+    report = compress.apply(model, [config], tmp_path / "art", device="cpu", save_dtype="float32")
     assert report["passes"][0]["pass"] == "quantize"
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():

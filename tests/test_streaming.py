@@ -85,6 +85,8 @@ def test_streamed_artifact_is_sharded_and_loads_everywhere(uninterrupted, eval_w
     assert len(set(index["weight_map"].values())) == 31  # 30 layer shards + the rest
     report = json.loads((uninterrupted / "report.json").read_text())
     assert report["streamed"] is True
+    config = json.loads((uninterrupted / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"  # the default save dtype for a float32 source
     assert not (uninterrupted / "run.json").exists()
     ids = eval_windows[:1, :64]
     with torch.no_grad():
