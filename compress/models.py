@@ -243,7 +243,9 @@ class Loaded:
 
 def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False,
                allow_pickle: bool = False, lazy: bool = False) -> Loaded:
-    """Load any supported source as a plain (uncompressed) transformers model and tokenizer.
+    """Load any supported source as a plain (uncompressed) transformers model and tokenizer,
+    computing in dtype (an artifact too: its packed weights stay packed, its 16-bit tensors
+    are widened, so it is compared with a baseline in the same dtype).
     lazy: for a safetensors directory, leave the decoder layers on the meta device, to be read
     one at a time (compress.offload.LayerStore); everything else is loaded."""
     import torch
@@ -259,7 +261,7 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     if source.kind == "artifact":
         from compress.runtime.artifact import load_artifact
 
-        model = load_artifact(source.path)
+        model = load_artifact(source.path, dtype=getattr(torch, dtype))
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         return Loaded(model, tokenizer, arch_for(model.config), source)
     config = source.config(trust_remote_code)
