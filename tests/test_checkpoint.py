@@ -103,3 +103,25 @@ def test_an_artifact_reads_its_packed_tensors(tmp_path):
     before = checkpoint.fingerprint()
     (tmp_path / "art" / "recipe.yaml").write_text("passes: []  # edited\n")
     assert Checkpoint.open(tmp_path / "art").fingerprint() != before
+
+
+def test_an_index_that_disagrees_with_its_shards_is_one_line(tmp_path):
+    """A name dropped from the weight_map, or mapped to a shard without it, would make a reader
+    of the index miss or misread a tensor."""
+    from compress.errors import CompressError
+    from compress.runtime.checkpoint import Checkpoint
+
+    _, path = _sharded_dir(tmp_path / "m")
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    files = list(index["weight_map"].values())
+    name = next(n for n, f in index["weight_map"].items() if files.count(f) > 1)  # shares a shard
+    dropped = {**index, "weight_map": {k: v for k, v in index["weight_map"].items() if k != name}}
+    index_file.write_text(json.dumps(dropped))
+    with pytest.raises(CompressError, match=f"holds {name}, which the weight_map does not list"):
+        Checkpoint.open(path)
+    other = next(f for f in set(index["weight_map"].values()) if f != index["weight_map"][name])
+    moved = {**index, "weight_map": {**index["weight_map"], name: other}}
+    index_file.write_text(json.dumps(moved))
+    with pytest.raises(CompressError, match=f"{name} is not in {other}"):
+        Checkpoint.open(path)

@@ -201,6 +201,7 @@ class Checkpoint:
                 if not file.is_file():
                     raise CompressError(f"{index_file}: {name} is in {file.name}, which is "
                                         "missing; the checkpoint is incomplete")
+            _check_weight_map(index_file, dict(items))
             return dict(items)
         index = {}
         for file in self.shards():
@@ -293,6 +294,26 @@ def read_config_json(path: Path, what: str) -> dict:
     if not isinstance(raw, dict):
         raise CompressError(f"{path} is not a config object; the {what} is corrupt")
     return raw
+
+
+def _check_weight_map(index_file: Path, weight_map: dict[str, Path]) -> None:
+    """The index and the shards' headers agree: each name is in the shard it is mapped to, and
+    each tensor of those shards is listed (a reader of the index would miss it otherwise)."""
+    from safetensors import safe_open
+
+    held = {}
+    for file in sorted(set(weight_map.values())):
+        with safe_open(str(file), "pt") as handle:
+            held[file] = set(handle.keys())
+    for name, file in weight_map.items():
+        if name not in held[file]:
+            raise CompressError(f"{index_file}: {name} is not in {file.name}; the checkpoint "
+                                "is inconsistent")
+    for file, names in held.items():
+        unlisted = sorted(n for n in names if weight_map.get(n) != file)
+        if unlisted:
+            raise CompressError(f"{index_file}: {file.name} holds {unlisted[0]}, which the "
+                                "weight_map does not list there; the checkpoint is inconsistent")
 
 
 def inside(directory: Path, file: str) -> Path:
