@@ -16,14 +16,19 @@ What it does:
  1. saves SmolLM2 (dequantized from its GGUF, float32) as an HF directory, ONE set of calibration
     windows [N, L] (stdlib calibration modules, seed 0) and the evaluation windows (the first
     --eval-tokens of the stdlib evaluation modules, windows of 512): both sides read these files;
- 2. our side, in this process: the quantize pass on those windows (RTN and GPTQ with the options
-    of --ours), perplexity on the evaluation windows;
- 3. llm-compressor's side, in a subprocess under LLMC_PYTHON: its float perplexity, its RTN
-    (QuantizationModifier, data-free) and its GPTQ (GPTQModifier with its defaults: block 128,
-    dampening 0.01, actorder "static"; lm_head ignored; `oneshot` on the same windows);
+ 2. our side, in this process: our passes on those windows (per setting the methods of
+    METHODS: RTN and GPTQ with the options of --ours; with --awq also AWQ + GPTQ; 2:4 by Wanda
+    and SparseGPT; 2:4 SparseGPT then INT4), perplexity on the evaluation windows;
+ 3. llm-compressor's side, in a subprocess under LLMC_PYTHON: its float perplexity and the same
+    methods with its modifiers (QuantizationModifier for RTN, data-free; GPTQModifier with its
+    defaults: block 128, dampening 0.01, actorder "static"; AWQModifier + GPTQModifier;
+    SparseGPTModifier / WandaPruningModifier at 2:4; lm_head ignored; `oneshot` on the same
+    windows);
  4. sanity checks before any table: the two float perplexities agree (same model, same text,
-    same formula) and llm-compressor's GPTQ beats its own RTN at every setting. When a check
-    fails the script prints why and exits 1 without a table.
+    same formula); at every setting llm-compressor's calibrated methods beat its own reference
+    method (GPTQ and AWQ + GPTQ its RTN, SparseGPT its Wanda, GPTQ after SparseGPT its RTN
+    after SparseGPT) and its 2:4 weights are 2:4. When a check fails the script prints why and
+    exits 1 without a table.
 Each row is cached as JSON under --work (delete the file, or pass --fresh, to measure again).
 """
 
@@ -51,7 +56,18 @@ SETTINGS = {
     "int4-asym-g192": {"format": "int4", "group_size": 192, "symmetric": False},
     "nvfp4": {"format": "nvfp4"},
     "mxfp4": {"format": "mxfp4"},
+    # 2:4 sparsity of every decoder linear, alone and followed by INT4 sym g64
+    "sparse24": {},
+    "sparse24-int4-sym-g64": {"format": "int4", "group_size": 64, "symmetric": True},
 }
+# The methods each setting is run with, both sides: a method is "+"-joined steps run in order
+# (awq: activation-aware scales folded before quantizing; sparsegpt / wanda: 2:4 pruning;
+# rtn / gptq: the quantizer). The first method of a row is the peer's reference for its sanity
+# check: every other method of the row must beat it on the peer's side.
+METHODS = {"sparse24": ("wanda", "sparsegpt"),
+           "sparse24-int4-sym-g64": ("sparsegpt+rtn", "sparsegpt+gptq")}
+DEFAULT_METHODS = ("rtn", "gptq")
+OPTIONAL_METHODS = ("awq+gptq",)   # added to the quantization settings by --awq
 FLOAT_TOLERANCE = 1e-3     # relative: the two venvs must agree on the float model
 
 
@@ -86,20 +102,32 @@ def llmc_scheme(setting: str) -> dict:
     return {"config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
 
 
-def llmc_modifiers(setting: str, method: str):
+def llmc_modifiers(setting: str, method: str) -> list:
+    """The modifiers of one method, in order. GPTQ keeps its defaults (block_size 128,
+    dampening_frac 0.01, actorder "static"); AWQModifier (the transform) takes its scheme from
+    the quantization modifier after it; the 2:4 modifiers use block 128, damping 0.01."""
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier
 
-    scheme = llmc_scheme(setting)
-    if method == "rtn":
-        return [QuantizationModifier(ignore=["lm_head"], **scheme)]
-    if method == "gptq":    # its defaults: block_size 128, dampening_frac 0.01, actorder static
-        return [GPTQModifier(ignore=["lm_head"], **scheme)]
-    if method == "awq+gptq":
-        from llmcompressor.modifiers.awq import AWQModifier
+    sparse = {"sparsity": 0.5, "mask_structure": "2:4", "targets": ["Linear"],
+              "ignore": ["lm_head"]}
+    steps = {"awq": lambda: AWQModifier(),
+             "sparsegpt": lambda: SparseGPTModifier(block_size=128, dampening_frac=0.01,
+                                                    **sparse),
+             "wanda": lambda: WandaPruningModifier(**sparse),
+             "rtn": lambda: QuantizationModifier(ignore=["lm_head"], **llmc_scheme(setting)),
+             "gptq": lambda: GPTQModifier(ignore=["lm_head"], **llmc_scheme(setting))}
+    return [steps[step]() for step in method.split("+")]
 
-        return [AWQModifier(ignore=["lm_head"], **scheme),
-                GPTQModifier(ignore=["lm_head"], **scheme)]
-    raise ValueError(method)
+
+def is_24(model) -> bool:
+    """Every decoder linear keeps at most 2 non-zeros in each 4 consecutive inputs."""
+    import torch
+
+    return all((m.weight.reshape(-1, 4) != 0).sum(-1).max().item() <= 2
+               for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name != "lm_head")
 
 
 def run_llmc(work: Path, setting: str, method: str) -> dict:
@@ -120,7 +148,7 @@ def run_llmc(work: Path, setting: str, method: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(work / "hf")
     calib = torch.load(work / "calib.pt")
     kwargs = {}
-    if method != "rtn":   # RTN is data-free
+    if method != "rtn":   # RTN alone is data-free
         kwargs = {"dataset": Dataset.from_dict({"input_ids": calib.tolist(),
                                                 "attention_mask": torch.ones_like(calib).tolist()}),
                   "num_calibration_samples": len(calib), "max_seq_length": calib.shape[1],
@@ -130,8 +158,11 @@ def run_llmc(work: Path, setting: str, method: str) -> dict:
     seconds = time.perf_counter() - start
     import llmcompressor
 
-    return {"perplexity": perplexity(model, windows), "seconds": seconds,
-            "version": llmcompressor.__version__}
+    result = {"perplexity": perplexity(model, windows), "seconds": seconds,
+              "version": llmcompressor.__version__}
+    if setting.startswith("sparse24"):
+        result["is_24"] = is_24(model)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,34 +189,48 @@ def prepare(work: Path, samples: int, seq_len: int, eval_tokens: int) -> None:
     torch.save(evaluation_windows(loaded.tokenizer, "stdlib", 512, eval_tokens), work / "eval.pt")
 
 
+def our_passes(setting: str, method: str, options: dict) -> list:
+    """Our pass configs of one method, in order (the same steps as llmc_modifiers)."""
+    from compress.passes.quantize import QuantizeConfig
+    from compress.passes.sparsify import SparsifyConfig
+
+    steps, quantize = method.split("+"), {**SETTINGS[setting], "ignore": ["lm_head"]}
+    passes = [SparsifyConfig(method=step, pattern="2:4", ignore=["lm_head"])
+              for step in steps if step in ("sparsegpt", "wanda")]
+    if "gptq" in steps:
+        quantize.update({"method": "gptq", **options})
+    if "awq" in steps:
+        quantize["awq"] = True
+    if "rtn" in steps or "gptq" in steps:
+        passes.append(QuantizeConfig(**quantize))
+    return passes
+
+
 def run_ours(work: Path, setting: str, method: str, options: dict) -> dict:
-    """Our quantize pass on the saved windows, in this process; perplexity of the result."""
+    """Our passes on the saved windows, in this process; perplexity of the result."""
     import torch
 
     from compress.calib import CalibrationConfig
     from compress.models import load_model
     from compress.passes.base import PASSES, Context
-    from compress.passes.quantize import QuantizeConfig
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     windows, calib = torch.load(work / "eval.pt"), torch.load(work / "calib.pt")
     loaded = load_model(str(work / "hf"))
-    # the pass moves one layer at a time to the device; the whole model goes there to evaluate
+    # the passes move one layer at a time to the device; the whole model goes there to evaluate
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if method == "float":
         return {"perplexity": perplexity(loaded.model.to(device), windows), "seconds": 0.0}
-    fields = {**SETTINGS[setting], "ignore": ["lm_head"]}
-    if method != "rtn":
-        fields.update({"method": "gptq", **options})
-    cfg = QuantizeConfig(**fields)
-    ctx = Context(loaded.model, loaded.tokenizer, loaded.arch,
-                  CalibrationConfig(samples=len(calib), seq_len=calib.shape[1], batch_size=8),
-                  device, _calib_ids=calib)
+    passes = our_passes(setting, method, options)
     start = time.perf_counter()
-    PASSES[type(cfg)](ctx, cfg)
+    for cfg in passes:
+        ctx = Context(loaded.model, loaded.tokenizer, loaded.arch,
+                      CalibrationConfig(samples=len(calib), seq_len=calib.shape[1], batch_size=8),
+                      device, _calib_ids=calib)
+        PASSES[type(cfg)](ctx, cfg)
     seconds = time.perf_counter() - start
     return {"perplexity": perplexity(loaded.model.to(device), windows), "seconds": seconds,
-            "options": {k: v for k, v in fields.items() if k not in SETTINGS[setting]}}
+            "passes": [cfg.model_dump(exclude_unset=True) for cfg in passes]}
 
 
 def cached(path: Path, fresh: bool, compute) -> dict:
@@ -209,6 +254,28 @@ def llmc_subprocess(work: Path, setting: str, method: str) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def methods_of(setting: str, awq: bool) -> tuple[str, ...]:
+    if setting in METHODS:
+        return METHODS[setting]
+    return DEFAULT_METHODS + (OPTIONAL_METHODS if awq else ())
+
+
+def ours_file(work: Path, setting: str, method: str, tag: str) -> Path:
+    """Cache file of our row: the GPTQ steps are named by --tag (options differ per tag)."""
+    return work / f"ours-{setting}-{method.replace('gptq', tag)}.json"
+
+
+def peer_problems(setting: str, row: dict) -> list[str]:
+    """Why the peer's results of one setting cannot be trusted (empty when they can)."""
+    ref, *others = list(row)
+    problems = [f"{setting} {m}: llm-compressor's {m} ({row[m]['perplexity']:.3f}) is not "
+                f"better than its {ref} ({row[ref]['perplexity']:.3f})"
+                for m in others if row[m]["perplexity"] >= row[ref]["perplexity"]]
+    problems += [f"{setting} {m}: llm-compressor's weights are not 2:4 sparse"
+                 for m, r in row.items() if r.get("is_24") is False]
+    return problems
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -218,7 +285,10 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--ours", default='{"act_order": true, "scale_search": "mse"}',
                         help="JSON: our GPTQ options (QuantizeConfig fields)")
-    parser.add_argument("--tag", default="gptq", help="name of our GPTQ row (cache key)")
+    parser.add_argument("--tag", default="gptq", help="name of our GPTQ rows (cache key)")
+    parser.add_argument("--awq", action="store_true",
+                        help="also AWQ + GPTQ (AWQModifier + GPTQModifier) at quantization "
+                             "settings")
     parser.add_argument("--fresh", action="store_true", help="measure cached rows again")
     parser.add_argument("--only-ours", action="store_true",
                         help="measure (and cache) our rows only, e.g. beside a running peer")
@@ -233,11 +303,15 @@ def main() -> None:
         prepare(args.work, args.samples, args.seq_len, args.eval_tokens)
     options = json.loads(args.ours)
     w = args.work
+
+    def ours(s: str, m: str) -> dict:
+        return cached(ours_file(w, s, m, args.tag), args.fresh,
+                      lambda: run_ours(w, s, m, options))
+
     if args.only_ours:
         for s in args.settings:
-            for method, tag, opts in (("rtn", "rtn", {}), ("gptq", args.tag, options)):
-                print(s, tag, cached(w / f"ours-{s}-{tag}.json", args.fresh,
-                                     lambda: run_ours(w, s, method, opts)), flush=True)
+            for m in methods_of(s, args.awq):
+                print(s, m, ours(s, m), flush=True)
         return
     floats = {"compress": cached(w / "ours-float.json", args.fresh,
                                  lambda: run_ours(w, "nvfp4", "float", {})),
@@ -249,23 +323,18 @@ def main() -> None:
     if abs(a - b) > FLOAT_TOLERANCE * a:
         problems.append(f"float perplexities differ: compress {a:.4f}, llm-compressor {b:.4f}")
     for s in args.settings:
-        row = {"setting": s}
+        peer = {}
         try:
-            for method in ("rtn", "gptq"):
-                row[f"llmc {method}"] = cached(w / f"llmc-{s}-{method}.json", args.fresh,
-                                               lambda: llmc_subprocess(w, s, method))
+            for m in methods_of(s, args.awq):
+                peer[m] = cached(w / f"llmc-{s}-{m}.json", args.fresh,
+                                 lambda: llmc_subprocess(w, s, m))
         except RuntimeError as exc:      # no row for this setting; the others still count
             print(f"{s}: {exc}", flush=True)
             continue
-        row["ours rtn"] = cached(w / f"ours-{s}-rtn.json", args.fresh,
-                                 lambda: run_ours(w, s, "rtn", {}))
-        row["ours gptq"] = cached(w / f"ours-{s}-{args.tag}.json", args.fresh,
-                                  lambda: run_ours(w, s, "gptq", options))
-        print(json.dumps(row), flush=True)
-        if row["llmc gptq"]["perplexity"] >= row["llmc rtn"]["perplexity"]:
-            problems.append(f"{s}: llm-compressor's GPTQ ({row['llmc gptq']['perplexity']:.3f})"
-                            f" is not better than its RTN ({row['llmc rtn']['perplexity']:.3f})")
-        rows.append(row)
+        problems += peer_problems(s, peer)
+        for m, theirs in peer.items():
+            rows.append({"setting": s, "method": m, "llmc": theirs, "ours": ours(s, m)})
+            print(json.dumps(rows[-1]), flush=True)
     if problems:
         print("\nREFUSING to print a comparison: the peer run failed its sanity checks:")
         for p in problems:
@@ -273,16 +342,14 @@ def main() -> None:
         sys.exit(1)
     f = floats["compress"]["perplexity"]
     print(f"\nfloat perplexity {f:.3f} (llm-compressor venv: {b:.3f}); calibration "
-          f"{args.samples} x {args.seq_len} tokens; ours = {args.tag} {options}")
-    print("| setting | RTN llmc | RTN ours | GPTQ llmc | GPTQ ours | loss ours / loss llmc "
-          "| s llmc | s ours |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{args.samples} x {args.seq_len} tokens; our GPTQ = {args.tag} {options}")
+    print("| setting | method | llm-compressor | ours | loss ours / loss llmc | s llmc | s ours |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        lo, lt = r["ours gptq"]["perplexity"] - f, r["llmc gptq"]["perplexity"] - f
-        print(f"| {r['setting']} | {r['llmc rtn']['perplexity']:.3f} | "
-              f"{r['ours rtn']['perplexity']:.3f} | {r['llmc gptq']['perplexity']:.3f} | "
-              f"{r['ours gptq']['perplexity']:.3f} | {lo / lt:.2f} | "
-              f"{r['llmc gptq']['seconds']:.0f} | {r['ours gptq']['seconds']:.0f} |")
+        theirs, ours_ppl = r["llmc"]["perplexity"], r["ours"]["perplexity"]
+        print(f"| {r['setting']} | {r['method']} | {theirs:.3f} | {ours_ppl:.3f} | "
+              f"{(ours_ppl - f) / (theirs - f):.2f} | {r['llmc']['seconds']:.0f} | "
+              f"{r['ours']['seconds']:.0f} |")
 
 
 if __name__ == "__main__":

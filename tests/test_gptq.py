@@ -305,27 +305,36 @@ def test_calibrated_pass_quantizes_every_target_and_reports_the_method():
     assert report.summary["fallback_count"] == 0
 
 
-def test_nvfp4_gptq_shares_one_global_scale_per_fused_group():
-    """q/k/v (and gate/up) become one matrix in vLLM, which keeps one global scale for it."""
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_nvfp4_shares_one_global_scale_per_fused_group(method):
+    """q/k/v (and gate/up) become one matrix in vLLM, which keeps one global scale for it:
+    GPTQ and round-to-nearest alike (llm-compressor fuses them for both too)."""
     from compress.calib import CalibrationConfig
+    from compress.formats import codec
     from compress.models import arch_for
     from compress.passes import Context, QuantizeConfig, run_pass
 
     model = tiny_llama()
     with torch.no_grad():          # give k a different range, so per-tensor scales would differ
         model.model.layers[0].self_attn.k_proj.weight.mul_(3)
+    attn = model.model.layers[0].self_attn
+    qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
     ctx = Context(model, None, arch_for(model.config), CalibrationConfig(samples=4, seq_len=32),
                   torch.device("cpu"))
     ctx._calib_ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    run_pass(ctx, QuantizeConfig(format="nvfp4", method="gptq"))
+    cfg = QuantizeConfig(format="nvfp4", method=method)
+    run_pass(ctx, cfg)
     layer = model.model.layers[0]
     qkv = [getattr(layer.self_attn, n).weight_global_scale for n in ("q_proj", "k_proj",
                                                                                 "v_proj")]
     assert torch.equal(qkv[0], qkv[1]) and torch.equal(qkv[1], qkv[2])
+    fmt = cfg.weight_format()      # the scale of the fused matrix: from k's larger range
+    assert torch.equal(qkv[0].float(), codec(fmt).tensor_scale(qkv_weight, fmt).float())
     gate, up = (getattr(layer.mlp, n).weight_global_scale for n in ("gate_proj",
                                                                               "up_proj"))
     assert torch.equal(gate, up)
     assert not torch.equal(qkv[0], gate)     # separate groups keep separate scales
+    assert not torch.equal(layer.self_attn.o_proj.weight_global_scale, qkv[0])  # o: its own
 
 
 @pytest.mark.parametrize("fmt_kwargs,masked", [({"group_size": 32}, False),

@@ -260,9 +260,12 @@ def quantize(ctx: Context, cfg: QuantizeConfig) -> PassReport:
 
         quantize_calibrated(ctx, cfg, plans, report)
     else:
-        for _, layer_name, _ in ctx.layers():
-            for name in [n for n in plans if n.startswith(layer_name + ".")]:
-                quantize_rtn(ctx, name, ready(ctx.model, name, plans[name]), report)
+        for _, layer_name, layer in ctx.layers():
+            names = [n for n in plans if n.startswith(layer_name + ".")]
+            shared = fused_global_scales(layer, layer_name, names, plans, ctx.arch)
+            for name in names:
+                quantize_rtn(ctx, name, ready(ctx.model, name, plans[name]), report,
+                             global_scale=shared.get(name))
         inside = layers_path(ctx.model, ctx.arch) + "."
         for name in [n for n in plans if not n.startswith(inside)]:  # an lm_head asked for
             quantize_rtn(ctx, name, ready(ctx.model, name, plans[name]), report)
@@ -288,8 +291,29 @@ def note_unsplit_experts(model, report: PassReport) -> None:
                       "in 16 bits", highlight=False)
 
 
+def fused_global_scales(layer: nn.Module, layer_name: str, names: list[str],
+                        plans: dict[str, ModulePlan], arch) -> dict[str, torch.Tensor]:
+    """NVFP4 (a format with a per-tensor scale): one global scale for the members of each
+    group that serving runtimes fuse into one matrix (q/k/v, gate/up), from their concatenated
+    weights; vLLM keeps one scale per fused matrix, so separate ones would not survive loading
+    (and llm-compressor shares them too). name -> scale; modules in no such group are absent."""
+    shared = {}
+    for group in arch.fused_groups():
+        members = [f"{layer_name}.{m}" for m in group if f"{layer_name}.{m}" in names]
+        members = [n for n in members if plans[n].fmt.row.tensor_scale]
+        if len(members) < 2:
+            continue
+        fmt = plans[members[0]].fmt       # plan_modules made fused members share a format
+        weight = torch.cat([layer.get_submodule(n[len(layer_name) + 1:]).weight.data
+                            for n in members])
+        scale = codec(fmt).tensor_scale(weight, fmt)
+        # a tensor of its own per module: the saver drops tensors that share storage
+        shared.update({n: scale.clone() for n in members})
+    return shared
+
+
 def quantize_rtn(ctx: Context, name: str, plan: ModulePlan, report: PassReport,
-                 **extra) -> None:
+                 global_scale: torch.Tensor | None = None, **extra) -> None:
     linear = ctx.model.get_submodule(name)
-    q = codec(plan.fmt).quantize(linear.weight.data, plan.fmt)
+    q = codec(plan.fmt).quantize(linear.weight.data, plan.fmt, global_scale)
     _record(report, name, plan, replace_with_quantized(ctx.model, name, linear, q), **extra)
