@@ -221,10 +221,11 @@ class LayerStep:
 
         def hook(entry: InputStats):
             def fn(module, x, y):
-                x = x.reshape(-1, x.shape[-1]).to(dtype)    # all tokens of the batch: [B*L, I]
-                entry.count += x.shape[0]
+                x = x.reshape(-1, x.shape[-1])               # all tokens of the batch: [B*L, I]
                 if gram:
-                    entry.gram = x.T @ x if entry.gram is None else entry.gram.addmm_(x.T, x)
+                    entry.gram = gram_update(entry.gram, x, dtype)
+                x = x.to(dtype)
+                entry.count += x.shape[0]
                 if mean_abs:
                     entry.abs_sum = x.abs().sum(0) + (0 if entry.abs_sum is None else
                                                       entry.abs_sum)
@@ -287,6 +288,24 @@ class LayerStep:
         (float32, [I, I]). Call with one name per group of projections that share an input."""
         return {name: s.hessian for name, s in self.gather(names, gram=True)[0].items()}
 
+
+
+def gram_update(gram: torch.Tensor | None, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """gram + x^T x in `dtype` (gram None: start one), x [T, I].
+
+    On CUDA a 16-bit x goes to cuBLAS as it is, with float32 accumulation and output
+    (torch.mm's out_dtype): the product of two 16-bit values is exact in float32, so this is
+    the float32 Gram matrix of the same values, on tensor cores. The float32 matmul it replaces
+    made the statistics ~3 s of an 8B-shaped layer's 8 s on an H200 (evaluate/RESULTS.md)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32:
+        try:
+            g = torch.mm(x.T, x, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):   # a torch without mm(out_dtype=): the float32 path
+            g = None
+        if g is not None:
+            return g if gram is None else gram.add_(g)
+    x = x.to(dtype)
+    return x.T @ x if gram is None else gram.addmm_(x.T, x)
 
 @dataclass
 class InputStats:

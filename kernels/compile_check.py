@@ -44,7 +44,8 @@ def compile_one(kernel, types: dict, consts: dict, arch: int, num_warps: int = 4
 
 def decode_variants():
     """The decode kernel for every format x M=1/tensor-core x tile/word scales x split-K."""
-    cfgs = [C.Config(1, 8, 512), C.Config(16, 16, 256), C.Config(64, 64, 128, 8, 3, 2)]
+    cfgs = [C.Config(1, 8, 512), C.Config(1, 32, 256, 1, 3, 2), C.Config(16, 16, 256),
+            C.Config(64, 64, 128, 8, 3, 2)]
     for (fmt, bits, zero), act, cfg in itertools.product(
             [(0, 4, False), (0, 4, True), (0, 8, False), (1, 4, False), (2, 4, False)], ACT, cfgs):
         atomic = cfg.split_k > 1
@@ -52,11 +53,13 @@ def decode_variants():
                  "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32",
                  "out_ptr": "*fp32" if atomic else ACT[act],
                  **dict.fromkeys(["M", "N", "K", "KW", "G", "GROUP", "stride_xm",
-                                  "K_PER_SPLIT"], "i32")}
+                                  "K_PER_SPLIT", "one_bits"], "i32")}
         consts = dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, HAS_BIAS=True,
                       TILE_SCALE=fmt == 0 and cfg.block_k <= 128, USE_DOT=cfg.block_m > 1,
                       IEEE=act == "fp32", ATOMIC=atomic, BLOCK_M=cfg.block_m,
-                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                      EVEN_K=cfg.block_m == 1, EVEN_N=cfg.block_m == 1,
+                      PREFETCH=cfg.block_m == 1 and cfg.num_stages > 2)
         yield (f"decode fmt={fmt} int{bits} zero={zero} {act} {cfg}",
                decode._words_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)
 

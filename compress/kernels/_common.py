@@ -38,7 +38,7 @@ class Config:
     block_n: int
     block_k: int
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 2  # tensor-core tiles: Triton's pipeline; decode M=1: > 2 prefetches
     split_k: int = 1   # decode path: > 1 adds K-slices into a float32 output with atomics
 
     def to_dict(self) -> dict:

@@ -70,13 +70,76 @@ def _decode_codes(words, j: tl.constexpr, z, FMT: tl.constexpr, BITS: tl.constex
 
 
 @triton.jit
+def _int_slot_dot(t, corr, xsum, words, x_ptr, rk_word, K, one, j: tl.constexpr,
+                  BITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """Code slot j (and j + 1 for 4 bits) of every word [BN, W] against x: returns t, corr,
+    xsum with t += x_k * v_k, corr += what the constant part of v_k adds (both per word column
+    [W], shared by the rows), xsum += x_k (kept only for zero points). The caller finishes a
+    tile with s * (2^B t - corr - z xsum) = s * sum_k x_k (c_k - 2^(B-1) - z).
+
+    Why this shape (SASS counted, kernels/NOTES.md): the code lands in the top bits of a float32
+    mantissa, so one LOP3 ((w & mask) | one, `one` a register: LOP3 takes one immediate) makes
+    v = 1 + c/2^B, with no int->float conversion and no per-code subtraction. For 4 bits one
+    shift serves two codes: code j + 1 lands at mantissa bits 19-22 (v = 1 + c/16), code j at
+    bits 15-18 under exponent 2^4 (v = 16 + c/16): the same weight on c, so one accumulator.
+    ~2.5 instructions a code against ~8 for shift/and/convert/subtract/FMA; the offsets in t are
+    < 32x the signal, so its fp32 sum keeps >= 18 bits of it."""
+    rk = rk_word + j
+    if EVEN_K:
+        xa = tl.load(x_ptr + rk).to(tl.float32)
+    else:
+        xa = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+    if BITS == 8:
+        sh: tl.constexpr = 15 - 8 * j     # code j -> mantissa bits 15-22
+        if sh >= 0:
+            ws = words << sh
+        else:
+            ws = words >> (-sh)
+        v = ((ws & 0x007F8000) | one).to(tl.float32, bitcast=True)   # 1 + c/256
+        t += xa[None, :] * v
+        corr += xa * 384.0          # 256 (the 1 in v) + 128 (the code offset)
+        if HAS_ZERO:
+            xsum += xa
+    else:
+        if EVEN_K:
+            xb = tl.load(x_ptr + rk + 1).to(tl.float32)
+        else:
+            xb = tl.load(x_ptr + rk + 1, mask=rk + 1 < K, other=0.0).to(tl.float32)
+        sh: tl.constexpr = 15 - 4 * j     # code j -> bits 15-18, code j + 1 -> bits 19-22
+        if sh >= 0:
+            ws = words << sh
+        else:
+            ws = words >> (-sh)
+        lo = ((ws & 0x00078000) | (one + 0x02000000)).to(tl.float32, bitcast=True)  # 16 + c/16
+        hi = ((ws & 0x00780000) | one).to(tl.float32, bitcast=True)                 # 1 + c/16
+        t += xa[None, :] * lo
+        t += xb[None, :] * hi
+        corr += xa * 264.0 + xb * 24.0   # 16 * (16 xa + xb) + 8 * (xa + xb)
+        if HAS_ZERO:
+            xsum += xa + xb
+    return t, corr, xsum
+
+
+@triton.jit
+def _load_words(w_ptr, rn, n_in, rw, KW, EVEN: tl.constexpr):
+    """Packed words [BN, W] of rows rn and word columns rw, 0 from column KW on (KW: the row
+    length, or where the prefetch must stop). EVEN: inside the matrix, no bounds checks (one
+    ISETP a load less)."""
+    ptrs = w_ptr + rn[:, None] * KW + rw[None, :]
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=n_in[:, None] & (rw[None, :] < KW), other=0)
+
+
+@triton.jit
 def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
-                         M, N, K, KW, G, GROUP, stride_xm, K_PER_SPLIT,
+                         M, N, K, KW, G, GROUP, stride_xm, K_PER_SPLIT, one_bits,
                          FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                          HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                          TILE_SCALE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
                          ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr = False,
+                         EVEN_N: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     WORDS: tl.constexpr = BLOCK_K // PER
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -90,11 +153,20 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:  # BLOCK_M == 1: reduce over K once, after the loop
         acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    if PREFETCH:
+        ahead = _load_words(w_ptr, rn, n_in, pid_k * K_PER_SPLIT // PER + ri, KW,
+                            EVEN_K and EVEN_N)
+        stop = tl.minimum(KW, (pid_k + 1) * K_PER_SPLIT // PER)   # this split's last word + 1
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = pid_k * K_PER_SPLIT + kk
         rw = k0 // PER + ri
-        words = tl.load(w_ptr + rn[:, None] * KW + rw[None, :],
-                        mask=n_in[:, None] & (rw[None, :] < KW), other=0)
+        if PREFETCH:   # this tile came one iteration early; ask for the next one now
+            words = ahead
+            nxt = rw + WORDS
+            ahead = tl.load(w_ptr + rn[:, None] * KW + nxt[None, :],
+                            mask=n_in[:, None] & (nxt[None, :] < stop), other=0)
+        else:
+            words = _load_words(w_ptr, rn, n_in, rw, KW, EVEN_K and EVEN_N)
         if TILE_SCALE:  # the whole tile lies in one group: one scale per row
             s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], k0 // GROUP,
                                 n_in[:, None] & (rn[:, None] * 0 + k0 < K), G,
@@ -121,6 +193,18 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
                 acc += part * tl.reshape(s, (1, BLOCK_N))
             else:
                 acc += part
+        elif FMT == 0:   # M == 1, INT: see _int_slot_dot
+            t = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            corr = tl.zeros((WORDS,), dtype=tl.float32)
+            xsum = tl.zeros((WORDS,), dtype=tl.float32)
+            rk_word = k0 + ri * PER
+            for j in tl.static_range(0, PER, 1 if BITS == 8 else 2):
+                t, corr, xsum = _int_slot_dot(t, corr, xsum, words, x_ptr + pid_m * stride_xm,
+                                              rk_word, K, one_bits, j, BITS, EVEN_K, HAS_ZERO)
+            if HAS_ZERO:
+                acc2 += s * (t * (1 << BITS) - corr[None, :] - z * xsum[None, :])
+            else:
+                acc2 += s * (t * (1 << BITS) - corr[None, :])
         else:
             t = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
             for j in tl.static_range(PER):
@@ -173,8 +257,11 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
         bias if bias is not None else x2, out,
         gs,
         m, n, k, words.shape[1], groups, group, x2.stride(0), k_per_split,
+        0x3F800000,   # float32 1.0 as a runtime value: kept in a register (see _int_slot_dot)
         FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
         TILE_SCALE=tile_scale, USE_DOT=use_dot, IEEE=C.dot_in_f32(x2.dtype),
         ATOMIC=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
+        PREFETCH=not use_dot and cfg.num_stages > 2,   # M=1: registers, not Triton's pipeline
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(out_dtype) if split > 1 else out

@@ -35,3 +35,19 @@ def test_graph_replay_gives_the_eager_codes(monkeypatch, fmt_kwargs, masked):
     assert captured and captured[0] is not None, "the column loop was not captured"
     assert torch.equal(eager.codes, replayed.codes)
     assert torch.equal(eager.scale, replayed.scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gram_of_16_bit_inputs_is_the_float32_gram(dtype):
+    """compress.calib.gram_update feeds 16-bit inputs to cuBLAS with float32 accumulation: the
+    products are exact, so only the summation order differs from the float32 matmul."""
+    from compress.calib import gram_update
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 512, device="cuda").to(dtype)
+    ref = x.double().T @ x.double()
+    g = gram_update(None, x, torch.float32)
+    g = gram_update(g, x, torch.float32)
+    assert g.dtype == torch.float32
+    rel = ((g.double() - 2 * ref).abs().max() / ref.abs().max()).item()
+    assert rel < 1e-5, rel

@@ -102,7 +102,7 @@ def test_path_choice_by_m():
 
 # Decode-kernel configs the autotuner may pick: CUDA-core M=1 (one scale per tile and per word),
 # tensor-core tiles, split-K by atomics, block_k spanning several groups or part of one.
-DECODE_CONFIGS = [C.Config(1, 8, 64), C.Config(1, 16, 256, split_k=3),
+DECODE_CONFIGS = [C.Config(1, 8, 64), C.Config(1, 16, 256, split_k=3), C.Config(1, 8, 64, 4, 3, 2),
                   C.Config(16, 16, 128), C.Config(32, 32, 256, split_k=2)]
 
 
@@ -131,6 +131,24 @@ def test_decode_kernel_every_config_shape(cfg, case, dtype, rng):
     w = int_dequantize_ref(packed, scale, zero, (n, k), bits)
     assert_matmul_close(y, ref, x, w, rng.initial_seed(), bias)
 
+
+
+# N and K multiples of the blocks: the M=1 kernel reads without bounds checks (EVEN_K, EVEN_N)
+# and decodes codes as float mantissas (decode._int_slot_dot): every code slot, zero points,
+# one scale per tile (group >= block_k) and per word (group < block_k), split-K, prefetch.
+@pytest.mark.parametrize("bits,symmetric,group", [(4, True, 128), (4, False, 128), (4, False, 32),
+                                                  (8, True, None), (8, False, 64)])
+@pytest.mark.parametrize("cfg", [C.Config(1, 16, 256, 1), C.Config(1, 32, 256, 1, 2, 2),
+                                 C.Config(1, 16, 256, 1, 3, 3)], ids=str)   # 3 stages: prefetch
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_m1_decode_inside_the_matrix(bits, symmetric, group, cfg, dtype, rng):
+    n, k = 64, 1024
+    packed, scale, zero = make_int_weight(n, k, group, symmetric, bits, rng, torch.bfloat16)
+    x = (torch.randn(1, k, generator=rng) * 3).to(dtype)
+    y = int_matmul(x, packed, scale, zero, (n, k), bits, path="decode", config=cfg)
+    ref = int_matmul_ref(x, packed, scale, zero, (n, k), bits)
+    w = int_dequantize_ref(packed, scale, zero, (n, k), bits)
+    assert_matmul_close(y, ref, x, w, rng.initial_seed())
 
 def test_decode_config_table_lookup(tmp_path, monkeypatch):
     """Exact shape first, then the bucket default, then the family "*"; the env file wins."""
