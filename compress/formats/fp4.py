@@ -42,8 +42,11 @@ def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
     """float32 values of E2M1 codes."""
-    codes = codes.to(torch.int64)
-    magnitude = E2M1.to(codes.device)[codes & 7]
+    # Computed, not looked up in E2M1: copying the table to the GPU inside GPTQ's captured
+    # column loop made NVFP4/MXFP4 capture fail (a host-to-device copy), i.e. run eagerly.
+    codes = codes.to(torch.int32)
+    e, m = ((codes >> 1) & 3).float(), (codes & 1).float()
+    magnitude = torch.where(e == 0, 0.5 * m, torch.exp2(e - 1) * (1 + 0.5 * m))
     return torch.where(codes >= 8, -magnitude, magnitude)
 
 
