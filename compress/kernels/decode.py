@@ -121,6 +121,17 @@ def _int_slot_dot(t, corr, xsum, words, x_ptr, rk_word, K, one, j: tl.constexpr,
 
 
 @triton.jit
+def _fp4_as_f32(words, j: tl.constexpr):
+    """E2M1 code slot j of every word as float32 bits: value * 2^-126, exact, in two shifts and
+    one LOP3. The code's sign lands on bit 31, its 3 magnitude bits on bits 22-24 (the exponent's
+    two low bits and the mantissa's top bit), which is float32's own encoding of E2M1 scaled by
+    2^-126, the e = 0 codes (0, 0.5) as denormals. Triton's FMAs keep denormals (no .ftz), and the
+    caller multiplies x by 2^64 first so the products stay normal floats."""
+    top = words << (28 - 4 * j)           # the code in bits 28-31
+    return ((top >> 6) & -0x7E400000).to(tl.float32, bitcast=True)   # mask 0x81C00000
+
+
+@triton.jit
 def _load_words(w_ptr, rn, n_in, rw, KW, EVEN: tl.constexpr):
     """Packed words [BN, W] of rows rn and word columns rw, 0 from column KW on (KW: the row
     length, or where the prefetch must stop). EVEN: inside the matrix, no bounds checks (one
@@ -205,14 +216,16 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
                 acc2 += s * (t * (1 << BITS) - corr[None, :] - z * xsum[None, :])
             else:
                 acc2 += s * (t * (1 << BITS) - corr[None, :])
-        else:
+        else:            # M == 1, FP4: see _fp4_as_f32; 2^48 = 2^(126-64) / 2^14 in s
             t = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
             for j in tl.static_range(PER):
-                v = _decode_codes(words, j, z, FMT, BITS)
                 rk = k0 + ri * PER + j
-                xj = tl.load(x_ptr + pid_m * stride_xm + rk, mask=rk < K, other=0.0)
-                t += xj.to(tl.float32)[None, :] * v
-            acc2 += t * s
+                if EVEN_K:
+                    xj = tl.load(x_ptr + pid_m * stride_xm + rk)
+                else:
+                    xj = tl.load(x_ptr + pid_m * stride_xm + rk, mask=rk < K, other=0.0)
+                t += (xj.to(tl.float32) * 18446744073709551616.0)[None, :] * _fp4_as_f32(words, j)
+            acc2 += (t * 281474976710656.0) * s
     if not USE_DOT:
         acc = tl.reshape(tl.sum(acc2, axis=1), (1, BLOCK_N))
     if HAS_BIAS:

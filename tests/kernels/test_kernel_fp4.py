@@ -8,6 +8,7 @@ from compressed_tensors.compressors.mx_utils import decompress_mx_scale
 from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8, unpack_fp4_from_uint8
 from kernel_checks import DTYPES, assert_matmul_close
 
+from compress.kernels import _common as C
 from compress.kernels.fp4 import (
     E2M1_VALUES,
     FORMATS,
@@ -54,6 +55,22 @@ def test_fp4_matmul_matches_reference_on_every_path(fmt, case, dtype, rng):
         y = fp4_matmul(x, fmt, packed, scale, gs, (n, k), bias=bias, path=path)
         assert_matmul_close(y, ref, x, w, (fmt, path, rng.initial_seed()), bias)
 
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("cfg", [C.Config(1, 16, 256, 1), C.Config(1, 32, 512, 2, 3, 2)], ids=str)
+@pytest.mark.parametrize("scale_x", [1.0, 1e-6], ids=["x~1", "x~1e-6"])
+def test_m1_decode_inside_the_matrix(fmt, cfg, scale_x, rng):
+    """N, K multiples of the blocks (no bounds masks): E2M1 decoded as float32 denormal bits
+    (decode._fp4_as_f32) times 2^64 x; tiny activations must not lose their products."""
+    n, k = 64, 1024
+    _, packed, scale, gs = make_fp4_weight(fmt, n, k, rng)
+    x = torch.randn(1, k, generator=rng) * scale_x
+    ref = fp4_matmul_ref(x, fmt, packed, scale, gs, (n, k))
+    w = fp4_dequantize_ref(fmt, packed, scale, gs, (n, k))
+    y = fp4_matmul(x, fmt, packed, scale, gs, (n, k), path="decode", config=cfg)
+    bound = x.abs() @ w.abs().T        # relative only: no absolute floor to hide tiny x
+    assert ((y - ref).abs() <= 2e-6 * bound).all(), ((y - ref).abs() / bound).max()
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_reference_decodes_like_compressed_tensors(fmt, rng):
