@@ -1,9 +1,13 @@
 """Decode and prefill speed of a Qwen3-MoE-shaped model (30B-A3B shapes, random weights, fewer
-layers): transformers' fused bf16 experts against compress's per-expert path (the experts split
-into one Linear per projection, compress.runtime.moe), in bf16 and INT4 / NVFP4.
+layers): transformers' fused bf16 experts against compress's experts (split into one Linear per
+projection, compress.runtime.moe), in bf16 and INT4 / NVFP4, the compressed ones both through
+the per-expert loop and through the grouped kernel (compress/kernels/moe.py, decode-sized calls;
+prefill takes the loop in both rows).
 
     python kernels/bench_moe.py                        # H200: 8 layers, 128 experts, top-8
-    python kernels/bench_moe.py --tiny                 # CPU dry run
+    python kernels/bench_moe.py --tiny                 # CPU dry run (harness only)
+    TRITON_INTERPRET=1 COMPRESS_KERNELS=always python kernels/bench_moe.py --tiny --layers 1 \
+        --prompt-len 4 --new-tokens 2 --repeats 1      # CPU: the kernels too (interpreted)
 Same harness as bench_e2e.py (compress.evaluation.bench.measure_speed: static KV cache, CUDA
 graph when capture works, else eager: the `method` column says which). A short table is printed
 last; the full results are appended to --log as JSON lines.
@@ -26,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import FORMATS, compress_linears, restore
 
 from compress.evaluation.bench import measure_speed
+from compress.runtime import moe
 from compress.runtime.moe import fused_experts, unfuse_experts
 
 QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
@@ -79,11 +84,15 @@ def main() -> None:
     measure("bf16 fused experts (transformers)")
     unfuse_experts(model)
     measure("bf16 per-expert Linear (compress)")
+    grouped_max_rows = moe.GROUPED_MAX_ROWS
     for name in args.formats.split(","):
         originals = compress_linears(model, FORMATS[name])   # every decoder Linear, experts too
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        moe.GROUPED_MAX_ROWS = 0   # every call through the per-expert loop
         measure(f"{name} per-expert QuantizedLinear")
+        moe.GROUPED_MAX_ROWS = grouped_max_rows
+        measure(f"{name} grouped experts kernel (compress)")
         restore(model, originals)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     header = {"gpu": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -92,11 +101,14 @@ def main() -> None:
         log.writelines(json.dumps({**header, **speed.__dict__}) + "\n" for speed in runs.values())
     print(f"\nQwen3-MoE shapes ({kwargs['num_hidden_layers']} layers, {kwargs['num_experts']} "
           f"experts, top-{kwargs['num_experts_per_tok']}), {gpu}, torch {torch.__version__}")
-    print("| weights | decode tok/s (batch 1) | prefill tok/s | peak MB | method |")
-    print("|---|---|---|---|---|")
+    print("| weights | decode tok/s (batch 1) | prefill tok/s | peak MB | method | experts' "
+          "eager calls |")
+    print("|---|---|---|---|---|---|")
     for name, s in runs.items():
+        paths = s.kernel_paths.get("model.layers.*.mlp.experts", {})   # graph replays uncounted
         print(f"| {name} | {s.decode_tokens_per_s:.1f} | {s.prefill_tokens_per_s:.0f} | "
-              f"{s.peak_memory_mb:.0f} | {s.method} |")
+              f"{s.peak_memory_mb:.0f} | {s.method} | "
+              f"{', '.join(f'{k}: {v}' for k, v in paths.items())} |")
 
 
 if __name__ == "__main__":
