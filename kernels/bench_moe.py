@@ -11,6 +11,12 @@ prefill takes the loop in both rows).
 Same harness as bench_e2e.py (compress.evaluation.bench.measure_speed: static KV cache, CUDA
 graph when capture works, else eager: the `method` column says which). A short table is printed
 last; the full results are appended to --log as JSON lines.
+
+--block-tokens adds one MoE block alone (layer 0's experts, random routing, distinct experts
+per token) at T tokens: microseconds per call of the fused bf16 module, the per-expert loop,
+the grouped kernel eager and replayed as a CUDA graph, against the floor of reading the routed
+experts' weights once at 4.3 TB/s (H200 measured copy), and the grouped output's largest
+difference from the loop's (relative to the loop's largest value).
 """
 
 from __future__ import annotations
@@ -56,6 +62,74 @@ def build(kwargs: dict, device) -> nn.Module:
     return model.eval()
 
 
+# bytes per weight with the group scales (INT4 g128 bf16 scales, NVFP4 E4M3 per 16)
+BYTES_PER_WEIGHT = {"bf16": 2.0, "int4": 0.5 + 2 / 128, "nvfp4": 0.5 + 1 / 16,
+                    "int4-asym": 0.5 + 2.5 / 128, "mxfp4": 0.5 + 1 / 32}
+
+
+def routed(experts: int, hidden: int, tokens: int, top_k: int, device):
+    """hidden [T, D] bf16, top-k index [T, k] (distinct experts per token), weights [T, k]."""
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
+    index = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=gen).softmax(-1).to(device, torch.bfloat16)
+    return x, index.to(device), weights
+
+
+def time_us(fn, device, reps: int) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps * 1e6
+
+
+def as_graph(fn):
+    for _ in range(2):   # compile, stack the experts, settle allocations
+        fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+@torch.inference_mode()
+def block_rows(experts, weights: str, kwargs: dict, token_counts, device, reps: int) -> list:
+    """Rows of the block table for one experts module (fused or ExpertMLPs) in `weights`."""
+    e, d, f, k = (kwargs[key] for key in ("num_experts", "hidden_size", "moe_intermediate_size",
+                                          "num_experts_per_tok"))
+    rows = []
+    for tokens in token_counts:
+        x, index, w = routed(e, d, tokens, k, device)
+        floor = index.unique().numel() * 3 * f * d * BYTES_PER_WEIGHT[weights] / 4.3e12 * 1e6
+
+        def call(x=x, index=index, w=w):
+            return experts(x, index, w)
+
+        if not isinstance(experts, moe.ExpertMLPs):
+            rows.append((weights, "fused module (transformers)", tokens,
+                         time_us(call, device, reps), floor, ""))
+            continue
+        default = moe.GROUPED_MAX_ROWS
+        moe.GROUPED_MAX_ROWS = 0
+        loop = call()
+        rows.append((weights, "per-expert loop", tokens, time_us(call, device, reps), floor, ""))
+        moe.GROUPED_MAX_ROWS = default
+        if moe.groupable(experts) is not None:   # not compressed: the loop is all there is
+            continue
+        diff = float((call() - loop).abs().max() / loop.abs().max())
+        rows.append((weights, "grouped, eager", tokens, time_us(call, device, reps), floor,
+                     f"{diff:.1e}"))
+        if device.type == "cuda":
+            rows.append((weights, "grouped, CUDA graph", tokens,
+                         time_us(as_graph(call), device, reps), floor, f"{diff:.1e}"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default="int4,nvfp4")
@@ -64,6 +138,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a small config (CPU dry run)")
+    parser.add_argument("--block-tokens", default="1,4,16",
+                        help="tokens of the one-block timings (empty: none)")
+    parser.add_argument("--block-reps", type=int, default=50)
     parser.add_argument("--log", default="kernels/bench_moe.log.jsonl")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,7 +150,12 @@ def main() -> None:
     if args.layers:
         kwargs["num_hidden_layers"] = args.layers
     model = build(kwargs, device)
-    runs = {}
+    runs, blocks = {}, []
+    token_counts = [int(t) for t in args.block_tokens.split(",") if t]
+
+    def block(weights):
+        blocks.extend(block_rows(model.model.layers[0].mlp.experts, weights, kwargs,
+                                 token_counts, device, args.block_reps))
 
     def measure(name):
         runs[name] = measure_speed(model, name, 1, args.prompt_len, args.new_tokens,
@@ -82,8 +164,10 @@ def main() -> None:
 
     assert fused_experts(model), "expected fused 3D experts"
     measure("bf16 fused experts (transformers)")
+    block("bf16")
     unfuse_experts(model)
     measure("bf16 per-expert Linear (compress)")
+    block("bf16")
     grouped_max_rows = moe.GROUPED_MAX_ROWS
     for name in args.formats.split(","):
         originals = compress_linears(model, FORMATS[name])   # every decoder Linear, experts too
@@ -93,12 +177,16 @@ def main() -> None:
         measure(f"{name} per-expert QuantizedLinear")
         moe.GROUPED_MAX_ROWS = grouped_max_rows
         measure(f"{name} grouped experts kernel (compress)")
+        block(name)
         restore(model, originals)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     header = {"gpu": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
               "config": kwargs, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+    columns = ("weights", "experts", "tokens", "us", "floor_us", "max_rel_diff")
     with open(args.log, "a") as log:
         log.writelines(json.dumps({**header, **speed.__dict__}) + "\n" for speed in runs.values())
+        log.writelines(json.dumps({**header, "block": dict(zip(columns, row))}) + "\n"
+                       for row in blocks)
     print(f"\nQwen3-MoE shapes ({kwargs['num_hidden_layers']} layers, {kwargs['num_experts']} "
           f"experts, top-{kwargs['num_experts_per_tok']}), {gpu}, torch {torch.__version__}")
     print("| weights | decode tok/s (batch 1) | prefill tok/s | peak MB | method | experts' "
@@ -109,6 +197,14 @@ def main() -> None:
         print(f"| {name} | {s.decode_tokens_per_s:.1f} | {s.prefill_tokens_per_s:.0f} | "
               f"{s.peak_memory_mb:.0f} | {s.method} | "
               f"{', '.join(f'{k}: {v}' for k, v in paths.items())} |")
+    if blocks:
+        print(f"\nOne MoE block (layer 0's experts), top-{kwargs['num_experts_per_tok']} of "
+              f"{kwargs['num_experts']}, bf16 activations, {args.block_reps} calls each")
+        print("| weights | experts | tokens | us per call | floor us (routed weights once) "
+              "| max diff vs loop |")
+        print("|---|---|---|---|---|---|")
+        for weights, kind, tokens, us, floor, diff in blocks:
+            print(f"| {weights} | {kind} | {tokens} | {us:.1f} | {floor:.1f} | {diff} |")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class ExpertMLPs(nn.ModuleList):
             out.index_add_(0, token, y.to(out.dtype))
         return out
 
-    def stacked(self) -> "StackedExperts":
+    def stacked(self) -> StackedExperts:
         """The experts' tensors stacked for the grouped path, built on first use and again
         when the experts changed (see StackedExperts.current)."""
         stacked = getattr(self, "_stacked", None)

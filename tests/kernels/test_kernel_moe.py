@@ -18,19 +18,19 @@ E = 5
 IDS = [3, 0, 3, E, 1, 3, 0, 1]
 
 
-def stacked_int(n, k, group, symmetric, bits, rng):
-    experts = [make_int_weight(n, k, group, symmetric, bits, rng) for _ in range(E)]
+def stacked_int(n, k, group, symmetric, bits, rng, experts=E):
+    experts = [make_int_weight(n, k, group, symmetric, bits, rng) for _ in range(experts)]
     packed, scale, zero = (torch.stack(t) if t[0] is not None else None for t in zip(*experts))
     return dict(fmt="int", packed=packed, scale=scale, zero=zero, bits=bits)
 
 
-def stacked_fp4(fmt, n, k, segments, rng):
-    experts = [make_fp4_weight(fmt, n, k, rng) for _ in range(E)]
+def stacked_fp4(fmt, n, k, segments, rng, experts=E):
+    experts = [make_fp4_weight(fmt, n, k, rng) for _ in range(experts)]
     packed = torch.stack([p for _, p, _, _ in experts])
     scale = torch.stack([s for _, _, s, _ in experts])
     gs = None
     if fmt == "nvfp4":   # a global scale per expert and row segment, all different
-        gs = torch.rand(E, segments, generator=rng) * 2000 + 100
+        gs = torch.rand(len(experts), segments, generator=rng) * 2000 + 100
     return dict(fmt=fmt, packed=packed, scale=scale, global_scale=gs)
 
 
