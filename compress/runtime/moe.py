@@ -53,7 +53,8 @@ class ExpertMLPs(nn.ModuleList):
     When every expert's projections are compressed (QuantizedLinear in INT4/INT8/NVFP4/MXFP4)
     and the kernels can run, decode-sized calls take the grouped path (StackedExperts, below:
     two launches of compress/kernels/moe.py, no host sync, CUDA-graph capturable); the rest
-    take the per-expert loop."""
+    take the per-expert loop. The grouped path does not call the projections, so their module
+    hooks do not run there (passes hook nn.Linear experts, which never take it)."""
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -126,6 +127,9 @@ def groupable(experts: ExpertMLPs) -> str | None:
     if not all(layout(gate) == layout(up) == gate_layout and layout(down) == down_layout
                for gate, up, down in projections):
         return "the experts differ in format, shape, dtype or device"
+    if any(name == "weight_global_scale" and tuple(shape) != (1,)
+           for name, _, shape, _ in gate_layout[1] + down_layout[1]):
+        return "NVFP4 global scales are not [1] each"
     inner, per = first_gate.out_features, 32 // first_gate.fmt.bits
     if first_gate.fmt.row.kernel == "int" and not first_gate.fmt.symmetric and inner % per:
         return f"zero points of gate and up rows ({inner}) do not stack: not a multiple of {per}"
