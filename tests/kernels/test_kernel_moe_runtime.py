@@ -10,7 +10,7 @@ import torch
 from compress.formats import WeightFormat, codec
 from compress.runtime import moe
 from compress.runtime.modules import QuantizedLinear, reset_dispatch_counts
-from compress.runtime.moe import ExpertMLPs, unfuse_experts
+from compress.runtime.moe import ExpertMLPs
 
 FORMATS = {"int4-sym": WeightFormat(group_size=32), "int4-asym": WeightFormat(group_size=16,
                                                                              symmetric=False),
@@ -33,9 +33,11 @@ def tiny_moe(fmt: WeightFormat | None):
     expert projection RTN-quantized to fmt (NVFP4: gate and up get their own global scales)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from compress.models import split_experts
+
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **CONFIG)).eval()
-    unfuse_experts(model)
+    split_experts(model)   # recorded in the structure, as a pass does
     if fmt is not None:
         for expert in experts_of(model):
             for name in expert.names:
@@ -145,3 +147,29 @@ def test_uncompressed_or_prefill_calls_take_the_loop(monkeypatch, rng):
     with torch.no_grad():
         compressed(hidden, index, weights)
     assert set(compressed.kernel_calls) == {"per-expert loop"}
+
+
+def test_artifact_is_unchanged_by_the_grouped_path_and_loads_into_it(tmp_path):
+    """Saved before and after a grouped call: the same tensors; loaded: grouped again, same
+    logits."""
+    from safetensors.torch import load_file
+
+    import compress
+    from compress.formats.artifact import save_artifact
+
+    model = tiny_moe(FORMATS["nvfp4"])
+    ids = torch.tensor([[5, 77, 201]])
+    save_artifact(model, None, tmp_path / "before", "", {})
+    with torch.no_grad():
+        want = model(ids).logits
+    assert "triton/moe-nvfp4/grouped" in experts_of(model).kernel_calls
+    save_artifact(model, None, tmp_path / "after", "", {})
+    before, after = (load_file(tmp_path / d / "model.safetensors") for d in ("before", "after"))
+    assert list(before) == list(after)
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype
+               for k in before)
+    loaded = compress.load(tmp_path / "after")
+    with torch.no_grad():
+        got = loaded(ids).logits
+    assert "triton/moe-nvfp4/grouped" in experts_of(loaded).kernel_calls
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
