@@ -16,9 +16,9 @@ torch.where per expert). Rows whose id lies outside [0, E) (transformers' masked
 Design: each program owns one row r and BLOCK_N outputs and runs decode.py's M = 1 scheme
 (its _group_scale and _decode_codes, a [BLOCK_N, WORDS] float32 accumulator reduced across K
 once) on expert ids[r]'s tiles. At decode sizes (R = tokens x top_k, up to a few hundred) the
-rows of one expert are few, so a tensor-core tile over them would be mostly padding; rows are
-the fastest grid axis, so rows that share an expert run side by side and the second read of
-its tiles hits L2. Launch config: decode.py's M = 1 config of the per-expert shape (N, K)
+rows of one expert are few, so a tensor-core tile over them would be mostly padding. Rows are
+the fastest grid axis: the R programs of one N block are consecutive, so rows that share an
+expert read its tiles at about the same time and all but the first read come from L2. Launch config: decode.py's M = 1 config of the per-expert shape (N, K)
 (compress.kernels._common.decode_config, bucket m1): block_n, block_k, num_warps, num_stages;
 split_k is not used (R x N / block_n programs already fill the GPU).
 """
@@ -31,9 +31,9 @@ import triton.language as tl
 
 from compress.kernels import _common as C
 from compress.kernels.decode import FMT_INT, FMT_MXFP4, FMT_NVFP4, _decode_codes, _group_scale
+from compress.kernels.fp4 import FORMATS as FP4_GROUP   # format -> group size (format table)
 
 FMTS = {"int": FMT_INT, "nvfp4": FMT_NVFP4, "mxfp4": FMT_MXFP4}
-FP4_GROUP = {"nvfp4": 16, "mxfp4": 32}
 
 
 @triton.jit
