@@ -37,7 +37,7 @@ from bench_e2e import FORMATS, compress_linears, restore
 
 from compress.evaluation.bench import measure_speed
 from compress.runtime import moe
-from compress.runtime.moe import fused_experts, unfuse_experts
+from compress.runtime.moe import GROUPED_MAX_ROWS, fused_experts, unfuse_experts
 
 QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                      num_experts=128, num_experts_per_tok=8, num_attention_heads=32,
@@ -150,48 +150,65 @@ def main() -> None:
     if args.layers:
         kwargs["num_hidden_layers"] = args.layers
     model = build(kwargs, device)
-    runs, blocks = {}, []
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    header = {"gpu": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "config": kwargs, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+    runs, blocks, failed = {}, [], {}
     token_counts = [int(t) for t in args.block_tokens.split(",") if t]
+    columns = ("weights", "experts", "tokens", "us", "floor_us", "max_rel_diff")
+
+    def log(entry: dict) -> None:   # as each result comes: a time-limited run keeps them
+        with open(args.log, "a") as f:
+            f.write(json.dumps({**header, **entry}) + "\n")
+
+    def guarded(label, fn) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 (report, go on: one GPU call, every other row)
+            failed[label] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            print(f"{label}: FAILED {failed[label]}", file=sys.stderr)
+            log({"label": label, "failed": failed[label]})
 
     def block(weights):
-        blocks.extend(block_rows(model.model.layers[0].mlp.experts, weights, kwargs,
-                                 token_counts, device, args.block_reps))
+        def run():
+            for row in block_rows(model.model.layers[0].mlp.experts, weights, kwargs,
+                                  token_counts, device, args.block_reps):
+                blocks.append(row)
+                log({"block": dict(zip(columns, row))})
+                print(f"block {row}", file=sys.stderr)
+        guarded(f"{weights} block", run)
 
-    def measure(name):
-        runs[name] = measure_speed(model, name, 1, args.prompt_len, args.new_tokens,
-                                   args.repeats)
-        print(f"{name}: {runs[name].decode_tokens_per_s:.1f} tok/s decode", file=sys.stderr)
+    def measure(name, grouped_max_rows=moe.GROUPED_MAX_ROWS):
+        def run():
+            moe.GROUPED_MAX_ROWS = grouped_max_rows
+            runs[name] = measure_speed(model, name, 1, args.prompt_len, args.new_tokens,
+                                       args.repeats)
+            log(runs[name].__dict__)
+            print(f"{name}: {runs[name].decode_tokens_per_s:.1f} tok/s decode", file=sys.stderr)
+        guarded(name, run)
+        moe.GROUPED_MAX_ROWS = GROUPED_MAX_ROWS
 
+    # the new rows first (a run cut short keeps them), the slow eager loops last per format
     assert fused_experts(model), "expected fused 3D experts"
     measure("bf16 fused experts (transformers)")
     block("bf16")
     unfuse_experts(model)
-    measure("bf16 per-expert Linear (compress)")
-    block("bf16")
-    grouped_max_rows = moe.GROUPED_MAX_ROWS
     for name in args.formats.split(","):
         originals = compress_linears(model, FORMATS[name])   # every decoder Linear, experts too
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        moe.GROUPED_MAX_ROWS = 0   # every call through the per-expert loop
-        measure(f"{name} per-expert QuantizedLinear")
-        moe.GROUPED_MAX_ROWS = grouped_max_rows
         measure(f"{name} grouped experts kernel (compress)")
         block(name)
+        measure(f"{name} per-expert QuantizedLinear", grouped_max_rows=0)   # loop only
         restore(model, originals)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    header = {"gpu": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "config": kwargs, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
-    columns = ("weights", "experts", "tokens", "us", "floor_us", "max_rel_diff")
-    with open(args.log, "a") as log:
-        log.writelines(json.dumps({**header, **speed.__dict__}) + "\n" for speed in runs.values())
-        log.writelines(json.dumps({**header, "block": dict(zip(columns, row))}) + "\n"
-                       for row in blocks)
+    measure("bf16 per-expert Linear (compress)")
     print(f"\nQwen3-MoE shapes ({kwargs['num_hidden_layers']} layers, {kwargs['num_experts']} "
           f"experts, top-{kwargs['num_experts_per_tok']}), {gpu}, torch {torch.__version__}")
     print("| weights | decode tok/s (batch 1) | prefill tok/s | peak MB | method | experts' "
           "eager calls |")
     print("|---|---|---|---|---|---|")
+    for name, error in failed.items():
+        print(f"| {name} | FAILED | {error} | | | |")
     for name, s in runs.items():
         paths = s.kernel_paths.get("model.layers.*.mlp.experts", {})   # graph replays uncounted
         print(f"| {name} | {s.decode_tokens_per_s:.1f} | {s.prefill_tokens_per_s:.0f} | "
