@@ -18,7 +18,8 @@ Design: each program owns one row r and BLOCK_N outputs and runs decode.py's M =
 once) on expert ids[r]'s tiles. At decode sizes (R = tokens x top_k, up to a few hundred) the
 rows of one expert are few, so a tensor-core tile over them would be mostly padding. Rows are
 the fastest grid axis: the R programs of one N block are consecutive, so rows that share an
-expert read its tiles at about the same time and all but the first read come from L2. Launch config: decode.py's M = 1 config of the per-expert shape (N, K)
+expert read its tiles at about the same time and all but the first read come from L2.
+Launch config: decode.py's M = 1 config of the per-expert shape (N, K)
 (compress.kernels._common.decode_config, bucket m1): block_n, block_k, num_warps, num_stages;
 split_k is not used (R x N / block_n programs already fill the GPU).
 """
