@@ -48,11 +48,34 @@ class ExpertMLP(nn.Module):
 
 
 class ExpertMLPs(nn.ModuleList):
-    """The experts of one MoE block, called like transformers' fused experts module."""
+    """The experts of one MoE block, called like transformers' fused experts module.
+
+    When every expert's projections are compressed (QuantizedLinear in INT4/INT8/NVFP4/MXFP4)
+    and the kernels can run, decode-sized calls take the grouped path (StackedExperts, below:
+    two launches of compress/kernels/moe.py, no host sync, CUDA-graph capturable); the rest
+    take the per-expert loop. The grouped path does not call the projections, so their module
+    hooks do not run there (passes hook nn.Linear experts, which never take it)."""
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         # hidden [T, D], top_k_index [T, k] (values >= E: masked out), top_k_weights [T, k]
+        from compress.runtime.modules import _record, kernel_unavailable
+
+        # Prefill-sized calls keep the loop: each row of the grouped launch decodes its expert's
+        # weights again (one M = 1 GEMV per routed row), so its work grows with the rows, while
+        # the loop decodes each routed expert once for all its tokens (tensor-core tiles,
+        # dequantize + cuBLAS at large M) and its E host syncs matter little next to that.
+        if 0 < top_k_index.numel() <= GROUPED_MAX_ROWS and kernel_unavailable(hidden) is None:
+            stacked = self.stacked()
+            if stacked.reason is None:
+                _record(self, f"triton/moe-{stacked.family}/grouped")
+                return stacked(hidden, top_k_index, top_k_weights)
+        _record(self, "per-expert loop")
+        return self.per_expert_forward(hidden, top_k_index, top_k_weights)
+
+    def per_expert_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The loop over experts: tokens routed to expert e through its own modules."""
         out = torch.zeros_like(hidden)
         for e, expert in enumerate(self):
             token, slot = torch.where(top_k_index == e)
@@ -61,6 +84,127 @@ class ExpertMLPs(nn.ModuleList):
             y = expert(hidden[token]) * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+    def stacked(self) -> StackedExperts:
+        """The experts' tensors stacked for the grouped path, built on first use and again
+        when the experts changed (see StackedExperts.current)."""
+        stacked = getattr(self, "_stacked", None)
+        if stacked is None or not stacked.current(self):
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise CompressError("MoE experts are stacked on their first decode call: run "
+                                    "one eager forward before capturing a CUDA graph")
+            self._stacked = stacked = StackedExperts(self)
+        return stacked
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() move or cast each expert's buffers one by one: the views into
+        # the stacked tensors become separate tensors, so drop the stack (rebuilt on next use)
+        self._stacked = None
+        return super()._apply(fn, *args, **kwargs)
+
+
+# The grouped path serves calls with up to this many routed rows (tokens x top_k): batch-1
+# decode (top_k rows) up to batch 16 at top-8. Above it, the per-expert loop (see forward).
+GROUPED_MAX_ROWS = 128
+STACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_global_scale")
+
+
+def groupable(experts: ExpertMLPs) -> str | None:
+    """Why the grouped kernel cannot run these experts, or None when it can: every projection a
+    plain QuantizedLinear without bias, one format and shape per role (gate and up alike)."""
+    from compress.runtime.modules import QuantizedLinear
+
+    def layout(p: nn.Module) -> tuple:
+        return p.fmt, [(name, t.dtype, t.shape, t.device) for name, t in p._buffers.items()
+                       if name in STACKED]
+
+    projections = [expert.projections() for expert in experts]
+    if not all(type(p) is QuantizedLinear and p.bias is None
+               for group in projections for p in group):
+        return "not every projection is a QuantizedLinear without bias"
+    first_gate, _, first_down = projections[0]
+    gate_layout, down_layout = layout(first_gate), layout(first_down)
+    if not all(layout(gate) == layout(up) == gate_layout and layout(down) == down_layout
+               for gate, up, down in projections):
+        return "the experts differ in format, shape, dtype or device"
+    if any(name == "weight_global_scale" and tuple(shape) != (1,)
+           for name, _, shape, _ in gate_layout[1] + down_layout[1]):
+        return "NVFP4 global scales are not [1] each"
+    inner, per = first_gate.out_features, 32 // first_gate.fmt.bits
+    if first_gate.fmt.row.kernel == "int" and not first_gate.fmt.symmetric and inner % per:
+        return f"zero points of gate and up rows ({inner}) do not stack: not a multiple of {per}"
+    return None
+
+
+class StackedExperts:
+    """Every expert's packed tensors stacked per role: gate and up as one [E, 2F, ...] weight
+    (one launch), down as [E, D, ...]. Each expert's own buffers are then rebound to views into
+    the stacks, so the memory held stays the compressed size and the modules, their
+    state_dict and the artifact are unchanged. reason: why the experts cannot be stacked (then
+    nothing is), None when they are."""
+
+    def __init__(self, experts: ExpertMLPs):
+        self.key = self._key(experts)
+        self.reason = groupable(experts)
+        if self.reason is not None:
+            return
+        projections = [expert.projections() for expert in experts]
+        self.inner = projections[0][0].out_features
+        self.act_fn = experts[0].act_fn
+        self.family = projections[0][0].fmt.name
+        # plain tensors even when first called under inference_mode (load_state_dict must still
+        # be able to copy into the experts' buffers afterwards)
+        with torch.inference_mode(False), torch.no_grad():
+            self.gate_up = self._stack([(gate, up) for gate, up, _ in projections])
+            self.down = self._stack([(down,) for _, _, down in projections])
+        self.key = self._key(experts)   # the rebound buffers
+
+    @staticmethod
+    def _key(experts: ExpertMLPs) -> tuple:
+        """What current() compares: the first and last experts' projections and tensors."""
+        return tuple(x for i in (0, -1) for p in experts[i].projections()
+                     for x in (p, *p._buffers.values()))
+
+    def current(self, experts: ExpertMLPs) -> bool:
+        """Whether the stacks still hold the experts' tensors. Checked on the first and last
+        experts only (a cheap test at every call): moving or casting the block drops the stacks
+        (ExpertMLPs._apply); passes replace the projections of all experts together."""
+        key = self._key(experts)
+        return len(key) == len(self.key) and all(a is b for a, b in zip(key, self.key))
+
+    @staticmethod
+    def _stack(groups: list[tuple[nn.Module, ...]]) -> dict:
+        """groups[e]: expert e's modules whose rows its stacked weight concatenates. Returns
+        grouped_matmul's keyword arguments; the modules' buffers become views of the stacks."""
+        fmt = groups[0][0].fmt
+        args = {"fmt": "int" if fmt.row.kernel == "int" else fmt.type, "bits": fmt.bits}
+        for name in STACKED:
+            if name not in groups[0][0]._buffers:
+                continue
+            # [E, sum of rows, ...]; NVFP4's global scales [1] each -> [E, segments]
+            stack = torch.stack([torch.cat([m._buffers[name] for m in group])
+                                 for group in groups])
+            for e, group in enumerate(groups):
+                start = 0
+                for m in group:
+                    rows = m._buffers[name].shape[0]
+                    setattr(m, name, stack[e, start:start + rows])
+                    start += rows
+            args[name] = stack
+        return {"packed": args.pop("weight_packed"), "scale": args.pop("weight_scale"),
+                "zero": args.pop("weight_zero_point", None),
+                "global_scale": args.pop("weight_global_scale", None), **args}
+
+    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        from compress.kernels.moe import grouped_matmul
+
+        tokens, k = top_k_index.shape
+        ids = top_k_index.reshape(-1)                     # [T*k], row t*k + s: token t, slot s
+        gate_up = grouped_matmul(hidden, ids, rows_per_x=k, **self.gate_up)   # [T*k, 2F]
+        h = self.act_fn(gate_up[:, :self.inner]) * gate_up[:, self.inner:]   # [T*k, F]
+        y = grouped_matmul(h, ids, **self.down)           # [T*k, D]; masked slots: 0
+        return (y.view(tokens, k, -1) * top_k_weights[..., None]).sum(1).to(hidden.dtype)
 
 
 def fused_layout(module: nn.Module, hidden: int) -> Layout | None:
