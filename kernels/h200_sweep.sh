@@ -26,7 +26,7 @@ if [ $DRY = 1 ]; then
 else  # M = 1 tuned per family and shape, one process (and time budget) each; the other
       # buckets and the "paths" limits are kept from the committed table (--base)
   cp compress/kernels/configs/nvidia_h200.json "$CFG" 2>/dev/null || echo '{}' >"$CFG"
-  for fb in int4:50 int8:25 nvfp4:30 mxfp4:20; do
+  for fb in int4:50 int8:45 nvfp4:35 mxfp4:45; do
     timeout $(( ${fb#*:} + 25 )) $PY kernels/autotune.py --formats "${fb%%:*}" --buckets 1 \
         --budget-s "${fb#*:}" --reps 15 --base "$CFG" --out "$CFG.new" \
         --log "$OUT/autotune.jsonl" >>"$OUT/autotune.txt" 2>&1 && mv "$CFG.new" "$CFG"
