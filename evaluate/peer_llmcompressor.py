@@ -292,6 +292,9 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="measure cached rows again")
     parser.add_argument("--only-ours", action="store_true",
                         help="measure (and cache) our rows only, e.g. beside a running peer")
+    parser.add_argument("--only-peer", action="store_true",
+                        help="measure (and cache) llm-compressor's rows only, e.g. beside a "
+                             "run of --only-ours: on 2 cores, one thread each side")
     parser.add_argument("--llmc", help=argparse.SUPPRESS)      # internal: one llm-compressor run
     args = parser.parse_args()
     if args.llmc:
@@ -308,7 +311,17 @@ def main() -> None:
         return cached(ours_file(w, s, m, args.tag), args.fresh,
                       lambda: run_ours(w, s, m, options))
 
+    if args.only_peer:
+        print("float", cached(w / "llmc-float.json", args.fresh,
+                              lambda: llmc_subprocess(w, "nvfp4", "float")), flush=True)
+        for s in args.settings:
+            for m in methods_of(s, args.awq):
+                print(s, m, cached(w / f"llmc-{s}-{m}.json", args.fresh,
+                                   lambda: llmc_subprocess(w, s, m)), flush=True)
+        return
     if args.only_ours:
+        print("float", cached(w / "ours-float.json", args.fresh,
+                              lambda: run_ours(w, "nvfp4", "float", {})), flush=True)
         for s in args.settings:
             for m in methods_of(s, args.awq):
                 print(s, m, ours(s, m), flush=True)
