@@ -144,6 +144,13 @@ def run_llmc(work: Path, setting: str, method: str) -> dict:
         return {"perplexity": perplexity(model, windows), "seconds": 0.0}
     from datasets import Dataset
     from llmcompressor import oneshot
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        # llm-compressor 0.14.0.1's AWQModifier pins its cached activations for faster host to
+        # GPU copies, which raises "Cannot access accelerator device" on a machine without
+        # one; pinning changes no value, so on the CPU it is skipped
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
     tokenizer = AutoTokenizer.from_pretrained(work / "hf")
     calib = torch.load(work / "calib.pt")
