@@ -10,7 +10,11 @@ llm-compressor runs in its own virtual environment (it pins compressed-tensors 0
 transformers), LLMC_PYTHON (default /work/llmc-venv/bin/python), created with
 
     python -m venv /work/llmc-venv
-    /work/llmc-venv/bin/python -m pip install torch==2.13.0 llmcompressor==0.14.0.1 gguf
+    /work/llmc-venv/bin/python -m pip install torch==2.13.0     # first: the local CPU build
+    /work/llmc-venv/bin/python -m pip install llmcompressor==0.14.0.1 gguf
+
+On 2 cores, run the two sides side by side with OMP_NUM_THREADS=1, one with --only-peer and
+one with --only-ours, then the plain command to check and print the cached rows.
 
 What it does:
  1. saves SmolLM2 (dequantized from its GGUF, float32) as an HF directory, ONE set of calibration
