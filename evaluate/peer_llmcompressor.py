@@ -10,7 +10,11 @@ llm-compressor runs in its own virtual environment (it pins compressed-tensors 0
 transformers), LLMC_PYTHON (default /work/llmc-venv/bin/python), created with
 
     python -m venv /work/llmc-venv
-    /work/llmc-venv/bin/python -m pip install torch==2.13.0 llmcompressor==0.14.0.1 gguf
+    /work/llmc-venv/bin/python -m pip install torch==2.13.0     # first: the local CPU build
+    /work/llmc-venv/bin/python -m pip install llmcompressor==0.14.0.1 gguf
+
+On 2 cores, run the two sides side by side with OMP_NUM_THREADS=1, one with --only-peer and
+one with --only-ours, then the plain command to check and print the cached rows.
 
 What it does:
  1. saves SmolLM2 (dequantized from its GGUF, float32) as an HF directory, ONE set of calibration
@@ -144,6 +148,13 @@ def run_llmc(work: Path, setting: str, method: str) -> dict:
         return {"perplexity": perplexity(model, windows), "seconds": 0.0}
     from datasets import Dataset
     from llmcompressor import oneshot
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        # llm-compressor 0.14.0.1's AWQModifier pins its cached activations for faster host to
+        # GPU copies, which raises "Cannot access accelerator device" on a machine without
+        # one; pinning changes no value, so on the CPU it is skipped
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
     tokenizer = AutoTokenizer.from_pretrained(work / "hf")
     calib = torch.load(work / "calib.pt")
@@ -292,6 +303,9 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="measure cached rows again")
     parser.add_argument("--only-ours", action="store_true",
                         help="measure (and cache) our rows only, e.g. beside a running peer")
+    parser.add_argument("--only-peer", action="store_true",
+                        help="measure (and cache) llm-compressor's rows only, e.g. beside a "
+                             "run of --only-ours: on 2 cores, one thread each side")
     parser.add_argument("--llmc", help=argparse.SUPPRESS)      # internal: one llm-compressor run
     args = parser.parse_args()
     if args.llmc:
@@ -308,7 +322,17 @@ def main() -> None:
         return cached(ours_file(w, s, m, args.tag), args.fresh,
                       lambda: run_ours(w, s, m, options))
 
+    if args.only_peer:
+        print("float", cached(w / "llmc-float.json", args.fresh,
+                              lambda: llmc_subprocess(w, "nvfp4", "float")), flush=True)
+        for s in args.settings:
+            for m in methods_of(s, args.awq):
+                print(s, m, cached(w / f"llmc-{s}-{m}.json", args.fresh,
+                                   lambda: llmc_subprocess(w, s, m)), flush=True)
+        return
     if args.only_ours:
+        print("float", cached(w / "ours-float.json", args.fresh,
+                              lambda: run_ours(w, "nvfp4", "float", {})), flush=True)
         for s in args.settings:
             for m in methods_of(s, args.awq):
                 print(s, m, ours(s, m), flush=True)

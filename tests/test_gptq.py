@@ -337,6 +337,31 @@ def test_nvfp4_shares_one_global_scale_per_fused_group(method):
     assert not torch.equal(layer.self_attn.o_proj.weight_global_scale, qkv[0])  # o: its own
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_stacked_nvfp4_solve_equals_one_solve_per_member(act_order):
+    """The quantize pass stacks the NVFP4 members of a fused group (q/k/v) into one GPTQ solve
+    (compress/passes/calibrated.py): with their shared global scale, the rows are independent
+    given H, so the stacked codes and scales must be those of one solve per member."""
+    fmt = WeightFormat(type="nvfp4", group_size=16)
+    x = correlated_inputs()
+    H = 2 * x.T @ x / len(x)
+    g = torch.Generator().manual_seed(3)
+    members = [torch.randn(rows, 128, generator=g) * s for rows, s in ((48, 1.0), (16, 3.0),
+                                                                       (16, 0.5))]
+    shared = codec(fmt).tensor_scale(torch.cat(members), fmt)
+    stacked, _ = gptq_quantize(torch.cat(members), H, fmt, block_size=32, act_order=act_order,
+                               scale_search="mse", global_scale=shared)
+    start = 0
+    for w in members:
+        alone, _ = gptq_quantize(w, H, fmt, block_size=32, act_order=act_order,
+                                 scale_search="mse", global_scale=shared)
+        rows = slice(start, start + len(w))
+        start = rows.stop
+        assert torch.equal(alone.codes, stacked.codes[rows])
+        assert torch.equal(alone.scale, stacked.scale[rows])
+        assert torch.equal(alone.global_scale, stacked.global_scale)
+
+
 @pytest.mark.parametrize("fmt_kwargs,masked", [({"group_size": 32}, False),
                                                ({"group_size": 32, "symmetric": False}, True),
                                                ({"type": "nvfp4", "group_size": 16}, False)])

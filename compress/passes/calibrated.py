@@ -183,15 +183,15 @@ class Solve:
 
 def _group_solves(ctx, cfg, step, prefix, group, H, local) -> list[Solve]:
     """The solves that quantize the targeted linears of one input group. GPTQ modules with the
-    same int format and no sparsity mask are stacked into one matrix (their rows are
-    independent given H)."""
+    same format and no sparsity mask are stacked into one matrix (their rows are independent
+    given H). An NVFP4 group can be stacked too: its members share one global scale anyway
+    (_fused_global_scale), so the stacked solve gives the same codes in fewer, wider column
+    steps (q/k/v: 576 steps instead of 3 x 576 on SmolLM2)."""
     names = [n for n in group if n in local]
     batches: dict[tuple, list[str]] = {}
     for n in names:
         plan = local[n]
-        # (a format with a per-tensor scale would share it across the stacked modules)
-        stackable = plan.method == "gptq" and not plan.fmt.row.tensor_scale \
-            and plan.mask is None
+        stackable = plan.method == "gptq" and plan.mask is None
         key = ("stack", plan.fmt) if stackable else ("one", n)
         batches.setdefault(key, []).append(n)
     # NVFP4 global scales of the fused group, from its weights before any member is replaced
