@@ -15,6 +15,8 @@ Why this shape (kernels/NOTES.md has the byte/FLOP floors):
     exact, also for the 0.5 subnormal; the 2^14 is folded into the per-group scale;
   * scales are read once per tile when a tile lies in one group (INT g128, per channel) and
     applied to the partial sum, else once per word (8 codes), never per element;
+  * M == 1 decodes differently, with fewer instructions (kernels/NOTES.md v3): INT codes as float
+    mantissas (_int_slot_dot), E2M1 as float32 bits scaled by 2^-126 (_fp4_as_f32);
   * M == 1 keeps a [BLOCK_N, WORDS] float32 accumulator and reduces across K only once at the
     end (no per-iteration warp reduction); M > 1 uses tensor-core tl.dot on [BLOCK_M, WORDS];
   * split-K, when a config asks for it, adds into a zeroed float32 output with atomics (no
