@@ -87,10 +87,7 @@ def _int_slot_dot(t, corr, xsum, words, x_ptr, rk_word, K, one, j: tl.constexpr,
     ~2.5 instructions a code against ~8 for shift/and/convert/subtract/FMA; the offsets in t are
     < 32x the signal, so its fp32 sum keeps >= 18 bits of it."""
     rk = rk_word + j
-    if EVEN_K:
-        xa = tl.load(x_ptr + rk).to(tl.float32)
-    else:
-        xa = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+    xa = _load_x(x_ptr, rk, K, EVEN_K)
     if BITS == 8:
         sh: tl.constexpr = 15 - 8 * j     # code j -> mantissa bits 15-22
         if sh >= 0:
@@ -103,10 +100,7 @@ def _int_slot_dot(t, corr, xsum, words, x_ptr, rk_word, K, one, j: tl.constexpr,
         if HAS_ZERO:
             xsum += xa
     else:
-        if EVEN_K:
-            xb = tl.load(x_ptr + rk + 1).to(tl.float32)
-        else:
-            xb = tl.load(x_ptr + rk + 1, mask=rk + 1 < K, other=0.0).to(tl.float32)
+        xb = _load_x(x_ptr, rk + 1, K, EVEN_K)
         sh: tl.constexpr = 15 - 4 * j     # code j -> bits 15-18, code j + 1 -> bits 19-22
         if sh >= 0:
             ws = words << sh
@@ -134,14 +128,22 @@ def _fp4_as_f32(words, j: tl.constexpr):
 
 
 @triton.jit
-def _load_words(w_ptr, rn, n_in, rw, KW, EVEN: tl.constexpr):
-    """Packed words [BN, W] of rows rn and word columns rw, 0 from column KW on (KW: the row
-    length, or where the prefetch must stop). EVEN: inside the matrix, no bounds checks (one
-    ISETP a load less)."""
+def _load_x(x_ptr, rk, K, EVEN_K: tl.constexpr):
+    """Activations at inputs rk as float32 (0 from K on; EVEN_K: no bounds check)."""
+    if EVEN_K:
+        return tl.load(x_ptr + rk).to(tl.float32)
+    return tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_words(w_ptr, rn, n_in, rw, KW, limit, EVEN: tl.constexpr):
+    """Packed words [BN, W] of rows rn (row length KW) and word columns rw, 0 from column
+    `limit` on (KW, or where a split's prefetch must stop). EVEN: inside the matrix, no bounds
+    checks (one ISETP a load less)."""
     ptrs = w_ptr + rn[:, None] * KW + rw[None, :]
     if EVEN:
         return tl.load(ptrs)
-    return tl.load(ptrs, mask=n_in[:, None] & (rw[None, :] < KW), other=0)
+    return tl.load(ptrs, mask=n_in[:, None] & (rw[None, :] < limit), other=0)
 
 
 @triton.jit
@@ -167,7 +169,7 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
     else:  # BLOCK_M == 1: reduce over K once, after the loop
         acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     if PREFETCH:
-        ahead = _load_words(w_ptr, rn, n_in, pid_k * K_PER_SPLIT // PER + ri, KW,
+        ahead = _load_words(w_ptr, rn, n_in, pid_k * K_PER_SPLIT // PER + ri, KW, KW,
                             EVEN_K and EVEN_N)
         stop = tl.minimum(KW, (pid_k + 1) * K_PER_SPLIT // PER)   # this split's last word + 1
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
@@ -175,11 +177,9 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
         rw = k0 // PER + ri
         if PREFETCH:   # this tile came one iteration early; ask for the next one now
             words = ahead
-            nxt = rw + WORDS
-            ahead = tl.load(w_ptr + rn[:, None] * KW + nxt[None, :],
-                            mask=n_in[:, None] & (nxt[None, :] < stop), other=0)
+            ahead = _load_words(w_ptr, rn, n_in, rw + WORDS, KW, stop, False)
         else:
-            words = _load_words(w_ptr, rn, n_in, rw, KW, EVEN_K and EVEN_N)
+            words = _load_words(w_ptr, rn, n_in, rw, KW, KW, EVEN_K and EVEN_N)
         if TILE_SCALE:  # the whole tile lies in one group: one scale per row
             s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], k0 // GROUP,
                                 n_in[:, None] & (rn[:, None] * 0 + k0 < K), G,
@@ -222,11 +222,8 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
             t = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
             for j in tl.static_range(PER):
                 rk = k0 + ri * PER + j
-                if EVEN_K:
-                    xj = tl.load(x_ptr + pid_m * stride_xm + rk)
-                else:
-                    xj = tl.load(x_ptr + pid_m * stride_xm + rk, mask=rk < K, other=0.0)
-                t += (xj.to(tl.float32) * 18446744073709551616.0)[None, :] * _fp4_as_f32(words, j)
+                xj = _load_x(x_ptr + pid_m * stride_xm, rk, K, EVEN_K)
+                t += (xj * 18446744073709551616.0)[None, :] * _fp4_as_f32(words, j)
             acc2 += (t * 281474976710656.0) * s
     if not USE_DOT:
         acc = tl.reshape(tl.sum(acc2, axis=1), (1, BLOCK_N))
