@@ -191,23 +191,30 @@ class LayerStep:
     store: torch.device = field(default_factory=lambda: torch.device("cpu"))  # inputs, outputs
 
     def run(self, hooks: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], None]]
-            | None = None, keep_outputs: bool = False) -> list[torch.Tensor]:
+            | None = None, keep_outputs: bool = False,
+            replace_inputs: bool = False) -> list[torch.Tensor]:
         """Forward every batch through the layer; hooks[name](module, x, y) sees each submodule
-        input x and output y. Returns the layer outputs (on `store`) when keep_outputs."""
+        input x and output y. Returns the layer outputs (on `store`) when keep_outputs.
+        replace_inputs: each batch's output takes its input's place in `inputs` (returned), so
+        the calibration activations are held once, not twice, while the next layer's inputs
+        are made (2 GiB on an 8B-shaped model at 128 x 2048); the inputs are gone after."""
         handles = [self.layer.get_submodule(name).register_forward_hook(
             lambda m, args, out, fn=fn: fn(m, args[0], out)) for name, fn in (hooks or {}).items()]
         outputs = []
         try:
             with torch.no_grad():
-                for hidden, kwargs in zip(self.inputs, self.kwargs):
-                    out = self.layer(hidden.to(self.device), **kwargs)
+                for i, kwargs in enumerate(self.kwargs):
+                    out = self.layer(self.inputs[i].to(self.device), **kwargs)
                     out = out[0] if isinstance(out, tuple) else out
-                    if keep_outputs:
+                    if replace_inputs:
+                        self.inputs[i] = out.to(self.store, copy=True)
+                    elif keep_outputs:
                         outputs.append(out.to(self.store, copy=True))
+                    del out
         finally:
             for handle in handles:
                 handle.remove()
-        return outputs
+        return self.inputs if replace_inputs else outputs
 
     def gather(self, names: list[str], *, gram: bool = False, mean_abs: bool = False,
                mean_square: bool = False, dtype: torch.dtype = torch.float32,
@@ -286,7 +293,7 @@ class LayerStep:
     def hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
         """H = 2/n * sum x x^T over all calibration tokens of each named submodule's input
         (float32, [I, I]). Call with one name per group of projections that share an input."""
-        return {name: s.hessian for name, s in self.gather(names, gram=True)[0].items()}
+        return {name: s.take_hessian() for name, s in self.gather(names, gram=True)[0].items()}
 
 
 
@@ -318,8 +325,14 @@ class InputStats:
 
     @property
     def hessian(self) -> torch.Tensor:
-        """GPTQ's and SparseGPT's H = 2/n sum x x^T."""
+        """GPTQ's and SparseGPT's H = 2/n sum x x^T (a new tensor; see take_hessian)."""
         return 2 * self.gram / self.count
+
+    def take_hessian(self) -> torch.Tensor:
+        """H, made from the Gram matrix in place (which is then gone from these statistics):
+        no second [I, I] float32 copy (822 MB for an 8B model's down_proj)."""
+        gram, self.gram = self.gram, None
+        return gram.mul_(2 / self.count)
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -348,16 +361,17 @@ class Calibrator:
     context: Any = None                        # the pass Context: layer store and resume point
 
     def _store_device(self) -> torch.device:
-        """Where layer inputs live between layers: the calibration device when two copies of
-        them (inputs and the next layer's inputs) take under a third of its free memory, so
-        nothing crosses the bus between layers (128 x 2048 x 4096 bf16 is 2 GiB); else CPU."""
+        """Where layer inputs live between layers: the calibration device when they take under
+        a third of its free memory (the next layer's inputs replace them batch by batch,
+        LayerStep.run(replace_inputs)), so nothing crosses the bus between layers
+        (128 x 2048 x 4096 bf16 is 2 GiB); else CPU."""
         if self.device.type != "cuda":
             return torch.device("cpu")
         hidden = getattr(self.model.config, "hidden_size", None)
         param = next(self.model.parameters())
         if hidden is None:
             return torch.device("cpu")
-        need = 2 * self.input_ids.numel() * hidden * param.element_size()
+        need = self.input_ids.numel() * hidden * param.element_size()
         free, _ = torch.cuda.mem_get_info(self.device)
         return self.device if need < free / 3 else torch.device("cpu")
 
@@ -433,7 +447,7 @@ class Calibrator:
                     if ctx:
                         ctx.settle_layer(layer)
                 # A layer finished before a resume is only re-run, to rebuild the next inputs.
-                inputs = step.run(keep_outputs=True)
+                inputs = step.run(replace_inputs=True)
                 layer.to("cpu")
                 if ctx and index >= start:
                     ctx.close_layer(index, layer)

@@ -41,6 +41,7 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
     few_tokens: dict[str, int] = {}     # linear name -> calibration tokens it saw (too few)
     awq_notes: dict[str, dict] = {}     # linear name -> its mapping's alpha and errors
     seconds = dict.fromkeys(("statistics", "awq", "solve"), 0.0)  # the rest: layer runs, I/O
+    peaks: dict[str, float] = {}        # stage -> peak GPU GiB allocated by its end (CUDA only)
     for step in ctx.calibrator():
         prefix = step.name + "."
         local = {name[len(prefix):]: ready(ctx.model, name, plan)
@@ -48,7 +49,7 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
         if not local:
             continue
         groups, found = input_groups(ctx, step, list(local))
-        with stage(seconds, "statistics", step.layer):
+        with stage(seconds, "statistics", step.layer, peaks):
             stats, _ = step.gather([g[0] for g in groups], gram=True, mean_abs=cfg.awq)
         for g in [g for g in groups if stats[g[0]].count < cfg.min_tokens]:
             # an expert the router sent (almost) no calibration token: no usable Hessian
@@ -58,13 +59,13 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
                 quantize_rtn(ctx, prefix + n, replace(local[n], method="rtn"), report,
                              note=f"{stats[g[0]].count} calibration tokens (< min_tokens "
                                   f"{cfg.min_tokens}): round-to-nearest")
-        hessians = {g: stats[g[0]].hessian for g in groups}
+        hessians = {g: stats[g[0]].take_hessian() for g in groups}
         for g, H in hessians.items():
             check_finite(f"{prefix}{g[0]}", H, "Hessian of the input")
         if cfg.awq:
-            with stage(seconds, "awq", step.layer):
+            with stage(seconds, "awq", step.layer, peaks):
                 awq_notes.update(_apply_awq(ctx, cfg, step, local, stats, hessians, found))
-        with stage(seconds, "solve", step.layer):
+        with stage(seconds, "solve", step.layer, peaks):
             solves = [solve for group, H in hessians.items()
                       for solve in _group_solves(ctx, cfg, step, prefix, group, H, local)]
             # several ranks: each solve runs on one of them, every rank gets every result
@@ -81,6 +82,8 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
     report.summary.update(fallback_count=len(fallbacks), fallbacks=fallbacks,
                           few_tokens_rtn=few_tokens,
                           seconds={k: round(v, 2) for k, v in seconds.items()})
+    if peaks:
+        report.summary["peak_gpu_gib_after"] = peaks
     if cfg.awq:
         for name, note in awq_notes.items():
             report.modules[name].update(note)
@@ -95,9 +98,12 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
 
 
 @contextmanager
-def stage(seconds: dict[str, float], name: str, layer: torch.nn.Module):
+def stage(seconds: dict[str, float], name: str, layer: torch.nn.Module,
+          peaks: dict[str, float] | None = None):
     """Add the wall time of the block to seconds[name]; on a GPU the queued work is waited
-    for at both ends (a few syncs per layer), so each stage is charged its own kernels."""
+    for at both ends (a few syncs per layer), so each stage is charged its own kernels.
+    peaks[name]: the process's peak GPU memory (GiB) at the end of the stage, the highest over
+    layers; the stage after which it first reaches the run's peak is the one that set it."""
     param = next(layer.parameters(), None)
     on_gpu = param is not None and param.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda *_: None)
@@ -109,6 +115,9 @@ def stage(seconds: dict[str, float], name: str, layer: torch.nn.Module):
     finally:
         sync(device)
         seconds[name] += time.perf_counter() - start
+        if on_gpu and peaks is not None:
+            peaks[name] = max(peaks.get(name, 0.0),
+                              round(torch.cuda.max_memory_allocated(device) / 2**30, 3))
 
 
 def _quantize_rest(ctx: Context, plans: dict[str, ModulePlan], report: PassReport) -> None:

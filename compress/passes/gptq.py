@@ -142,11 +142,15 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
     if mask is not None:
         mask = mask.to(torch.bool)
         W = W * mask
-    importance = torch.diag(H)     # mean squared input of each column (before damping)
+    importance = torch.diag(H).clone()   # mean squared input of each column (before damping)
     static = _static_params(W, fmt, g, tensor_scale, importance, scale_search) \
         if act_order or static_groups else None
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
-    U, used = inverse_cholesky(H if perm is None else H[perm][:, perm], damp, name=name)
+    perm = torch.argsort(importance, descending=True) if act_order else None
+    if perm is not None:   # one row permutation, then one column one: never three copies of H
+        H = H.index_select(0, perm)
+        H = H.index_select(1, perm)
+    U, used = inverse_cholesky(H, damp, name=name, overwrite=True)   # H is our copy
+    del H
     # Work on W^T [I, O] (columns of W as contiguous rows) in processing order; every buffer
     # is created where W is, and nothing in the loops reads a value back to the host.
     Wt = (W if perm is None else W[:, perm]).T.contiguous()

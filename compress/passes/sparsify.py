@@ -133,7 +133,8 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, n: int, m: int,
     Cholesky factor of H^-1 (Frantar and Alistarh 2023, Algorithm 1). H: [I, I]. Returns the
     pruned float32 weight."""
     H, W = prepare_hessian(H.float(), w.float())
-    U, _ = inverse_cholesky(H, damp)
+    U, _ = inverse_cholesky(H, damp, overwrite=True)   # H is prepare_hessian's copy
+    del H
     # Work on W^T [I, O] (columns as contiguous rows); buffers follow W's device; no host sync.
     Wt = W.T.contiguous()
     columns = Wt.shape[0]
@@ -237,9 +238,9 @@ def _input_stats(step, local: dict[str, nn.Linear], groups: list[tuple[str, ...]
     reader = {name: next((g[0] for g in groups if name in g), name) for name in local}
     readers = sorted(set(reader.values()))
     stats, _ = step.gather(readers, gram=method == "sparsegpt", mean_square=method == "wanda")
-    if method == "sparsegpt":
-        return {name: stats[reader[name]].hessian if stats[reader[name]].count else None
-                for name in local}
+    if method == "sparsegpt":   # one H per group, made in place from its Gram matrix
+        hessians = {r: stats[r].take_hessian() for r in readers if stats[r].count}
+        return {name: hessians.get(reader[name]) for name in local}
     # sqrt(mean x^2) is ||X_j|| up to a constant factor, which does not change the mask
     return {name: stats[reader[name]].mean_square.sqrt() if stats[reader[name]].count else None
             for name in local}
