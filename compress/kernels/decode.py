@@ -227,15 +227,7 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
             acc2 += (t * 281474976710656.0) * s
     if not USE_DOT:
         acc = tl.reshape(tl.sum(acc2, axis=1), (1, BLOCK_N))
-    if HAS_BIAS:
-        b = tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)
-        acc += b[None, :] * (pid_k == 0).to(tl.float32)
-    out = out_ptr + rm[:, None] * N + rn[None, :]
-    mask = (rm[:, None] < M) & n_in[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=mask)
-    else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    C.finish_tile(acc, b_ptr, out_ptr, rm, rn, rm < M, n_in, N, pid_k, HAS_BIAS, ATOMIC)
 
 
 def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tensor,
@@ -254,14 +246,8 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
             f"config {cfg}: block_k must be a power of two and a multiple of {per}")
     groups = scale.shape[1]
     tile_scale = groups == 1 or group % cfg.block_k == 0
+    split, k_per_split, out = C.atomic_split_plan(m, n, k, cfg, out_dtype, x2.device)
     grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
-    split = max(1, min(cfg.split_k, -(-k // cfg.block_k)))
-    k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
-    split = -(-k // k_per_split)
-    if split > 1:  # atomics add into zeros: this buffer cannot be poisoned
-        out = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
-    else:
-        out = C.alloc((m, n), out_dtype, x2.device)
     # NVFP4's global scale stays a device tensor read in the kernel (no host sync: CUDA graphs)
     gs = global_scale if fmt == FMT_NVFP4 else scale
     _words_matmul_kernel[(grid_m, grid_n, split)](
