@@ -31,13 +31,21 @@ ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 MATMUL_INTS = ["M", "N", "K", "KW", "G", "GROUP", "stride_xm", "stride_split", "K_PER_SPLIT"]
 
 
+# Integer arguments the JIT sees divisible by 16 on Llama-3-8B shapes (it specializes such
+# values, and 16-byte aligned pointers): compiled so, the loads vectorize as they will on the GPU.
+ALIGNED_INTS = ("N", "K", "KW", "stride_xm", "K_PER_SPLIT")
+
+
 def compile_one(kernel, types: dict, consts: dict, arch: int, num_warps: int = 4,
                 num_stages: int = 2):
     sig = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     missing = [n for n, t in sig.items() if t == "constexpr" and n not in consts]
     assert not missing, f"no type or value for {missing}"
+    aligned = [i for i, n in enumerate(kernel.arg_names)
+               if sig[n].startswith("*") or (n in ALIGNED_INTS and sig[n] == "i32")]
     src = ASTSource(fn=kernel, signature=sig,
-                    constexprs={(kernel.arg_names.index(c),): v for c, v in consts.items()})
+                    constexprs={(kernel.arg_names.index(c),): v for c, v in consts.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -84,27 +92,27 @@ def tc_configs() -> dict[C.Config, None]:
 
 
 def tc_variants(all_configs: bool):
-    """The tc kernel: every format x activation dtype on a few configs (tile and word scales,
-    split-K, masked and unmasked), then every config (bf16, INT4 and NVFP4) with --all."""
-    few = [C.Config(16, 64, 128, 4, 4, 4), C.Config(64, 64, 64, 4, 3, 1),
-           C.Config(128, 128, 64, 8, 3, 1)]
-    cases = [(f, a, c, even) for f in WORD_FORMATS for a in ACT for c, even in
-             zip(few, (True, False, True))]
+    """The tc kernel: every format x activation dtype on a few configs (scales per tile, per
+    group, per word; split-K; masked and unmasked), then every config (bf16, INT4 and NVFP4)
+    with --all."""
+    few = [(C.Config(16, 64, 128, 4, 4, 4), True, 0), (C.Config(64, 64, 64, 4, 3, 1), False, 1),
+           (C.Config(128, 128, 64, 8, 3, 1), True, 2)]
+    cases = [(f, a, c, even, mode) for f in WORD_FORMATS for a in ACT for c, even, mode in few]
     if all_configs:
-        cases += [(f, "bf16", c, True) for f in (WORD_FORMATS[0], WORD_FORMATS[3])
-                  for c in tc_configs()]
-    for (fmt, bits, zero), act, cfg, even in cases:
+        cases += [(f, "bf16", c, True, 0 if f[0] == 0 else 1)
+                  for f in (WORD_FORMATS[0], WORD_FORMATS[3]) for c in tc_configs()]
+    for (fmt, bits, zero), act, cfg, even, mode in cases:
         atomic = cfg.split_k > 1
         types = {"x_ptr": ACT[act], "w_ptr": "*i32", "s_ptr": "*bf16" if fmt == 0 else "*u8",
                  "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32",
                  "out_ptr": "*fp32" if atomic else ACT[act],
-                 **dict.fromkeys(["M", "N", "K", "KW", "G", "GROUP", "stride_xm",
-                                  "K_PER_SPLIT"], "i32")}
+                 **dict.fromkeys(["M", "N", "K", "KW", "G", "GROUP", "GROUP_SHIFT", "stride_xm",
+                                  "K_PER_SPLIT", "one_bits"], "i32")}
         consts = dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, HAS_BIAS=True,
-                      TILE_SCALE=fmt == 0 and cfg.block_k <= 128, IEEE=act == "fp32",
+                      SCALES=mode, WPG=2, POW2_GROUP=mode != 2, IEEE=act == "fp32",
                       ATOMIC=atomic, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       BLOCK_K=cfg.block_k, EVEN_K=even, EVEN_N=even)
-        yield (f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even}",
+        yield (f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}",
                tc._tc_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)
 
 
@@ -131,9 +139,10 @@ def variants(all_configs: bool = False):
     for fmt, bits, zero in WORD_FORMATS:
         yield (f"dequant fmt={fmt} int{bits} zero={zero}", tc._tc_dequant_kernel,
                {"w_ptr": "*i32", "s_ptr": "*bf16" if fmt == 0 else "*u8", "z_ptr": "*i32",
-                "out_ptr": "*bf16", "gs_ptr": "*fp32", **ints},
-               dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, TILE_SCALE=fmt == 0, **dq),
-               cfg.num_warps, 1)
+                "out_ptr": "*bf16", "gs_ptr": "*fp32", "GROUP_SHIFT": "i32",
+                "one_bits": "i32", **ints},
+               dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, SCALES=int(fmt != 0),
+                    WPG=2, POW2_GROUP=True, **dq), cfg.num_warps, 1)
     ints.pop("KW")
     yield ("2:4-int dequant", sparse24._sparse24_dequant_kernel,
            {"v_ptr": "*i32", "m_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*i32",

@@ -72,6 +72,30 @@ def _decode_codes(words, j: tl.constexpr, z, FMT: tl.constexpr, BITS: tl.constex
 
 
 @triton.jit
+def _code_mantissas(words, j: tl.constexpr, one, BITS: tl.constexpr):
+    """INT code slot j (and j + 1 for 4 bits) of every word as float32 mantissas, one shift and
+    one LOP3 a code (`one` = 0x3F800000 in a register: LOP3 takes one immediate). 8 bits: (v, v)
+    with v = 1 + c_j/256 (code at mantissa bits 15-22). 4 bits: (lo, hi) = (16 + c_j/16,
+    1 + c_{j+1}/16): code j + 1 lands at bits 19-22 under exponent 2^0, code j at bits 15-18
+    under exponent 2^4, so the code's weight is 1/16 in both."""
+    if BITS == 8:
+        sh: tl.constexpr = 15 - 8 * j     # code j -> mantissa bits 15-22
+    else:
+        sh: tl.constexpr = 15 - 4 * j     # code j -> bits 15-18, code j + 1 -> bits 19-22
+    if sh >= 0:
+        ws = words << sh
+    else:
+        ws = words >> (-sh)   # arithmetic: the sign copies land above bit 22, masked off
+    if BITS == 8:
+        lo = ((ws & 0x007F8000) | one).to(tl.float32, bitcast=True)
+        hi = lo
+    else:
+        lo = ((ws & 0x00078000) | (one + 0x02000000)).to(tl.float32, bitcast=True)
+        hi = ((ws & 0x00780000) | one).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
 def _int_slot_dot(t, corr, xsum, words, x_ptr, rk_word, K, one, j: tl.constexpr,
                   BITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_ZERO: tl.constexpr):
     """Code slot j (and j + 1 for 4 bits) of every word [BN, W] against x: returns t, corr,
@@ -79,35 +103,21 @@ def _int_slot_dot(t, corr, xsum, words, x_ptr, rk_word, K, one, j: tl.constexpr,
     [W], shared by the rows), xsum += x_k (kept only for zero points). The caller finishes a
     tile with s * (2^B t - corr - z xsum) = s * sum_k x_k (c_k - 2^(B-1) - z).
 
-    Why this shape (SASS counted, kernels/NOTES.md): the code lands in the top bits of a float32
-    mantissa, so one LOP3 ((w & mask) | one, `one` a register: LOP3 takes one immediate) makes
-    v = 1 + c/2^B, with no int->float conversion and no per-code subtraction. For 4 bits one
-    shift serves two codes: code j + 1 lands at mantissa bits 19-22 (v = 1 + c/16), code j at
-    bits 15-18 under exponent 2^4 (v = 16 + c/16): the same weight on c, so one accumulator.
+    Why this shape (SASS counted, kernels/NOTES.md): _code_mantissas makes v = 1 + c/2^B (4
+    bits: 16 + c/16 for the lower code of a shift) with no int->float conversion and no
+    per-code subtraction, the same weight on c for both codes of a shift, so one accumulator.
     ~2.5 instructions a code against ~8 for shift/and/convert/subtract/FMA; the offsets in t are
     < 32x the signal, so its fp32 sum keeps >= 18 bits of it."""
     rk = rk_word + j
     xa = _load_x(x_ptr, rk, K, EVEN_K)
+    lo, hi = _code_mantissas(words, j, one, BITS)
     if BITS == 8:
-        sh: tl.constexpr = 15 - 8 * j     # code j -> mantissa bits 15-22
-        if sh >= 0:
-            ws = words << sh
-        else:
-            ws = words >> (-sh)
-        v = ((ws & 0x007F8000) | one).to(tl.float32, bitcast=True)   # 1 + c/256
-        t += xa[None, :] * v
+        t += xa[None, :] * lo
         corr += xa * 384.0          # 256 (the 1 in v) + 128 (the code offset)
         if HAS_ZERO:
             xsum += xa
     else:
         xb = _load_x(x_ptr, rk + 1, K, EVEN_K)
-        sh: tl.constexpr = 15 - 4 * j     # code j -> bits 15-18, code j + 1 -> bits 19-22
-        if sh >= 0:
-            ws = words << sh
-        else:
-            ws = words >> (-sh)
-        lo = ((ws & 0x00078000) | (one + 0x02000000)).to(tl.float32, bitcast=True)  # 16 + c/16
-        hi = ((ws & 0x00780000) | one).to(tl.float32, bitcast=True)                 # 1 + c/16
         t += xa[None, :] * lo
         t += xb[None, :] * hi
         corr += xa * 264.0 + xb * 24.0   # 16 * (16 xa + xb) + 8 * (xa + xb)

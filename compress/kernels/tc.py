@@ -31,65 +31,145 @@ from compress.kernels import _common as C
 from compress.kernels.decode import (
     FMT_INT,
     FMT_NVFP4,
-    _decode_codes,
+    _code_mantissas,
+    _fp4_as_f32,
     _group_scale,
     _load_words,
 )
 
-
-@triton.jit
-def _slot(words, j: tl.constexpr, s, z, FMT: tl.constexpr, BITS: tl.constexpr, DTYPE):
-    """Code slot j of every word [BN, W] -> weights in DTYPE (s, z: [BN, 1] or [BN, W])."""
-    return (_decode_codes(words, j, z, FMT, BITS) * s).to(DTYPE)
+# FP4 weights leave the decoder as value * scale * 2^-FP4_LIFT (bfloat16/float32 activations)
+# and the accumulator is multiplied by 2^FP4_LIFT at the end; see _fp4_pair
+FP4_LIFT = 26
 
 
 @triton.jit
-def _weight_tile(words, s, z, FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
-                 DTYPE):
-    """Packed words [BN, W] -> weights [BN, W * PER] in K order (code j of word i at column
-    PER * i + j). interleave(a, b) puts a at even and b at odd columns, so slot order is the
-    bit reversal of j: three interleaves for 8 codes a word, two for 4."""
-    if PER == 4:
-        even = tl.interleave(_slot(words, 0, s, z, FMT, BITS, DTYPE),
-                             _slot(words, 2, s, z, FMT, BITS, DTYPE))
-        odd = tl.interleave(_slot(words, 1, s, z, FMT, BITS, DTYPE),
-                            _slot(words, 3, s, z, FMT, BITS, DTYPE))
-    else:
-        even = tl.interleave(tl.interleave(_slot(words, 0, s, z, FMT, BITS, DTYPE),
-                                           _slot(words, 4, s, z, FMT, BITS, DTYPE)),
-                             tl.interleave(_slot(words, 2, s, z, FMT, BITS, DTYPE),
-                                           _slot(words, 6, s, z, FMT, BITS, DTYPE)))
-        odd = tl.interleave(tl.interleave(_slot(words, 1, s, z, FMT, BITS, DTYPE),
-                                          _slot(words, 5, s, z, FMT, BITS, DTYPE)),
-                            tl.interleave(_slot(words, 3, s, z, FMT, BITS, DTYPE),
-                                          _slot(words, 7, s, z, FMT, BITS, DTYPE)))
-    return tl.interleave(even, odd)
+def _spread(t, WPG: tl.constexpr):
+    """[BN, C] -> [BN, C * WPG], each column repeated WPG times (self-interleaves: registers
+    only, and the result has the layout of an interleaved tile, like the words')."""
+    if WPG >= 2:
+        t = tl.interleave(t, t)
+    if WPG >= 4:
+        t = tl.interleave(t, t)
+    if WPG >= 8:
+        t = tl.interleave(t, t)
+    if WPG >= 16:
+        t = tl.interleave(t, t)
+    return t
 
 
 @triton.jit
-def _decoded_tile(w_ptr, s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP,
+def _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP, GROUP_SHIFT,
                   FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
-                  HAS_ZERO: tl.constexpr, TILE_SCALE: tl.constexpr, EVEN: tl.constexpr,
-                  BLOCK_K: tl.constexpr, DTYPE):
-    """Weights [BN, BLOCK_K] of rows rn, inputs k0 .. k0 + BLOCK_K, in DTYPE. Outside the
-    matrix the words and scales read as 0, so the weights there are 0 (or finite in rows
-    >= N, which are never stored)."""
-    rw = k0 // PER + tl.arange(0, BLOCK_K // PER)
-    words = _load_words(w_ptr, rn, n_in, rw, KW, KW, EVEN)
-    if TILE_SCALE:   # the tile lies in one group: one scale (and zero) per row
-        s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], k0 // GROUP,
+                  HAS_ZERO: tl.constexpr, SCALES: tl.constexpr, WPG: tl.constexpr,
+                  POW2_GROUP: tl.constexpr, FP4_EXACT: tl.constexpr, WORDS: tl.constexpr):
+    """(a, b_lo, b_hi) of the K-tile at k0. INT: w = v * a + b with v from _code_mantissas
+    (b_lo for the lower code of a 4-bit shift, b_hi for the upper one); FP4: w = f * a with
+    f = value * 2^-126 (_fp4_as_f32), a = scale * 2^(126 - FP4_LIFT), or, when FP4_EXACT,
+    a = scale (the caller multiplies f by 2^126 first). SCALES: 0, the tile lies in one group
+    (INT g128, per channel): one factor per row [BN, 1], the group found by a shift
+    (GROUP_SHIFT) or a division; 1, the tile holds whole groups of WPG words: the tile's groups
+    are loaded as [BN, WORDS / WPG] (contiguous) and spread over the words [BN, WORDS];
+    2, any other group size: per word, by a division."""
+    if SCALES == 0:
+        if POW2_GROUP:
+            col = k0 >> GROUP_SHIFT
+        else:
+            col = k0 // GROUP
+        s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], col,
                             n_in[:, None] & (rn[:, None] * 0 + k0 < K), G, FMT, BITS, PER,
                             HAS_ZERO)
-    else:            # one per word: a word's codes share a group (group % P == 0)
-        s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], ((rw * PER) // GROUP)[None, :],
+    elif SCALES == 1:
+        cols = k0 // (WPG * PER) + tl.arange(0, WORDS // WPG)
+        s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], cols[None, :],
+                            n_in[:, None] & (cols[None, :] < G), G, FMT, BITS, PER, HAS_ZERO)
+    else:
+        rw = k0 // PER + tl.arange(0, WORDS)
+        cols = (rw * PER) // GROUP
+        s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], cols[None, :],
                             n_in[:, None] & (rw[None, :] < KW), G, FMT, BITS, PER, HAS_ZERO)
-    return _weight_tile(words, s, z, FMT, BITS, PER, DTYPE)
+    if FMT == 0:   # v = 1 + c/2^B (+ 2^B for the lower 4-bit code): exact FMA offsets
+        a = s * (1 << BITS)
+        if BITS == 4:
+            b_hi = -(24.0 + z) * s                # 16 (the 1 in v) + 8 (the code offset)
+            b_lo = -(264.0 + z) * s               # 256 + 8
+        else:
+            b_hi = -(384.0 + z) * s               # 256 + 128
+            b_lo = b_hi
+    else:          # _group_scale's FP4 scale carries 2^14 (decode's float16 trick)
+        if FP4_EXACT:
+            a = s * 6.103515625e-05               # 2^-14
+        else:
+            a = s * 77371252455336267181195264.0  # 2^86 = 2^(126 - 26 - 14)
+        b_lo = a
+        b_hi = a
+    if SCALES == 1:
+        a = _spread(a, WPG)
+        if FMT == 0:
+            b_lo = _spread(b_lo, WPG)
+            b_hi = _spread(b_hi, WPG) if BITS == 4 else b_lo
+        else:
+            b_lo = a
+            b_hi = a
+    return a, b_lo, b_hi
+
+
+@triton.jit
+def _int_pair(words, j: tl.constexpr, a, b_lo, b_hi, one, BITS: tl.constexpr, DTYPE):
+    """INT code slots j and j + 1 (4 bits; 8 bits: j twice) as weights in DTYPE: one shift,
+    one LOP3 and one FMA a code (the FMA's constant b is exact: (264 + z) * scale needs 17
+    bits), half a conversion."""
+    lo, hi = _code_mantissas(words, j, one, BITS)
+    return (lo * a + b_lo).to(DTYPE), (hi * a + b_hi).to(DTYPE)
+
+
+@triton.jit
+def _fp4_pair(words, j: tl.constexpr, a, FP4_EXACT: tl.constexpr, DTYPE):
+    """E2M1 code slots j and j + 1 as weights in DTYPE: f = value * 2^-126 in two shifts and a
+    LOP3 (decode._fp4_as_f32, the 0.5 code a denormal), times a. Unless FP4_EXACT, one FMUL:
+    f * scale * 2^100 = value * scale * 2^-26, normal and exact in float32 and bfloat16 for any
+    scale in 2^-100 .. 2^28 (the accumulator gets the 2^26 back); float16 lacks that range, so
+    FP4_EXACT multiplies by 2^126 first (exact: f is a multiple of 2^-127)."""
+    f0 = _fp4_as_f32(words, j)
+    f1 = _fp4_as_f32(words, j + 1)
+    if FP4_EXACT:
+        f0 = f0 * 8.507059173023462e37            # 2^126
+        f1 = f1 * 8.507059173023462e37
+    return (f0 * a).to(DTYPE), (f1 * a).to(DTYPE)
+
+
+@triton.jit
+def _weight_tile(words, a, b_lo, b_hi, one, FMT: tl.constexpr, BITS: tl.constexpr,
+                 FP4_EXACT: tl.constexpr, DTYPE):
+    """Packed words [BN, W] -> weights [BN, W * P] in K order (code j of word i at column
+    P * i + j). interleave(u, v) puts u at even and v at odd columns (a join and a reshape that
+    keep each thread's values in its registers), so slot order is j's bit reversal."""
+    if BITS == 8:
+        w0, _ = _int_pair(words, 0, a, b_lo, b_hi, one, BITS, DTYPE)
+        w1, _ = _int_pair(words, 1, a, b_lo, b_hi, one, BITS, DTYPE)
+        w2, _ = _int_pair(words, 2, a, b_lo, b_hi, one, BITS, DTYPE)
+        w3, _ = _int_pair(words, 3, a, b_lo, b_hi, one, BITS, DTYPE)
+        tile = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
+    else:
+        if FMT == 0:
+            w0, w1 = _int_pair(words, 0, a, b_lo, b_hi, one, BITS, DTYPE)
+            w2, w3 = _int_pair(words, 2, a, b_lo, b_hi, one, BITS, DTYPE)
+            w4, w5 = _int_pair(words, 4, a, b_lo, b_hi, one, BITS, DTYPE)
+            w6, w7 = _int_pair(words, 6, a, b_lo, b_hi, one, BITS, DTYPE)
+        else:
+            w0, w1 = _fp4_pair(words, 0, a, FP4_EXACT, DTYPE)
+            w2, w3 = _fp4_pair(words, 2, a, FP4_EXACT, DTYPE)
+            w4, w5 = _fp4_pair(words, 4, a, FP4_EXACT, DTYPE)
+            w6, w7 = _fp4_pair(words, 6, a, FP4_EXACT, DTYPE)
+        even = tl.interleave(tl.interleave(w0, w4), tl.interleave(w2, w6))
+        odd = tl.interleave(tl.interleave(w1, w5), tl.interleave(w3, w7))
+        tile = tl.interleave(even, odd)
+    return tile
 
 
 @triton.jit
 def _nvfp4_gs(gs_ptr, FMT: tl.constexpr):
-    """The factor _group_scale multiplies NVFP4's E4M3 scales by: 2^14 (undoing the float16
-    decode of E2M1) / the global scale, read on the device (no host sync: CUDA graphs)."""
+    """The factor _group_scale multiplies NVFP4's E4M3 scales by: 2^14 / the global scale,
+    read on the device (no host sync: CUDA graphs)."""
     gs = 1.0
     if FMT == 1:
         gs = 16384.0 / tl.load(gs_ptr).to(tl.float32)
@@ -98,26 +178,38 @@ def _nvfp4_gs(gs_ptr, FMT: tl.constexpr):
 
 @triton.jit
 def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
-                      M, N, K, KW, G, GROUP, stride_xm, K_PER_SPLIT,
+                      M, N, K, KW, G, GROUP, GROUP_SHIFT, stride_xm, K_PER_SPLIT, one_bits,
                       FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
-                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      TILE_SCALE: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN_K: tl.constexpr = False, EVEN_N: tl.constexpr = False):
+                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SCALES: tl.constexpr,
+                      WPG: tl.constexpr, POW2_GROUP: tl.constexpr, IEEE: tl.constexpr,
+                      ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr = False,
+                      EVEN_N: tl.constexpr = False):
     # M-tiles are grid axis 0, so the programs sharing a weight tile run together (L2 reuse)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ri = tl.arange(0, BLOCK_K // PER)
     n_in = rn < N
     m_in = rm < M
     gs = _nvfp4_gs(gs_ptr, FMT)
     # float32 activations: float32 weights and an exact dot (see _common.dot_in_f32)
     DTYPE: tl.constexpr = tl.float32 if IEEE else x_ptr.dtype.element_ty
+    FP4_EXACT: tl.constexpr = DTYPE == tl.float16
+    k_start = pid_k * K_PER_SPLIT
+    # the scales of a tile are loaded one iteration ahead (Triton's pipeline skips these small
+    # loads): their latency hides behind a tile's decode and dot
+    a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k_start, K, KW, G, GROUP,
+                                  GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES, WPG,
+                                  POW2_GROUP, FP4_EXACT, BLOCK_K // PER)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)   # y^T: see the dot below
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        k0 = pid_k * K_PER_SPLIT + kk
-        w = _decoded_tile(w_ptr, s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP, FMT, BITS,
-                          PER, HAS_ZERO, TILE_SCALE, EVEN_K and EVEN_N, BLOCK_K, DTYPE)
+        k0 = k_start + kk
+        words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, KW, EVEN_K and EVEN_N)
+        w = _weight_tile(words, a, b_lo, b_hi, one_bits, FMT, BITS, FP4_EXACT, DTYPE)
+        a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, KW, G, GROUP,
+                                      GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES, WPG,
+                                      POW2_GROUP, FP4_EXACT, BLOCK_K // PER)
         rk = k0 + tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
         if EVEN_K:
@@ -131,28 +223,36 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
             acc = tl.dot(w, tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(w, tl.trans(x), acc)
+    if FMT != 0 and not FP4_EXACT:
+        acc = acc * 67108864.0   # 2^FP4_LIFT (see _fp4_pair)
     C.finish_tile(tl.trans(acc), b_ptr, out_ptr, rm, rn, m_in, n_in, N, pid_k, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
-def _tc_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, gs_ptr, N, K, KW, G, GROUP,
-                       FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
-                       HAS_ZERO: tl.constexpr, TILE_SCALE: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tc_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, gs_ptr, N, K, KW, G, GROUP, GROUP_SHIFT,
+                       one_bits, FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                       HAS_ZERO: tl.constexpr, SCALES: tl.constexpr, WPG: tl.constexpr,
+                       POW2_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The whole weight [N, K] in out_ptr's dtype, with the matmul's tile decoder."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     rk = k0 + tl.arange(0, BLOCK_K)
+    ri = tl.arange(0, BLOCK_K // PER)
     n_in = rn < N
     gs = _nvfp4_gs(gs_ptr, FMT)
-    w = _decoded_tile(w_ptr, s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP, FMT, BITS, PER,
-                      HAS_ZERO, TILE_SCALE, False, BLOCK_K, out_ptr.dtype.element_ty)
+    a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP, GROUP_SHIFT,
+                                  FMT, BITS, PER, HAS_ZERO, SCALES, WPG, POW2_GROUP, True,
+                                  BLOCK_K // PER)
+    words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, KW, False)
+    w = _weight_tile(words, a, b_lo, b_hi, one_bits, FMT, BITS, True, out_ptr.dtype.element_ty)
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w,
              mask=n_in[:, None] & (rk[None, :] < K))
 
 
 # ---------------------------------------------------------------------------------------------
 # Host wrappers (arguments already checked by the format's wrapper, w4a16.py / fp4.py)
+
+ONE_BITS = 0x3F800000   # float32 1.0 as a runtime value: kept in a register (_code_mantissas)
 
 def check_config(cfg: C.Config, per: int) -> None:
     C.check(cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k >= max(32, per)
@@ -161,9 +261,21 @@ def check_config(cfg: C.Config, per: int) -> None:
             f">= 32")
 
 
-def _tile_scale(groups: int, group: int, block_k: int) -> bool:
-    """One scale per row and tile: per channel, or block_k divides the group."""
-    return groups == 1 or group % block_k == 0
+def _scale_args(groups: int, group: int, k: int, block_k: int, per: int) -> tuple[dict, int]:
+    """(constexprs, GROUP_SHIFT) of the scale lookup (_tile_factors): SCALES 0 when per channel
+    or block_k divides the group, 1 when the tile holds whole groups of whole words, else 2;
+    the group index by a shift when the group is a power of two (per channel: any power of two
+    >= K, so the index is 0)."""
+    size = C.next_pow2(k) if groups == 1 else group
+    pow2 = size & (size - 1) == 0
+    if groups == 1 or group % block_k == 0:
+        mode = 0
+    elif block_k % group == 0 and group % per == 0:
+        mode = 1
+    else:
+        mode = 2
+    return (dict(SCALES=mode, WPG=max(1, group // per), POW2_GROUP=pow2),
+            size.bit_length() - 1 if pow2 else 0)
 
 
 def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tensor,
@@ -178,14 +290,15 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
     groups = scale.shape[1]
     split, k_per_split, out = C.atomic_split_plan(m, n, k, cfg, out_dtype, x2.device)
     grid = (-(-m // cfg.block_m), -(-n // cfg.block_n), split)
+    scale_consts, group_shift = _scale_args(groups, group, k, cfg.block_k, per)
     _tc_matmul_kernel[grid](
         x2, words, scale, zero if zero is not None else words,
         bias if bias is not None else x2, out,
         global_scale if fmt == FMT_NVFP4 else scale,
-        m, n, k, words.shape[1], groups, group, x2.stride(0), k_per_split,
-        FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
-        TILE_SCALE=_tile_scale(groups, group, cfg.block_k), IEEE=C.dot_in_f32(x2.dtype),
-        ATOMIC=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        m, n, k, words.shape[1], groups, group, group_shift, x2.stride(0), k_per_split,
+        ONE_BITS, FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None,
+        HAS_BIAS=bias is not None, IEEE=C.dot_in_f32(x2.dtype), ATOMIC=split > 1,
+        **scale_consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(out_dtype) if split > 1 else out
@@ -197,13 +310,13 @@ def tc_dequantize(fmt: int, words: torch.Tensor, scale: torch.Tensor, zero: torc
     """The whole weight decoded to dtype, [N, K] (the prefill path, then cuBLAS)."""
     cfg = C.CONFIGS["dequant"]
     out = C.alloc((n, k), dtype, words.device)
+    scale_consts, group_shift = _scale_args(scale.shape[1], group, k, cfg.block_k, 32 // bits)
     _tc_dequant_kernel[(-(-n // cfg.block_n), -(-k // cfg.block_k))](
         words, scale, zero if zero is not None else words, out,
         global_scale if fmt == FMT_NVFP4 else scale,
-        n, k, words.shape[1], scale.shape[1], group,
+        n, k, words.shape[1], scale.shape[1], group, group_shift, ONE_BITS,
         FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero is not None,
-        TILE_SCALE=_tile_scale(scale.shape[1], group, cfg.block_k),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **scale_consts)
     return out
 
 

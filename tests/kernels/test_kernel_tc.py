@@ -21,9 +21,11 @@ from compress.kernels.w4a16 import int_dequantize_ref, int_matmul, int_matmul_re
 CONFIGS = [C.Config(16, 16, 32), C.Config(32, 32, 64, split_k=2),
            C.Config(16, 64, 128, 4, 3, split_k=3)]
 # (M, N, K, group, symmetric, bits): N not a multiple of any block, K not one of block_k;
-# INT8 per channel with K % 4 != 0 (a partial last word)
+# INT8 per channel with K % 4 != 0 (a partial last word); group 96: not a power of two, one
+# scale per tile for block_k 32 (found by a division), per word for 64 and 128 (neither
+# divides the other)
 INT_CASES = [(2, 37, 224, 32, True, 4), (17, 29, 160, 32, False, 4), (33, 21, 198, None, True, 8),
-             (65, 19, 96, 16, False, 8)]
+             (65, 19, 96, 16, False, 8), (18, 27, 288, 96, False, 4)]
 FP4_CASES = [(2, 37, 96), (33, 29, 224), (65, 19, 160)]
 DTYPES = [torch.float32, torch.bfloat16]
 
