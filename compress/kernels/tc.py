@@ -61,10 +61,11 @@ def _spread(t, WPG: tl.constexpr):
 def _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP, GROUP_SHIFT,
                   FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                   HAS_ZERO: tl.constexpr, SCALES: tl.constexpr, WPG: tl.constexpr,
-                  POW2_GROUP: tl.constexpr, FP4_EXACT: tl.constexpr, WORDS: tl.constexpr):
+                  POW2_GROUP: tl.constexpr, EXACT: tl.constexpr, WORDS: tl.constexpr):
     """(a, b_lo, b_hi) of the K-tile at k0. INT: w = v * a + b with v from _code_mantissas
-    (b_lo for the lower code of a 4-bit shift, b_hi for the upper one); FP4: w = f * a with
-    f = value * 2^-126 (_fp4_as_f32), a = scale * 2^(126 - FP4_LIFT), or, when FP4_EXACT,
+    (b_lo for the lower code of a 4-bit shift, b_hi for the upper one), or when EXACT,
+    w = (v * 2^B + b) * a (a = scale; one rounding, as the reference); FP4: w = f * a with
+    f = value * 2^-126 (_fp4_as_f32), a = scale * 2^(126 - FP4_LIFT), or, when EXACT,
     a = scale (the caller multiplies f by 2^126 first). SCALES: 0, the tile lies in one group
     (INT g128, per channel): one factor per row [BN, 1], the group found by a shift
     (GROUP_SHIFT) or a division; 1, the tile holds whole groups of WPG words: the tile's groups
@@ -87,16 +88,21 @@ def _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP, GROUP_SHIFT,
         cols = (rw * PER) // GROUP
         s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], cols[None, :],
                             n_in[:, None] & (rw[None, :] < KW), G, FMT, BITS, PER, HAS_ZERO)
-    if FMT == 0:   # v = 1 + c/2^B (+ 2^B for the lower 4-bit code): exact FMA offsets
-        a = s * (1 << BITS)
+    if FMT == 0:   # v = 1 + c/2^B (+ 2^B for the lower 4-bit code)
         if BITS == 4:
-            b_hi = -(24.0 + z) * s                # 16 (the 1 in v) + 8 (the code offset)
-            b_lo = -(264.0 + z) * s               # 256 + 8
+            b_hi = -(24.0 + z)                    # 16 (the 1 in v) + 8 (the code offset)
+            b_lo = -(264.0 + z)                   # 256 + 8
         else:
-            b_hi = -(384.0 + z) * s               # 256 + 128
+            b_hi = -(384.0 + z)                   # 256 + 128
             b_lo = b_hi
+        if EXACT:
+            a = s
+        else:      # exact FMA offsets for bfloat16/float16 scales ((264 + z) s: 17 bits)
+            a = s * (1 << BITS)
+            b_lo = b_lo * s
+            b_hi = b_hi * s
     else:          # _group_scale's FP4 scale carries 2^14 (decode's float16 trick)
-        if FP4_EXACT:
+        if EXACT:
             a = s * 6.103515625e-05               # 2^-14
         else:
             a = s * 77371252455336267181195264.0  # 2^86 = 2^(126 - 26 - 14)
@@ -114,24 +120,32 @@ def _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP, GROUP_SHIFT,
 
 
 @triton.jit
-def _int_pair(words, j: tl.constexpr, a, b_lo, b_hi, one, BITS: tl.constexpr, DTYPE):
+def _int_pair(words, j: tl.constexpr, a, b_lo, b_hi, one, BITS: tl.constexpr,
+              EXACT: tl.constexpr, DTYPE):
     """INT code slots j and j + 1 (4 bits; 8 bits: j twice) as weights in DTYPE: one shift,
-    one LOP3 and one FMA a code (the FMA's constant b is exact: (264 + z) * scale needs 17
-    bits), half a conversion."""
+    one LOP3 and one FMA a code (its constant b is exact for 16-bit scales: (264 + z) * scale
+    needs 17 bits), half a conversion. EXACT (float32 activations, dequantize): the integer
+    code - offset - zero first (exact), then one rounding times the scale, as the reference."""
     lo, hi = _code_mantissas(words, j, one, BITS)
-    return (lo * a + b_lo).to(DTYPE), (hi * a + b_hi).to(DTYPE)
+    if EXACT:
+        w_lo = (lo * (1 << BITS) + b_lo) * a
+        w_hi = (hi * (1 << BITS) + b_hi) * a
+    else:
+        w_lo = lo * a + b_lo
+        w_hi = hi * a + b_hi
+    return w_lo.to(DTYPE), w_hi.to(DTYPE)
 
 
 @triton.jit
-def _fp4_pair(words, j: tl.constexpr, a, FP4_EXACT: tl.constexpr, DTYPE):
+def _fp4_pair(words, j: tl.constexpr, a, EXACT: tl.constexpr, DTYPE):
     """E2M1 code slots j and j + 1 as weights in DTYPE: f = value * 2^-126 in two shifts and a
-    LOP3 (decode._fp4_as_f32, the 0.5 code a denormal), times a. Unless FP4_EXACT, one FMUL:
+    LOP3 (decode._fp4_as_f32, the 0.5 code a denormal), times a. Unless EXACT, one FMUL:
     f * scale * 2^100 = value * scale * 2^-26, normal and exact in float32 and bfloat16 for any
     scale in 2^-100 .. 2^28 (the accumulator gets the 2^26 back); float16 lacks that range, so
-    FP4_EXACT multiplies by 2^126 first (exact: f is a multiple of 2^-127)."""
+    EXACT multiplies by 2^126 first (exact: f is a multiple of 2^-127)."""
     f0 = _fp4_as_f32(words, j)
     f1 = _fp4_as_f32(words, j + 1)
-    if FP4_EXACT:
+    if EXACT:
         f0 = f0 * 8.507059173023462e37            # 2^126
         f1 = f1 * 8.507059173023462e37
     return (f0 * a).to(DTYPE), (f1 * a).to(DTYPE)
@@ -139,27 +153,27 @@ def _fp4_pair(words, j: tl.constexpr, a, FP4_EXACT: tl.constexpr, DTYPE):
 
 @triton.jit
 def _weight_tile(words, a, b_lo, b_hi, one, FMT: tl.constexpr, BITS: tl.constexpr,
-                 FP4_EXACT: tl.constexpr, DTYPE):
+                 EXACT: tl.constexpr, DTYPE):
     """Packed words [BN, W] -> weights [BN, W * P] in K order (code j of word i at column
     P * i + j). interleave(u, v) puts u at even and v at odd columns (a join and a reshape that
     keep each thread's values in its registers), so slot order is j's bit reversal."""
     if BITS == 8:
-        w0, _ = _int_pair(words, 0, a, b_lo, b_hi, one, BITS, DTYPE)
-        w1, _ = _int_pair(words, 1, a, b_lo, b_hi, one, BITS, DTYPE)
-        w2, _ = _int_pair(words, 2, a, b_lo, b_hi, one, BITS, DTYPE)
-        w3, _ = _int_pair(words, 3, a, b_lo, b_hi, one, BITS, DTYPE)
+        w0, _ = _int_pair(words, 0, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+        w1, _ = _int_pair(words, 1, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+        w2, _ = _int_pair(words, 2, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+        w3, _ = _int_pair(words, 3, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
         tile = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
     else:
         if FMT == 0:
-            w0, w1 = _int_pair(words, 0, a, b_lo, b_hi, one, BITS, DTYPE)
-            w2, w3 = _int_pair(words, 2, a, b_lo, b_hi, one, BITS, DTYPE)
-            w4, w5 = _int_pair(words, 4, a, b_lo, b_hi, one, BITS, DTYPE)
-            w6, w7 = _int_pair(words, 6, a, b_lo, b_hi, one, BITS, DTYPE)
+            w0, w1 = _int_pair(words, 0, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+            w2, w3 = _int_pair(words, 2, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+            w4, w5 = _int_pair(words, 4, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+            w6, w7 = _int_pair(words, 6, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
         else:
-            w0, w1 = _fp4_pair(words, 0, a, FP4_EXACT, DTYPE)
-            w2, w3 = _fp4_pair(words, 2, a, FP4_EXACT, DTYPE)
-            w4, w5 = _fp4_pair(words, 4, a, FP4_EXACT, DTYPE)
-            w6, w7 = _fp4_pair(words, 6, a, FP4_EXACT, DTYPE)
+            w0, w1 = _fp4_pair(words, 0, a, EXACT, DTYPE)
+            w2, w3 = _fp4_pair(words, 2, a, EXACT, DTYPE)
+            w4, w5 = _fp4_pair(words, 4, a, EXACT, DTYPE)
+            w6, w7 = _fp4_pair(words, 6, a, EXACT, DTYPE)
         even = tl.interleave(tl.interleave(w0, w4), tl.interleave(w2, w6))
         odd = tl.interleave(tl.interleave(w1, w5), tl.interleave(w3, w7))
         tile = tl.interleave(even, odd)
@@ -195,21 +209,23 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
     gs = _nvfp4_gs(gs_ptr, FMT)
     # float32 activations: float32 weights and an exact dot (see _common.dot_in_f32)
     DTYPE: tl.constexpr = tl.float32 if IEEE else x_ptr.dtype.element_ty
-    FP4_EXACT: tl.constexpr = DTYPE == tl.float16
+    # exact decodes where needed: float32 activations (one rounding, as the reference), and FP4
+    # in float16 (no room for the 2^-26 lift)
+    EXACT: tl.constexpr = IEEE or (FMT != 0 and DTYPE == tl.float16)
     k_start = pid_k * K_PER_SPLIT
     # the scales of a tile are loaded one iteration ahead (Triton's pipeline skips these small
     # loads): their latency hides behind a tile's decode and dot
     a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k_start, K, KW, G, GROUP,
                                   GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES, WPG,
-                                  POW2_GROUP, FP4_EXACT, BLOCK_K // PER)
+                                  POW2_GROUP, EXACT, BLOCK_K // PER)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)   # y^T: see the dot below
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = k_start + kk
         words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, KW, EVEN_K and EVEN_N)
-        w = _weight_tile(words, a, b_lo, b_hi, one_bits, FMT, BITS, FP4_EXACT, DTYPE)
+        w = _weight_tile(words, a, b_lo, b_hi, one_bits, FMT, BITS, EXACT, DTYPE)
         a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, KW, G, GROUP,
                                       GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES, WPG,
-                                      POW2_GROUP, FP4_EXACT, BLOCK_K // PER)
+                                      POW2_GROUP, EXACT, BLOCK_K // PER)
         rk = k0 + tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
         if EVEN_K:
@@ -223,7 +239,7 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
             acc = tl.dot(w, tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(w, tl.trans(x), acc)
-    if FMT != 0 and not FP4_EXACT:
+    if FMT != 0 and not EXACT:
         acc = acc * 67108864.0   # 2^FP4_LIFT (see _fp4_pair)
     C.finish_tile(tl.trans(acc), b_ptr, out_ptr, rm, rn, m_in, n_in, N, pid_k, HAS_BIAS, ATOMIC)
 
