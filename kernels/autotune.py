@@ -43,8 +43,8 @@ FAMILIES = ["int4", "int4-asym", "int8", "nvfp4", "mxfp4"]
 BUCKET_M = {1: 1, 16: 16, 64: 64, 128: 128, 256: 256}   # bucket -> the M it is timed at
 
 
-def cfg(bm, bn, bk, warps=4, stages=2, split=1):
-    return C.Config(bm, bn, bk, warps, stages, split)
+def cfg(bm, bn, bk, warps=4, stages=2, split=1, swap=None):
+    return C.Config(bm, bn, bk, warps, stages, split, swap)
 
 
 # Candidates per bucket (the shipped default first). M=1: rows per program x K per iteration
@@ -73,23 +73,28 @@ DECODE_CANDIDATES = {
     128: [cfg(64, 64, 128), cfg(128, 64, 128, 8), cfg(64, 128, 128, 8), cfg(128, 32, 256, 8)],
 }
 
-# tc kernel (compress/kernels/tc.py): y^T = W x^T, so block_n is the MMA's 64-row side (64 per
-# 4 warps on Hopper) and block_m the activation rows (16..128). Programs: N / block_n x
-# M / block_m x split_k; Llama-3-8B's N = 4096 gives only 64 tiles of 64 rows for 132 SMs, so
-# small M needs split-K (atomics) or narrow tiles. The shipped default of each bucket first.
+# tc kernel (compress/kernels/tc.py). block_m < 64 computes y^T = W x^T (block_n is then the
+# wgmma's 64-row side, 64 per 4 warps; swap=False tries x @ W^T on mma.sync tiles instead);
+# block_m >= 64: x @ W^T, both wgmma operands in shared memory (swap=True tries W x^T).
+# Programs: N / block_n x M / block_m x split_k; Llama-3-8B's N = 4096 gives only 64 tiles of
+# 64 rows for 132 SMs, so small M needs split-K (atomics). The shipped default of each bucket
+# first.
 TC_CANDIDATES = {
     16: [cfg(16, 64, 128, 4, 4, 4), cfg(16, 64, 128, 4, 4, 2), cfg(16, 64, 256, 4, 3, 4),
          cfg(16, 64, 64, 4, 5, 4), cfg(16, 64, 128, 4, 3, 8), cfg(16, 128, 128, 8, 4, 4),
          cfg(16, 64, 256, 4, 3, 2), cfg(16, 128, 64, 8, 5, 8), cfg(16, 64, 32, 4, 5, 4),
-         cfg(16, 64, 128, 4, 2, 1), cfg(16, 256, 64, 8, 4, 8), cfg(32, 64, 128, 4, 4, 4)],
+         cfg(16, 64, 128, 4, 2, 1), cfg(16, 256, 64, 8, 4, 8), cfg(32, 64, 128, 4, 4, 4),
+         cfg(16, 64, 128, 4, 4, 4, False), cfg(16, 128, 128, 4, 3, 2, False),
+         cfg(16, 64, 256, 4, 3, 4, False)],
     64: [cfg(64, 64, 128, 4, 3, 2), cfg(64, 64, 128, 4, 4, 1), cfg(64, 64, 64, 4, 4, 2),
          cfg(32, 64, 128, 4, 4, 2), cfg(64, 128, 64, 8, 3, 2), cfg(64, 64, 256, 4, 3, 2),
          cfg(64, 128, 128, 8, 3, 1), cfg(64, 64, 128, 4, 3, 4), cfg(16, 64, 128, 4, 4, 2),
-         cfg(64, 256, 64, 8, 3, 1), cfg(64, 64, 32, 4, 5, 2), cfg(128, 64, 64, 4, 3, 2)],
+         cfg(64, 256, 64, 8, 3, 1), cfg(64, 64, 32, 4, 5, 2), cfg(128, 64, 64, 4, 3, 2),
+         cfg(64, 64, 128, 4, 3, 2, True), cfg(32, 64, 128, 4, 4, 2, False)],
     128: [cfg(64, 64, 128, 4, 3, 1), cfg(128, 64, 128, 4, 3, 1), cfg(128, 64, 64, 4, 4, 2),
           cfg(64, 128, 64, 8, 3, 1), cfg(128, 128, 64, 8, 3, 1), cfg(64, 64, 128, 4, 4, 2),
           cfg(128, 128, 128, 8, 2, 1), cfg(64, 256, 64, 8, 3, 1), cfg(32, 64, 128, 4, 4, 1),
-          cfg(128, 64, 32, 4, 5, 1), cfg(128, 256, 64, 8, 3, 1)],
+          cfg(128, 64, 32, 4, 5, 1), cfg(128, 256, 64, 8, 3, 1), cfg(64, 64, 128, 4, 3, 1, True)],
     256: [cfg(64, 64, 128, 4, 3, 1), cfg(128, 64, 128, 4, 3, 1), cfg(128, 128, 64, 8, 3, 1),
           cfg(128, 128, 128, 8, 2, 1), cfg(64, 128, 64, 8, 4, 1), cfg(128, 256, 64, 8, 3, 1),
           cfg(128, 64, 64, 4, 4, 1), cfg(64, 256, 64, 8, 3, 1), cfg(128, 64, 32, 4, 5, 1),

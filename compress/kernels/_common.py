@@ -47,6 +47,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2  # tensor-core tiles: Triton's pipeline; decode M=1: > 2 prefetches
     split_k: int = 1   # decode, tc: > 1 adds K-slices into a float32 output with atomics
+    swap: bool | None = None   # tc: y^T = W x^T (None: when block_m < 64, see tc.swap)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -197,7 +197,7 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SCALES: tl.constexpr,
                       WPG: tl.constexpr, POW2_GROUP: tl.constexpr, IEEE: tl.constexpr,
                       ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr = False,
+                      BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr = False,
                       EVEN_N: tl.constexpr = False):
     # M-tiles are grid axis 0, so the programs sharing a weight tile run together (L2 reuse)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -218,7 +218,10 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
     a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k_start, K, KW, G, GROUP,
                                   GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES, WPG,
                                   POW2_GROUP, EXACT, BLOCK_K // PER)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)   # y^T: see the dot below
+    if SWAP:   # y^T: see the dot below
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = k_start + kk
         words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, KW, EVEN_K and EVEN_N)
@@ -232,16 +235,22 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
             x = tl.load(x_ptrs, mask=m_in[:, None], other=0.0)
         else:
             x = tl.load(x_ptrs, mask=m_in[:, None] & (rk[None, :] < K), other=0.0)
-        # y^T[BN, BM] += w[BN, BK] @ x^T: the weight rows fill the MMA's 64-row side (few
-        # activation rows are its narrow N side, no padding to 64), and on Hopper the decoded
-        # tile is wgmma's register operand A (x^T, in shared memory, is B)
         if IEEE:
-            acc = tl.dot(w, tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+            x = x.to(tl.float32)
+        if SWAP:
+            # y^T[BN, BM] += w[BN, BK] @ x^T: the weight rows fill the MMA's 64-row side (a few
+            # activation rows are its narrow N side, no padding to 64); on Hopper the decoded
+            # tile is wgmma's register operand A, whose wgmmas ptxas serializes
+            acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee" if IEEE else None)
         else:
-            acc = tl.dot(w, tl.trans(x), acc)
+            # y[BM, BN] += x @ w^T: both wgmma operands in shared memory (BLOCK_M >= 64 on
+            # Hopper, else mma.sync tiles), the wgmmas of a tile issued back to back
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if IEEE else None)
     if FMT != 0 and not EXACT:
         acc = acc * 67108864.0   # 2^FP4_LIFT (see _fp4_pair)
-    C.finish_tile(tl.trans(acc), b_ptr, out_ptr, rm, rn, m_in, n_in, N, pid_k, HAS_BIAS, ATOMIC)
+    if SWAP:
+        acc = tl.trans(acc)
+    C.finish_tile(acc, b_ptr, out_ptr, rm, rn, m_in, n_in, N, pid_k, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
@@ -277,6 +286,13 @@ def check_config(cfg: C.Config, per: int) -> None:
             f">= 32")
 
 
+def swap(cfg: C.Config, ieee: bool) -> bool:
+    """Compute y^T = W x^T (weight rows on the MMA's 64-row side)? The config's choice, else
+    when block_m < 64 (fewer activation rows than a Hopper wgmma's row block). float32
+    activations always: their CUDA-core dot x @ w^T spills (ptxas, sm_90, 64x64 tiles)."""
+    return ieee or (cfg.block_m < 64 if cfg.swap is None else cfg.swap)
+
+
 def _scale_args(groups: int, group: int, k: int, block_k: int, per: int) -> tuple[dict, int]:
     """(constexprs, GROUP_SHIFT) of the scale lookup (_tile_factors): SCALES 0 when per channel
     or block_k divides the group, 1 when the tile holds whole groups of whole words, else 2;
@@ -304,6 +320,7 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
     per = 32 // bits
     check_config(cfg, per)
     groups = scale.shape[1]
+    ieee = C.dot_in_f32(x2.dtype)
     split, k_per_split, out = C.atomic_split_plan(m, n, k, cfg, out_dtype, x2.device)
     grid = (-(-m // cfg.block_m), -(-n // cfg.block_n), split)
     scale_consts, group_shift = _scale_args(groups, group, k, cfg.block_k, per)
@@ -312,8 +329,8 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
         bias if bias is not None else x2, out,
         global_scale if fmt == FMT_NVFP4 else scale,
         m, n, k, words.shape[1], groups, group, group_shift, x2.stride(0), k_per_split,
-        ONE_BITS, FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None,
-        HAS_BIAS=bias is not None, IEEE=C.dot_in_f32(x2.dtype), ATOMIC=split > 1,
+        ONE_BITS, FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None, SWAP=swap(cfg, ieee),
+        HAS_BIAS=bias is not None, IEEE=ieee, ATOMIC=split > 1,
         **scale_consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -4,6 +4,8 @@ per tile and per word, inside the matrix (no bounds masks) and at its edges; out
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from kernel_checks import assert_matmul_close
@@ -64,13 +66,17 @@ def test_tc_fp4_matches_reference(fmt, cfg, case, dtype, rng):
     assert_matmul_close(y, ref, x, w, (cfg, rng.initial_seed()), bias)
 
 
+@pytest.mark.parametrize("swap", [False, True], ids=["x@wT", "w@xT"])
 @pytest.mark.parametrize("family", ["int4", "int4-asym", "int8", "nvfp4", "mxfp4"])
-def test_tc_inside_the_matrix_float16_and_batch_dims(family, rng):
+def test_tc_inside_the_matrix_float16_and_batch_dims(family, swap, rng):
     """N and K multiples of the blocks and split (loads without bounds masks), float16
-    activations with leading batch dims, the shipped default config of the M=64 bucket."""
+    activations (the interpreter runs their dot in float16, and float16 FP4 decodes exactly)
+    with leading batch dims, the shipped default config of the M=64 bucket in both
+    orientations of the dot."""
     n, k, dtype = 64, 256, torch.float16
     x = torch.randn(3, 11, k, generator=rng).to(dtype)      # M = 33 rows
-    cfg = C.kernel_config("tc", family, 33, n, k, torch.device("cpu"))
+    cfg = dataclasses.replace(C.kernel_config("tc", family, 33, n, k, torch.device("cpu")),
+                              swap=swap)
     if family.startswith("int"):
         bits = 8 if family == "int8" else 4
         packed, scale, zero = make_int_weight(n, k, 128, family != "int4-asym", bits, rng)
