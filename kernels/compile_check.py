@@ -96,7 +96,9 @@ def tc_variants(all_configs: bool):
     group, per word; split-K; masked and unmasked), then every config (bf16, INT4 and NVFP4)
     with --all."""
     few = [(C.Config(16, 64, 128, 4, 4, 4), True, 0), (C.Config(64, 64, 64, 4, 3, 1), False, 1),
-           (C.Config(128, 128, 64, 8, 3, 1), True, 2)]
+           (C.Config(128, 128, 64, 8, 3, 1), True, 2),
+           (C.Config(16, 64, 128, 4, 4, 4, swap=False), True, 1),
+           (C.Config(64, 64, 64, 4, 3, 1, swap=True), False, 0)]
     cases = [(f, a, c, even, mode) for f in WORD_FORMATS for a in ACT for c, even, mode in few]
     if all_configs:
         cases += [(f, "bf16", c, True, 0 if f[0] == 0 else 1)
@@ -111,7 +113,8 @@ def tc_variants(all_configs: bool):
         consts = dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, HAS_BIAS=True,
                       SCALES=mode, WPG=2, POW2_GROUP=mode != 2, IEEE=act == "fp32",
                       ATOMIC=atomic, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_K=cfg.block_k, EVEN_K=even, EVEN_N=even)
+                      BLOCK_K=cfg.block_k, EVEN_K=even, EVEN_N=even,
+                      SWAP=tc.swap(cfg, act == "fp32", mode))
         yield (f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}",
                tc._tc_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)
 
@@ -133,7 +136,7 @@ def variants(all_configs: bool = False):
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
         yield (f"2:4-{kind} {path}", sparse24._sparse24_matmul_kernel, types, consts,
                cfg.num_warps, cfg.num_stages)
-    cfg = C.CONFIGS["dequant"]
+    cfg = C.CONFIGS["dequant_words"]
     dq = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     ints = dict.fromkeys(["N", "K", "KW", "G", "GROUP"], "i32")
     for fmt, bits, zero in WORD_FORMATS:
@@ -144,10 +147,12 @@ def variants(all_configs: bool = False):
                dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, SCALES=int(fmt != 0),
                     WPG=2, POW2_GROUP=True, **dq), cfg.num_warps, 1)
     ints.pop("KW")
+    cfg = C.CONFIGS["dequant"]
     yield ("2:4-int dequant", sparse24._sparse24_dequant_kernel,
            {"v_ptr": "*i32", "m_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*i32",
             "lut_ptr": "*fp32", "gs_ptr": "*fp32", "out_ptr": "*bf16", **ints},
-           dict(KIND=1, BITS=4, PER=8, HAS_ZERO=True, **dq), cfg.num_warps, 1)
+           dict(KIND=1, BITS=4, PER=8, HAS_ZERO=True, BLOCK_N=cfg.block_n,
+                BLOCK_K=cfg.block_k), cfg.num_warps, 1)
     yield ("add_rmsnorm 4096 bf16", rmsnorm._add_rmsnorm_kernel,
            {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16",
             "h_ptr": "*bf16", "D": "i32", "stride_x": "i32", "stride_r": "i32", "eps": "fp32"},
@@ -176,6 +181,30 @@ def ptxas_info(kernel, arch: int) -> str:
             f"{spill.group(1) if spill else '?'} bytes spilled")
 
 
+def loop_sass(kernel) -> str:
+    """', L SASS in the main loop': the longest backward branch's body in the cubin
+    (nvdisasm from triton's own bin directory), what a thread issues per K-tile."""
+    import re
+    import subprocess
+    import tempfile
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        lines = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True,
+                               check=False).stdout.splitlines()
+    labels = {line.split(":")[0]: i for i, line in enumerate(lines) if line.startswith(".L_x_")}
+    loops = [(i - labels[m.group(1)], labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"@!?P\d+ BRA `\((\.L_x_\d+)\)", line))
+             and labels.get(m.group(1), i) < i]
+    if not loops:
+        return ", no loop"
+    _, start, end = max(loops)
+    count = sum(1 for line in lines[start:end + 1] if re.match(r"\s+/\*[0-9a-f]{4}\*/\s", line))
+    return f", {count} SASS in the main loop"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
@@ -183,12 +212,18 @@ def main() -> None:
                         help="also every tc config of the tables and autotune candidates")
     parser.add_argument("--spills", action="store_true",
                         help="run ptxas -v on each variant: registers and local-memory spills")
+    parser.add_argument("--sass", action="store_true",
+                        help="count the SASS instructions of each variant's main loop")
+    parser.add_argument("--only", default="", help="compile only variants whose label has this")
     args = parser.parse_args()
     failures = 0
     for label, kernel, types, consts, warps, stages in variants(args.all):
+        if args.only not in label:
+            continue
         try:
             k = compile_one(kernel, types, consts, args.arch, warps, stages)
             extra = ptxas_info(k, args.arch) if args.spills else ""
+            extra += loop_sass(k) if args.sass else ""
             print(f"ok    {label:32} shared memory {k.metadata.shared} B{extra}")
         except Exception as exc:  # report every failing variant, then fail
             failures += 1

@@ -286,11 +286,16 @@ def check_config(cfg: C.Config, per: int) -> None:
             f">= 32")
 
 
-def swap(cfg: C.Config, ieee: bool) -> bool:
+def swap(cfg: C.Config, ieee: bool, scales: int) -> bool:
     """Compute y^T = W x^T (weight rows on the MMA's 64-row side)? The config's choice, else
-    when block_m < 64 (fewer activation rows than a Hopper wgmma's row block). float32
-    activations always: their CUDA-core dot x @ w^T spills (ptxas, sm_90, 64x64 tiles)."""
-    return ieee or (cfg.block_m < 64 if cfg.swap is None else cfg.swap)
+    when block_m < 64 (fewer activation rows than a Hopper wgmma's row block). Always for
+    float32 activations (their CUDA-core dot x @ w^T spills: ptxas, sm_90, 64x64 tiles), and
+    where triton 3.6 cannot compile x @ w^T for sm_90 ("Illegal shared layout" in
+    OptimizeDotOperands, found by kernels/compile_check.py --all): per-word scales (SCALES 2),
+    and per-row scales with block_n = 32 * num_warps."""
+    if ieee or scales == 2 or (scales == 0 and cfg.block_n == 32 * cfg.num_warps):
+        return True
+    return cfg.block_m < 64 if cfg.swap is None else cfg.swap
 
 
 def _scale_args(groups: int, group: int, k: int, block_k: int, per: int) -> tuple[dict, int]:
@@ -329,7 +334,7 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
         bias if bias is not None else x2, out,
         global_scale if fmt == FMT_NVFP4 else scale,
         m, n, k, words.shape[1], groups, group, group_shift, x2.stride(0), k_per_split,
-        ONE_BITS, FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None, SWAP=swap(cfg, ieee),
+        ONE_BITS, FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None, SWAP=swap(cfg, ieee, scale_consts["SCALES"]),
         HAS_BIAS=bias is not None, IEEE=ieee, ATOMIC=split > 1,
         **scale_consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
@@ -341,7 +346,7 @@ def tc_dequantize(fmt: int, words: torch.Tensor, scale: torch.Tensor, zero: torc
                   global_scale: torch.Tensor | None, n: int, k: int, bits: int, group: int,
                   dtype: torch.dtype) -> torch.Tensor:
     """The whole weight decoded to dtype, [N, K] (the prefill path, then cuBLAS)."""
-    cfg = C.CONFIGS["dequant"]
+    cfg = C.CONFIGS["dequant_words"]
     out = C.alloc((n, k), dtype, words.device)
     scale_consts, group_shift = _scale_args(scale.shape[1], group, k, cfg.block_k, 32 // bits)
     _tc_dequant_kernel[(-(-n // cfg.block_n), -(-k // cfg.block_k))](
