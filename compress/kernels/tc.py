@@ -5,20 +5,22 @@ Same tensors as the decode kernel (compress/kernels/decode.py): INT int32 [N, ce
 uint8 [N, K/2] viewed as int32 [N, K/8] (nibble j of word i is element 8 i + j in both), scales
 [N, K/g], INT zero points int32 [ceil(N/P), K/g] packed along N. No repack, no second copy.
 
-One program owns a [BLOCK_M, BLOCK_N] output tile; per K-tile (kernels/NOTES.md, "tc path"):
+One program owns a [BLOCK_M, BLOCK_N] output tile; per K-tile (kernels/NOTES.md, "The tc
+path" has the SASS counts):
   * the packed words are loaded as a [BLOCK_N, BLOCK_K / P] tile (rows contiguous along K:
-    16-byte vector loads, coalesced), never one load per code;
-  * code slot j of every word is decoded with decode.py's _decode_codes (INT: the 2^23 magic
-    float, no int->float conversion; FP4: E2M1 as float16 bits), times the group scale read
-    once per tile (group >= BLOCK_K: INT g128, per channel) or once per word (8 codes), then
-    cast to the activation dtype: [BLOCK_N, WORDS] per slot, all elementwise;
-  * the P slots are put in K order with tl.interleave (a join + reshape that keeps each
-    thread's values in its own registers; the old kernels' [BN, W, P] reshape in float32 sent
-    the tile through shared memory before the dot as well);
-  * one tl.dot(x [BLOCK_M, BLOCK_K], w^T) per K-tile, float32 accumulation, num_stages
-    pipelining of the word and activation loads;
+    16-byte vector loads, pipelined by num_stages), never one load per code;
+  * the code slots of every word are decoded on [BLOCK_N, WORDS] tensors, all elementwise,
+    ~3 instructions a code: INT codes become float mantissas (decode._code_mantissas, one
+    shift for two 4-bit codes) and one FMA applies offset, zero point and scale; E2M1 becomes
+    float32 bits (decode._fp4_as_f32) and one multiply applies the scale;
+  * scales are read per row once per tile (the tile in one group), per group and spread over
+    the words (NVFP4 g16, MXFP4 g32), or per word, one tile ahead of their use;
+  * the slots are put in K order with tl.interleave (a join + reshape that keeps each
+    thread's values in its registers), then cast to the activation dtype;
+  * one tl.dot per K-tile with float32 accumulation: y^T = W x^T for few rows (the weight rows
+    on the MMA's 64-row side), y = x W^T from 64 rows (Config.swap, see swap);
   * split-K (config split_k > 1) adds K-slices into a zeroed float32 output with atomics.
-float32 activations use an exact (IEEE) dot on float32 weights (see _common.dot_in_f32).
+float32 activations use an exact (IEEE) dot on exactly decoded float32 weights.
 """
 
 from __future__ import annotations
@@ -36,10 +38,6 @@ from compress.kernels.decode import (
     _group_scale,
     _load_words,
 )
-
-# FP4 weights leave the decoder as value * scale * 2^-FP4_LIFT (bfloat16/float32 activations)
-# and the accumulator is multiplied by 2^FP4_LIFT at the end; see _fp4_pair
-FP4_LIFT = 26
 
 
 @triton.jit
@@ -65,12 +63,12 @@ def _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP, GROUP_SHIFT,
     """(a, b_lo, b_hi) of the K-tile at k0. INT: w = v * a + b with v from _code_mantissas
     (b_lo for the lower code of a 4-bit shift, b_hi for the upper one), or when EXACT,
     w = (v * 2^B + b) * a (a = scale; one rounding, as the reference); FP4: w = f * a with
-    f = value * 2^-126 (_fp4_as_f32), a = scale * 2^(126 - FP4_LIFT), or, when EXACT,
-    a = scale (the caller multiplies f by 2^126 first). SCALES: 0, the tile lies in one group
-    (INT g128, per channel): one factor per row [BN, 1], the group found by a shift
-    (GROUP_SHIFT) or a division; 1, the tile holds whole groups of WPG words: the tile's groups
-    are loaded as [BN, WORDS / WPG] (contiguous) and spread over the words [BN, WORDS];
-    2, any other group size: per word, by a division."""
+    f = value * 2^-126 (_fp4_as_f32), a = scale * 2^100 (the kernel multiplies its
+    accumulator by 2^26 at the end), or, when EXACT, a = scale (f is multiplied by 2^126
+    first). SCALES: 0, the tile lies in one group (INT g128, per channel): one factor per row
+    [BN, 1], the group found by a shift (GROUP_SHIFT) or a division; 1, the tile holds whole
+    groups of WPG words: the tile's groups are loaded as [BN, WORDS / WPG] (contiguous) and
+    spread over the words [BN, WORDS]; 2, any other group size: per word, by a division."""
     if SCALES == 0:
         if POW2_GROUP:
             col = k0 >> GROUP_SHIFT
@@ -247,7 +245,7 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
             # Hopper, else mma.sync tiles), the wgmmas of a tile issued back to back
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if IEEE else None)
     if FMT != 0 and not EXACT:
-        acc = acc * 67108864.0   # 2^FP4_LIFT (see _fp4_pair)
+        acc = acc * 67108864.0   # 2^26: FP4 weights were value * scale * 2^-26 (_fp4_pair)
     if SWAP:
         acc = tl.trans(acc)
     C.finish_tile(acc, b_ptr, out_ptr, rm, rn, m_in, n_in, N, pid_k, HAS_BIAS, ATOMIC)
@@ -307,7 +305,7 @@ def _scale_args(groups: int, group: int, k: int, block_k: int, per: int) -> tupl
     pow2 = size & (size - 1) == 0
     if groups == 1 or group % block_k == 0:
         mode = 0
-    elif block_k % group == 0 and group % per == 0:
+    elif block_k % group == 0 and group % per == 0 and group // per <= 16:   # _spread's limit
         mode = 1
     else:
         mode = 2
