@@ -77,8 +77,8 @@ DECODE_CANDIDATES = {
 # wgmma's 64-row side, 64 per 4 warps; swap=False tries x @ W^T on mma.sync tiles instead);
 # block_m >= 64: x @ W^T, both wgmma operands in shared memory (swap=True tries W x^T).
 # Programs: N / block_n x M / block_m x split_k; Llama-3-8B's N = 4096 gives only 64 tiles of
-# 64 rows for 132 SMs, so small M needs split-K (atomics). The shipped default of each bucket
-# first.
+# 64 rows for 132 SMs, so small M needs split-K (one launch, _common.finish_split). The
+# shipped default of each bucket first.
 TC_CANDIDATES = {
     16: [cfg(16, 64, 128, 4, 4, 4), cfg(16, 64, 128, 4, 4, 2), cfg(16, 64, 256, 4, 3, 4),
          cfg(16, 64, 64, 4, 5, 4), cfg(16, 64, 128, 4, 3, 8), cfg(16, 128, 128, 8, 4, 4),

@@ -104,15 +104,14 @@ def tc_variants(all_configs: bool):
         cases += [(f, "bf16", c, True, 0 if f[0] == 0 else 1)
                   for f in (WORD_FORMATS[0], WORD_FORMATS[3]) for c in tc_configs()]
     for (fmt, bits, zero), act, cfg, even, mode in cases:
-        atomic = cfg.split_k > 1
         types = {"x_ptr": ACT[act], "w_ptr": "*i32", "s_ptr": "*bf16" if fmt == 0 else "*u8",
-                 "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32",
-                 "out_ptr": "*fp32" if atomic else ACT[act],
+                 "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32", "out_ptr": ACT[act],
+                 "ws_ptr": "*fp32", "cnt_ptr": "*i32",
                  **dict.fromkeys(["M", "N", "K", "KW", "G", "GROUP", "GROUP_SHIFT", "stride_xm",
                                   "K_PER_SPLIT", "one_bits"], "i32")}
         consts = dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, HAS_BIAS=True,
                       SCALES=mode, WPG=2, POW2_GROUP=mode != 2, IEEE=act == "fp32",
-                      ATOMIC=atomic, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      SPLIT=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       BLOCK_K=cfg.block_k, EVEN_K=even, EVEN_N=even,
                       SWAP=tc.swap(cfg, act == "fp32", mode))
         yield (f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}",

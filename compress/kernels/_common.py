@@ -198,16 +198,36 @@ def split_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return partial[0].to(dtype) if partial.shape[0] == 1 else partial.sum(0).to(dtype)
 
 
+def split_of(k: int, cfg: Config) -> tuple[int, int]:
+    """(split, K per split): cfg.split_k K-slices of whole blocks (fewer where K is short)."""
+    split = max(1, min(cfg.split_k, -(-k // cfg.block_k)))
+    k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
+    return -(-k // k_per_split), k_per_split
+
+
 def atomic_split_plan(m: int, n: int, k: int, cfg: Config, dtype: torch.dtype, device):
     """(split, K per split, output) of a launch whose K-slices add into one output: cfg.split_k
     slices of whole blocks; more than one adds into a zeroed float32 [m, n] with atomics (no
     [S, M, N] partial buffer, no reduction kernel), so that buffer cannot be poisoned."""
-    split = max(1, min(cfg.split_k, -(-k // cfg.block_k)))
-    k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
-    split = -(-k // k_per_split)
+    split, k_per_split = split_of(k, cfg)
     if split > 1:
         return split, k_per_split, torch.zeros((m, n), dtype=torch.float32, device=device)
     return split, k_per_split, alloc((m, n), dtype, device)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def tile_counters(tiles: int, device) -> torch.Tensor:
+    """int32 [>= tiles] zeros kept per device for finish_split: each launch leaves them zero
+    again (the last program of a tile resets its counter), so no launch has to clear them.
+    Launches that share them must be stream-ordered (one stream, or a CUDA graph)."""
+    device = torch.device(device)
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < tiles:
+        _COUNTERS[device] = have = torch.zeros(max(tiles, 4096), dtype=torch.int32,
+                                               device=device)
+    return have
 
 
 def launch_plan(path: str, m: int, n: int, k: int, split_k: int | None, dtype: torch.dtype,
@@ -280,6 +300,31 @@ def finish_tile(acc, b_ptr, out_ptr, rm, rn, m_in, n_in, N, pid_k, HAS_BIAS: tl.
         tl.atomic_add(out, acc, mask=mask)
     else:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def finish_split(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, m_in, n_in, M, N, pid_k,
+                 HAS_BIAS: tl.constexpr):
+    """Split-K without atomics on the output: each K-slice stores its float32 partial in the
+    workspace [S, M, N]; the last program of the tile to finish (a counter per tile, acq_rel at
+    GPU scope after a CTA barrier) sums the S partials (read from L2: .cg), adds the bias,
+    stores the tile in out_ptr's dtype and resets the counter (tile_counters). One launch: no
+    zero fill of the output and no cast afterwards."""
+    mask = m_in[:, None] & n_in[None, :]
+    offs = rm[:, None] * N + rn[None, :]
+    tl.store(ws_ptr + pid_k * M * N + offs, acc, mask=mask)
+    tl.debug_barrier()   # every thread's partial is written before the counter moves
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    splits = tl.num_programs(2)
+    if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == splits - 1:
+        total = tl.zeros_like(acc)
+        for s in range(0, splits):
+            total += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ path" has the SASS counts):
     thread's values in its registers), then cast to the activation dtype;
   * one tl.dot per K-tile with float32 accumulation: y^T = W x^T for few rows (the weight rows
     on the MMA's 64-row side), y = x W^T from 64 rows (Config.swap, see swap);
-  * split-K (config split_k > 1) adds K-slices into a zeroed float32 output with atomics.
+  * split-K (config split_k > 1): the K-slices' float32 partials are summed by the last
+    program of each tile (_common.finish_split): one launch, no zero fill, no cast.
 float32 activations use an exact (IEEE) dot on exactly decoded float32 weights.
 """
 
@@ -189,12 +190,12 @@ def _nvfp4_gs(gs_ptr, FMT: tl.constexpr):
 
 
 @triton.jit
-def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
+def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr, cnt_ptr,
                       M, N, K, KW, G, GROUP, GROUP_SHIFT, stride_xm, K_PER_SPLIT, one_bits,
                       FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SCALES: tl.constexpr,
                       WPG: tl.constexpr, POW2_GROUP: tl.constexpr, IEEE: tl.constexpr,
-                      ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr = False,
                       EVEN_N: tl.constexpr = False):
     # M-tiles are grid axis 0, so the programs sharing a weight tile run together (L2 reuse)
@@ -248,7 +249,11 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
         acc = acc * 67108864.0   # 2^26: FP4 weights were value * scale * 2^-26 (_fp4_pair)
     if SWAP:
         acc = tl.trans(acc)
-    C.finish_tile(acc, b_ptr, out_ptr, rm, rn, m_in, n_in, N, pid_k, HAS_BIAS, ATOMIC)
+    if SPLIT:
+        C.finish_split(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, m_in, n_in, M, N, pid_k,
+                       HAS_BIAS)
+    else:
+        C.finish_tile(acc, b_ptr, out_ptr, rm, rn, m_in, n_in, N, pid_k, HAS_BIAS, False)
 
 
 @triton.jit
@@ -324,20 +329,24 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
     check_config(cfg, per)
     groups = scale.shape[1]
     ieee = C.dot_in_f32(x2.dtype)
-    split, k_per_split, out = C.atomic_split_plan(m, n, k, cfg, out_dtype, x2.device)
+    split, k_per_split = C.split_of(k, cfg)
     grid = (-(-m // cfg.block_m), -(-n // cfg.block_n), split)
+    out = C.alloc((m, n), out_dtype, x2.device)
+    # split-K: float32 partials, summed by the last program of each tile (C.finish_split)
+    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
+    counters = C.tile_counters(grid[0] * grid[1], x2.device) if split > 1 else ws
     scale_consts, group_shift = _scale_args(groups, group, k, cfg.block_k, per)
     _tc_matmul_kernel[grid](
         x2, words, scale, zero if zero is not None else words,
         bias if bias is not None else x2, out,
-        global_scale if fmt == FMT_NVFP4 else scale,
+        global_scale if fmt == FMT_NVFP4 else scale, ws, counters,
         m, n, k, words.shape[1], groups, group, group_shift, x2.stride(0), k_per_split,
         ONE_BITS, FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None, SWAP=swap(cfg, ieee, scale_consts["SCALES"]),
-        HAS_BIAS=bias is not None, IEEE=ieee, ATOMIC=split > 1,
+        HAS_BIAS=bias is not None, IEEE=ieee, SPLIT=split > 1,
         **scale_consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out.to(out_dtype) if split > 1 else out
+    return out
 
 
 def tc_dequantize(fmt: int, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

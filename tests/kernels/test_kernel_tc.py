@@ -116,3 +116,16 @@ def test_word_view_reference_equals_the_format_references(rng):
                                     96, 4, FORMATS[fmt])
         torch.testing.assert_close(ours, fp4_dequantize_ref(fmt, packed, scale, gs, (24, 96)),
                                    rtol=0, atol=0)
+
+
+def test_split_k_leaves_its_tile_counters_zero(rng):
+    """The last K-slice of each tile sums the partials and resets the tile's counter, so the
+    next launch starts from zero (tile_counters are never cleared by the host)."""
+    packed, scale, zero = make_int_weight(40, 256, 32, False, 4, rng, torch.bfloat16)
+    x = torch.randn(20, 256, generator=rng)
+    for split in (2, 3, 2):
+        y = int_matmul(x, packed, scale, zero, (40, 256), 4, path="tc",
+                       config=C.Config(16, 16, 32, split_k=split))
+        assert_matmul_close(y, int_matmul_ref(x, packed, scale, zero, (40, 256), 4), x,
+                            int_dequantize_ref(packed, scale, zero, (40, 256), 4), split)
+        assert not C.tile_counters(6, x.device)[:6].any()
