@@ -1,7 +1,9 @@
-"""Sweep decode-kernel launch configs on this GPU and write them as data (configs/<gpu>.json).
+"""Sweep decode- or tc-kernel launch configs on this GPU and write them as data (configs/<gpu>.json).
 
     python kernels/autotune.py --out $OUT/nvidia_h200.json                 # all formats, buckets
     python kernels/autotune.py --formats int4,nvfp4 --budget-s 150 --out x.json
+    python kernels/autotune.py --path tc --buckets 16,64,128,256 --budget-s 150 \
+        --base compress/kernels/configs/nvidia_h200.json --out $OUT/nvidia_h200.json
     TRITON_INTERPRET=1 python kernels/autotune.py --dry-run --out /tmp/t.json   # CPU: runs all
 
 For every (format, M bucket, Llama-3-8B shape) each candidate config is first checked against
@@ -10,8 +12,11 @@ bench_kernels (256 MB memset flushes L2 before each call, CUDA events, median of
 fastest config per shape is written under "<format>/m<bucket>" -> "<N>x<K>", and the config
 with the smallest summed slowdown over the shapes as that bucket's "default" (other shapes of
 the same model size). "*/m<bucket>" gets int4's defaults (the fallback for untuned formats).
+--path picks the kernel (decode: compress/kernels/decode.py, tc: compress/kernels/tc.py) and
+so the table written ("decode" or "tc"); the other table is kept from --base / the shipped one.
 --budget-s bounds the sweep: once spent, remaining candidates are skipped (the default config,
-always first, is always measured). Use the file with COMPRESS_KERNEL_CONFIGS=path or commit
+always first, is always measured); the budget is shared evenly by the formats, so a tight one
+still tunes every format (later formats get what earlier ones left). Use the file with COMPRESS_KERNEL_CONFIGS=path or commit
 it as compress/kernels/configs/<gpu>.json (the name is printed).
 """
 
@@ -35,16 +40,16 @@ from compress.kernels.fp4 import fp4_matmul, fp4_matmul_ref  # noqa: E402
 from compress.kernels.w4a16 import int_matmul, int_matmul_ref  # noqa: E402
 
 FAMILIES = ["int4", "int4-asym", "int8", "nvfp4", "mxfp4"]
-BUCKET_M = {1: 1, 16: 16, 64: 64, 128: 128}   # bucket -> the M it is timed at (its worst case)
+BUCKET_M = {1: 1, 16: 16, 64: 64, 128: 128, 256: 256}   # bucket -> the M it is timed at
 
 
-def cfg(bm, bn, bk, warps=4, stages=2, split=1):
-    return C.Config(bm, bn, bk, warps, stages, split)
+def cfg(bm, bn, bk, warps=4, stages=2, split=1, swap=None):
+    return C.Config(bm, bn, bk, warps, stages, split, swap)
 
 
 # Candidates per bucket (the shipped default first). M=1: rows per program x K per iteration
 # (bytes in flight), split-K only where N alone gives too few programs. M>1: tensor-core tiles.
-CANDIDATES = {
+DECODE_CANDIDATES = {
     # INT codes decode as float mantissas (decode._int_slot_dot): ~27 SASS instructions a word
     # when a thread holds one word column of many rows, i.e. 32 words (block_k 256 for 4 bits)
     # a warp; split-K only where N alone gives too few warps per SM.
@@ -68,8 +73,37 @@ CANDIDATES = {
     128: [cfg(64, 64, 128), cfg(128, 64, 128, 8), cfg(64, 128, 128, 8), cfg(128, 32, 256, 8)],
 }
 
+# tc kernel (compress/kernels/tc.py). block_m < 64 computes y^T = W x^T (block_n is then the
+# wgmma's 64-row side, 64 per 4 warps; swap=False tries x @ W^T on mma.sync tiles instead);
+# block_m >= 64: x @ W^T, both wgmma operands in shared memory (swap=True tries W x^T).
+# Programs: N / block_n x M / block_m x split_k; Llama-3-8B's N = 4096 gives only 64 tiles of
+# 64 rows for 132 SMs, so small M needs split-K (one launch, _common.finish_split). The
+# shipped default of each bucket first.
+TC_CANDIDATES = {
+    16: [cfg(16, 64, 128, 4, 4, 4), cfg(16, 64, 128, 4, 4, 2), cfg(16, 64, 256, 4, 3, 4),
+         cfg(16, 64, 64, 4, 5, 4), cfg(16, 64, 128, 4, 3, 8), cfg(16, 128, 128, 8, 4, 4),
+         cfg(16, 64, 256, 4, 3, 2), cfg(16, 128, 64, 8, 5, 8), cfg(16, 64, 32, 4, 5, 4),
+         cfg(16, 64, 128, 4, 2, 1), cfg(16, 256, 64, 8, 4, 8), cfg(32, 64, 128, 4, 4, 4),
+         cfg(16, 64, 128, 4, 4, 4, False), cfg(16, 128, 128, 4, 3, 2, False),
+         cfg(16, 64, 256, 4, 3, 4, False)],
+    64: [cfg(64, 64, 128, 4, 3, 2), cfg(64, 64, 128, 4, 4, 1), cfg(64, 64, 64, 4, 4, 2),
+         cfg(32, 64, 128, 4, 4, 2), cfg(64, 128, 64, 8, 3, 2), cfg(64, 64, 256, 4, 3, 2),
+         cfg(64, 128, 128, 8, 3, 1), cfg(64, 64, 128, 4, 3, 4), cfg(16, 64, 128, 4, 4, 2),
+         cfg(64, 256, 64, 8, 3, 1), cfg(64, 64, 32, 4, 5, 2), cfg(128, 64, 64, 4, 3, 2),
+         cfg(64, 64, 128, 4, 3, 2, True), cfg(32, 64, 128, 4, 4, 2, False)],
+    128: [cfg(64, 64, 128, 4, 3, 1), cfg(128, 64, 128, 4, 3, 1), cfg(128, 64, 64, 4, 4, 2),
+          cfg(64, 128, 64, 8, 3, 1), cfg(128, 128, 64, 8, 3, 1), cfg(64, 64, 128, 4, 4, 2),
+          cfg(128, 128, 128, 8, 2, 1), cfg(64, 256, 64, 8, 3, 1), cfg(32, 64, 128, 4, 4, 1),
+          cfg(128, 64, 32, 4, 5, 1), cfg(128, 256, 64, 8, 3, 1), cfg(64, 64, 128, 4, 3, 1, True)],
+    256: [cfg(64, 64, 128, 4, 3, 1), cfg(128, 64, 128, 4, 3, 1), cfg(128, 128, 64, 8, 3, 1),
+          cfg(128, 128, 128, 8, 2, 1), cfg(64, 128, 64, 8, 4, 1), cfg(128, 256, 64, 8, 3, 1),
+          cfg(128, 64, 64, 4, 4, 1), cfg(64, 256, 64, 8, 3, 1), cfg(128, 64, 32, 4, 5, 1),
+          cfg(64, 64, 64, 4, 5, 1)],
+}
+CANDIDATES = {"decode": DECODE_CANDIDATES, "tc": TC_CANDIDATES}
 
-def make_weight(family: str, n: int, k: int, device):
+
+def make_weight(family: str, n: int, k: int, device, path: str = "decode"):
     """(fn(x, config), ref(x)) for a random weight of the family in its stored layout."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
@@ -87,7 +121,7 @@ def make_weight(family: str, n: int, k: int, device):
                                  packed_dim=0)
         packed = pack_to_int32(codes, bits)
         args = (packed, scale, zero, (n, k), bits)
-        return (lambda x, c: int_matmul(x, *args, path="decode", config=c),
+        return (lambda x, c: int_matmul(x, *args, path=path, config=c),
                 lambda x: int_matmul_ref(x, *args))
     packed = torch.randint(0, 256, (n, k // 2), device=device, generator=gen, dtype=torch.uint8)
     if family == "nvfp4":
@@ -98,13 +132,15 @@ def make_weight(family: str, n: int, k: int, device):
         scale = torch.randint(110, 125, (n, k // 32), device=device, generator=gen,
                               dtype=torch.uint8)
         gs = None
-    return (lambda x, c: fp4_matmul(x, family, packed, scale, gs, (n, k), path="decode",
+    return (lambda x, c: fp4_matmul(x, family, packed, scale, gs, (n, k), path=path,
                                     config=c),
             lambda x: fp4_matmul_ref(x, family, packed, scale, gs, (n, k)))
 
 
-def applies(c: C.Config, family: str, m: int) -> bool:
+def applies(c: C.Config, family: str, m: int, path: str = "decode") -> bool:
     per = 4 if family == "int8" else 8
+    if path == "tc":
+        return c.block_m >= 16 and c.block_n >= 16 and c.block_k >= 32
     if c.block_m == 1:
         return m == 1
     return c.block_k // per >= 16 and c.block_k % per == 0
@@ -113,7 +149,9 @@ def applies(c: C.Config, family: str, m: int) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default=",".join(FAMILIES))
-    parser.add_argument("--buckets", default="1,16,64,128")
+    parser.add_argument("--path", choices=tuple(CANDIDATES), default="decode")
+    parser.add_argument("--buckets", default=None,
+                        help="M buckets (default: decode 1,16,64,128; tc 16,64,128,256)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=600.0)
@@ -124,12 +162,15 @@ def main() -> None:
     parser.add_argument("--log", default=None, help="JSON lines of every measurement")
     parser.add_argument("--dry-run", action="store_true", help="tiny shape, 1 rep (CPU)")
     args = parser.parse_args()
+    cands = CANDIDATES[args.path]
+    buckets = [int(b) for b in (args.buckets.split(",") if args.buckets else cands)]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
     if args.dry_run:
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--dry-run on the CPU needs TRITON_INTERPRET=1")
         shapes, args.reps = {"tiny 96x1024": (96, 1024)}, 1
+        cands = {b: c[:2] for b, c in cands.items()}   # the interpreter is slow
     elif device.type != "cuda":
         raise SystemExit("autotune needs a CUDA GPU (or --dry-run with TRITON_INTERPRET=1)")
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) \
@@ -138,56 +179,67 @@ def main() -> None:
     start = time.time()
     log = open(args.log, "a") if args.log else None
     table: dict = {"gpu": gpu, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-                   "cmd": " ".join(sys.argv), "decode": {}}
-    for family in args.formats.split(","):
-        for bucket in (int(b) for b in args.buckets.split(",")):
-            m = BUCKET_M[bucket]
-            times: dict[int, dict[str, float]] = {}   # candidate index -> shape -> seconds
-            for label, (n, k) in shapes.items():
-                fn, ref = make_weight(family, n, k, device)
-                x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-                for i, c in enumerate(CANDIDATES[bucket]):
-                    if not applies(c, family, m):
-                        continue
-                    if i > 0 and time.time() - start > args.budget_s:
-                        break
-                    try:
-                        check(f"{family} {label} M={m} {c}", lambda x: fn(x, c), ref, x)
-                        t = time_call(lambda x: fn(x, c), x, device, args.reps, flush)
-                    except (SystemExit, RuntimeError, ValueError) as exc:
-                        print(f"dropped {family} {label} M={m} {c}: {exc}", file=sys.stderr)
-                        continue
-                    times.setdefault(i, {})[f"{n}x{k}"] = t
-                    if log:
-                        log.write(json.dumps({"family": family, "m": m, "shape": f"{n}x{k}",
-                                              "config": c.to_dict(), "us": t * 1e6}) + "\n")
-            if not times:
+                   "cmd": " ".join(sys.argv), args.path: {}}
+    families = args.formats.split(",")
+    runs = [(family, bucket) for family in families for bucket in buckets]
+    weights = {}   # (family, shape) -> (fn, ref): made once, on first use
+    for r_index, (family, bucket) in enumerate(runs):
+        # this (format, bucket)'s share of what is left of the budget; each candidate is timed
+        # on every shape before the next one starts, so a cut-off leaves whole columns
+        deadline = time.time() + (args.budget_s - (time.time() - start)) / (len(runs) - r_index)
+        m = BUCKET_M[bucket]
+        times: dict[int, dict[str, float]] = {}   # candidate index -> shape -> seconds
+        for i, c in enumerate(cands[bucket]):
+            if not applies(c, family, m, args.path):
                 continue
-            keys = sorted({s for per in times.values() for s in per})
-            entry = {}
-            for s in keys:
-                best = min((i for i in times if s in times[i]), key=lambda i: times[i][s])
-                entry[s] = CANDIDATES[bucket][best].to_dict()
-            full = [i for i in times if len(times[i]) == len(keys)]
-            best_all = min(full, key=lambda i: sum(times[i][s] / min(times[j][s] for j in times
-                                                                   if s in times[j])
-                                                   for s in keys))
-            entry["default"] = CANDIDATES[bucket][best_all].to_dict()
-            table["decode"][f"{family}/m{bucket}"] = entry
-            print(f"{family} m{bucket}: " + ", ".join(
-                f"{s} {min(times[i][s] for i in times if s in times[i]) * 1e6:.1f} us"
-                for s in keys) + f" ({time.time() - start:.0f} s)", flush=True)
-    for bucket in CANDIDATES:  # the fallback for untuned formats: int4's (else the shipped)
-        src = table["decode"].get(f"int4/m{bucket}")
+            if i > 0 and time.time() > deadline:
+                break
+            for label, (n, k) in shapes.items():
+                if (family, label) not in weights:
+                    weights[family, label] = make_weight(family, n, k, device, args.path)
+                fn, ref = weights[family, label]
+                x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                try:
+                    check(f"{family} {label} M={m} {c}", lambda x: fn(x, c), ref, x)
+                    t = time_call(lambda x: fn(x, c), x, device, args.reps, flush)
+                except (SystemExit, RuntimeError, ValueError) as exc:
+                    print(f"dropped {family} {label} M={m} {c}: {exc}", file=sys.stderr)
+                    continue
+                times.setdefault(i, {})[f"{n}x{k}"] = t
+                if log:
+                    log.write(json.dumps({"path": args.path, "family": family, "m": m,
+                                          "shape": f"{n}x{k}", "config": c.to_dict(),
+                                          "us": t * 1e6}) + "\n")
+        if not times:
+            continue
+        keys = sorted({s for per in times.values() for s in per})
+        entry = {}
+        for s in keys:
+            best = min((i for i in times if s in times[i]), key=lambda i: times[i][s])
+            entry[s] = cands[bucket][best].to_dict()
+        full = [i for i in times if len(times[i]) == len(keys)]
+        best_all = min(full, key=lambda i: sum(times[i][s] / min(times[j][s] for j in times
+                                                               if s in times[j])
+                                               for s in keys))
+        entry["default"] = cands[bucket][best_all].to_dict()
+        table[args.path][f"{family}/m{bucket}"] = entry
+        print(f"{args.path} {family} m{bucket}: " + ", ".join(
+            f"{s} {min(times[i][s] for i in times if s in times[i]) * 1e6:.1f} us"
+            for s in keys) + f" ({time.time() - start:.0f} s)", flush=True)
+    for bucket in buckets:  # the fallback for untuned formats: int4's (else the shipped)
+        src = table[args.path].get(f"int4/m{bucket}")
         if src:
-            table["decode"][f"*/m{bucket}"] = {"default": src["default"]}
+            table[args.path][f"*/m{bucket}"] = {"default": src["default"]}
+    if args.path == "tc" and "*/m16" in table["tc"] and "*/m1" not in table["tc"]:
+        table["tc"]["*/m1"] = table["tc"]["*/m16"]   # M=1 on the tc path: only when forced
     base = json.loads(Path(args.base).read_text()) if args.base else {}
-    keep = base.get("decode", {})
     if "paths" in base:   # the M limits between paths (measured by bench_kernels) stay
         table["paths"] = base["paths"]
-    shipped = json.loads((C.CONFIG_DIR / "default.json").read_text())["decode"]
-    for key, value in {**shipped, **keep}.items():
-        table["decode"].setdefault(key, value)
+    shipped = json.loads((C.CONFIG_DIR / "default.json").read_text())
+    for name in C.TABLES:   # entries this run did not tune: --base's, else the shipped ones
+        table.setdefault(name, {})
+        for key, value in {**shipped.get(name, {}), **base.get(name, {})}.items():
+            table[name].setdefault(key, value)
     Path(args.out).write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {args.out}: commit it as compress/kernels/configs/"
           f"{C.gpu_config_name(device)}.json ({time.time() - start:.0f} s)")

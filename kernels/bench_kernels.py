@@ -8,7 +8,7 @@ Shapes are weight [N, K] = out x in features; x is [M, K] bfloat16. Each timed c
 by a 256 MB memset that flushes L2 (a 4096x4096 INT4 weight, 8 MB, would otherwise stay in the
 H200's 60 MB L2); CUDA events bracket the call alone; the median of --reps calls is reported.
 Before timing, every kernel's output is checked against its reference on every path (M = 1,
-16, 64, DEQUANT_MIN_M) for each shape, so a fast wrong kernel cannot enter the table. Full
+16, 17, 64, 128, 256, DEQUANT_MIN_M) for each shape, so a fast wrong kernel cannot enter the table. Full
 results go to --log (JSON lines); a short table is printed last. The peer `tinygemm` is torch's
 INT4 g128 kernel (torch._weight_int4pack_mm, what torchao's int4 weight-only runs) on the same
 codes as int4-g128, checked against the same reference. Decode configs: the per-GPU JSON, or
@@ -18,6 +18,7 @@ COMPRESS_KERNEL_CONFIGS=file (kernels/autotune.py writes one).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -105,7 +106,7 @@ def roofline_markdown(ms=MS) -> str:
 # Weights in every format (random codes: speed does not depend on values)
 
 def make_variants(n: int, k: int, device) -> dict:
-    """variant -> (fn(x) -> y, ref(x) -> y or None)."""
+    """variant -> (fn(x) -> y, ref(x) -> y or None); "<variant>@tc" forces the tc kernel."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -133,21 +134,31 @@ def make_variants(n: int, k: int, device) -> dict:
     shape = (n, k)
     v = {
         "bf16": (lambda x: F.linear(x, w), None),
-        "int4-g128": (lambda x: int_matmul(x, packed4, scale, None, shape, 4),
+        "int4-g128": (lambda x, path=None: int_matmul(x, packed4, scale, None, shape, 4,
+                                                      path=path),
                       lambda x: int_matmul_ref(x, packed4, scale, None, shape, 4)),
-        "int4-g128-asym": (lambda x: int_matmul(x, packed4, scale, zero, shape, 4),
+        "int4-g128-asym": (lambda x, path=None: int_matmul(x, packed4, scale, zero, shape, 4,
+                                                           path=path),
                            lambda x: int_matmul_ref(x, packed4, scale, zero, shape, 4)),
-        "int8-channel": (lambda x: int_matmul(x, packed8, scale8, None, shape, 8),
+        "int8-channel": (lambda x, path=None: int_matmul(x, packed8, scale8, None, shape, 8,
+                                                         path=path),
                          lambda x: int_matmul_ref(x, packed8, scale8, None, shape, 8)),
-        "nvfp4": (lambda x: fp4_matmul(x, "nvfp4", fp4_bytes, nv_scale, gs, shape),
+        "nvfp4": (lambda x, path=None: fp4_matmul(x, "nvfp4", fp4_bytes, nv_scale, gs, shape,
+                                                  path=path),
                   lambda x: fp4_matmul_ref(x, "nvfp4", fp4_bytes, nv_scale, gs, shape)),
-        "mxfp4": (lambda x: fp4_matmul(x, "mxfp4", fp4_bytes, mx_scale, None, shape),
+        "mxfp4": (lambda x, path=None: fp4_matmul(x, "mxfp4", fp4_bytes, mx_scale, None, shape,
+                                                  path=path),
                   lambda x: fp4_matmul_ref(x, "mxfp4", fp4_bytes, mx_scale, None, shape)),
         "2:4-bf16": (lambda x: sparse24_matmul(x, "16bit", sparse16, shape),
                      lambda x: sparse24_matmul_ref(x, "16bit", sparse16, shape)),
         "2:4-int4-g128": (lambda x: sparse24_matmul(x, "int", sparse4, shape),
                           lambda x: sparse24_matmul_ref(x, "int", sparse4, shape)),
     }
+    # the same weights forced onto the tc kernel at every M (where the table routes M to
+    # decode or dequant, this compares the paths; the default config of the M bucket)
+    for name, fn_ref in list(v.items()):
+        if name.startswith(("int", "nvfp4", "mxfp4")):
+            v[name + "@tc"] = (functools.partial(_forced, fn_ref[0], "tc"), fn_ref[1])
     if device.type == "cuda":
         tiny = tinygemm_int4(codes, scale)
         if tiny is not None:
@@ -162,6 +173,10 @@ def make_variants(n: int, k: int, device) -> dict:
         except (RuntimeError, ValueError, ImportError) as exc:
             print(f"torch semi-structured 2:4 unavailable: {exc}", file=sys.stderr)
     return v
+
+
+def _forced(fn, path: str, x: torch.Tensor) -> torch.Tensor:
+    return fn(x, path=path)
 
 
 def tinygemm_int4(codes: torch.Tensor, scale: torch.Tensor, inner_k_tiles: int = 8):
@@ -277,8 +292,8 @@ def main() -> None:
             variants = make_variants(n, k, device)
             chosen = [c for c in (args.variants.split(",") if args.variants else variants)
                       if c in variants]
-            # decode (M=1, 16, 64, 128 buckets), tile, dequant
-            for m_check in (1, 16, 64, 128, C.DECODE_MAX_M + 1, C.DEQUANT_MIN_M):
+            # every path this device's table routes to: decode, tc (M buckets 16..256), dequant
+            for m_check in (1, 16, 17, 64, 128, 256, C.DEQUANT_MIN_M):
                 x_check = torch.randn(m_check, k, device=device, dtype=torch.bfloat16)
                 for name in list(chosen):
                     try:
@@ -292,7 +307,8 @@ def main() -> None:
                         chosen.remove(name)
             for m in ms:
                 x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-                row = {"shape": label, "m": m}
+                # the path the INT/FP4 variants take at this M (this GPU's "paths" limits)
+                row = {"shape": label, "m": m, "path": C.choose_path(m, True, device)}
                 for name in chosen:
                     fn = variants[name][0]
                     try:
@@ -303,9 +319,10 @@ def main() -> None:
                                               "error": str(exc).splitlines()[0]}) + "\n")
                         continue
                     row[name] = t * 1e6
-                    r = roofline(name, m, n, k)
+                    r = roofline(name.split("@")[0], m, n, k)
                     log.write(json.dumps({"shape": label, "m": m, "variant": name,
-                                          "us": t * 1e6, "floor_us": r["floor_us"],
+                                          "path": row["path"], "us": t * 1e6,
+                                          "floor_us": r["floor_us"],
                                           "tb_per_s": r["bytes"] / t / 1e12,
                                           "tflops": r["flops"] / t / 1e12}) + "\n")
                 rows.append(row)
@@ -316,9 +333,9 @@ def main() -> None:
 def print_table(header: dict, rows: list[dict]) -> None:
     print(f"\n{header['gpu']}, torch {header['torch']}, triton {header['triton']}, "
           f"{header['date']}: median us per call (speed-up over bf16)")
-    names = [k for k in rows[0] if k not in ("shape", "m")]
-    print("| shape | M | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 2) + "|")
+    names = [k for k in rows[0] if k not in ("shape", "m", "path")]
+    print("| shape | M | path | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 3) + "|")
     for row in rows:
         base = row.get("bf16")
         cells = []
@@ -326,7 +343,7 @@ def print_table(header: dict, rows: list[dict]) -> None:
             t = row[name]
             cells.append("n/a" if t is None else
                          f"{t:.1f}" + (f" ({base / t:.2f}x)" if base and name != "bf16" else ""))
-        print(f"| {row['shape']} | {row['m']} | " + " | ".join(cells) + " |")
+        print(f"| {row['shape']} | {row['m']} | {row['path']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

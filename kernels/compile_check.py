@@ -25,10 +25,15 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from compress.kernels import _common as C  # noqa: E402
-from compress.kernels import decode, fp4, rmsnorm, rope_gather, sparse24, w4a16  # noqa: E402
+from compress.kernels import decode, rmsnorm, rope_gather, sparse24, tc  # noqa: E402
 
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 MATMUL_INTS = ["M", "N", "K", "KW", "G", "GROUP", "stride_xm", "stride_split", "K_PER_SPLIT"]
+
+
+# Integer arguments the JIT sees divisible by 16 on Llama-3-8B shapes (it specializes such
+# values, and 16-byte aligned pointers): compiled so, the loads vectorize as they will on the GPU.
+ALIGNED_INTS = ("N", "K", "KW", "stride_xm", "K_PER_SPLIT")
 
 
 def compile_one(kernel, types: dict, consts: dict, arch: int, num_warps: int = 4,
@@ -36,8 +41,11 @@ def compile_one(kernel, types: dict, consts: dict, arch: int, num_warps: int = 4
     sig = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     missing = [n for n, t in sig.items() if t == "constexpr" and n not in consts]
     assert not missing, f"no type or value for {missing}"
+    aligned = [i for i, n in enumerate(kernel.arg_names)
+               if sig[n].startswith("*") or (n in ALIGNED_INTS and sig[n] == "i32")]
     src = ASTSource(fn=kernel, signature=sig,
-                    constexprs={(kernel.arg_names.index(c),): v for c, v in consts.items()})
+                    constexprs={(kernel.arg_names.index(c),): v for c, v in consts.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -64,31 +72,56 @@ def decode_variants():
                decode._words_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)
 
 
-def variants():
+# (format, bits, zero points): the INT and FP4 families both word kernels serve
+WORD_FORMATS = [(0, 4, False), (0, 4, True), (0, 8, False), (1, 4, False), (2, 4, False)]
+
+
+def tc_configs() -> dict[C.Config, None]:
+    """Every tc config the shipped tables and the autotuner's candidates name (ordered, unique)."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from autotune import CANDIDATES
+
+    cfgs = {c: None for bucket in CANDIDATES["tc"].values() for c in bucket}
+    for name in ("default.json", "nvidia_h200.json"):
+        table = json.loads((C.CONFIG_DIR / name).read_text()).get("tc", {})
+        for entry in table.values():
+            cfgs.update({C.Config(**c): None for c in entry.values()})
+    return cfgs
+
+
+def tc_variants(all_configs: bool):
+    """The tc kernel: every format x activation dtype on a few configs (scales per tile, per
+    group, per word; split-K; masked and unmasked), then every config (bf16, INT4 and NVFP4)
+    with --all."""
+    few = [(C.Config(16, 64, 128, 4, 4, 4), True, 0), (C.Config(64, 64, 64, 4, 3, 1), False, 1),
+           (C.Config(128, 128, 64, 8, 3, 1), True, 2),
+           (C.Config(16, 64, 128, 4, 4, 4, swap=False), True, 1),
+           (C.Config(64, 64, 64, 4, 3, 1, swap=True), False, 0)]
+    cases = [(f, a, c, even, mode) for f in WORD_FORMATS for a in ACT for c, even, mode in few]
+    if all_configs:
+        cases += [(f, "bf16", c, True, 0 if f[0] == 0 else 1)
+                  for f in (WORD_FORMATS[0], WORD_FORMATS[3]) for c in tc_configs()]
+    for (fmt, bits, zero), act, cfg, even, mode in cases:
+        types = {"x_ptr": ACT[act], "w_ptr": "*i32", "s_ptr": "*bf16" if fmt == 0 else "*u8",
+                 "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32", "out_ptr": ACT[act],
+                 "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+                 **dict.fromkeys(["M", "N", "K", "KW", "G", "GROUP", "GROUP_SHIFT", "stride_xm",
+                                  "K_PER_SPLIT", "one_bits"], "i32")}
+        consts = dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, HAS_BIAS=True,
+                      SCALES=mode, WPG=2, POW2_GROUP=mode != 2, IEEE=act == "fp32",
+                      SPLIT=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      BLOCK_K=cfg.block_k, EVEN_K=even, EVEN_N=even,
+                      SWAP=tc.swap(cfg, act == "fp32", mode))
+        yield (f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}",
+               tc._tc_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)
+
+
+def variants(all_configs: bool = False):
     """(label, kernel, types, constexprs, num_warps, num_stages) for every launched variant."""
     yield from decode_variants()
-    for act, path, bits, zero in itertools.product(ACT, ["gemv", "splitk", "tile"], (4, 8),
-                                                   (False, True)):
-        cfg = C.CONFIGS[path]
-        out = "*fp32" if path != "tile" else ACT[act]
-        types = {"x_ptr": ACT[act], "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i32",
-                 "b_ptr": "*bf16", "out_ptr": out, **dict.fromkeys(MATMUL_INTS, "i32")}
-        consts = dict(BITS=bits, PER=32 // bits, HAS_ZERO=zero, HAS_BIAS=True,
-                      USE_DOT=path != "gemv", IEEE=act == "fp32", BLOCK_M=cfg.block_m,
-                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-        yield (f"int{bits} {path} {act} zero={zero}", w4a16._int_matmul_kernel, types, consts,
-               cfg.num_warps, cfg.num_stages)
-    for fmt, act, path in itertools.product(("nvfp4", "mxfp4"), ACT, ["gemv", "splitk", "tile"]):
-        cfg = C.CONFIGS[path]
-        types = {"x_ptr": ACT[act], "w_ptr": "*u8", "s_ptr": "*u8", "lut_ptr": "*fp32",
-                 "gs_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": ACT[act],
-                 **dict.fromkeys(MATMUL_INTS, "i32")}
-        del types["KW"]
-        consts = dict(MX=fmt == "mxfp4", HAS_BIAS=True, USE_DOT=path != "gemv",
-                      IEEE=act == "fp32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_K=cfg.block_k)
-        yield (f"{fmt} {path} {act}", fp4._fp4_matmul_kernel, types, consts, cfg.num_warps,
-               cfg.num_stages)
+    yield from tc_variants(all_configs)
     for kind, path in itertools.product(sparse24.VALUE_KINDS, ["gemv", "splitk", "tile"]):
         cfg = C.CONFIGS[path]
         vals = {"16bit": "*bf16", "int": "*i32"}.get(kind, "*u8")
@@ -102,20 +135,23 @@ def variants():
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
         yield (f"2:4-{kind} {path}", sparse24._sparse24_matmul_kernel, types, consts,
                cfg.num_warps, cfg.num_stages)
-    cfg = C.CONFIGS["dequant"]
+    cfg = C.CONFIGS["dequant_words"]
     dq = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     ints = dict.fromkeys(["N", "K", "KW", "G", "GROUP"], "i32")
-    yield ("int4 dequant", w4a16._int_dequant_kernel,
-           {"w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i32", "out_ptr": "*bf16", **ints},
-           dict(BITS=4, PER=8, HAS_ZERO=True, **dq), cfg.num_warps, 1)
+    for fmt, bits, zero in WORD_FORMATS:
+        yield (f"dequant fmt={fmt} int{bits} zero={zero}", tc._tc_dequant_kernel,
+               {"w_ptr": "*i32", "s_ptr": "*bf16" if fmt == 0 else "*u8", "z_ptr": "*i32",
+                "out_ptr": "*bf16", "gs_ptr": "*fp32", "GROUP_SHIFT": "i32",
+                "one_bits": "i32", **ints},
+               dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, SCALES=int(fmt != 0),
+                    WPG=2, POW2_GROUP=True, **dq), cfg.num_warps, 1)
     ints.pop("KW")
-    yield ("nvfp4 dequant", fp4._fp4_dequant_kernel,
-           {"w_ptr": "*u8", "s_ptr": "*u8", "lut_ptr": "*fp32", "gs_ptr": "*fp32",
-            "out_ptr": "*bf16", **ints}, dict(MX=False, **dq), cfg.num_warps, 1)
+    cfg = C.CONFIGS["dequant"]
     yield ("2:4-int dequant", sparse24._sparse24_dequant_kernel,
            {"v_ptr": "*i32", "m_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*i32",
             "lut_ptr": "*fp32", "gs_ptr": "*fp32", "out_ptr": "*bf16", **ints},
-           dict(KIND=1, BITS=4, PER=8, HAS_ZERO=True, **dq), cfg.num_warps, 1)
+           dict(KIND=1, BITS=4, PER=8, HAS_ZERO=True, BLOCK_N=cfg.block_n,
+                BLOCK_K=cfg.block_k), cfg.num_warps, 1)
     yield ("add_rmsnorm 4096 bf16", rmsnorm._add_rmsnorm_kernel,
            {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16",
             "h_ptr": "*bf16", "D": "i32", "stride_x": "i32", "stride_r": "i32", "eps": "fp32"},
@@ -126,15 +162,68 @@ def variants():
             "off1": "i32", "end1": "i32"}, dict(HEAD_DIM=128, BLOCK_W=1024), 4, 1)
 
 
+def ptxas_info(kernel, arch: int) -> str:
+    """', N registers, S bytes spilled' from triton's own ptxas on the kernel's PTX."""
+    import re
+    import subprocess
+    import tempfile
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(kernel.asm["ptx"])
+        f.flush()
+        err = subprocess.run([str(ptxas), "-v", f"-arch=sm_{arch}a", f.name, "-o", "/dev/null"],
+                             capture_output=True, text=True, check=False).stderr
+    regs = re.search(r"Used (\d+) registers", err)
+    spill = re.search(r"(\d+) bytes spill stores", err)
+    return (f", {regs.group(1) if regs else '?'} registers, "
+            f"{spill.group(1) if spill else '?'} bytes spilled")
+
+
+def loop_sass(kernel) -> str:
+    """', L SASS in the main loop': the longest backward branch's body in the cubin
+    (nvdisasm from triton's own bin directory), what a thread issues per K-tile."""
+    import re
+    import subprocess
+    import tempfile
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        lines = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True,
+                               check=False).stdout.splitlines()
+    labels = {line.split(":")[0]: i for i, line in enumerate(lines) if line.startswith(".L_x_")}
+    loops = [(i - labels[m.group(1)], labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"@!?P\d+ BRA `\((\.L_x_\d+)\)", line))
+             and labels.get(m.group(1), i) < i]
+    if not loops:
+        return ", no loop"
+    _, start, end = max(loops)
+    count = sum(1 for line in lines[start:end + 1] if re.match(r"\s+/\*[0-9a-f]{4}\*/\s", line))
+    return f", {count} SASS in the main loop"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--all", action="store_true",
+                        help="also every tc config of the tables and autotune candidates")
+    parser.add_argument("--spills", action="store_true",
+                        help="run ptxas -v on each variant: registers and local-memory spills")
+    parser.add_argument("--sass", action="store_true",
+                        help="count the SASS instructions of each variant's main loop")
+    parser.add_argument("--only", default="", help="compile only variants whose label has this")
     args = parser.parse_args()
     failures = 0
-    for label, kernel, types, consts, warps, stages in variants():
+    for label, kernel, types, consts, warps, stages in variants(args.all):
+        if args.only not in label:
+            continue
         try:
             k = compile_one(kernel, types, consts, args.arch, warps, stages)
-            print(f"ok    {label:32} shared memory {k.metadata.shared} B")
+            extra = ptxas_info(k, args.arch) if args.spills else ""
+            extra += loop_sass(k) if args.sass else ""
+            print(f"ok    {label:32} shared memory {k.metadata.shared} B{extra}")
         except Exception as exc:  # report every failing variant, then fail
             failures += 1
             print(f"FAIL  {label:32} {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")

@@ -1,15 +1,22 @@
 """Host-side pieces shared by the matmul kernels: path choice by M, launch configs, split-K.
 
-The kernels (w4a16.py, fp4.py, sparse24.py) all compute y[M, N] = x[M, K] @ W[N, K]^T with W
-decoded tile by tile in registers. Paths, chosen by M:
-    decode   M <= DECODE_MAX_M  INT4/INT8/NVFP4/MXFP4: compress/kernels/decode.py (one main loop,
-                                per-(GPU, format, M bucket, shape) configs from configs/*.json)
-    gemv     M == 1        2:4 only (old kernel): CUDA-core multiply-and-sum, split-K
-    splitk   M in 2..16    2:4 only: tensor-core tiles of 16 rows, split-K
-    tile     M up to DEQUANT_MIN_M: tensor-core tiles, no split
-    dequant  M >= DEQUANT_MIN_M: decode W once to x.dtype (a Triton kernel), then torch.matmul
-Launch configs of the decode path are data (configs/<gpu>.json, configs/default.json), so
-per-GPU tuning (kernels/autotune.py) replaces numbers, not code.
+The kernels (decode.py, tc.py, sparse24.py) all compute y[M, N] = x[M, K] @ W[N, K]^T with W
+decoded tile by tile in registers. Paths, chosen by M (limits: DECODE_MAX_M, DEQUANT_MIN_M, or
+the GPU's config table "paths"):
+  INT4/INT8/NVFP4/MXFP4 (decode=True):
+    decode   M <= decode_max_m        compress/kernels/decode.py: CUDA-core M=1 loop, slot-wise
+                                      tensor-core dots for a few rows
+    tc       decode_max_m < M < dequant_min_m   compress/kernels/tc.py: packed words decoded
+                                      per K-tile to the activation dtype, one tl.dot per tile
+    dequant  M >= dequant_min_m       decode W once to x.dtype (tc.py), then torch.matmul
+  2:4 (sparse24.py, old kernels):
+    gemv     M == 1        CUDA-core multiply-and-sum, split-K
+    splitk   M in 2..16    tensor-core tiles of 16 rows, split-K
+    tile     up to DEQUANT_MIN_M: tensor-core tiles, no split
+    dequant  M >= DEQUANT_MIN_M
+Launch configs of the decode and tc paths are data (configs/<gpu>.json, configs/default.json:
+tables "decode" and "tc", keys "<family>/m<bucket>"), so per-GPU tuning (kernels/autotune.py)
+replaces numbers, not code.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ class Config:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2  # tensor-core tiles: Triton's pipeline; decode M=1: > 2 prefetches
-    split_k: int = 1   # decode path: > 1 adds K-slices into a float32 output with atomics
+    split_k: int = 1   # decode, tc: > 1 adds K-slices into a float32 output with atomics
+    swap: bool | None = None   # tc: y^T = W x^T (None: when block_m < 64, see tc.swap)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,26 +60,35 @@ CONFIGS: dict[str, Config] = {
     "splitk": Config(16, 64, 64, num_warps=4),
     "tile": Config(64, 64, 64, num_warps=4, num_stages=3),
     "dequant": Config(1, 32, 64, num_warps=4),
+    # tc.py's dequantize of INT/FP4 words: 8 codes a thread along K (16-byte stores)
+    "dequant_words": Config(1, 32, 256, num_warps=4),
 }
 
 
-# The decode kernel serves M up to this many rows (beyond, tensor-core tiles, then dequant).
-DECODE_MAX_M = 128
-M_BUCKETS = (1, 16, 64, 128)   # decode configs per bucket: M=1, 2..16, 17..64, 65..128
+# The decode kernel serves M up to this many rows (beyond, the tc kernel, then dequant).
+DECODE_MAX_M = 16
+# configs per bucket: M=1, 2..16, 17..64, 65..128, 129..256 (and beyond: the last bucket)
+M_BUCKETS = (1, 16, 64, 128, 256)
+TABLES = ("decode", "tc")      # the config tables: one per kernel with tuned configs
 CONFIG_DIR = Path(__file__).parent / "configs"
 CONFIG_ENV = "COMPRESS_KERNEL_CONFIGS"   # a JSON file that replaces the per-GPU one
 
 
 def choose_path(m: int, decode: bool = False, device=None) -> str:
-    """decode: the format has a decode-path kernel (INT, FP4); 2:4 keeps gemv/splitk. The M
-    limits are DECODE_MAX_M and DEQUANT_MIN_M unless the device's config table names its own
-    ("paths": {"decode_max_m": .., "dequant_min_m": ..}, measured by kernels/bench_kernels.py)."""
+    """decode: the format has decode- and tc-path kernels (INT, FP4); 2:4 keeps gemv/splitk/
+    tile. The M limits are DECODE_MAX_M and DEQUANT_MIN_M unless the device's config table
+    names its own ("paths": {"decode_max_m": .., "dequant_min_m": .., and for 2:4, whose
+    tile kernel is older, "sparse24_dequant_min_m": ..}, measured by kernels/bench_kernels.py)."""
     limits = config_table(device).get("paths", {}) if device is not None else {}
+    dequant_min_m = limits.get("dequant_min_m", DEQUANT_MIN_M)
+    if not decode:
+        dequant_min_m = limits.get("sparse24_dequant_min_m", dequant_min_m)
     if decode and m <= limits.get("decode_max_m", DECODE_MAX_M):
         return "decode"
-    dequant_min_m = limits.get("dequant_min_m", DEQUANT_MIN_M)
     if m >= dequant_min_m:
         return "dequant"
+    if decode:
+        return "tc"
     if m == 1:
         return "gemv"
     if m <= 16:
@@ -96,9 +113,9 @@ def _load_table(path: str) -> dict:
 
 
 def config_table(device) -> dict:
-    """The decode-config table for this device: $COMPRESS_KERNEL_CONFIGS, else
-    configs/<gpu>.json, else configs/default.json. Layout:
-    {"gpu": ..., "decode": {"<family>/<bucket>": {"default": {...}, "<N>x<K>": {...}}}}"""
+    """The config tables for this device: $COMPRESS_KERNEL_CONFIGS, else configs/<gpu>.json,
+    else configs/default.json. Layout: {"gpu": ..., "paths": {...}, "decode": {"<family>/
+    <bucket>": {"default": {...}, "<N>x<K>": {...}}}, "tc": {same keys}}"""
     env = os.environ.get(CONFIG_ENV)
     if env:
         return _load_table(str(Path(env).resolve()))
@@ -106,19 +123,23 @@ def config_table(device) -> dict:
     return _load_table(str(own if own.exists() else CONFIG_DIR / "default.json"))
 
 
-def decode_config(family: str, m: int, n: int, k: int, device) -> Config:
-    """Launch config for the decode kernel: family (int4, int4-asym, int8, nvfp4, mxfp4) and
-    M bucket, the exact shape if tuned, else the bucket default; family int4-asym falls back
-    to int4, any family to "*"."""
-    table = config_table(device).get("decode", {})
+def kernel_config(table: str, family: str, m: int, n: int, k: int, device) -> Config:
+    """Launch config of the decode or tc kernel (table): family (int4, int4-asym, int8, nvfp4,
+    mxfp4) and M bucket, the exact shape if tuned, else the bucket default; family int4-asym
+    falls back to int4, any family to "*"."""
+    entries = config_table(device).get(table, {})
     bucket = m_bucket(m)
     for fam in (family, family.split("-")[0], "*"):
-        entry = table.get(f"{fam}/{bucket}")
+        entry = entries.get(f"{fam}/{bucket}")
         if entry:
             cfg = entry.get(f"{n}x{k}") or entry.get("default")
             if cfg:
                 return Config(**cfg)
-    raise ValueError(f"no decode config for {family}/{bucket} (nor a '*' default)")
+    raise ValueError(f"no {table} config for {family}/{bucket} (nor a '*' default)")
+
+
+def decode_config(family: str, m: int, n: int, k: int, device) -> Config:
+    return kernel_config("decode", family, m, n, k, device)
 
 
 def next_pow2(n: int) -> int:
@@ -177,6 +198,38 @@ def split_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return partial[0].to(dtype) if partial.shape[0] == 1 else partial.sum(0).to(dtype)
 
 
+def split_of(k: int, cfg: Config) -> tuple[int, int]:
+    """(split, K per split): cfg.split_k K-slices of whole blocks (fewer where K is short)."""
+    split = max(1, min(cfg.split_k, -(-k // cfg.block_k)))
+    k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
+    return -(-k // k_per_split), k_per_split
+
+
+def atomic_split_plan(m: int, n: int, k: int, cfg: Config, dtype: torch.dtype, device):
+    """(split, K per split, output) of a launch whose K-slices add into one output: cfg.split_k
+    slices of whole blocks; more than one adds into a zeroed float32 [m, n] with atomics (no
+    [S, M, N] partial buffer, no reduction kernel), so that buffer cannot be poisoned."""
+    split, k_per_split = split_of(k, cfg)
+    if split > 1:
+        return split, k_per_split, torch.zeros((m, n), dtype=torch.float32, device=device)
+    return split, k_per_split, alloc((m, n), dtype, device)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def tile_counters(tiles: int, device) -> torch.Tensor:
+    """int32 [>= tiles] zeros kept per device for finish_split: each launch leaves them zero
+    again (the last program of a tile resets its counter), so no launch has to clear them.
+    Launches that share them must be stream-ordered (one stream, or a CUDA graph)."""
+    device = torch.device(device)
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < tiles:
+        _COUNTERS[device] = have = torch.zeros(max(tiles, 4096), dtype=torch.int32,
+                                               device=device)
+    return have
+
+
 def launch_plan(path: str, m: int, n: int, k: int, split_k: int | None, dtype: torch.dtype,
                 device) -> tuple[Config, tuple[int, int, int], int, torch.Tensor]:
     """Tiles, grid (m, n, split-K), K per split and the output of a matmul launch: [m, n] in
@@ -231,6 +284,47 @@ def store_tile(acc, b_ptr, out_ptr, rm, rn, M, N, pid_k, stride_split, HAS_BIAS:
         acc += b[None, :] * (pid_k == 0).to(tl.float32)
     out = out_ptr + pid_k * stride_split + rm[:, None] * N + rn[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def finish_tile(acc, b_ptr, out_ptr, rm, rn, m_in, n_in, N, pid_k, HAS_BIAS: tl.constexpr,
+                ATOMIC: tl.constexpr):
+    """Add the bias (once, in K-slice 0) and store the [BM, BN] tile, or add it atomically
+    into the float32 output of a split-K launch (atomic_split_plan)."""
+    if HAS_BIAS:
+        b = tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)
+        acc += b[None, :] * (pid_k == 0).to(tl.float32)
+    out = out_ptr + rm[:, None] * N + rn[None, :]
+    mask = m_in[:, None] & n_in[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=mask)
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def finish_split(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, m_in, n_in, M, N, pid_k,
+                 HAS_BIAS: tl.constexpr):
+    """Split-K without atomics on the output: each K-slice stores its float32 partial in the
+    workspace [S, M, N]; the last program of the tile to finish (a counter per tile, acq_rel at
+    GPU scope after a CTA barrier) sums the S partials (read from L2: .cg), adds the bias,
+    stores the tile in out_ptr's dtype and resets the counter (tile_counters). One launch: no
+    zero fill of the output and no cast afterwards."""
+    mask = m_in[:, None] & n_in[None, :]
+    offs = rm[:, None] * N + rn[None, :]
+    tl.store(ws_ptr + pid_k * M * N + offs, acc, mask=mask)
+    tl.debug_barrier()   # every thread's partial is written before the counter moves
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    splits = tl.num_programs(2)
+    if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == splits - 1:
+        total = tl.zeros_like(acc)
+        for s in range(0, splits):
+            total += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,6 +72,30 @@ def _decode_codes(words, j: tl.constexpr, z, FMT: tl.constexpr, BITS: tl.constex
 
 
 @triton.jit
+def _code_mantissas(words, j: tl.constexpr, one, BITS: tl.constexpr):
+    """INT code slot j (and j + 1 for 4 bits) of every word as float32 mantissas, one shift and
+    one LOP3 a code (`one` = 0x3F800000 in a register: LOP3 takes one immediate). 8 bits: (v, v)
+    with v = 1 + c_j/256 (code at mantissa bits 15-22). 4 bits: (lo, hi) = (16 + c_j/16,
+    1 + c_{j+1}/16): code j + 1 lands at bits 19-22 under exponent 2^0, code j at bits 15-18
+    under exponent 2^4, so the code's weight is 1/16 in both."""
+    if BITS == 8:
+        sh: tl.constexpr = 15 - 8 * j     # code j -> mantissa bits 15-22
+    else:
+        sh: tl.constexpr = 15 - 4 * j     # code j -> bits 15-18, code j + 1 -> bits 19-22
+    if sh >= 0:
+        ws = words << sh
+    else:
+        ws = words >> (-sh)   # arithmetic: the sign copies land above bit 22, masked off
+    if BITS == 8:
+        lo = ((ws & 0x007F8000) | one).to(tl.float32, bitcast=True)
+        hi = lo
+    else:
+        lo = ((ws & 0x00078000) | (one + 0x02000000)).to(tl.float32, bitcast=True)
+        hi = ((ws & 0x00780000) | one).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
 def _int_slot_dot(t, corr, xsum, words, x_ptr, rk_word, K, one, j: tl.constexpr,
                   BITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_ZERO: tl.constexpr):
     """Code slot j (and j + 1 for 4 bits) of every word [BN, W] against x: returns t, corr,
@@ -79,35 +103,21 @@ def _int_slot_dot(t, corr, xsum, words, x_ptr, rk_word, K, one, j: tl.constexpr,
     [W], shared by the rows), xsum += x_k (kept only for zero points). The caller finishes a
     tile with s * (2^B t - corr - z xsum) = s * sum_k x_k (c_k - 2^(B-1) - z).
 
-    Why this shape (SASS counted, kernels/NOTES.md): the code lands in the top bits of a float32
-    mantissa, so one LOP3 ((w & mask) | one, `one` a register: LOP3 takes one immediate) makes
-    v = 1 + c/2^B, with no int->float conversion and no per-code subtraction. For 4 bits one
-    shift serves two codes: code j + 1 lands at mantissa bits 19-22 (v = 1 + c/16), code j at
-    bits 15-18 under exponent 2^4 (v = 16 + c/16): the same weight on c, so one accumulator.
+    Why this shape (SASS counted, kernels/NOTES.md): _code_mantissas makes v = 1 + c/2^B (4
+    bits: 16 + c/16 for the lower code of a shift) with no int->float conversion and no
+    per-code subtraction, the same weight on c for both codes of a shift, so one accumulator.
     ~2.5 instructions a code against ~8 for shift/and/convert/subtract/FMA; the offsets in t are
     < 32x the signal, so its fp32 sum keeps >= 18 bits of it."""
     rk = rk_word + j
     xa = _load_x(x_ptr, rk, K, EVEN_K)
+    lo, hi = _code_mantissas(words, j, one, BITS)
     if BITS == 8:
-        sh: tl.constexpr = 15 - 8 * j     # code j -> mantissa bits 15-22
-        if sh >= 0:
-            ws = words << sh
-        else:
-            ws = words >> (-sh)
-        v = ((ws & 0x007F8000) | one).to(tl.float32, bitcast=True)   # 1 + c/256
-        t += xa[None, :] * v
+        t += xa[None, :] * lo
         corr += xa * 384.0          # 256 (the 1 in v) + 128 (the code offset)
         if HAS_ZERO:
             xsum += xa
     else:
         xb = _load_x(x_ptr, rk + 1, K, EVEN_K)
-        sh: tl.constexpr = 15 - 4 * j     # code j -> bits 15-18, code j + 1 -> bits 19-22
-        if sh >= 0:
-            ws = words << sh
-        else:
-            ws = words >> (-sh)
-        lo = ((ws & 0x00078000) | (one + 0x02000000)).to(tl.float32, bitcast=True)  # 16 + c/16
-        hi = ((ws & 0x00780000) | one).to(tl.float32, bitcast=True)                 # 1 + c/16
         t += xa[None, :] * lo
         t += xb[None, :] * hi
         corr += xa * 264.0 + xb * 24.0   # 16 * (16 xa + xb) + 8 * (xa + xb)
@@ -227,15 +237,7 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
             acc2 += (t * 281474976710656.0) * s
     if not USE_DOT:
         acc = tl.reshape(tl.sum(acc2, axis=1), (1, BLOCK_N))
-    if HAS_BIAS:
-        b = tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)
-        acc += b[None, :] * (pid_k == 0).to(tl.float32)
-    out = out_ptr + rm[:, None] * N + rn[None, :]
-    mask = (rm[:, None] < M) & n_in[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=mask)
-    else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    C.finish_tile(acc, b_ptr, out_ptr, rm, rn, rm < M, n_in, N, pid_k, HAS_BIAS, ATOMIC)
 
 
 def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tensor,
@@ -254,14 +256,8 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
             f"config {cfg}: block_k must be a power of two and a multiple of {per}")
     groups = scale.shape[1]
     tile_scale = groups == 1 or group % cfg.block_k == 0
+    split, k_per_split, out = C.atomic_split_plan(m, n, k, cfg, out_dtype, x2.device)
     grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
-    split = max(1, min(cfg.split_k, -(-k // cfg.block_k)))
-    k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
-    split = -(-k // k_per_split)
-    if split > 1:  # atomics add into zeros: this buffer cannot be poisoned
-        out = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
-    else:
-        out = C.alloc((m, n), out_dtype, x2.device)
     # NVFP4's global scale stays a device tensor read in the kernel (no host sync: CUDA graphs)
     gs = global_scale if fmt == FMT_NVFP4 else scale
     _words_matmul_kernel[(grid_m, grid_n, split)](

@@ -7,19 +7,20 @@ Reads the compressed-tensors tensors as stored (nvfp4-pack-quantized / mxfp4-pac
            w = e2m1 * (scale / global_scale)          (compressed-tensors' _dequantize order)
     MXFP4: weight_scale  uint8 E8M0 [N, K/32]: w = e2m1 * 2^(scale - 127)
 Scales are decoded from their bits in the kernel (no float8 loads), so no repack is needed.
-Same paths by M as the integer kernel (compress/kernels/_common.py).
+Same paths by M and the same kernels as the integer formats (decode.py, tc.py; the uint8 bytes
+are read as int32 words of 8 codes), see compress/kernels/_common.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
-import triton
-import triton.language as tl
 
 from compress.formats import FORMATS as FORMAT_TABLE
 from compress.kernels import _common as C
-from compress.kernels._common import mac_tile, store_tile
 from compress.kernels.decode import FMT_MXFP4, FMT_NVFP4, words_matmul
+from compress.kernels.tc import tc_dequantize, tc_matmul
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _LUTS: dict[torch.device, torch.Tensor] = {}
@@ -34,73 +35,12 @@ def e2m1_table(device) -> torch.Tensor:
     return _LUTS[device]
 
 
-@triton.jit
-def _unpack_nibbles(bytes_, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """uint8 [ROWS, COLS // 2] -> int32 codes [ROWS, COLS]; element 2j is the low nibble."""
-    shifts = tl.arange(0, 2) * 4
-    vals = (bytes_.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & 0xF
-    return tl.reshape(vals, (ROWS, COLS))
-
-
-@triton.jit
-def _fp4_tile(w_ptr, s_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP, MX: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Decoded weights [BLOCK_N, BLOCK_K] float32 (0 outside N x K); k0 is even."""
-    rk = k0 + tl.arange(0, BLOCK_K)
-    rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    bytes_ = tl.load(w_ptr + rn[:, None] * (K // 2) + rb[None, :],
-                     mask=(rn[:, None] < N) & (rb[None, :] < K // 2), other=0)
-    values = tl.load(lut_ptr + _unpack_nibbles(bytes_, BLOCK_N, BLOCK_K))
-    inside = (rn[:, None] < N) & (rk[None, :] < K)
-    sbits = tl.load(s_ptr + rn[:, None] * G + (rk // GROUP)[None, :], mask=inside, other=0)
-    if MX:
-        s = C.e8m0_to_f32(sbits.to(tl.int32))
-    else:
-        s = C.e4m3_to_f32(sbits.to(tl.int32)) / gscale
-    return tl.where(inside, values * s, 0.0)
-
-
-@triton.jit
-def _fp4_matmul_kernel(x_ptr, w_ptr, s_ptr, lut_ptr, gs_ptr, b_ptr, out_ptr,
-                       M, N, K, G, GROUP, stride_xm, stride_split, K_PER_SPLIT,
-                       MX: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
-                       IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    gscale = 1.0
-    if not MX:
-        gscale = tl.load(gs_ptr).to(tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        k0 = pid_k * K_PER_SPLIT + kk
-        rk = k0 + tl.arange(0, BLOCK_K)
-        w = _fp4_tile(w_ptr, s_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP, MX,
-                      BLOCK_N, BLOCK_K)
-        acc = mac_tile(acc, x_ptr, w, rm, rk, M, K, stride_xm, USE_DOT, IEEE)
-    store_tile(acc, b_ptr, out_ptr, rm, rn, M, N, pid_k, stride_split, HAS_BIAS)
-
-
-@triton.jit
-def _fp4_dequant_kernel(w_ptr, s_ptr, lut_ptr, gs_ptr, out_ptr, N, K, G, GROUP,
-                        MX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    rk = k0 + tl.arange(0, BLOCK_K)
-    gscale = 1.0
-    if not MX:
-        gscale = tl.load(gs_ptr).to(tl.float32)
-    w = _fp4_tile(w_ptr, s_ptr, lut_ptr, gscale, rn, k0, N, K, G, GROUP, MX, BLOCK_N, BLOCK_K)
-    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=(rn[:, None] < N) & (rk[None, :] < K))
-
-
 # ---------------------------------------------------------------------------------------------
 # Host wrapper
 
 # format -> group size, from the one format table
 FORMATS = {name: row.group_size for name, row in FORMAT_TABLE.items() if row.kernel == "fp4"}
+_FMT = {"nvfp4": FMT_NVFP4, "mxfp4": FMT_MXFP4}
 
 
 def _check_fp4(fmt, packed, scale, global_scale, n, k):
@@ -130,28 +70,23 @@ def fp4_matmul(x: torch.Tensor, fmt: str, packed: torch.Tensor, scale: torch.Ten
     x2 = C.activation_2d(x, k)
     m = x2.shape[0]
     path = path or C.choose_path(m, decode=True, device=x.device)
-    if path == "decode":  # uint8 [N, K/2] read as int32 [N, K/8]: nibble j of word i = 8i + j
-        cfg = config or C.decode_config(fmt, m, n, k, x.device)
-        y = words_matmul(x2, FMT_NVFP4 if fmt == "nvfp4" else FMT_MXFP4,
-                         (packed if packed.storage_offset() % 4 == 0 else packed.clone())
-                         .view(torch.int32), scale.view(torch.uint8), None,
-                         global_scale, n, k, 4, FORMATS[fmt], bias, cfg, x.dtype)
-        return y.reshape(*x.shape[:-1], n)
+    C.check(path in ("decode", "tc", "dequant"), f"no {path!r} path for FP4 weights")
     if path == "dequant":
         w = fp4_dequantize(fmt, packed, scale, global_scale, shape, x.dtype)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
-    cfg, grid, k_per_split, out = C.launch_plan(path, m, n, k, split_k, x.dtype, x.device)
-    split = grid[2]
-    gs = global_scale.float() if global_scale is not None else scale  # unused for MXFP4
-    _fp4_matmul_kernel[grid](
-        x2, packed, scale.view(torch.uint8), e2m1_table(x.device), gs,
-        bias if bias is not None else x2, out,
-        m, n, k, scale.shape[1], FORMATS[fmt], x2.stride(0), m * n, k_per_split,
-        MX=fmt == "mxfp4", HAS_BIAS=bias is not None, USE_DOT=path != "gemv",
-        IEEE=C.dot_in_f32(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    y = C.split_sum(out, x.dtype) if split > 1 else out
+    cfg = config or C.kernel_config(path, fmt, m, n, k, x.device)
+    if split_k is not None:
+        cfg = dataclasses.replace(cfg, split_k=split_k)
+    kernel = words_matmul if path == "decode" else tc_matmul
+    y = kernel(x2, _FMT[fmt], _words(packed), scale.view(torch.uint8), None, global_scale, n, k,
+               4, FORMATS[fmt], bias, cfg, x.dtype)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _words(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] read as int32 [N, K/8]: little-endian, so nibble j of word i is element
+    8 i + j, as in the INT4 words (a copy only if the bytes do not start 4-aligned)."""
+    return (packed if packed.storage_offset() % 4 == 0 else packed.clone()).view(torch.int32)
 
 
 def fp4_dequantize(fmt: str, packed: torch.Tensor, scale: torch.Tensor,
@@ -160,14 +95,8 @@ def fp4_dequantize(fmt: str, packed: torch.Tensor, scale: torch.Tensor,
     """The whole weight decoded to dtype, [N, K]."""
     n, k = shape
     _check_fp4(fmt, packed, scale, global_scale, n, k)
-    cfg = C.CONFIGS["dequant"]
-    out = C.alloc((n, k), dtype, packed.device)
-    gs = global_scale.float() if global_scale is not None else scale
-    _fp4_dequant_kernel[(-(-n // cfg.block_n), -(-k // cfg.block_k))](
-        packed, scale.view(torch.uint8), e2m1_table(packed.device), gs, out,
-        n, k, scale.shape[1], FORMATS[fmt], MX=fmt == "mxfp4",
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
-    return out
+    return tc_dequantize(_FMT[fmt], _words(packed), scale.view(torch.uint8), None,
+                         global_scale, n, k, 4, FORMATS[fmt], dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,14 +27,30 @@ from compress.kernels import _common as C
 from compress.kernels._common import apply_int_scale, mac_tile, store_tile
 from compress.kernels.fp4 import FORMATS as FP4_GROUPS
 from compress.kernels.fp4 import (
-    _unpack_nibbles,
     e2m1_table,
     fp4_scale_ref,
     unpack_fp4_ref,
 )
-from compress.kernels.w4a16 import _unpack_ref, _unpack_words
+from compress.kernels.w4a16 import _unpack_ref
 
 VALUE_KINDS = {"16bit": 0, "int": 1, "nvfp4": 2, "mxfp4": 3}
+
+
+@triton.jit
+def _unpack_words(words, BITS: tl.constexpr, PER: tl.constexpr, ROWS: tl.constexpr,
+                  COLS: tl.constexpr):
+    """int32 words [ROWS, COLS // PER] -> signed codes [ROWS, COLS] (element j at bits j*BITS)."""
+    shifts = tl.arange(0, PER) * BITS
+    vals = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(vals, (ROWS, COLS)) - (1 << (BITS - 1))
+
+
+@triton.jit
+def _unpack_nibbles(bytes_, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """uint8 [ROWS, COLS // 2] -> int32 codes [ROWS, COLS]; element 2j is the low nibble."""
+    shifts = tl.arange(0, 2) * 4
+    vals = (bytes_.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & 0xF
+    return tl.reshape(vals, (ROWS, COLS))
 
 
 @triton.jit

@@ -12,9 +12,12 @@ from test_kernel_fp4 import make_fp4_weight
 from test_kernel_sparse24 import CASES as SPARSE_CASES
 from test_kernel_sparse24 import KINDS, make_sparse
 from test_kernel_sparse24 import PATHS as SPARSE_PATHS
+from test_kernel_tc import FP4_CASES as TC_FP4_CASES
+from test_kernel_tc import INT_CASES as TC_INT_CASES
 from test_kernel_w4a16 import CASES as INT_CASES
 from test_kernel_w4a16 import PATHS, make_int_weight
 
+from compress.kernels import _common as C
 from compress.kernels.fp4 import fp4_dequantize_ref, fp4_matmul, fp4_matmul_ref
 from compress.kernels.sparse24 import sparse24_matmul, sparse24_matmul_ref
 from compress.kernels.w4a16 import int_dequantize_ref, int_matmul, int_matmul_ref
@@ -62,6 +65,38 @@ def test_fp4_kernel_on_gpu(fmt, case, dtype, rng):
     for path in PATHS:
         y = fp4_matmul(x, fmt, packed, scale, gs, (n, k), path=path)
         assert_matmul_close(y, ref, x, w, (fmt, path, case))
+
+
+# The tc kernel's compiled orientations (the interpreter runs bfloat16 through float32, which
+# always swaps): W x^T on wgmma (16 rows), x W^T on mma.sync (16 rows) and on wgmma (64, 128
+# rows), W x^T on 64 rows; split-K; scales per tile, per group, per word.
+TC_CONFIGS = [C.Config(16, 64, 128, 4, 4, 4), C.Config(16, 64, 64, 4, 3, 1, swap=False),
+              C.Config(64, 64, 64, 4, 3, 2), C.Config(128, 128, 64, 8, 3, 1),
+              C.Config(64, 64, 128, 4, 3, 1, swap=True)]
+
+
+@pytest.mark.parametrize("cfg", TC_CONFIGS, ids=str)
+@pytest.mark.parametrize("case", TC_INT_CASES + TC_FP4_CASES +
+                         [(m, n, k, 128, False, 4) for m, n, k in LLAMA_SHAPES[1:]], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tc_kernel_on_gpu(cfg, case, dtype, rng):
+    for fmt in (["int"] if len(case) == 6 else ["nvfp4", "mxfp4"]):
+        if fmt == "int":
+            m, n, k, group, symmetric, bits = case
+            packed, scale, zero = cuda(make_int_weight(n, k, group, symmetric, bits, rng,
+                                                       torch.bfloat16))
+            args = (packed, scale, zero, (n, k), bits)
+            x = torch.randn(m, k, generator=rng).to(dtype).cuda()
+            y = int_matmul(x, *args, path="tc", config=cfg)
+            ref, w = int_matmul_ref(x, *args), int_dequantize_ref(*args)
+        else:
+            m, n, k = case
+            _, packed, scale, gs = cuda(make_fp4_weight(fmt, n, k, rng))
+            x = torch.randn(m, k, generator=rng).to(dtype).cuda()
+            y = fp4_matmul(x, fmt, packed, scale, gs, (n, k), path="tc", config=cfg)
+            ref = fp4_matmul_ref(x, fmt, packed, scale, gs, (n, k))
+            w = fp4_dequantize_ref(fmt, packed, scale, gs, (n, k))
+        assert_matmul_close(y, ref, x, w, (fmt, cfg, case))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -18,7 +18,7 @@ from compress.kernels.fp4 import (
     fp4_matmul_ref,
 )
 
-PATHS = ["decode", "gemv", "splitk", "tile", "dequant"]
+PATHS = ["decode", "tc", "dequant"]
 
 
 def make_fp4_weight(fmt, n, k, rng):
@@ -91,10 +91,12 @@ def test_reference_decodes_like_compressed_tensors(fmt, rng):
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_dequantize_kernel_exact_in_float32(fmt, rng):
+    """MXFP4 exactly; NVFP4 within two float32 roundings (the kernel multiplies by 2^14 /
+    global scale, computed once, where the reference divides each scale)."""
     _, packed, scale, gs = make_fp4_weight(fmt, 19, 96, rng)
     w = fp4_dequantize(fmt, packed, scale, gs, (19, 96), torch.float32)
     torch.testing.assert_close(w, fp4_dequantize_ref(fmt, packed, scale, gs, (19, 96)),
-                               rtol=0, atol=0)
+                               rtol=0 if fmt == "mxfp4" else 2.4e-7, atol=0)
 
 
 def test_fp4_bad_input():

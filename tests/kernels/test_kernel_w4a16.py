@@ -12,7 +12,7 @@ from kernel_checks import DTYPES, assert_matmul_close
 from compress.kernels import _common as C
 from compress.kernels.w4a16 import int_dequantize, int_dequantize_ref, int_matmul, int_matmul_ref
 
-PATHS = ["decode", "gemv", "splitk", "tile", "dequant"]
+PATHS = ["decode", "tc", "dequant"]
 # one rounding to the dtype (the interpreter truncates to bfloat16: a full ulp)
 ONE_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -7}
 
@@ -60,7 +60,8 @@ def test_split_k_and_bias_and_batch_dims(split_k, rng):
     packed, scale, zero = make_int_weight(n, k, 32, False, 4, rng, torch.bfloat16)
     bias = torch.randn(n, generator=rng)
     x = torch.randn(2, 3, k, generator=rng)          # [B, S, K]: leading dims are kept
-    y = int_matmul(x, packed, scale, zero, (n, k), 4, bias=bias, path="splitk", split_k=split_k)
+    y = int_matmul(x, packed, scale, zero, (n, k), 4, bias=bias, path="tc", split_k=split_k,
+                   config=C.Config(16, 16, 64))
     ref = int_matmul_ref(x, packed, scale, zero, (n, k), 4, bias=bias)
     assert y.shape == (2, 3, n)
     w = int_dequantize_ref(packed, scale, zero, (n, k), 4)
@@ -93,11 +94,11 @@ def test_reference_equals_intq_codec(rng):
 def test_path_choice_by_m():
     assert [C.choose_path(m) for m in (1, 2, 16, 17, 256, C.DEQUANT_MIN_M)] == \
         ["gemv", "splitk", "splitk", "tile", "tile", "dequant"]
-    ms = (1, 16, C.DECODE_MAX_M, C.DECODE_MAX_M + 1, C.DEQUANT_MIN_M)
+    ms = (1, 16, C.DECODE_MAX_M, C.DECODE_MAX_M + 1, 256, C.DEQUANT_MIN_M - 1, C.DEQUANT_MIN_M)
     assert [C.choose_path(m, decode=True) for m in ms] == \
-        ["decode", "decode", "decode", "tile", "dequant"]
-    assert [C.m_bucket(m) for m in (1, 2, 16, 17, 64, 65, 128)] == \
-        ["m1", "m16", "m16", "m64", "m64", "m128", "m128"]
+        ["decode", "decode", "decode", "tc", "tc", "tc", "dequant"]
+    assert [C.m_bucket(m) for m in (1, 2, 16, 17, 64, 65, 128, 129, 256, 511)] == \
+        ["m1", "m16", "m16", "m64", "m64", "m128", "m128", "m256", "m256", "m256"]
 
 
 # Decode-kernel configs the autotuner may pick: CUDA-core M=1 (one scale per tile and per word),
@@ -175,24 +176,30 @@ def test_decode_config_table_lookup(tmp_path, monkeypatch):
     default = json.loads((C.CONFIG_DIR / "default.json").read_text())["decode"]
     for bucket in C.M_BUCKETS:  # the shipped default covers every bucket of every format
         assert f"*/m{bucket}" in default
+    tc = json.loads((C.CONFIG_DIR / "default.json").read_text())["tc"]
+    for bucket in C.M_BUCKETS:  # and so does the tc table
+        assert f"*/m{bucket}" in tc
+    assert C.kernel_config("tc", "int4", 100, 64, 128, cpu) == C.Config(**tc["*/m128"]["default"])
 
 
 def test_a_config_table_moves_the_path_limits(tmp_path, monkeypatch):
-    """configs/<gpu>.json may name where the decode kernel stops and dequantize + matmul
-    starts (the H200's does); without a device or a "paths" entry the built-in limits hold."""
+    """configs/<gpu>.json may name where the decode kernel stops, where dequantize + matmul
+    starts (the tc kernel in between), and where 2:4 starts dequantizing (the H200's does);
+    without a device or a "paths" entry the built-in limits hold."""
     path = tmp_path / "t.json"
-    path.write_text(json.dumps({"decode": {}, "paths": {"decode_max_m": 16,
-                                                        "dequant_min_m": 17}}))
+    path.write_text(json.dumps({"decode": {}, "paths": {"decode_max_m": 8, "dequant_min_m": 300,
+                                                        "sparse24_dequant_min_m": 17}}))
     monkeypatch.setenv(C.CONFIG_ENV, str(path))
     cpu = torch.device("cpu")
-    assert [C.choose_path(m, True, cpu) for m in (1, 16, 17, 64)] == \
-        ["decode", "decode", "dequant", "dequant"]
+    assert [C.choose_path(m, True, cpu) for m in (1, 8, 9, 299, 300)] == \
+        ["decode", "decode", "tc", "tc", "dequant"]
     assert [C.choose_path(m, False, cpu) for m in (1, 16, 17)] == ["gemv", "splitk", "dequant"]
-    assert C.choose_path(64, True) == "decode" and C.choose_path(300, False) == "tile"
+    assert C.choose_path(64, True) == "tc" and C.choose_path(300, False) == "tile"
     other = tmp_path / "u.json"
-    other.write_text(json.dumps({"decode": {}}))
+    other.write_text(json.dumps({"decode": {}, "paths": {"dequant_min_m": 17}}))
     monkeypatch.setenv(C.CONFIG_ENV, str(other))
-    assert C.choose_path(64, True, cpu) == "decode"
+    assert C.choose_path(16, True, cpu) == "decode" and C.choose_path(17, True, cpu) == "dequant"
+    assert C.choose_path(17, False, cpu) == "dequant"   # 2:4 follows dequant_min_m by default
 
 
 def test_bad_shapes_raise_one_clear_error(rng):

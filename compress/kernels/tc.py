@@ -1,0 +1,390 @@
+"""Tensor-core matmul for M = 17 .. ~511 rows (and the whole-weight dequantize) for weights packed
+as 32-bit words of 4- or 8-bit codes: INT4/INT8 (sym, asym) and NVFP4/MXFP4, as stored.
+
+Same tensors as the decode kernel (compress/kernels/decode.py): INT int32 [N, ceil(K/P)], FP4
+uint8 [N, K/2] viewed as int32 [N, K/8] (nibble j of word i is element 8 i + j in both), scales
+[N, K/g], INT zero points int32 [ceil(N/P), K/g] packed along N. No repack, no second copy.
+
+One program owns a [BLOCK_M, BLOCK_N] output tile; per K-tile (kernels/NOTES.md, "The tc
+path" has the SASS counts):
+  * the packed words are loaded as a [BLOCK_N, BLOCK_K / P] tile (rows contiguous along K:
+    16-byte vector loads, pipelined by num_stages), never one load per code;
+  * the code slots of every word are decoded on [BLOCK_N, WORDS] tensors, all elementwise,
+    ~3 instructions a code: INT codes become float mantissas (decode._code_mantissas, one
+    shift for two 4-bit codes) and one FMA applies offset, zero point and scale; E2M1 becomes
+    float32 bits (decode._fp4_as_f32) and one multiply applies the scale;
+  * scales are read per row once per tile (the tile in one group), per group and spread over
+    the words (NVFP4 g16, MXFP4 g32), or per word, one tile ahead of their use;
+  * the slots are put in K order with tl.interleave (a join + reshape that keeps each
+    thread's values in its registers), then cast to the activation dtype;
+  * one tl.dot per K-tile with float32 accumulation: y^T = W x^T for few rows (the weight rows
+    on the MMA's 64-row side), y = x W^T from 64 rows (Config.swap, see swap);
+  * split-K (config split_k > 1): the K-slices' float32 partials are summed by the last
+    program of each tile (_common.finish_split): one launch, no zero fill, no cast.
+float32 activations use an exact (IEEE) dot on exactly decoded float32 weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from compress.kernels import _common as C
+from compress.kernels.decode import (
+    FMT_INT,
+    FMT_NVFP4,
+    _code_mantissas,
+    _fp4_as_f32,
+    _group_scale,
+    _load_words,
+)
+
+
+@triton.jit
+def _spread(t, WPG: tl.constexpr):
+    """[BN, C] -> [BN, C * WPG], each column repeated WPG times (self-interleaves: registers
+    only, and the result has the layout of an interleaved tile, like the words')."""
+    if WPG >= 2:
+        t = tl.interleave(t, t)
+    if WPG >= 4:
+        t = tl.interleave(t, t)
+    if WPG >= 8:
+        t = tl.interleave(t, t)
+    if WPG >= 16:
+        t = tl.interleave(t, t)
+    return t
+
+
+@triton.jit
+def _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP, GROUP_SHIFT,
+                  FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                  HAS_ZERO: tl.constexpr, SCALES: tl.constexpr, WPG: tl.constexpr,
+                  POW2_GROUP: tl.constexpr, EXACT: tl.constexpr, WORDS: tl.constexpr):
+    """(a, b_lo, b_hi) of the K-tile at k0. INT: w = v * a + b with v from _code_mantissas
+    (b_lo for the lower code of a 4-bit shift, b_hi for the upper one), or when EXACT,
+    w = (v * 2^B + b) * a (a = scale; one rounding, as the reference); FP4: w = f * a with
+    f = value * 2^-126 (_fp4_as_f32), a = scale * 2^100 (the kernel multiplies its
+    accumulator by 2^26 at the end), or, when EXACT, a = scale (f is multiplied by 2^126
+    first). SCALES: 0, the tile lies in one group (INT g128, per channel): one factor per row
+    [BN, 1], the group found by a shift (GROUP_SHIFT) or a division; 1, the tile holds whole
+    groups of WPG words: the tile's groups are loaded as [BN, WORDS / WPG] (contiguous) and
+    spread over the words [BN, WORDS]; 2, any other group size: per word, by a division."""
+    if SCALES == 0:
+        if POW2_GROUP:
+            col = k0 >> GROUP_SHIFT
+        else:
+            col = k0 // GROUP
+        s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], col,
+                            n_in[:, None] & (rn[:, None] * 0 + k0 < K), G, FMT, BITS, PER,
+                            HAS_ZERO)
+    elif SCALES == 1:
+        cols = k0 // (WPG * PER) + tl.arange(0, WORDS // WPG)
+        s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], cols[None, :],
+                            n_in[:, None] & (cols[None, :] < G), G, FMT, BITS, PER, HAS_ZERO)
+    else:
+        rw = k0 // PER + tl.arange(0, WORDS)
+        cols = (rw * PER) // GROUP
+        s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], cols[None, :],
+                            n_in[:, None] & (rw[None, :] < KW), G, FMT, BITS, PER, HAS_ZERO)
+    if FMT == 0:   # v = 1 + c/2^B (+ 2^B for the lower 4-bit code)
+        if BITS == 4:
+            b_hi = -(24.0 + z)                    # 16 (the 1 in v) + 8 (the code offset)
+            b_lo = -(264.0 + z)                   # 256 + 8
+        else:
+            b_hi = -(384.0 + z)                   # 256 + 128
+            b_lo = b_hi
+        if EXACT:
+            a = s
+        else:      # exact FMA offsets for bfloat16/float16 scales ((264 + z) s: 17 bits)
+            a = s * (1 << BITS)
+            b_lo = b_lo * s
+            b_hi = b_hi * s
+    else:          # _group_scale's FP4 scale carries 2^14 (decode's float16 trick)
+        if EXACT:
+            a = s * 6.103515625e-05               # 2^-14
+        else:
+            a = s * 77371252455336267181195264.0  # 2^86 = 2^(126 - 26 - 14)
+        b_lo = a
+        b_hi = a
+    if SCALES == 1:
+        a = _spread(a, WPG)
+        if FMT == 0:
+            b_lo = _spread(b_lo, WPG)
+            b_hi = _spread(b_hi, WPG) if BITS == 4 else b_lo
+        else:
+            b_lo = a
+            b_hi = a
+    return a, b_lo, b_hi
+
+
+@triton.jit
+def _int_pair(words, j: tl.constexpr, a, b_lo, b_hi, one, BITS: tl.constexpr,
+              EXACT: tl.constexpr, DTYPE):
+    """INT code slots j and j + 1 (4 bits; 8 bits: j twice) as weights in DTYPE: one shift,
+    one LOP3 and one FMA a code (its constant b is exact for 16-bit scales: (264 + z) * scale
+    needs 17 bits), half a conversion. EXACT (float32 activations, dequantize): the integer
+    code - offset - zero first (exact), then one rounding times the scale, as the reference."""
+    lo, hi = _code_mantissas(words, j, one, BITS)
+    if EXACT:
+        w_lo = (lo * (1 << BITS) + b_lo) * a
+        w_hi = (hi * (1 << BITS) + b_hi) * a
+    else:
+        w_lo = lo * a + b_lo
+        w_hi = hi * a + b_hi
+    return w_lo.to(DTYPE), w_hi.to(DTYPE)
+
+
+@triton.jit
+def _fp4_pair(words, j: tl.constexpr, a, EXACT: tl.constexpr, DTYPE):
+    """E2M1 code slots j and j + 1 as weights in DTYPE: f = value * 2^-126 in two shifts and a
+    LOP3 (decode._fp4_as_f32, the 0.5 code a denormal), times a. Unless EXACT, one FMUL:
+    f * scale * 2^100 = value * scale * 2^-26, normal and exact in float32 and bfloat16 for any
+    scale in 2^-100 .. 2^28 (the accumulator gets the 2^26 back); float16 lacks that range, so
+    EXACT multiplies by 2^126 first (exact: f is a multiple of 2^-127)."""
+    f0 = _fp4_as_f32(words, j)
+    f1 = _fp4_as_f32(words, j + 1)
+    if EXACT:
+        f0 = f0 * 8.507059173023462e37            # 2^126
+        f1 = f1 * 8.507059173023462e37
+    return (f0 * a).to(DTYPE), (f1 * a).to(DTYPE)
+
+
+@triton.jit
+def _weight_tile(words, a, b_lo, b_hi, one, FMT: tl.constexpr, BITS: tl.constexpr,
+                 EXACT: tl.constexpr, DTYPE):
+    """Packed words [BN, W] -> weights [BN, W * P] in K order (code j of word i at column
+    P * i + j). interleave(u, v) puts u at even and v at odd columns (a join and a reshape that
+    keep each thread's values in its registers), so slot order is j's bit reversal."""
+    if BITS == 8:
+        w0, _ = _int_pair(words, 0, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+        w1, _ = _int_pair(words, 1, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+        w2, _ = _int_pair(words, 2, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+        w3, _ = _int_pair(words, 3, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+        tile = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
+    else:
+        if FMT == 0:
+            w0, w1 = _int_pair(words, 0, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+            w2, w3 = _int_pair(words, 2, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+            w4, w5 = _int_pair(words, 4, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+            w6, w7 = _int_pair(words, 6, a, b_lo, b_hi, one, BITS, EXACT, DTYPE)
+        else:
+            w0, w1 = _fp4_pair(words, 0, a, EXACT, DTYPE)
+            w2, w3 = _fp4_pair(words, 2, a, EXACT, DTYPE)
+            w4, w5 = _fp4_pair(words, 4, a, EXACT, DTYPE)
+            w6, w7 = _fp4_pair(words, 6, a, EXACT, DTYPE)
+        even = tl.interleave(tl.interleave(w0, w4), tl.interleave(w2, w6))
+        odd = tl.interleave(tl.interleave(w1, w5), tl.interleave(w3, w7))
+        tile = tl.interleave(even, odd)
+    return tile
+
+
+@triton.jit
+def _nvfp4_gs(gs_ptr, FMT: tl.constexpr):
+    """The factor _group_scale multiplies NVFP4's E4M3 scales by: 2^14 / the global scale,
+    read on the device (no host sync: CUDA graphs)."""
+    gs = 1.0
+    if FMT == 1:
+        gs = 16384.0 / tl.load(gs_ptr).to(tl.float32)
+    return gs
+
+
+@triton.jit
+def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr, cnt_ptr,
+                      M, N, K, KW, G, GROUP, GROUP_SHIFT, stride_xm, K_PER_SPLIT, one_bits,
+                      FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SCALES: tl.constexpr,
+                      WPG: tl.constexpr, POW2_GROUP: tl.constexpr, IEEE: tl.constexpr,
+                      SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr = False,
+                      EVEN_N: tl.constexpr = False):
+    # M-tiles are grid axis 0, so the programs sharing a weight tile run together (L2 reuse)
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ri = tl.arange(0, BLOCK_K // PER)
+    n_in = rn < N
+    m_in = rm < M
+    gs = _nvfp4_gs(gs_ptr, FMT)
+    # float32 activations: float32 weights and an exact dot (see _common.dot_in_f32)
+    DTYPE: tl.constexpr = tl.float32 if IEEE else x_ptr.dtype.element_ty
+    # exact decodes where needed: float32 activations (one rounding, as the reference), and FP4
+    # in float16 (no room for the 2^-26 lift)
+    EXACT: tl.constexpr = IEEE or (FMT != 0 and DTYPE == tl.float16)
+    k_start = pid_k * K_PER_SPLIT
+    # the scales of a tile are loaded one iteration ahead (Triton's pipeline skips these small
+    # loads): their latency hides behind a tile's decode and dot
+    a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k_start, K, KW, G, GROUP,
+                                  GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES, WPG,
+                                  POW2_GROUP, EXACT, BLOCK_K // PER)
+    if SWAP:   # y^T: see the dot below
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        k0 = k_start + kk
+        words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, KW, EVEN_K and EVEN_N)
+        w = _weight_tile(words, a, b_lo, b_hi, one_bits, FMT, BITS, EXACT, DTYPE)
+        a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, KW, G, GROUP,
+                                      GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES, WPG,
+                                      POW2_GROUP, EXACT, BLOCK_K // PER)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=m_in[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=m_in[:, None] & (rk[None, :] < K), other=0.0)
+        if IEEE:
+            x = x.to(tl.float32)
+        if SWAP:
+            # y^T[BN, BM] += w[BN, BK] @ x^T: the weight rows fill the MMA's 64-row side (a few
+            # activation rows are its narrow N side, no padding to 64); on Hopper the decoded
+            # tile is wgmma's register operand A, whose wgmmas ptxas serializes
+            acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee" if IEEE else None)
+        else:
+            # y[BM, BN] += x @ w^T: both wgmma operands in shared memory (BLOCK_M >= 64 on
+            # Hopper, else mma.sync tiles), the wgmmas of a tile issued back to back
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if IEEE else None)
+    if FMT != 0 and not EXACT:
+        acc = acc * 67108864.0   # 2^26: FP4 weights were value * scale * 2^-26 (_fp4_pair)
+    if SWAP:
+        acc = tl.trans(acc)
+    if SPLIT:
+        C.finish_split(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, m_in, n_in, M, N, pid_k,
+                       HAS_BIAS)
+    else:
+        C.finish_tile(acc, b_ptr, out_ptr, rm, rn, m_in, n_in, N, pid_k, HAS_BIAS, False)
+
+
+@triton.jit
+def _tc_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, gs_ptr, N, K, KW, G, GROUP, GROUP_SHIFT,
+                       one_bits, FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                       HAS_ZERO: tl.constexpr, SCALES: tl.constexpr, WPG: tl.constexpr,
+                       POW2_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The whole weight [N, K] in out_ptr's dtype, with the matmul's tile decoder."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
+    ri = tl.arange(0, BLOCK_K // PER)
+    n_in = rn < N
+    gs = _nvfp4_gs(gs_ptr, FMT)
+    a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP, GROUP_SHIFT,
+                                  FMT, BITS, PER, HAS_ZERO, SCALES, WPG, POW2_GROUP, True,
+                                  BLOCK_K // PER)
+    words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, KW, False)
+    w = _weight_tile(words, a, b_lo, b_hi, one_bits, FMT, BITS, True, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w,
+             mask=n_in[:, None] & (rk[None, :] < K))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host wrappers (arguments already checked by the format's wrapper, w4a16.py / fp4.py)
+
+ONE_BITS = 0x3F800000   # float32 1.0 as a runtime value: kept in a register (_code_mantissas)
+
+def check_config(cfg: C.Config, per: int) -> None:
+    C.check(cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k >= max(32, per)
+            and cfg.block_k & (cfg.block_k - 1) == 0,
+            f"config {cfg}: the tc path needs block_m, block_n >= 16 and block_k a power of two "
+            f">= 32")
+
+
+def swap(cfg: C.Config, ieee: bool, scales: int) -> bool:
+    """Compute y^T = W x^T (weight rows on the MMA's 64-row side)? The config's choice, else
+    when block_m < 64 (fewer activation rows than a Hopper wgmma's row block). Always for
+    float32 activations (their CUDA-core dot x @ w^T spills: ptxas, sm_90, 64x64 tiles), and
+    where triton 3.6 cannot compile x @ w^T for sm_90 ("Illegal shared layout" in
+    OptimizeDotOperands, found by kernels/compile_check.py --all): per-word scales (SCALES 2),
+    and per-row scales with block_n = 32 * num_warps."""
+    if ieee or scales == 2 or (scales == 0 and cfg.block_n == 32 * cfg.num_warps):
+        return True
+    return cfg.block_m < 64 if cfg.swap is None else cfg.swap
+
+
+def _scale_args(groups: int, group: int, k: int, block_k: int, per: int) -> tuple[dict, int]:
+    """(constexprs, GROUP_SHIFT) of the scale lookup (_tile_factors): SCALES 0 when per channel
+    or block_k divides the group, 1 when the tile holds whole groups of whole words, else 2;
+    the group index by a shift when the group is a power of two (per channel: any power of two
+    >= K, so the index is 0)."""
+    size = C.next_pow2(k) if groups == 1 else group
+    pow2 = size & (size - 1) == 0
+    if groups == 1 or group % block_k == 0:
+        mode = 0
+    elif block_k % group == 0 and group % per == 0 and group // per <= 16:   # _spread's limit
+        mode = 1
+    else:
+        mode = 2
+    return (dict(SCALES=mode, WPG=max(1, group // per), POW2_GROUP=pow2),
+            size.bit_length() - 1 if pow2 else 0)
+
+
+def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tensor,
+              zero: torch.Tensor | None, global_scale: torch.Tensor | None, n: int, k: int,
+              bits: int, group: int, bias: torch.Tensor | None, cfg: C.Config,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """x2 [M, K] (contiguous rows) @ W^T -> [M, N] in out_dtype; arguments as decode's
+    words_matmul (words int32 [N, KW], scale [N, G], FP4 scales as raw uint8 bits)."""
+    m = x2.shape[0]
+    per = 32 // bits
+    check_config(cfg, per)
+    groups = scale.shape[1]
+    ieee = C.dot_in_f32(x2.dtype)
+    split, k_per_split = C.split_of(k, cfg)
+    grid = (-(-m // cfg.block_m), -(-n // cfg.block_n), split)
+    out = C.alloc((m, n), out_dtype, x2.device)
+    # split-K: float32 partials, summed by the last program of each tile (C.finish_split)
+    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
+    counters = C.tile_counters(grid[0] * grid[1], x2.device) if split > 1 else ws
+    scale_consts, group_shift = _scale_args(groups, group, k, cfg.block_k, per)
+    _tc_matmul_kernel[grid](
+        x2, words, scale, zero if zero is not None else words,
+        bias if bias is not None else x2, out,
+        global_scale if fmt == FMT_NVFP4 else scale, ws, counters,
+        m, n, k, words.shape[1], groups, group, group_shift, x2.stride(0), k_per_split,
+        ONE_BITS, FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None, SWAP=swap(cfg, ieee, scale_consts["SCALES"]),
+        HAS_BIAS=bias is not None, IEEE=ieee, SPLIT=split > 1,
+        **scale_consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def tc_dequantize(fmt: int, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                  global_scale: torch.Tensor | None, n: int, k: int, bits: int, group: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The whole weight decoded to dtype, [N, K] (the prefill path, then cuBLAS)."""
+    cfg = C.CONFIGS["dequant_words"]
+    out = C.alloc((n, k), dtype, words.device)
+    scale_consts, group_shift = _scale_args(scale.shape[1], group, k, cfg.block_k, 32 // bits)
+    _tc_dequant_kernel[(-(-n // cfg.block_n), -(-k // cfg.block_k))](
+        words, scale, zero if zero is not None else words, out,
+        global_scale if fmt == FMT_NVFP4 else scale,
+        n, k, words.shape[1], scale.shape[1], group, group_shift, ONE_BITS,
+        FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **scale_consts)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (of the word view: what the kernel reads, decoded independently of decode.py)
+
+def words_dequantize_ref(fmt: int, words: torch.Tensor, scale: torch.Tensor,
+                         zero: torch.Tensor | None, global_scale: torch.Tensor | None, n: int,
+                         k: int, bits: int, group: int) -> torch.Tensor:
+    """float32 [N, K] from int32 words [N, KW] (code j of word i is element P i + j)."""
+    shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
+    codes = ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(n, -1)[:, :k]
+    if fmt == FMT_INT:
+        q = (codes - (1 << (bits - 1))).float()
+        if zero is not None:
+            zc = ((zero.T.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(zero.shape[1], -1)
+            q = q - (zc[:, :n].T - (1 << (bits - 1))).float().repeat_interleave(group, dim=1)
+        s = scale.float()
+    else:
+        mags = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], device=words.device)
+        q = mags[codes & 7] * (1 - 2 * (codes >> 3)).float()
+        if fmt == FMT_NVFP4:
+            s = scale.view(torch.float8_e4m3fn).float() / global_scale.float()
+        else:
+            s = torch.exp2(scale.float() - 127)
+    return q * s.repeat_interleave(group, dim=1)[:, :k]

@@ -1,0 +1,131 @@
+"""The tc kernel (compress/kernels/tc.py, M = 17 .. 511) against the format references: INT4
+sym/asym, INT8, NVFP4, MXFP4; odd M, N and K, bias, float32/bfloat16/float16, split-K, one scale
+per tile and per word, inside the matrix (no bounds masks) and at its edges; outputs poisoned."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from kernel_checks import assert_matmul_close
+from test_kernel_fp4 import make_fp4_weight
+from test_kernel_w4a16 import make_int_weight
+
+from compress.kernels import _common as C
+from compress.kernels.decode import FMT_INT, FMT_MXFP4, FMT_NVFP4
+from compress.kernels.fp4 import FORMATS, _words, fp4_dequantize_ref, fp4_matmul, fp4_matmul_ref
+from compress.kernels.tc import words_dequantize_ref
+from compress.kernels.w4a16 import int_dequantize_ref, int_matmul, int_matmul_ref
+
+# block_k 32: one scale per tile for groups >= 32 and per channel; 64/128: one per word for
+# groups < block_k; split_k 2-3 adds K-slices with atomics (K-slices past K read nothing).
+CONFIGS = [C.Config(16, 16, 32), C.Config(32, 32, 64, split_k=2),
+           C.Config(16, 64, 128, 4, 3, split_k=3)]
+# (M, N, K, group, symmetric, bits): N not a multiple of any block, K not one of block_k;
+# INT8 per channel with K % 4 != 0 (a partial last word); group 96: not a power of two, one
+# scale per tile for block_k 32 (found by a division), per word for 64 and 128 (neither
+# divides the other)
+INT_CASES = [(2, 37, 224, 32, True, 4), (17, 29, 160, 32, False, 4), (33, 21, 198, None, True, 8),
+             (65, 19, 96, 16, False, 8), (18, 27, 288, 96, False, 4)]
+FP4_CASES = [(2, 37, 96), (33, 29, 224), (65, 19, 160)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _int_id(c):
+    return "m{}-n{}-k{}-g{}-{}-int{}".format(c[0], c[1], c[2], c[3], "sym" if c[4] else "asym",
+                                           c[5])
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("case", INT_CASES, ids=_int_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tc_int_matches_reference(cfg, case, dtype, rng):
+    m, n, k, group, symmetric, bits = case
+    packed, scale, zero = make_int_weight(n, k, group, symmetric, bits, rng, torch.bfloat16)
+    bias = torch.randn(n, generator=rng)
+    x = torch.randn(m, k, generator=rng).to(dtype)
+    y = int_matmul(x, packed, scale, zero, (n, k), bits, bias=bias, path="tc", config=cfg)
+    ref = int_matmul_ref(x, packed, scale, zero, (n, k), bits, bias=bias)
+    w = int_dequantize_ref(packed, scale, zero, (n, k), bits)
+    assert_matmul_close(y, ref, x, w, (cfg, rng.initial_seed()), bias)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("case", FP4_CASES, ids=lambda c: "m{}-n{}-k{}".format(*c))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tc_fp4_matches_reference(fmt, cfg, case, dtype, rng):
+    m, n, k = case
+    _, packed, scale, gs = make_fp4_weight(fmt, n, k, rng)
+    bias = torch.randn(n, generator=rng).to(dtype)
+    x = torch.randn(m, k, generator=rng).to(dtype)
+    y = fp4_matmul(x, fmt, packed, scale, gs, (n, k), bias=bias, path="tc", config=cfg)
+    ref = fp4_matmul_ref(x, fmt, packed, scale, gs, (n, k), bias=bias)
+    w = fp4_dequantize_ref(fmt, packed, scale, gs, (n, k))
+    assert_matmul_close(y, ref, x, w, (cfg, rng.initial_seed()), bias)
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["x@wT", "w@xT"])
+@pytest.mark.parametrize("family", ["int4", "int4-asym", "int8", "nvfp4", "mxfp4"])
+def test_tc_inside_the_matrix_float16_and_batch_dims(family, swap, rng):
+    """N and K multiples of the blocks and split (loads without bounds masks), float16
+    activations (the interpreter runs their dot in float16, and float16 FP4 decodes exactly)
+    with leading batch dims, the shipped default config of the M=64 bucket in both
+    orientations of the dot."""
+    n, k, dtype = 64, 256, torch.float16
+    x = torch.randn(3, 11, k, generator=rng).to(dtype)      # M = 33 rows
+    cfg = dataclasses.replace(C.kernel_config("tc", family, 33, n, k, torch.device("cpu")),
+                              swap=swap)
+    if family.startswith("int"):
+        bits = 8 if family == "int8" else 4
+        packed, scale, zero = make_int_weight(n, k, 128, family != "int4-asym", bits, rng)
+        y = int_matmul(x, packed, scale, zero, (n, k), bits, path="tc", config=cfg)
+        ref = int_matmul_ref(x, packed, scale, zero, (n, k), bits)
+        w = int_dequantize_ref(packed, scale, zero, (n, k), bits)
+    else:
+        _, packed, scale, gs = make_fp4_weight(family, n, k, rng)
+        y = fp4_matmul(x, family, packed, scale, gs, (n, k), path="tc", config=cfg)
+        ref = fp4_matmul_ref(x, family, packed, scale, gs, (n, k))
+        w = fp4_dequantize_ref(family, packed, scale, gs, (n, k))
+    assert y.shape == (3, 11, n)
+    assert_matmul_close(y.reshape(-1, n), ref.reshape(-1, n), x.reshape(-1, k), w,
+                        rng.initial_seed())
+
+
+def test_tc_rejects_configs_it_cannot_run(rng):
+    packed, scale, zero = make_int_weight(16, 64, 32, True, 4, rng)
+    with pytest.raises(ValueError, match="the tc path needs"):
+        int_matmul(torch.randn(20, 64), packed, scale, zero, (16, 64), path="tc",
+                   config=C.Config(16, 16, 16))
+    with pytest.raises(ValueError, match="no 'tile' path for INT weights"):
+        int_matmul(torch.randn(20, 64), packed, scale, zero, (16, 64), path="tile")
+
+
+def test_word_view_reference_equals_the_format_references(rng):
+    """What the kernel reads (int32 words) decodes to the stored formats' own references."""
+    for group, symmetric, bits in ((32, False, 4), (None, True, 8)):
+        packed, scale, zero = make_int_weight(24, 96, group, symmetric, bits, rng)
+        ours = words_dequantize_ref(FMT_INT, packed, scale, zero, None, 24, 96, bits,
+                                    96 // scale.shape[1])
+        torch.testing.assert_close(ours, int_dequantize_ref(packed, scale, zero, (24, 96), bits),
+                                   rtol=0, atol=0)
+    for fmt, code in (("nvfp4", FMT_NVFP4), ("mxfp4", FMT_MXFP4)):
+        _, packed, scale, gs = make_fp4_weight(fmt, 24, 96, rng)
+        ours = words_dequantize_ref(code, _words(packed), scale.view(torch.uint8), None, gs, 24,
+                                    96, 4, FORMATS[fmt])
+        torch.testing.assert_close(ours, fp4_dequantize_ref(fmt, packed, scale, gs, (24, 96)),
+                                   rtol=0, atol=0)
+
+
+def test_split_k_leaves_its_tile_counters_zero(rng):
+    """The last K-slice of each tile sums the partials and resets the tile's counter, so the
+    next launch starts from zero (tile_counters are never cleared by the host)."""
+    packed, scale, zero = make_int_weight(40, 256, 32, False, 4, rng, torch.bfloat16)
+    x = torch.randn(20, 256, generator=rng)
+    for split in (2, 3, 2):
+        y = int_matmul(x, packed, scale, zero, (40, 256), 4, path="tc",
+                       config=C.Config(16, 16, 32, split_k=split))
+        assert_matmul_close(y, int_matmul_ref(x, packed, scale, zero, (40, 256), 4), x,
+                            int_dequantize_ref(packed, scale, zero, (40, 256), 4), split)
+        assert not C.tile_counters(6, x.device)[:6].any()
