@@ -387,6 +387,8 @@ def run_lm_eval(path: Path, limit: int | None) -> dict:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
     start = time.perf_counter()
     scores = run_tasks(model, AutoTokenizer.from_pretrained(path), list(TASKS), limit=limit,
                        batch_size=1)
