@@ -87,6 +87,9 @@ def main() -> None:
     parser.add_argument("--setting", default="int4-sym-g192", choices=list(peer.SETTINGS))
     parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--identity", action="store_true",
+                        help="fold the norms but rotate by the identity: separates the effect "
+                             "of the folding from the rotation's")
     parser.add_argument("--ours", default='{"act_order": true, "scale_search": "mse"}')
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,7 +101,9 @@ def main() -> None:
             (out / name).symlink_to((args.work / name).resolve())
     if not (out / "hf" / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(args.work / "hf", dtype=torch.float32)
-        rotate_llama(model, random_orthogonal(model.config.hidden_size, args.seed))
+        n = model.config.hidden_size
+        rotate_llama(model, torch.eye(n, dtype=torch.float64) if args.identity
+                     else random_orthogonal(n, args.seed))
         model.save_pretrained(out / "hf")
         AutoTokenizer.from_pretrained(args.work / "hf").save_pretrained(out / "hf")
     windows = torch.load(out / "eval.pt")
