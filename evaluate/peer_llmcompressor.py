@@ -33,6 +33,14 @@ What it does:
     method (GPTQ and AWQ + GPTQ its RTN, SparseGPT its Wanda, GPTQ after SparseGPT its RTN
     after SparseGPT) and its 2:4 weights are 2:4. When a check fails the script prints why and
     exits 1 without a table.
+ 5. with --save-models, each side also writes every quantized model of a row as a plain float
+    HF checkpoint (its weights the dequantized values it computes with) under --work/models/;
+    with --lm-eval, the local lm-eval tasks (stdlib_docs: rolling loglikelihood, word
+    perplexity; stdlib_lastword: LAMBADA-style last word, accuracy) run in THIS venv on the float
+    model and on both sides' saved checkpoints, through the same call (compress.evaluation's
+    HFLM wrapper, full task sets unless --lm-eval-limit), and a second table prints accuracy /
+    word perplexity side by side with the loss ratio and compress's recovery gate. The saved
+    checkpoint's perplexity on the evaluation windows must equal the row's: else no table.
 Each row is cached as JSON under --work (delete the file, or pass --fresh, to measure again).
 """
 
@@ -134,7 +142,48 @@ def is_24(model) -> bool:
                if isinstance(m, torch.nn.Linear) and name != "lm_head")
 
 
-def run_llmc(work: Path, setting: str, method: str) -> dict:
+def llmc_plain_state(model, names: set[str]) -> dict:
+    """The state of `names` (a plain model's keys) from llm-compressor's calibrated model, each
+    quantized weight replaced by the fake-quantized values its forward computes with."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    state = {}
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name in names:
+                state[name] = tensor.detach().float().cpu()
+        for name, module in model.named_modules():
+            scheme = getattr(module, "quantization_scheme", None)
+            if scheme is not None and scheme.weights is not None and name + ".weight" in names:
+                state[name + ".weight"] = forward_quantize(
+                    module, module.weight, "weight", scheme.weights).float().cpu()
+    return state
+
+
+def save_plain(work: Path, state: dict, out: Path) -> float:
+    """Write `state` as a plain float32 HF checkpoint with the tokenizer of work/hf; returns its
+    perplexity on the evaluation windows after reloading it (must equal the row's)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32)
+    missing, unexpected = set(plain.state_dict()) - set(state), set(state) - set(plain.state_dict())
+    if missing - {"lm_head.weight"} or unexpected:   # lm_head is tied to the embedding
+        raise RuntimeError(f"the calibrated model's names differ from the plain model's: "
+                           f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    plain.load_state_dict(state, strict=False)
+    plain.save_pretrained(out)
+    AutoTokenizer.from_pretrained(work / "hf").save_pretrained(out)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    return perplexity(reloaded, torch.load(work / "eval.pt"))
+
+
+def model_dir(work: Path, side: str, setting: str, method: str) -> Path:
+    return work / "models" / f"{side}-{setting}-{method}"
+
+
+def run_llmc(work: Path, setting: str, method: str, save: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -173,6 +222,12 @@ def run_llmc(work: Path, setting: str, method: str) -> dict:
               "version": llmcompressor.__version__}
     if setting.startswith("sparse24"):
         result["is_24"] = is_24(model)
+    if save:
+        from transformers import AutoModelForCausalLM
+
+        names = set(AutoModelForCausalLM.from_pretrained(work / "hf").state_dict())
+        result["saved_perplexity"] = save_plain(work, llmc_plain_state(model, names),
+                                                model_dir(work, "llmc", setting, method))
     return result
 
 
@@ -217,7 +272,22 @@ def our_passes(setting: str, method: str, options: dict) -> list:
     return passes
 
 
-def run_ours(work: Path, setting: str, method: str, options: dict) -> dict:
+def our_plain_state(model) -> dict:
+    """Our compressed model's state as a plain model's: each QuantizedLinear's weight is its
+    dequantized weight (what its reference forward multiplies by), other tensors as they are."""
+    import torch
+
+    state = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if hasattr(module, "dequantized_weight"):
+                state[name + ".weight"] = module.dequantized_weight().float().cpu()
+            for key, tensor in list(module.named_parameters(recurse=False)):
+                state[f"{name}.{key}" if name else key] = tensor.detach().float().cpu()
+    return state
+
+
+def run_ours(work: Path, setting: str, method: str, options: dict, save: bool = False) -> dict:
     """Our passes on the saved windows, in this process; perplexity of the result."""
     import torch
 
@@ -240,24 +310,33 @@ def run_ours(work: Path, setting: str, method: str, options: dict) -> dict:
                       device, _calib_ids=calib)
         PASSES[type(cfg)](ctx, cfg)
     seconds = time.perf_counter() - start
-    return {"perplexity": perplexity(loaded.model.to(device), windows), "seconds": seconds,
-            "passes": [cfg.model_dump(exclude_unset=True) for cfg in passes]}
+    result = {"perplexity": perplexity(loaded.model.to(device), windows), "seconds": seconds,
+              "passes": [cfg.model_dump(exclude_unset=True) for cfg in passes]}
+    if save:
+        result["saved_perplexity"] = save_plain(work, our_plain_state(loaded.model),
+                                                model_dir(work, "ours", setting, method))
+    return result
 
 
 def cached(path: Path, fresh: bool, compute) -> dict:
+    """The row of `path`, measured when absent or `fresh`; a row measured again keeps the
+    earlier perplexity and date as "previous" (the methods are deterministic: they must agree)."""
     if path.exists() and not fresh:
         return json.loads(path.read_text())
     result = compute()
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if path.exists():
+        old = json.loads(path.read_text())
+        result["previous"] = {k: old[k] for k in ("perplexity", "date") if k in old}
     path.write_text(json.dumps(result))
     return result
 
 
-def llmc_subprocess(work: Path, setting: str, method: str) -> dict:
+def llmc_subprocess(work: Path, setting: str, method: str, save: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # none of our packages
     run = subprocess.run([LLMC_PYTHON, __file__, "--work", str(work), "--llmc",
-                          f"{setting}:{method}"], capture_output=True, text=True, env=env,
-                         check=False)
+                          f"{setting}:{method}"] + (["--save-models"] if save else []),
+                         capture_output=True, text=True, env=env, check=False)
     if run.returncode:
         (work / f"llmc-{setting}-{method}.log").write_text(run.stdout + run.stderr)
         raise RuntimeError(f"llm-compressor {setting} {method} failed: "
@@ -287,6 +366,80 @@ def peer_problems(setting: str, row: dict) -> list[str]:
     return problems
 
 
+# ---------------------------------------------------------------------------------------------
+# lm-eval on the saved checkpoints (this venv, one harness for both sides)
+
+TASKS = ("stdlib_docs", "stdlib_lastword")
+# the metric of each task in the table (lm-eval's names) and whether higher is better
+TASK_METRICS = {"stdlib_docs": ("word_perplexity", False), "stdlib_lastword": ("acc", True)}
+
+
+def run_lm_eval(path: Path, limit: int | None) -> dict:
+    """The local tasks on the plain checkpoint at `path`, through compress.evaluation's lm-eval
+    call (lm-eval's HFLM, max length 2048). Batch 1: lm-eval batches the rolling windows of
+    stdlib_docs in document order, padded to the longest of each batch, and at batch 8 that
+    padding made one model's run take several times longer on the CPU."""
+    import lm_eval
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.evaluation.lm_eval_adapter import run_tasks
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    start = time.perf_counter()
+    scores = run_tasks(model, AutoTokenizer.from_pretrained(path), list(TASKS), limit=limit,
+                       batch_size=1)
+    return {"tasks": scores, "limit": limit, "lm_eval": lm_eval.__version__,
+            "seconds": time.perf_counter() - start}
+
+
+def lm_eval_row(work: Path, side: str, setting: str, method: str, limit: int | None,
+                fresh: bool) -> dict | None:
+    """Cached lm-eval scores of one saved model (None when it was not saved)."""
+    path = work / "hf" if side == "float" else model_dir(work, side, setting, method)
+    if not (path / "config.json").exists():
+        return None
+    name = "float" if side == "float" else f"{side}-{setting}-{method}"
+    suffix = "" if limit is None else f"-limit{limit}"
+    return cached(work / f"lmeval-{name}{suffix}.json", fresh,
+                  lambda: run_lm_eval(path, limit))
+
+
+def lm_eval_problems(rows: list[dict]) -> list[str]:
+    """A saved checkpoint that does not reproduce its row's perplexity is not the model that
+    row measured: its lm-eval scores cannot stand beside it."""
+    return [f"{r['setting']} {r['method']} {side}: saved checkpoint perplexity "
+            f"{r[side]['saved_perplexity']:.6f} != row {r[side]['perplexity']:.6f}"
+            for r in rows for side in ("llmc", "ours") if "saved_perplexity" in r[side]
+            and abs(r[side]["saved_perplexity"] - r[side]["perplexity"])
+            > 1e-4 * r[side]["perplexity"]]
+
+
+def lm_eval_table(floats: dict, rows: list[dict], gate: float) -> list[str]:
+    """Markdown lines: per row with both sides' scores, each task's metric for float,
+    llm-compressor and ours, (ours - float) / (llmc - float), and compress's recovery
+    (compressed / float, inverted for perplexities) of each side against the gate."""
+    lines = [("| setting | method | task | metric | float | llm-compressor | ours | "
+              "(ours - float) / (llmc - float) | recovery llmc | recovery ours | "
+              f"gate {gate} |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not (r.get("lm_llmc") and r.get("lm_ours")):
+            continue
+        for task, (metric, higher) in TASK_METRICS.items():
+            f = floats["tasks"][task][metric]
+            a, b = r["lm_llmc"]["tasks"][task][metric], r["lm_ours"]["tasks"][task][metric]
+            rec = [(x / f) if higher else (f / x) for x in (a, b)]
+            ratio = f"{(b - f) / (a - f):.2f}" if a != f else "-"
+            verdict = "/".join("pass" if x >= gate else "FAIL" for x in rec)
+            lines.append(f"| {r['setting']} | {r['method']} | {task} | {metric} | {f:.4f} | "
+                         f"{a:.4f} | {b:.4f} | {ratio} | {rec[0]:.3f} | {rec[1]:.3f} | "
+                         f"{verdict} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -306,11 +459,22 @@ def main() -> None:
     parser.add_argument("--only-peer", action="store_true",
                         help="measure (and cache) llm-compressor's rows only, e.g. beside a "
                              "run of --only-ours: on 2 cores, one thread each side")
+    parser.add_argument("--save-models", nargs="*", metavar="METHOD", default=None,
+                        help="save the quantized models of these methods (none named: every "
+                             "method) as plain float HF checkpoints under WORK/models; a cached "
+                             "row without its model is measured again")
+    parser.add_argument("--lm-eval", action="store_true",
+                        help="run the local lm-eval tasks on the float model and every saved "
+                             "model; print their table")
+    parser.add_argument("--lm-eval-limit", type=int, default=None,
+                        help="documents per task (default: the full sets)")
+    parser.add_argument("--min-recovery", type=float, default=0.9,
+                        help="compress's recovery gate shown in the lm-eval table")
     parser.add_argument("--llmc", help=argparse.SUPPRESS)      # internal: one llm-compressor run
     args = parser.parse_args()
     if args.llmc:
         setting, method = args.llmc.split(":")
-        print(json.dumps(run_llmc(args.work, setting, method)))
+        print(json.dumps(run_llmc(args.work, setting, method, args.save_models is not None)))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     if not (args.work / "calib.pt").exists() or args.fresh:
@@ -318,24 +482,34 @@ def main() -> None:
     options = json.loads(args.ours)
     w = args.work
 
-    def ours(s: str, m: str) -> dict:
-        return cached(ours_file(w, s, m, args.tag), args.fresh,
-                      lambda: run_ours(w, s, m, options))
+    def save(m: str) -> bool:
+        return args.save_models is not None and (not args.save_models or m in args.save_models)
 
-    if args.only_peer:
-        print("float", cached(w / "llmc-float.json", args.fresh,
-                              lambda: llmc_subprocess(w, "nvfp4", "float")), flush=True)
+    def again(side: str, s: str, m: str) -> bool:
+        """Measure a cached row again when its model is asked for and was not saved."""
+        return args.fresh or (save(m) and not (model_dir(w, side, s, m) / "config.json").exists())
+
+    def ours(s: str, m: str) -> dict:
+        return cached(ours_file(w, s, m, args.tag), again("ours", s, m),
+                      lambda: run_ours(w, s, m, options, save(m)))
+
+    def theirs(s: str, m: str) -> dict:
+        return cached(w / f"llmc-{s}-{m}.json", again("llmc", s, m),
+                      lambda: llmc_subprocess(w, s, m, save(m)))
+
+    def scores(side: str, s: str = "", m: str = "") -> dict | None:
+        if not args.lm_eval:
+            return None
+        return lm_eval_row(w, side, s, m, args.lm_eval_limit, args.fresh)
+
+    if args.only_peer or args.only_ours:
+        side, measure = ("llmc", theirs) if args.only_peer else ("ours", ours)
+        print("float", cached(w / f"{side}-float.json", args.fresh, lambda: (
+            llmc_subprocess(w, "nvfp4", "float") if args.only_peer
+            else run_ours(w, "nvfp4", "float", {}))), scores("float"), flush=True)
         for s in args.settings:
             for m in methods_of(s, args.awq):
-                print(s, m, cached(w / f"llmc-{s}-{m}.json", args.fresh,
-                                   lambda: llmc_subprocess(w, s, m)), flush=True)
-        return
-    if args.only_ours:
-        print("float", cached(w / "ours-float.json", args.fresh,
-                              lambda: run_ours(w, "nvfp4", "float", {})), flush=True)
-        for s in args.settings:
-            for m in methods_of(s, args.awq):
-                print(s, m, ours(s, m), flush=True)
+                print(s, m, measure(s, m), scores(side, s, m), flush=True)
         return
     floats = {"compress": cached(w / "ours-float.json", args.fresh,
                                  lambda: run_ours(w, "nvfp4", "float", {})),
@@ -350,15 +524,16 @@ def main() -> None:
         peer = {}
         try:
             for m in methods_of(s, args.awq):
-                peer[m] = cached(w / f"llmc-{s}-{m}.json", args.fresh,
-                                 lambda: llmc_subprocess(w, s, m))
+                peer[m] = theirs(s, m)
         except RuntimeError as exc:      # no row for this setting; the others still count
             print(f"{s}: {exc}", flush=True)
             continue
         problems += peer_problems(s, peer)
-        for m, theirs in peer.items():
-            rows.append({"setting": s, "method": m, "llmc": theirs, "ours": ours(s, m)})
+        for m, row in peer.items():
+            rows.append({"setting": s, "method": m, "llmc": row, "ours": ours(s, m),
+                         "lm_llmc": scores("llmc", s, m), "lm_ours": scores("ours", s, m)})
             print(json.dumps(rows[-1]), flush=True)
+    problems += lm_eval_problems(rows)
     if problems:
         print("\nREFUSING to print a comparison: the peer run failed its sanity checks:")
         for p in problems:
@@ -370,10 +545,16 @@ def main() -> None:
     print("| setting | method | llm-compressor | ours | loss ours / loss llmc | s llmc | s ours |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        theirs, ours_ppl = r["llmc"]["perplexity"], r["ours"]["perplexity"]
-        print(f"| {r['setting']} | {r['method']} | {theirs:.3f} | {ours_ppl:.3f} | "
-              f"{(ours_ppl - f) / (theirs - f):.2f} | {r['llmc']['seconds']:.0f} | "
+        peer_ppl, ours_ppl = r["llmc"]["perplexity"], r["ours"]["perplexity"]
+        print(f"| {r['setting']} | {r['method']} | {peer_ppl:.3f} | {ours_ppl:.3f} | "
+              f"{(ours_ppl - f) / (peer_ppl - f):.2f} | {r['llmc']['seconds']:.0f} | "
               f"{r['ours']['seconds']:.0f} |")
+    float_scores = scores("float")
+    if float_scores:
+        limit = args.lm_eval_limit or "all"
+        print(f"\nlm-eval {float_scores['lm_eval']} (local tasks, {limit} documents per task, "
+              "one harness: plain float checkpoints of both sides, this venv)")
+        print("\n".join(lm_eval_table(float_scores, rows, args.min_recovery)))
 
 
 if __name__ == "__main__":

@@ -48,3 +48,20 @@ def test_local_lm_eval_tasks_come_from_evaluation_text_only():
     texts = [next(v for v in d.values() if isinstance(v, str) and len(v) > 80) for d in docs]
     assert texts
     assert not [t for t in texts if t in calibration]
+
+
+def test_last_word_task_comes_from_evaluation_text_only():
+    """stdlib_lastword (the LAMBADA-style task the peer comparison reports accuracy on): every
+    item names an evaluation module, and neither its context nor its context + target word is
+    calibration text, so a calibrated method was never fitted on the paragraph it completes."""
+    sets = yaml.safe_load(STDLIB_SETS.read_text())
+    calibration = "\n\n".join(stdlib_texts("calibration"))
+    from compress.evaluation.local_tasks import read_jsonl
+
+    items = read_jsonl("stdlib_lastword.jsonl")
+    assert len(items) > 100
+    assert {item["module"] for item in items} <= set(sets["evaluation"])
+    assert not [i for i in items if i["context"] in calibration
+                or f"{i['context']} {i['target']}" in calibration]
+    docs = read_jsonl("stdlib_docs.jsonl")
+    assert {doc["module"] for doc in docs} <= set(sets["evaluation"])

@@ -61,3 +61,45 @@ def test_every_setting_has_methods_and_a_reference():
     for setting in peer.SETTINGS:
         methods = peer.methods_of(setting, awq=True)
         assert len(methods) >= 2, setting      # a reference and at least one method to check
+
+
+def test_our_plain_state_holds_the_weights_we_compute_with():
+    """The plain checkpoint lm-eval reads must be our model's arithmetic: a QuantizedLinear
+    becomes its dequantized weight (and bias), other parameters stay as they are."""
+    from compress.formats import WeightFormat, codec
+    from compress.runtime.modules import QuantizedLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8), nn.LayerNorm(8))
+    fmt = WeightFormat(type="int", bits=4, group_size=32, symmetric=True)
+    q = codec(fmt).quantize(model[0].weight.detach(), fmt)
+    model[0] = QuantizedLinear.from_quantized(q, model[0].bias, scale_dtype=torch.float32)
+    state = peer.our_plain_state(model)
+    assert set(state) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    assert torch.equal(state["0.weight"], q.dequantize().float())
+    x = torch.randn(3, 64)
+    plain = nn.Sequential(nn.Linear(64, 8), nn.LayerNorm(8))
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(x), model(x))
+
+
+def test_lm_eval_table_ratio_recovery_and_refusal():
+    floats = {"tasks": {"stdlib_docs": {"word_perplexity": 10.0},
+                        "stdlib_lastword": {"acc": 0.5}}}
+    row = {"setting": "nvfp4", "method": "gptq",
+           "llmc": {"perplexity": 20.0, "saved_perplexity": 20.0},
+           "ours": {"perplexity": 18.0, "saved_perplexity": 18.0},
+           "lm_llmc": {"tasks": {"stdlib_docs": {"word_perplexity": 14.0},
+                                 "stdlib_lastword": {"acc": 0.40}}},
+           "lm_ours": {"tasks": {"stdlib_docs": {"word_perplexity": 12.0},
+                                 "stdlib_lastword": {"acc": 0.45}}}}
+    header, _, docs, last = peer.lm_eval_table(floats, [row], gate=0.9)
+    assert "gate 0.9" in header
+    # loss ratio (12 - 10) / (14 - 10); recovery 10/14 and 10/12, both under the gate
+    assert "| 0.50 | 0.714 | 0.833 | FAIL/FAIL |" in docs
+    # accuracy: (0.45 - 0.5) / (0.40 - 0.5); recovery 0.8 and 0.9 (ours at the gate passes)
+    assert "| 0.50 | 0.800 | 0.900 | FAIL/pass |" in last
+    assert peer.lm_eval_problems([row]) == []
+    row["ours"]["saved_perplexity"] = 18.1      # the saved checkpoint is not the measured model
+    assert peer.lm_eval_problems([row]) == [
+        "nvfp4 gptq ours: saved checkpoint perplexity 18.100000 != row 18.000000"]
