@@ -11,7 +11,7 @@ OUT=${OUT:?set OUT to a directory}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python}
-BUDGET=${BUDGET:-150}
+BUDGET=${BUDGET:-150}      # autotune seconds; BENCH_S: bench_kernels time limit (300)
 DRY=0
 for a in "$@"; do case $a in --dry-run) DRY=1;; esac; done
 T0=$(date +%s)
@@ -41,7 +41,7 @@ if [ $DRY = 1 ]; then
   $PY kernels/bench_kernels.py --dry-run --variants "$VARIANTS" \
       --log "$OUT/bench_kernels.jsonl" >"$OUT/bench_kernels.txt" 2>&1
 else
-  timeout 300 $PY kernels/bench_kernels.py --ms 16,32,64,128,256 --reps 20 \
+  timeout ${BENCH_S:-300} $PY kernels/bench_kernels.py --ms 16,32,64,128,256 --reps 20 \
       --variants "$VARIANTS" --log "$OUT/bench_kernels.jsonl" >"$OUT/bench_kernels.txt" 2>&1
 fi
 stamp "bench_kernels rc=$?"
