@@ -66,7 +66,7 @@ CONFIGS: dict[str, Config] = {
 
 
 # The decode kernel serves M up to this many rows (beyond, the tc kernel, then dequant).
-DECODE_MAX_M = 16
+DECODE_MAX_M = 1   # H200: the tc kernel wins from M=2 (kernels/BENCHMARKS.md, 2026-12-03)
 # configs per bucket: M=1, 2..16, 17..64, 65..128, 129..256 (and beyond: the last bucket)
 M_BUCKETS = (1, 16, 64, 128, 256)
 TABLES = ("decode", "tc")      # the config tables: one per kernel with tuned configs
