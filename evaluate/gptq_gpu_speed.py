@@ -232,6 +232,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=400,
                         help="seconds for everything; later stages are skipped when short")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--only-big", action="store_true",
+                        help="only ours on --layers layers (no small run, peer or other methods)")
     args = parser.parse_args()
     if args.job:
         spec = json.loads(args.job)
@@ -252,11 +254,20 @@ def main() -> None:
         (args.out / "results.json").write_text(json.dumps(
             [{"run": n, "layers": k, **r} for n, k, r in rows], indent=1))
 
+    common = {"out": str(args.out), "work": str(args.work), "device": args.device,
+              "calibration": calib}
+    if args.only_big:
+        t = time.perf_counter()
+        big = build_model(args.work / f"llama-{args.layers}l", args, args.layers)
+        print(f"built {big} in {time.perf_counter() - t:.1f} s", flush=True)
+        record("ours gptq", args.layers, run_child(
+            {**common, "name": f"ours-gptq-{args.layers}l", "kind": "gptq", "model": str(big)},
+            args.out, left()))
+        print_table(rows, args)
+        return
     t = time.perf_counter()
     small = build_model(args.work / f"llama-{args.peer_layers}l", args, args.peer_layers)
     print(f"built {small} in {time.perf_counter() - t:.1f} s", flush=True)
-    common = {"out": str(args.out), "work": str(args.work), "device": args.device,
-              "calibration": calib}
     record("ours gptq", args.peer_layers, run_child(
         {**common, "name": f"ours-gptq-{args.peer_layers}l", "kind": "gptq",
          "model": str(small)}, args.out, left()))
