@@ -86,6 +86,13 @@ class LayerStore:
 
         tensors = cast_for_save({prefix + k: v.detach().to("cpu").contiguous()
                                  for k, v in layer.state_dict().items()}, self.final_dtype)
+        # Modules may share one tensor (NVFP4's global scale of fused q/k/v): each keeps its own
+        # copy in the file, as compressed-tensors expects, and safetensors refuses shared memory.
+        seen: set[int] = set()
+        for name, tensor in tensors.items():
+            if tensor.numel() and tensor.data_ptr() in seen:
+                tensors[name] = tensor.clone()
+            seen.add(tensors[name].data_ptr())
         target = self.file(index)
         tmp = target.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})

@@ -64,15 +64,17 @@ def build(config_kwargs: dict, layers: int | None, device) -> nn.Module:
 def random_fp4(linear: nn.Linear, fmt: WeightFormat) -> dict[str, torch.Tensor]:
     """FP4 tensors in the stored layout with random codes and scales (speed only)."""
     n, k = linear.weight.shape
-    dev = linear.weight.device
-    t = {"weight_packed": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev),
+    # drawn on the CPU: after a CUDA graph was captured in this process (bench_moe), the CUDA
+    # generator refuses to advance outside a capture
+    gen = torch.Generator().manual_seed(n * 7919 + k)
+    t = {"weight_packed": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen),
          "weight_shape": torch.tensor([n, k])}
     if fmt.type == "nvfp4":
-        t["weight_scale"] = (torch.rand(n, k // 16, device=dev) * 100 + 1).to(torch.float8_e4m3fn)
-        t["weight_global_scale"] = torch.tensor([448.0 * 6.0 / 0.05], device=dev)
+        t["weight_scale"] = (torch.rand(n, k // 16, generator=gen) * 100 + 1).to(torch.float8_e4m3fn)
+        t["weight_global_scale"] = torch.tensor([448.0 * 6.0 / 0.05])
     else:
-        t["weight_scale"] = torch.randint(110, 122, (n, k // 32), dtype=torch.uint8, device=dev)
-    return t
+        t["weight_scale"] = torch.randint(110, 122, (n, k // 32), dtype=torch.uint8, generator=gen)
+    return {name: v.to(linear.weight.device) for name, v in t.items()}
 
 
 def compress_linears(model: nn.Module, fmt: WeightFormat,

@@ -87,12 +87,19 @@ def test_calibrator_replays_each_layer_with_its_own_arguments(tokenizer):
     ids = calibration_windows(tokenizer, CalibrationConfig(**CALIBRATION))
     with torch.no_grad():
         hidden = model(ids, output_hidden_states=True).hidden_states
-    steps = list(Calibrator(model, arch_for(model.config), ids, batch_size=4))
-    for step in steps:
+    seen, wrong = [], None
+    # checked while each step is current: moving on replaces its inputs by its outputs
+    for step in Calibrator(model, arch_for(model.config), ids, batch_size=4):
         torch.testing.assert_close(torch.cat(step.inputs), hidden[step.index])
-    # layer 1 replayed with layer 0's arguments (sliding-window mask) would compute otherwise
-    steps[1].kwargs = steps[0].kwargs
-    wrong = torch.cat(steps[1].run(keep_outputs=True))
+        seen.append(step.index)
+        if step.index == 0:
+            first_kwargs = step.kwargs
+        if step.index == 1:
+            # layer 1 replayed with layer 0's arguments (sliding-window mask) computes otherwise
+            own, step.kwargs = step.kwargs, first_kwargs
+            wrong = torch.cat(step.run(keep_outputs=True))
+            step.kwargs = own
+    assert seen == list(range(len(hidden) - 1))
     assert not torch.allclose(wrong, hidden[2], atol=1e-3)
 
 

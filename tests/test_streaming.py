@@ -222,3 +222,26 @@ def test_the_last_pass_rounds_a_layer_to_what_it_saves(tmp_path):
     store.save(0, layer)
     store.load(0, layer)
     assert all(torch.equal(layer.state_dict()[k], v) for k, v in held.items())
+
+
+def test_a_layer_whose_modules_share_a_tensor_is_saved(tmp_path):
+    """NVFP4 GPTQ gives fused q/k/v one global-scale tensor; saved in the compute dtype (float32
+    storage of a float32 run, no cast that would copy it), safetensors refused the shared
+    memory (found on the H200 suite, nvfp4-gptq with --save-dtype float32)."""
+    from support import tiny_llama
+
+    from compress.offload import LayerStore
+
+    layer = tiny_llama().model.layers[0]
+    shared = torch.tensor([448.0 * 6.0])
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(layer.self_attn, name).register_buffer("weight_global_scale", shared)
+    store = LayerStore("model.layers", tmp_path, None, torch.float32)
+    store.final_dtype = torch.float32
+    held = {k: v.clone() for k, v in layer.state_dict().items()}
+    store.save(0, layer)
+    store.load(0, layer)
+    state = layer.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in held.items())
+    scales = [state[f"self_attn.{n}.weight_global_scale"] for n in ("q_proj", "k_proj", "v_proj")]
+    assert all(torch.equal(s, shared) for s in scales)

@@ -147,10 +147,13 @@ def state_tensors(model: nn.Module, skip_prefix: str | None = None) -> dict[str,
     for name, tensor in model.state_dict(keep_vars=True).items():
         if skip_prefix and name.startswith(skip_prefix):
             continue
-        if tensor.data_ptr() in seen and tensor.numel() > 0:
+        shared = tensor.data_ptr() in seen and tensor.numel() > 0
+        if shared and isinstance(tensor, nn.Parameter):
             continue  # a tied weight (lm_head sharing the embedding)
         seen.add(tensor.data_ptr())
-        tensors[name] = tensor.detach().contiguous()
+        # a buffer several modules share (NVFP4's global scale of fused q/k/v): each module
+        # keeps its own copy, as compressed-tensors expects; safetensors refuses shared memory
+        tensors[name] = tensor.detach().clone() if shared else tensor.detach().contiguous()
     return tensors
 
 

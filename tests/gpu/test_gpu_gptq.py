@@ -50,4 +50,6 @@ def test_gram_of_16_bit_inputs_is_the_float32_gram(dtype):
     g = gram_update(g, x, torch.float32)
     assert g.dtype == torch.float32
     rel = ((g.double() - 2 * ref).abs().max() / ref.abs().max()).item()
-    assert rel < 1e-5, rel
+    # H200, 2026-12-03: 2.3e-5 (bfloat16), 4.3e-5 (float16): cuBLAS sums 4096 products per
+    # entry in its own order and blocking. Rounding the Gram to 16 bits would give ~4e-3.
+    assert rel < 1e-4, rel

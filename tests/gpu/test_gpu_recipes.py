@@ -15,16 +15,25 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 # How close the GPU-made artifact is to the CPU-made one. The calibration forward and the
 # Hessians differ by float32 summation order, so a weight that lies on a rounding tie may take
-# the neighbouring code, and GPTQ/SparseGPT carry that change to later columns.
-#   words: share of equal integer words (a packed int32 holds 8 INT4 codes: one differing code
-#          changes the word) over every integer tensor;
-#   rel:   ||a - b|| / ||b|| of every float tensor (scales, unquantized weights, norms);
-#   logits: ||a - b|| / ||b|| of the logits of the two artifacts, both run on the CPU.
+# the neighbouring code. Round-to-nearest stops there; GPTQ/SparseGPT carry each changed code
+# into every later column's update, so the two artifacts are different (equally good) solutions:
+# on the H200 (2026-12-03) 62-79% of their packed words were equal and scales differed by up to
+# 7%. Those are checked by quality instead: the GPU-made artifact's logits are no further from
+# the float model's than the CPU-made one's (+15%). A layout or formula error still fails
+# the coarse checks (random words agree ~0%, a wrong scale is off by ~100%).
+#   words:   share of equal integer words (a packed int32 holds 8 INT4 codes: one differing code
+#            changes the word) over every integer tensor;
+#   rel:     ||a - b|| / ||b|| of every float tensor (scales, unquantized weights, norms);
+#   logits:  ||a - b|| / ||b|| of the logits of the two artifacts, both run on the CPU (None:
+#            checked by quality, `quality`: GPU-made error <= quality x CPU-made error).
 EXACT = {"words": 1.0, "rel": 1e-5, "logits": 1e-5}        # structural passes, float32 only
 RTN = {"words": 0.995, "rel": 1e-3, "logits": 1e-3}        # round-to-nearest: ties only
-CALIBRATED = {"words": 0.90, "rel": 0.02, "logits": 0.03}   # GPTQ/AWQ/SparseGPT/Wanda/heads
+CALIBRATED = {"words": 0.5, "rel": 0.15, "logits": None, "quality": 1.15}   # GPTQ, SparseGPT
+# Wanda and head pruning choose from calibration statistics without error feedback: ties only
+TIES = {"words": 0.90, "rel": 0.02, "logits": 0.03}
 TOLERANCE = {"rmsnorm": EXACT, "precompute": EXACT, "int4-rtn": RTN, "nvfp4-rtn": RTN,
-             "mxfp4-rtn": RTN, "sparse24-magnitude": RTN, "fold-norms-int4": RTN}
+             "mxfp4-rtn": RTN, "sparse24-magnitude": RTN, "fold-norms-int4": RTN,
+             "sparse24-wanda": TIES, "prune-heads-kv": TIES, "prune-heads-uniform": TIES}
 
 
 def cli(*args: str) -> None:
@@ -95,16 +104,30 @@ def test_recipe_on_cuda_matches_cpu(recipe, tiny_dir, tmp_path, ids):
     for key in cpu:
         a, b = gpu[key], cpu[key]
         assert a.shape == b.shape and a.dtype == b.dtype, key
-        if a.dtype.is_floating_point:
-            assert rel(a.float(), b.float()) <= tol["rel"], (key, rel(a.float(), b.float()))
-        else:
+        if not a.dtype.is_floating_point:
             equal_words += int((a == b).sum())
             total_words += a.numel()
-    if total_words:
-        assert equal_words / total_words >= tol["words"], equal_words / total_words
+    words = equal_words / total_words if total_words else 1.0
+    worst = max((rel(gpu[k].float(), cpu[k].float()) for k in cpu
+                 if cpu[k].dtype.is_floating_point), default=0.0)
     on_cpu = logits(made["cpu"], "cpu", ids)
     gpu_made_on_cpu = logits(made["cuda"], "cpu", ids)
-    assert rel(gpu_made_on_cpu, on_cpu) <= tol["logits"]
+    close = rel(gpu_made_on_cpu, on_cpu)
+    print(f"\nCLOSENESS {recipe.stem}: equal words {words:.4f}, worst float tensor {worst:.2e}, "
+          f"logits {close:.2e}", end="")
+    assert words >= tol["words"], words
+    assert worst <= tol["rel"], worst
+    if tol["logits"] is not None:
+        assert close <= tol["logits"], close
+    else:   # two solutions of the same problem: the GPU's is as good as the CPU's
+        from transformers import AutoModelForCausalLM
+
+        source = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+        with torch.no_grad():
+            exact = source(ids).logits.float()
+        error_cpu, error_gpu = rel(on_cpu, exact), rel(gpu_made_on_cpu, exact)
+        print(f", error vs float: CPU-made {error_cpu:.4f}, GPU-made {error_gpu:.4f}", end="")
+        assert error_gpu <= tol["quality"] * error_cpu, (error_gpu, error_cpu)
     # the GPU-made artifact on the GPU (Triton kernels) against itself on the CPU (references)
     assert rel(logits(made["cuda"], "cuda", ids), gpu_made_on_cpu) <= 1e-3
 
