@@ -94,9 +94,9 @@ def test_reference_equals_intq_codec(rng):
 def test_path_choice_by_m():
     assert [C.choose_path(m) for m in (1, 2, 16, 17, 256, C.DEQUANT_MIN_M)] == \
         ["gemv", "splitk", "splitk", "tile", "tile", "dequant"]
-    ms = (1, 16, C.DECODE_MAX_M, C.DECODE_MAX_M + 1, 256, C.DEQUANT_MIN_M - 1, C.DEQUANT_MIN_M)
+    ms = (1, C.DECODE_MAX_M, C.DECODE_MAX_M + 1, 16, 256, C.DEQUANT_MIN_M - 1, C.DEQUANT_MIN_M)
     assert [C.choose_path(m, decode=True) for m in ms] == \
-        ["decode", "decode", "decode", "tc", "tc", "tc", "dequant"]
+        ["decode", "decode", "tc", "tc", "tc", "tc", "dequant"]
     assert [C.m_bucket(m) for m in (1, 2, 16, 17, 64, 65, 128, 129, 256, 511)] == \
         ["m1", "m16", "m16", "m64", "m64", "m128", "m128", "m256", "m256", "m256"]
 
@@ -198,7 +198,8 @@ def test_a_config_table_moves_the_path_limits(tmp_path, monkeypatch):
     other = tmp_path / "u.json"
     other.write_text(json.dumps({"decode": {}, "paths": {"dequant_min_m": 17}}))
     monkeypatch.setenv(C.CONFIG_ENV, str(other))
-    assert C.choose_path(16, True, cpu) == "decode" and C.choose_path(17, True, cpu) == "dequant"
+    assert C.choose_path(C.DECODE_MAX_M, True, cpu) == "decode"     # the built-in decode limit
+    assert C.choose_path(16, True, cpu) == "tc" and C.choose_path(17, True, cpu) == "dequant"
     assert C.choose_path(17, False, cpu) == "dequant"   # 2:4 follows dequant_min_m by default
 
 
