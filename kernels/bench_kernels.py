@@ -106,7 +106,8 @@ def roofline_markdown(ms=MS) -> str:
 # Weights in every format (random codes: speed does not depend on values)
 
 def make_variants(n: int, k: int, device) -> dict:
-    """variant -> (fn(x) -> y, ref(x) -> y or None); "<variant>@tc" forces the tc kernel."""
+    """variant -> (fn(x) -> y, ref(x) -> y or None); "<variant>@tc" forces the tc kernel,
+    "<variant>@dequant" decode-then-cuBLAS."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -154,11 +155,12 @@ def make_variants(n: int, k: int, device) -> dict:
         "2:4-int4-g128": (lambda x: sparse24_matmul(x, "int", sparse4, shape),
                           lambda x: sparse24_matmul_ref(x, "int", sparse4, shape)),
     }
-    # the same weights forced onto the tc kernel at every M (where the table routes M to
-    # decode or dequant, this compares the paths; the default config of the M bucket)
+    # the same weights forced onto one path at every M ("@tc": the tc kernel, "@dequant":
+    # decode once + cuBLAS), to compare the paths where the table routes M elsewhere
     for name, fn_ref in list(v.items()):
         if name.startswith(("int", "nvfp4", "mxfp4")):
-            v[name + "@tc"] = (functools.partial(_forced, fn_ref[0], "tc"), fn_ref[1])
+            for path in ("tc", "dequant"):
+                v[f"{name}@{path}"] = (functools.partial(_forced, fn_ref[0], path), fn_ref[1])
     if device.type == "cuda":
         tiny = tinygemm_int4(codes, scale)
         if tiny is not None:
