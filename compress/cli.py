@@ -352,6 +352,22 @@ def bench(artifact: str = typer.Argument(..., help="artifact directory or any mo
         console.print(f"wrote {output}")
 
 
+def _is_click(exc: Exception, name: str) -> bool:
+    """exc is click's exception class `name`: from click itself, or from the copy of click
+    that typer >= 0.20 vendors (typer._click), whose classes are not click's."""
+    modules = ["click.exceptions", "typer._click.exceptions"]
+    import importlib
+
+    for module in modules:
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(exc, cls):
+            return True
+    return False
+
+
 def main() -> None:
     set_offline_unless_asked()
     try:
@@ -369,12 +385,10 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if _is_click(exc, "ClickException"):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if _is_click(exc, "Abort"):
             sys.exit(130)
         if os.environ.get("COMPRESS_DEBUG") == "1":
             raise

@@ -201,3 +201,17 @@ def test_pattern_splitting_a_fused_group_is_refused(tmp_path, capsys):
     line = error_line(err)
     assert code == 2 and "q_proj" in line and "fused" in line and "together" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("apply", str(RECIPE), "-o", "out"), "Missing argument 'model'"),
+    (("apply", str(RECIPE), "smollm2-135m", "-o", "out", "--bogus"), "No such option: --bogus"),
+])
+def test_command_line_mistakes_exit_2_with_clicks_message(tmp_path, capsys, monkeypatch,
+                                                          args, message):
+    """typer (>= 0.20 vendors its own click) raises its own copy of click's usage errors:
+    they are usage errors all the same (exit 2, click's message), not "a bug in compress"."""
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and message in err and "bug in compress" not in err
+    assert not (tmp_path / "out").exists()
