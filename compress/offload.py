@@ -51,6 +51,7 @@ class LayerStore:
         # Set for the recipe's last pass only: its layer files become the artifact's shards, so
         # they are written in the saved dtype; earlier passes' files keep full precision.
         self.final_dtype: torch.dtype | None = None
+        self.final = False    # the recipe's last pass is writing (its files are the artifact's)
 
     def file(self, index: int) -> Path:
         return self.work_dir / f"layer-{index:05d}.safetensors"

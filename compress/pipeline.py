@@ -83,7 +83,12 @@ def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: 
                            next(ctx.model.parameters()).dtype, writes=run.writes)
     ctx.run = run
     if run.resumed:
-        # Rebuild the module structure the written layers were saved with.
+        # Rebuild the module structure the written layers were saved with: 2:4 storage modules
+        # (converted as the last pass wrote their layer), then the quantized ones.
+        if run.structure.get("sparse24"):
+            from compress.runtime.sparse24 import load_sparse24
+
+            load_sparse24(ctx.model, run.structure["sparse24"])
         swap_quantized(ctx.model, run.modules)
         structure(ctx.model).update(run.structure)
         ctx.store.load_rest(ctx.model)
@@ -218,7 +223,8 @@ def run_passes(ctx: Context, recipe: Recipe) -> list[dict[str, Any]]:
             continue  # finished before an interruption; its layers are on disk
         ctx.pass_index = index
         if ctx.store is not None:  # the last pass writes the artifact's shards
-            ctx.store.final_dtype = ctx.save_dtype if index == len(recipe.passes) - 1 else None
+            ctx.store.final = index == len(recipe.passes) - 1
+            ctx.store.final_dtype = ctx.save_dtype if ctx.store.final else None
         probe = ctx.calibration_ids()[:2, :128] if cfg.exact else None
         before = logits_probe(ctx.model, probe) if cfg.exact else None
         resumed_at = ctx.first_layer()

@@ -245,3 +245,65 @@ def test_a_layer_whose_modules_share_a_tensor_is_saved(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in held.items())
     scales = [state[f"self_attn.{n}.weight_global_scale"] for n in ("q_proj", "k_proj", "v_proj")]
     assert all(torch.equal(s, shared) for s in scales)
+
+
+# SparseGPT 2:4 on three layers (SparseGPT's column loop is slow on 2 cores), then INT4 RTN on
+# every layer: the last pass writes layers 0-2 in 2:4 + INT4 storage and the rest as INT4.
+SPARSE_RECIPE = r"""calibration: {source: stdlib, samples: 4, seq_len: 64, seed: 0}
+passes:
+  - pass: sparsify
+    method: sparsegpt
+    pattern: "2:4"
+    targets: ['re:model\.layers\.[0-2]\..*']
+  - pass: quantize
+    format: int4
+    group_size: 64
+"""
+
+
+@pytest.fixture(scope="module")
+def sparse_streamed(hf_dir, tmp_path_factory) -> tuple[Path, Path]:
+    recipe = tmp_path_factory.mktemp("sparse") / "sparse-int4.yaml"
+    recipe.write_text(SPARSE_RECIPE)
+    out = recipe.parent / "streamed"
+    done = compress_cli("apply", str(recipe), str(hf_dir), "-o", str(out),
+                        "--save-dtype", "float32")
+    assert done.returncode == 0, done.stderr
+    return recipe, out
+
+
+def test_sparsify_streams_and_equals_the_in_memory_run(sparse_streamed, smollm2_copy,
+                                                       tmp_path):
+    """SparseGPT 2:4 then INT4 from an HF directory streams layer by layer (each layer is
+    converted to 2:4 storage as the last pass writes it) and writes the tensors that the same
+    recipe writes for the model held in memory."""
+    import compress
+
+    recipe, streamed = sparse_streamed
+    assert json.loads((streamed / "report.json").read_text())["streamed"] is True
+    held = tmp_path / "held"
+    report = compress.apply(smollm2_copy.model, recipe, held, tokenizer=smollm2_copy.tokenizer,
+                            save_dtype="float32")
+    assert report["streamed"] is False
+    a, b = tensors(streamed), tensors(held)
+    assert sorted({k.split(".")[2] for k in a if k.endswith("weight_meta")}) == ["0", "1", "2"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((streamed / "config.json").read_text())
+    assert "sparse24_pending" not in config["compress"]["structure"]
+    assert config["compress"]["structure"]["sparse24"]
+
+
+@pytest.mark.parametrize("fault", ["0:1:KILL", "1:11:KILL"])
+def test_killed_sparsify_run_resumes_to_identical_tensors(sparse_streamed, hf_dir, tmp_path,
+                                                          fault):
+    """Killed in the sparsify pass, or in the last pass after some layers were written in 2:4
+    storage: the rerun rebuilds those layers' modules and ends with the same tensors."""
+    recipe, streamed = sparse_streamed
+    out = tmp_path / "resumed"
+    args = ("apply", str(recipe), str(hf_dir), "-o", str(out), "--save-dtype", "float32")
+    assert compress_cli(*args, fault=fault).returncode == -9
+    done = compress_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert "resuming the interrupted run" in done.stderr
+    a, b = tensors(streamed), tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -158,8 +158,10 @@ def state_tensors(model: nn.Module, skip_prefix: str | None = None) -> dict[str,
 
 
 # Hooks run on the model just before it is written: passes that store weights differently from
-# how they compute on them (2:4 storage, ...) convert and verify here. fn(model) -> None.
-BEFORE_SAVE: list[Callable[[nn.Module], None]] = []
+# how they compute on them (2:4 storage, ...) convert and verify here. fn(model, include) ->
+# None, include(module name) -> bool: the modules to handle now. A streamed run calls them for
+# each decoder layer as the last pass writes it (Context.close_layer), then for the rest here.
+BEFORE_SAVE: list[Callable[[nn.Module, Callable[[str], bool]], None]] = []
 
 
 def partial_dir(out: Path) -> Path:
@@ -200,8 +202,9 @@ def save_artifact(model: nn.Module, tokenizer, out: Path, recipe_yaml: str,
     dtype: what floating tensors are saved in (None: as they are in memory)."""
     out = Path(out)
     check_output(out, overwrite, inputs)
-    for hook in BEFORE_SAVE:
-        hook(model)
+    layers = store.layers_prefix + "." if store is not None else None
+    for hook in BEFORE_SAVE:   # the streamed layers were handled as they were written
+        hook(model, lambda name: layers is None or not name.startswith(layers))
     tmp = partial_dir(out)
     if store is None:
         shutil.rmtree(tmp, ignore_errors=True)

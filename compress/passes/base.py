@@ -155,7 +155,13 @@ class Context:
         if self.store is None:
             return
         from compress import distributed
+        from compress.formats.artifact import BEFORE_SAVE
+        from compress.models import layers_path
 
+        if self.store.final:   # the last pass writes the artifact's shard: store it as saved
+            inside = f"{layers_path(self.model, self.arch)}.{index}."
+            for hook in BEFORE_SAVE:
+                hook(self.model, lambda name: name.startswith(inside))
         self.store.save(index, layer)
         if self.run is not None:
             from compress.runtime.artifact import quantized_modules, structure

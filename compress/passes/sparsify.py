@@ -13,7 +13,7 @@ compressed 2:4 storage (compress.formats.sparse24) unless `storage: dense`.
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -25,6 +25,7 @@ from compress.errors import CompressError, UsageError
 from compress.formats.artifact import BEFORE_SAVE
 from compress.formats.sparse24 import check_nm, fits_24
 from compress.hessian import inverse_cholesky, prepare_hessian
+from compress.models import layers_path
 from compress.passes.base import Context, PassConfig, PassReport, register
 from compress.passes.quantize import note_unsplit_experts, target_linears
 from compress.runtime.artifact import structure
@@ -41,6 +42,8 @@ PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 class SparsifyConfig(PassConfig):
     """Pruning of the linears matching targets minus ignore (fnmatch globs or "re:<regex>")."""
+
+    layerwise: ClassVar[bool] = True
 
     kind: Literal["sparsify"] = Field("sparsify", alias="pass")
     method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
@@ -257,9 +260,16 @@ def sparsify(ctx: Context, cfg: SparsifyConfig) -> PassReport:
                          f"{cfg.ignore}")
     prefix = ctx.arch.layers + "."
     _check_targets(linears, cfg, prefix)
+    # marked first: a streamed run records the structure with each layer it writes
+    record(ctx.model, {name: cfg.pattern for name in linears}, cfg.compressed())
     if cfg.method == "magnitude":
-        for name, linear in linears.items():
-            report.modules[name] = _prune(name, linear, cfg, None)
+        # layer by layer (each read and written in turn when the run streams), then the rest
+        for _, layer_name, _ in ctx.layers():
+            for name in [n for n in linears if n.startswith(layer_name + ".")]:
+                report.modules[name] = _prune(name, linears[name], cfg, None)
+        inside = layers_path(ctx.model, ctx.arch) + "."
+        for name in [n for n in linears if not n.startswith(inside)]:
+            report.modules[name] = _prune(name, linears[name], cfg, None)
     else:
         last = max(int(name[len(prefix):].split(".")[0]) for name in linears)
         for step in ctx.calibrator():
@@ -279,10 +289,9 @@ def sparsify(ctx: Context, cfg: SparsifyConfig) -> PassReport:
                 for (short, linear), (new, module_stats) in zip(local.items(), pruned):
                     _set_pruned(names[short], linear, cfg, new)
                     report.modules[names[short]] = module_stats
-            if step.index == last:
+            if step.index == last and ctx.store is None:
                 step.layer.to("cpu")  # later layers are unchanged: no need to run them
-                break
-    record(ctx.model, {name: cfg.pattern for name in linears}, cfg.compressed())
+                break   # (a streamed run passes them on: each is written in its turn)
     values = [m["sparsity"] for m in report.modules.values()]
     errors = [m["rel_error"] for m in report.modules.values()]
     report.summary.update(modules=len(linears), mean_sparsity=sum(values) / len(values),
@@ -295,11 +304,18 @@ def sparsify(ctx: Context, cfg: SparsifyConfig) -> PassReport:
 # Structure: the marker other passes read, 2:4 storage on save, and its rebuild on load
 
 def record(model: nn.Module, patterns: dict[str, str], compressed: bool) -> None:
-    """Mark modules as sparse (the cross-pass contract) and queue 2:4 storage for them."""
+    """Mark modules as sparse (the cross-pass contract) and queue 2:4 storage for them. The
+    queue lives in the structure record, so a streamed run that is interrupted resumes it."""
     structure(model).setdefault("sparsity", {}).update(patterns)
-    pending = getattr(model, "compress_sparse24_pending", set())
+    pending = set(structure(model).get(PENDING, []))
     pending = (pending | set(patterns)) if compressed else (pending - set(patterns))
-    model.compress_sparse24_pending = pending
+    structure(model)[PENDING] = sorted(pending)
+    if not pending:
+        del structure(model)[PENDING]
+
+
+# modules queued for 2:4 storage, converted when the last pass writes them (finalize_sparse)
+PENDING = "sparse24_pending"
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
@@ -311,14 +327,19 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.data
 
 
-def finalize_sparse(model: nn.Module) -> None:
+def finalize_sparse(model: nn.Module, include: Callable[[str], bool] = lambda name: True
+                    ) -> None:
     """Before save: verify every sparse-marked module's pattern, then convert the 2:4 ones that
-    asked for compressed storage. The in-memory model then computes with what is written."""
-    marked = structure(model).get("sparsity", {})
-    for name, pattern in marked.items():
-        verify(dense_weight(get_module(model, name)), pattern, name)
-    storage = structure(model).setdefault("sparse24", {})
-    for name in sorted(getattr(model, "compress_sparse24_pending", set())):
+    asked for compressed storage. The in-memory model then computes with what is written.
+    include: the modules to handle now (a streamed run converts each decoder layer as its last
+    pass writes it, Context.close_layer, and the rest when the artifact is saved)."""
+    record_ = structure(model)
+    for name, pattern in record_.get("sparsity", {}).items():
+        if include(name):
+            verify(dense_weight(get_module(model, name)), pattern, name)
+    storage = record_.setdefault("sparse24", {})
+    pending = record_.get(PENDING, [])
+    for name in [n for n in pending if include(n)]:
         module = get_module(model, name)
         if isinstance(module, (Sparse24Linear, Sparse24QuantizedLinear)):
             continue
@@ -333,8 +354,12 @@ def finalize_sparse(model: nn.Module) -> None:
                                 "2:4 storage cannot hold; use storage: dense")
         set_module(model, name, sparse)
     if not storage:
-        del structure(model)["sparse24"]
-    model.compress_sparse24_pending = set()
+        del record_["sparse24"]
+    left = [n for n in pending if not include(n)]
+    if left:
+        record_[PENDING] = left
+    else:
+        record_.pop(PENDING, None)
 
 
 BEFORE_SAVE.append(finalize_sparse)
