@@ -143,6 +143,24 @@ def test_streamed_moe_artifact_equals_the_whole_load(moe_dirs, family, fused, me
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_streamed_moe_artifact_equals_the_model_passed_in_memory(moe_dirs, tmp_path):
+    """compress.apply on the model object (never streamed) gives the same GPTQ artifact. In
+    float32: in a narrower save dtype a streamed run rounds each finished layer to it before
+    computing the next layer's inputs (LayerStore.round_to_saved, for resume), a model in
+    memory does not, for every family alike."""
+    from compress.models import load_model
+
+    path = moe_dirs["mixtral", False]
+    loaded = load_model(str(path))
+    compress.apply(loaded.model, recipe("gptq"), tmp_path / "memory",
+                   tokenizer=loaded.tokenizer, save_dtype="float32")
+    report = compress.apply(str(path), recipe("gptq"), tmp_path / "streamed",
+                            save_dtype="float32")
+    assert report["streamed"] is True
+    a, b = artifact_tensors(tmp_path / "memory"), artifact_tensors(tmp_path / "streamed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_killed_moe_run_resumes_to_the_same_artifact(moe_dirs, tmp_path):
     """GPTQ on a per-expert Mixtral checkpoint killed once layer 0 is written; rerun, it
     continues from layer 1 and writes what an uninterrupted run writes."""
