@@ -101,9 +101,9 @@ def assert_same_up_to_rounding(one, two) -> None:
             assert torch.equal(x, y), name
 
 
-MOE_FAMILIES = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-                "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2,
-                                  moe_intermediate_size=32)}
+MOE_FAMILIES = {"mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+                "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2,
+                              "moe_intermediate_size": 32}}
 
 
 def tiny_moe_dir(path, family: str, fused: bool):

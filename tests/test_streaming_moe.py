@@ -173,8 +173,8 @@ def test_killed_moe_run_resumes_to_the_same_artifact(moe_dirs, tmp_path):
     def cli(out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
         extra = {"COMPRESS_FAULT_AFTER_LAYER": fault} if fault else {}
         return subprocess.run([sys.executable, "-m", "compress", "apply", str(yaml), str(path),
-                               "-o", str(out)], capture_output=True, text=True, timeout=600,
-                              env={**env, **extra},
+                               "-o", str(out)], check=False, capture_output=True, text=True,
+                              timeout=600, env={**env, **extra},
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     whole = cli(tmp_path / "whole")
