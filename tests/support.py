@@ -103,7 +103,10 @@ def assert_same_up_to_rounding(one, two) -> None:
 
 MOE_FAMILIES = {"mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
                 "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2,
-                              "moe_intermediate_size": 32}}
+                              "moe_intermediate_size": 32},
+                "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2,   # + a shared expert
+                              "moe_intermediate_size": 32,
+                              "shared_expert_intermediate_size": 64}}
 
 
 def tiny_moe_dir(path, family: str, fused: bool):

@@ -39,7 +39,7 @@ def moe_dirs(tmp_path_factory) -> dict[tuple[str, bool], Path]:
     base = tmp_path_factory.mktemp("moe")
     return {(family, fused): tiny_moe_dir(base / f"{family}-{'fused' if fused else 'split'}",
                                           family, fused)
-            for family in ("mixtral", "qwen3_moe") for fused in (False, True)}
+            for family in ("mixtral", "qwen3_moe", "qwen2_moe") for fused in (False, True)}
 
 
 def stored_names(path: Path) -> list[str]:
@@ -56,7 +56,7 @@ def test_checkpoints_store_experts_per_expert_or_fused(moe_dirs):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["per-expert", "fused"])
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_lazy_load_reads_what_the_whole_load_holds(moe_dirs, family, fused):
     from compress.models import decoder_layers, load_model
 
