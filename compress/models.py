@@ -239,6 +239,9 @@ class Loaded:
     tokenizer: object
     arch: Arch
     source: Checkpoint | None    # None for a model passed in memory
+    # The source's tensors under the model's names, for the decoder layers load_lazily left on
+    # the meta device (compress.offload.LayerStore reads them); None when loaded whole.
+    tensors: SourceTensors | None = None
 
 
 def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False,
@@ -254,10 +257,9 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     source = Checkpoint.open(spec, allow_pickle)
     if lazy and source.kind == "dir" and source.shards():
         config = source.config(trust_remote_code)
-        model = load_lazily(source, config, getattr(torch, dtype), trust_remote_code)
-        if model is not None:
-            tokenizer = AutoTokenizer.from_pretrained(source.path)
-            return Loaded(model, tokenizer, arch_for(config), source)
+        model, tensors = load_lazily(source, config, getattr(torch, dtype), trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        return Loaded(model, tokenizer, arch_for(config), source, tensors)
     if source.kind == "artifact":
         from compress.runtime.artifact import load_artifact
 
@@ -299,44 +301,99 @@ def split_experts(model) -> None:
         structure(model)["experts"] = found
 
 
-def load_lazily(source: Checkpoint, config, dtype, trust_remote_code: bool = False):
-    """Build the model on the meta device (accelerate), check every tensor's name and shape
-    against the config from the shard headers, and load all but the decoder layers.
-    None for a model with fused MoE experts (not streamed yet: the caller loads it whole)."""
+@dataclass(frozen=True)
+class SourceTensors:
+    """A checkpoint's tensors under the names of the model from_pretrained + split_experts
+    build from it: keys renamed as transformers renames them on load (Mixtral's
+    block_sparse_moe -> mlp, legacy names), fused 3D experts split per expert as in memory
+    (compress.runtime.moe.split_state). A per-expert checkpoint needs no split: split_experts
+    names the experts' Linears as the family's checkpoints do."""
+
+    source: Checkpoint
+    names: dict[str, str]        # model name -> checkpoint name (experts maybe still fused)
+    experts: dict[str, dict]     # structure["experts"]: the blocks split per expert
+
+    def read_prefix(self, prefix: str, dtype=None) -> dict:
+        """The model's tensors under prefix (a layer: "model.layers.3."), prefix stripped."""
+        return {n[len(prefix):]: t for n, t in self.read(
+            [n for n in self.names if n.startswith(prefix)], dtype).items()}
+
+    def read(self, names: list[str], dtype=None) -> dict:
+        """These tensors (model names, before the split) as the model holds them."""
+        read = self.source.read_names([self.names[n] for n in names], dtype)
+        return self.split({n: read[self.names[n]] for n in names})
+
+    def split(self, tensors: dict) -> dict:
+        from compress.runtime.moe import split_state
+
+        for block, record in self.experts.items():
+            tensors = split_state(tensors, block, record)
+        return tensors
+
+    def shapes(self) -> dict[str, list[int]]:
+        """Every tensor's shape under the model's names, from the shard headers alone (the
+        split runs on meta tensors)."""
+        import torch
+
+        info = self.source.tensor_info()
+        meta = {n: torch.empty(info[c][1], device="meta") for n, c in self.names.items()}
+        return {n: list(t.shape) for n, t in self.split(meta).items()}
+
+
+def renamed_keys(model, names: list[str]) -> dict[str, str]:
+    """Model name -> checkpoint name for every checkpoint key, renamed as from_pretrained
+    renames it (transformers' WeightRenaming entries for this model; its WeightConverters,
+    which fuse per-expert tensors, are left out: split_experts undoes them)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:   # a transformers without conversion tables: names as stored
+        return {n: n for n in names}
+    renamings = [t for t in get_model_conversion_mapping(model)
+                 if isinstance(t, WeightRenaming)]
+    return {rename_source_key(n, renamings, [])[0]: n for n in names}
+
+
+def load_lazily(source: Checkpoint, config, dtype, trust_remote_code: bool = False
+                ) -> tuple[object, SourceTensors]:
+    """Build the model on the meta device (accelerate), split its fused MoE experts
+    (split_experts), check every tensor's name and shape against it from the shard headers,
+    and load all but the decoder layers. Returns the model and its layers' tensors."""
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
     from compress.offload import assign
+    from compress.runtime.artifact import structure
 
     arch = arch_for(config)
     auto = AutoModel if arch.encoder else AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
         model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    from compress.runtime.moe import fused_experts
-
-    if fused_experts(model):
-        return None  # fused MoE experts are split in memory (split_experts): load it whole
-    index = source.tensor_info()
+    split_experts(model)
+    tensors = SourceTensors(source, renamed_keys(model, source.tensor_names()),
+                            dict(structure(model).get("experts", {})))
+    shapes = tensors.shapes()
     expected = model.state_dict()
     tied = {"lm_head.weight", "embed_out.weight"} if getattr(config, "tie_word_embeddings",
                                                              False) else set()
-    missing = [n for n in expected if n not in index and n not in tied]
-    unexpected = [n for n in index if n not in expected]
+    missing = [n for n in expected if n not in shapes and n not in tied]
+    unexpected = [n for n in shapes if n not in expected]
     if missing or unexpected:
         raise CompressError(f"{source.label}: the weights do not match the config (missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]})")
-    for name, (_, shape) in index.items():
+    for name, shape in shapes.items():
         if shape != list(expected[name].shape):
-            raise CompressError(f"{source.label}: {name} has shape {shape} in "
-                                f"{source.index[name].name} but the config implies "
-                                f"{list(expected[name].shape)}")
+            stored = tensors.names.get(name)
+            where = f" in {source.index[stored].name}" if stored in source.index else ""
+            raise CompressError(f"{source.label}: {name} has shape {shape}{where} but the "
+                                f"config implies {list(expected[name].shape)}")
     prefix = layers_path(model, arch) + "."
-    rest = [n for n in index if not n.startswith(prefix)]
-    for name, tensor in source.read_names(rest, dtype).items():
+    rest = [n for n in tensors.names if not n.startswith(prefix)]
+    for name, tensor in tensors.read(rest, dtype).items():
         assign(model, name, tensor)
     if tied:
         model.tie_weights()
-    return model.eval()
+    return model.eval(), tensors
 
 
 def set_offline_unless_asked() -> None:

@@ -1,7 +1,8 @@
 """Decoder layers kept on disk between uses, so memory holds about one layer at a time.
 
-A LayerStore reads layer i from the source checkpoint (compress.runtime.checkpoint), or from
-the file a pass wrote for it, and after the pass writes it to `layer-0000i.safetensors` in the
+A LayerStore reads layer i from the source checkpoint (compress.runtime.checkpoint, under the
+model's names: compress.models.SourceTensors, which splits fused MoE experts), or from the file
+a pass wrote for it, and after the pass writes it to `layer-0000i.safetensors` in the
 run's partial output directory and frees it (its tensors go back to the meta device). Those
 files are the artifact's weight shards at the end, and what an interrupted run resumes from.
 """
@@ -10,12 +11,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from compress.errors import CompressError
 from compress.runtime.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from compress.models import SourceTensors
 
 
 def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -41,8 +46,9 @@ def free(module: nn.Module) -> None:
 class LayerStore:
     """Where decoder layer i lives between passes: source shards, or the file a pass wrote."""
 
-    def __init__(self, layers_prefix: str, work_dir: Path, source: Checkpoint | None,
-                 dtype: torch.dtype | None, writes: bool = True):
+    def __init__(self, layers_prefix: str, work_dir: Path,
+                 source: Checkpoint | SourceTensors | None, dtype: torch.dtype | None,
+                 writes: bool = True):
         self.layers_prefix = layers_prefix      # e.g. "model.layers"
         self.writes = writes                    # False on ranks > 0: they read rank 0's files
         self.work_dir = work_dir

@@ -77,9 +77,7 @@ def start_streaming(ctx: Context, loaded, out: Path, recipe_yaml: str, restart: 
     run = distributed.from_writer(
         lambda: Run.open(work, fingerprints(ctx, loaded.source, recipe_yaml, options), restart))
     run.writes = distributed.is_writer()
-    lazy = loaded.source.kind == "dir"
-    ctx.store = LayerStore(layers_path(ctx.model, ctx.arch), work,
-                           loaded.source if lazy else None,
+    ctx.store = LayerStore(layers_path(ctx.model, ctx.arch), work, loaded.tensors,
                            next(ctx.model.parameters()).dtype, writes=run.writes)
     ctx.run = run
     if run.resumed:

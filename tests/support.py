@@ -99,3 +99,27 @@ def assert_same_up_to_rounding(one, two) -> None:
             assert torch.allclose(x, y, rtol=1e-4, atol=tol.item()), name
         else:
             assert torch.equal(x, y), name
+
+
+MOE_FAMILIES = {"mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+                "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2,
+                              "moe_intermediate_size": 32},
+                "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2,   # + a shared expert
+                              "moe_intermediate_size": 32,
+                              "shared_expert_intermediate_size": 64}}
+
+
+def tiny_moe_dir(path, family: str, fused: bool):
+    """A small random MoE (2 layers, 4 experts, top-2; byte vocabulary) saved as a Hugging Face
+    directory: its experts per expert under the family's checkpoint names (what save_pretrained
+    writes by default, as the original checkpoints), or fused 3D as transformers holds them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=128, **MOE_FAMILIES[family])
+    AutoModelForCausalLM.from_config(config).save_pretrained(path, save_original_format=not fused)
+    byte_tokenizer().save_pretrained(path)
+    return path

@@ -245,23 +245,47 @@ def checkpoint_names(model_type: str) -> tuple[str, str, str]:
     return found["gate"], found["up"], found["down"]
 
 
-def unfused(module: nn.Module, layout: Layout, names=DEFAULT_NAMES) -> ExpertMLPs:
-    """ExpertMLPs holding the weights of a fused experts module (gate rows first, then up)."""
-    gate_up, down = module.gate_up_proj.data, module.down_proj.data
+def split_fused(gate_up: torch.Tensor, down: torch.Tensor, layout: Layout
+                ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each expert's (gate [F, D], up [F, D], down [D, F]) weights, as views into the fused
+    gate_up [E, 2F, D] (gate rows first) and down [E, D, F] ([E, D, 2F] / [E, F, D] for
+    gate_up_t). The one place experts are split: in memory (unfused) and streamed
+    (split_state)."""
     if layout == "gate_up_t":
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    experts, inner2, hidden = gate_up.shape
-    inner = inner2 // 2
-    act = module.act_fn
-    result = ExpertMLPs([ExpertMLP(hidden, inner, act, names, gate_up.dtype, gate_up.device)
-                         for _ in range(experts)])
-    if gate_up.device.type != "meta":
-        for e, expert in enumerate(result):
-            gate, up, down_proj = expert.projections()
-            gate.weight.data.copy_(gate_up[e, :inner])
-            up.weight.data.copy_(gate_up[e, inner:])
-            down_proj.weight.data.copy_(down[e])
+    inner = gate_up.shape[1] // 2
+    return [(gate_up[e, :inner], gate_up[e, inner:], down[e]) for e in range(gate_up.shape[0])]
+
+
+def unfused(module: nn.Module, layout: Layout, names=DEFAULT_NAMES) -> ExpertMLPs:
+    """ExpertMLPs holding the weights of a fused experts module (gate rows first, then up)."""
+    weights = split_fused(module.gate_up_proj.data, module.down_proj.data, layout)
+    inner, hidden = weights[0][0].shape
+    dtype, device = module.gate_up_proj.dtype, module.gate_up_proj.device
+    result = ExpertMLPs([ExpertMLP(hidden, inner, module.act_fn, names, dtype, device)
+                         for _ in weights])
+    if device.type != "meta":
+        for expert, tensors in zip(result, weights):
+            for projection, weight in zip(expert.projections(), tensors):
+                projection.weight.data.copy_(weight)
     return result
+
+
+def split_state(tensors: dict[str, torch.Tensor], block: str, record: dict
+                ) -> dict[str, torch.Tensor]:
+    """A state dict in which experts module `block` is stored fused (`{block}.gate_up_proj`,
+    `{block}.down_proj`, as transformers saves it without conversion), with those two replaced
+    by the weights unfused() gives ExpertMLPs (`{block}.{e}.{name}.weight`, each a contiguous
+    copy). record: the block's structure["experts"] entry. Unchanged if the block is not there
+    fused (a per-expert checkpoint already holds those names)."""
+    gate_up, down = f"{block}.gate_up_proj", f"{block}.down_proj"
+    if gate_up not in tensors or down not in tensors:
+        return tensors
+    out = {k: v for k, v in tensors.items() if k not in (gate_up, down)}
+    for e, weights in enumerate(split_fused(tensors[gate_up], tensors[down], record["layout"])):
+        for name, weight in zip(record["names"], weights):
+            out[f"{block}.{e}.{name}.weight"] = weight.clone(memory_format=torch.contiguous_format)
+    return out
 
 
 def same_function(fused: nn.Module, experts: ExpertMLPs, hidden: int, top_k: int = 2) -> bool:
@@ -301,24 +325,50 @@ def unsplit_experts(model: nn.Module) -> dict[str, str]:
 
 
 def unfuse_experts(model: nn.Module, check: bool = True) -> dict[str, dict]:
-    """Replace every fused experts module by ExpertMLPs (same weights, same function; checked
-    on random input unless the weights are on the meta device). Returns what it unfused:
+    """Replace every fused experts module by ExpertMLPs (same weights, same function, checked on
+    random input; on the meta device, with random weights for each class). Returns what it
+    unfused:
     {module name: {"layout": ..., "names": [gate, up, down]}} (structure["experts"])."""
     from compress.runtime.modules import get_module, set_module
 
     names = checkpoint_names(model.config.model_type)
-    found = {}
+    found, probed = {}, set()
     for name, layout in fused_experts(model).items():
         fused = get_module(model, name)
         experts = unfused(fused, layout, names)
         found[name] = {"layout": layout, "names": list(names)}
-        if check and fused.gate_up_proj.device.type != "meta" and not same_function(
-                fused, experts, fused.gate_up_proj.shape[2 if layout == "gate_up" else 1]):
-            raise CompressError(f"{name}: the fused experts of {type(fused).__name__} do not "
-                                "compute act(gate) * up -> down with gate rows first; "
-                                "compress cannot split them into per-expert Linears")
+        if fused.gate_up_proj.device.type == "meta":
+            # weights read later, layer by layer (streaming): check the split of each class
+            # once, on random weights
+            if check and type(fused) not in probed:
+                probed.add(type(fused))
+                probe = random_copy(fused)
+                check_split(name, probe, unfused(probe, layout, names), layout)
+        elif check:
+            check_split(name, fused, experts, layout)
         set_module(model, name, experts)
     return found
+
+
+def check_split(name: str, fused: nn.Module, experts: ExpertMLPs, layout: Layout) -> None:
+    """Refuse a fused layout whose split does not compute what the fused module does."""
+    if not same_function(fused, experts, fused.gate_up_proj.shape[2 if layout == "gate_up"
+                                                                  else 1]):
+        raise CompressError(f"{name}: the fused experts of {type(fused).__name__} do not "
+                            "compute act(gate) * up -> down with gate rows first; "
+                            "compress cannot split them into per-expert Linears")
+
+
+def random_copy(module: nn.Module) -> nn.Module:
+    """A float32 CPU copy of a module built on the meta device, with random weights."""
+    import copy
+
+    gen = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(module).to_empty(device="cpu").float()
+    with torch.no_grad():
+        for tensor in probe.parameters():
+            tensor.normal_(0.0, 0.05, generator=gen)
+    return probe
 
 
 def load_experts(model: nn.Module, record: dict[str, dict]) -> None:
