@@ -106,7 +106,8 @@ MOE_FAMILIES = {"mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
                               "moe_intermediate_size": 32},
                 "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2,   # + a shared expert
                               "moe_intermediate_size": 32,
-                              "shared_expert_intermediate_size": 64}}
+                              "shared_expert_intermediate_size": 64},
+                "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2}}   # biases
 
 
 def tiny_moe_dir(path, family: str, fused: bool):

@@ -1,6 +1,6 @@
 """Any causal LM transformers builds, without an Arch table row: Gemma 3, Phi-3, Qwen3, MoE
-(Mixtral, Qwen3-MoE, Qwen2-MoE with a shared expert), OLMo 2 and Granite (families the table
-never named). Tiny random-weight models built from configs: hidden 64, 2 layers."""
+(Mixtral, Qwen3-MoE, Qwen2-MoE with a shared expert, gpt-oss), OLMo 2 and Granite (families
+the table never named). Tiny random-weight models built from configs: hidden 64, 2 layers."""
 
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ FAMILY = {
                       shared_expert_intermediate_size=64),
     "olmo2": {},                                    # norms after attention / MLP
     "granite": {},
+    # experts fused with biases, gate/up interleaved, clamped SwiGLU; attention sinks
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2),
 }
-MOE = ("mixtral", "qwen3_moe", "qwen2_moe")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss")
 CALIBRATION = {"samples": 8, "seq_len": 32, "batch_size": 4}
 
 
@@ -208,17 +210,35 @@ def test_readme_support_table_is_the_generated_one():
 
 def test_experts_of_an_unsplittable_layout_are_reported_not_silently_kept(tokenizer, tmp_path,
                                                                            capsys):
-    """gpt-oss stores its experts fused with biases and interleaved gate/up: compress cannot
-    split them into Linears, so they stay in 16 bits, and the run says so."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("gpt_oss", **{**SHAPE, "num_local_experts": 4,
-                                                "num_experts_per_tok": 2})
-    model = AutoModelForCausalLM.from_config(config).eval()
+    """A fused experts module of a layout compress does not know (here gpt-oss's with one more
+    3D parameter) cannot be split into Linears: it stays in 16 bits, and the run says so."""
+    model = tiny("gpt_oss")
+    for layer in model.model.layers:
+        layer.mlp.experts.register_parameter(
+            "extra", torch.nn.Parameter(torch.zeros(4, 2, 2), requires_grad=False))
     report = apply(model, tokenizer, tmp_path / "o", {"pass": "quantize", "format": "int4",
                                                       "group_size": 32})
     summary = report["passes"][0]["summary"]
     assert summary["experts_left_16bit"] == 2 and summary["modules"] > 0
     err = " ".join(capsys.readouterr().err.split())
     assert "2 fused expert modules (GptOssExperts)" in err and "stay in 16 bits" in err
+
+
+def test_gpt_oss_experts_split_with_biases_and_their_gated_unit():
+    """gpt-oss's experts (gate/up interleaved, biases, clamped SwiGLU) split into per-expert
+    Linears with biases that compute what the fused module did (biases made non-zero: the
+    random init leaves them at zero)."""
+    from compress.runtime.artifact import structure
+    from compress.runtime.moe import ExpertMLPs
+
+    model = tiny("gpt_oss")
+    gen = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if name.endswith("_bias") and ".experts." in name:
+            param.data = torch.randn(param.shape, generator=gen) * 0.1
+    before = logits(model, IDS)
+    compress.models.split_experts(model)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, ExpertMLPs) and experts[1].up_proj.bias is not None
+    assert structure(model)["experts"]["model.layers.0.mlp.experts"]["layout"] == "gpt_oss"
+    torch.testing.assert_close(logits(model, IDS), before)

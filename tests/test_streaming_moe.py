@@ -39,7 +39,8 @@ def moe_dirs(tmp_path_factory) -> dict[tuple[str, bool], Path]:
     base = tmp_path_factory.mktemp("moe")
     return {(family, fused): tiny_moe_dir(base / f"{family}-{'fused' if fused else 'split'}",
                                           family, fused)
-            for family in ("mixtral", "qwen3_moe", "qwen2_moe") for fused in (False, True)}
+            for family, fused in [(f, fused) for f in ("mixtral", "qwen3_moe", "qwen2_moe")
+                                  for fused in (False, True)] + [("gpt_oss", True)]}
 
 
 def stored_names(path: Path) -> list[str]:
@@ -55,8 +56,9 @@ def test_checkpoints_store_experts_per_expert_or_fused(moe_dirs):
         "model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["per-expert", "fused"])
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("family, fused", [
+    (family, fused) for family in ("mixtral", "qwen3_moe", "qwen2_moe") for fused in (False, True)
+] + [("gpt_oss", True)])   # gpt-oss: fused with biases, gate/up interleaved
 def test_lazy_load_reads_what_the_whole_load_holds(moe_dirs, family, fused):
     from compress.models import decoder_layers, load_model
 
@@ -128,9 +130,9 @@ def apply(path: Path, out: Path, method: str, monkeypatch, whole: bool = False) 
     return seen
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-@pytest.mark.parametrize("fused", [False, True], ids=["per-expert", "fused"])
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family, fused, method", [
+    (family, fused, method) for family in ("mixtral", "qwen3_moe") for fused in (False, True)
+    for method in ("rtn", "gptq")] + [("gpt_oss", True, "gptq")])
 def test_streamed_moe_artifact_equals_the_whole_load(moe_dirs, family, fused, method, tmp_path,
                                                     monkeypatch):
     path = moe_dirs[family, fused]

@@ -20,23 +20,27 @@ from torch import nn
 
 from compress.errors import CompressError
 
-Layout = Literal["gate_up", "gate_up_t"]   # [E, 2F, D] and [E, D, 2F] (Llama 4 style)
+# [E, 2F, D]; [E, D, 2F] (Llama 4 style); gpt-oss: [E, D, 2F] with gate and up columns
+# interleaved, biases on both projections and a clamped SwiGLU (ClampedSwiGLU)
+Layout = Literal["gate_up", "gate_up_t", "gpt_oss"]
 
 
 DEFAULT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 class ExpertMLP(nn.Module):
-    """One expert: down(act(gate(x)) * up(x)). `names`: what the family's checkpoints call
-    gate, up and down (Mixtral: w1, w3, w2), so the artifact's tensor names are theirs."""
+    """One expert: down(act(gate(x)) * up(x)), or down(glu(gate(x), up(x))) for a gated unit
+    that is not act(gate) * up (gpt-oss). `names`: what the family's checkpoints call gate, up
+    and down (Mixtral: w1, w3, w2), so the artifact's tensor names are theirs."""
 
     def __init__(self, hidden: int, inner: int, act_fn: nn.Module, names=DEFAULT_NAMES,
-                 dtype=None, device=None):
+                 dtype=None, device=None, bias: bool = False, glu: nn.Module | None = None):
         super().__init__()
         self.names = tuple(names)
         for name, (i, o) in zip(self.names, [(hidden, inner), (hidden, inner), (inner, hidden)]):
-            setattr(self, name, nn.Linear(i, o, bias=False, dtype=dtype, device=device))
+            setattr(self, name, nn.Linear(i, o, bias=bias, dtype=dtype, device=device))
         self.act_fn = act_fn
+        self.glu = glu
 
     def projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         """(gate, up, down), whatever their names."""
@@ -44,7 +48,23 @@ class ExpertMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.projections()
+        if self.glu is not None:
+            return down(self.glu(gate(x), up(x)))
         return down(self.act_fn(gate(x)) * up(x))
+
+
+class ClampedSwiGLU(nn.Module):
+    """gpt-oss's gated unit: (clamp(up, +-limit) + 1) * g * sigmoid(alpha * g), g = gate
+    clamped from above at limit (transformers' GptOssExperts._apply_gate)."""
+
+    def __init__(self, alpha: float, limit: float):
+        super().__init__()
+        self.alpha, self.limit = float(alpha), float(limit)
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 
 class ExpertMLPs(nn.ModuleList):
@@ -208,16 +228,22 @@ class StackedExperts:
 
 
 def fused_layout(module: nn.Module, hidden: int) -> Layout | None:
-    """The layout of a fused experts module (3D gate_up_proj and down_proj, nothing else),
-    or None when `module` is not one."""
+    """The layout of a fused experts module (3D gate_up_proj and down_proj, nothing else; or
+    gpt-oss's, with biases and the clamped SwiGLU's alpha and limit), or None when `module` is
+    not one."""
     params = dict(module.named_parameters(recurse=False))
-    if set(params) != {"gate_up_proj", "down_proj"} or params["gate_up_proj"].dim() != 3:
+    if "gate_up_proj" not in params or params["gate_up_proj"].dim() != 3:
         return None
     gate_up, down = params["gate_up_proj"].shape, params["down_proj"].shape
-    if gate_up[2] == hidden and down[1] == hidden and gate_up[1] == 2 * down[2]:
-        return "gate_up"
-    if gate_up[1] == hidden and down[2] == hidden and gate_up[2] == 2 * down[1]:
-        return "gate_up_t"
+    if set(params) == {"gate_up_proj", "down_proj"}:
+        if gate_up[2] == hidden and down[1] == hidden and gate_up[1] == 2 * down[2]:
+            return "gate_up"
+        if gate_up[1] == hidden and down[2] == hidden and gate_up[2] == 2 * down[1]:
+            return "gate_up_t"
+    if (set(params) == {"gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"}
+            and hasattr(module, "alpha") and hasattr(module, "limit")
+            and gate_up[1] == hidden and down[2] == hidden and gate_up[2] == 2 * down[1]):
+        return "gpt_oss"
     return None
 
 
@@ -249,12 +275,21 @@ def split_fused(gate_up: torch.Tensor, down: torch.Tensor, layout: Layout
                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Each expert's (gate [F, D], up [F, D], down [D, F]) weights, as views into the fused
     gate_up [E, 2F, D] (gate rows first) and down [E, D, F] ([E, D, 2F] / [E, F, D] for
-    gate_up_t). The one place experts are split: in memory (unfused) and streamed
-    (split_state)."""
-    if layout == "gate_up_t":
+    gate_up_t; gpt_oss: gate and up columns interleaved, gate first; its biases:
+    split_biases). The one place experts are split: in memory (unfused) and streamed (split_state)."""
+    if layout in ("gate_up_t", "gpt_oss"):
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    if layout == "gpt_oss":
+        return [(gate_up[e, 0::2], gate_up[e, 1::2], down[e]) for e in range(gate_up.shape[0])]
     inner = gate_up.shape[1] // 2
     return [(gate_up[e, :inner], gate_up[e, inner:], down[e]) for e in range(gate_up.shape[0])]
+
+
+def split_biases(gate_up_bias: torch.Tensor, down_bias: torch.Tensor
+                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """gpt_oss's biases per expert: (gate [F], up [F], down [D]); gate and up interleaved."""
+    return [(gate_up_bias[e, 0::2], gate_up_bias[e, 1::2], down_bias[e])
+            for e in range(gate_up_bias.shape[0])]
 
 
 def unfused(module: nn.Module, layout: Layout, names=DEFAULT_NAMES) -> ExpertMLPs:
@@ -262,29 +297,43 @@ def unfused(module: nn.Module, layout: Layout, names=DEFAULT_NAMES) -> ExpertMLP
     weights = split_fused(module.gate_up_proj.data, module.down_proj.data, layout)
     inner, hidden = weights[0][0].shape
     dtype, device = module.gate_up_proj.dtype, module.gate_up_proj.device
-    result = ExpertMLPs([ExpertMLP(hidden, inner, module.act_fn, names, dtype, device)
-                         for _ in weights])
+    if layout == "gpt_oss":
+        glu, act = ClampedSwiGLU(module.alpha, module.limit), None
+        biases = split_biases(module.gate_up_proj_bias.data, module.down_proj_bias.data)
+    else:
+        glu, act, biases = None, module.act_fn, None
+    result = ExpertMLPs([ExpertMLP(hidden, inner, act, names, dtype, device,
+                                   bias=biases is not None, glu=glu) for _ in weights])
     if device.type != "meta":
-        for expert, tensors in zip(result, weights):
+        for e, (expert, tensors) in enumerate(zip(result, weights)):
             for projection, weight in zip(expert.projections(), tensors):
                 projection.weight.data.copy_(weight)
+            for projection, bias in zip(expert.projections(), biases[e] if biases else ()):
+                projection.bias.data.copy_(bias)
     return result
 
 
 def split_state(tensors: dict[str, torch.Tensor], block: str, record: dict
                 ) -> dict[str, torch.Tensor]:
     """A state dict in which experts module `block` is stored fused (`{block}.gate_up_proj`,
-    `{block}.down_proj`, as transformers saves it without conversion), with those two replaced
-    by the weights unfused() gives ExpertMLPs (`{block}.{e}.{name}.weight`, each a contiguous
-    copy). record: the block's structure["experts"] entry. Unchanged if the block is not there
-    fused (a per-expert checkpoint already holds those names)."""
+    `{block}.down_proj`, and gpt-oss's `_bias` of each, as transformers saves it without
+    conversion), with those replaced by the weights unfused() gives ExpertMLPs
+    (`{block}.{e}.{name}.weight` / `.bias`, each a contiguous copy). record: the block's
+    structure["experts"] entry. Unchanged if the block is not there fused (a per-expert
+    checkpoint already holds those names)."""
     gate_up, down = f"{block}.gate_up_proj", f"{block}.down_proj"
     if gate_up not in tensors or down not in tensors:
         return tensors
-    out = {k: v for k, v in tensors.items() if k not in (gate_up, down)}
-    for e, weights in enumerate(split_fused(tensors[gate_up], tensors[down], record["layout"])):
-        for name, weight in zip(record["names"], weights):
-            out[f"{block}.{e}.{name}.weight"] = weight.clone(memory_format=torch.contiguous_format)
+    fused = {gate_up, down, gate_up + "_bias", down + "_bias"}
+    out = {k: v for k, v in tensors.items() if k not in fused}
+    parts = {"weight": split_fused(tensors[gate_up], tensors[down], record["layout"])}
+    if record["layout"] == "gpt_oss":
+        parts["bias"] = split_biases(tensors[gate_up + "_bias"], tensors[down + "_bias"])
+    for kind, per_expert in parts.items():
+        for e, weights in enumerate(per_expert):
+            for name, weight in zip(record["names"], weights):
+                out[f"{block}.{e}.{name}.{kind}"] = weight.clone(
+                    memory_format=torch.contiguous_format)
     return out
 
 
@@ -315,8 +364,8 @@ def fused_experts(model: nn.Module) -> dict[str, Layout]:
 
 
 def unsplit_experts(model: nn.Module) -> dict[str, str]:
-    """Modules holding 3D expert weights this module cannot split into Linears (a layout with
-    biases or interleaved gate/up, such as gpt-oss's): {module name: class name}. Passes that
+    """Modules holding 3D expert weights this module cannot split into Linears (a layout
+    fused_layout does not know): {module name: class name}. Passes that
     target Linears leave them in 16 bits, and say so."""
     hidden = model.config.get_text_config().hidden_size
     return {name: type(module).__name__ for name, module in model.named_modules()
