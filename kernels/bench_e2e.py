@@ -182,7 +182,9 @@ def profile_decode(model: nn.Module, label: str, path: Path, steps: int = 8) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", default="int4")
+    parser.add_argument("--formats", default="int4",
+                        help="comma list of int4, int4-asym, nvfp4, mxfp4, tinygemm; "
+                             "<format>-unfused: without fusing q/k/v and gate/up")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -232,7 +234,15 @@ def main() -> None:
                 continue
             originals = swap_tinygemm(model, args.quantize_lm_head)
         else:
-            originals = compress_linears(model, FORMATS[name], args.quantize_lm_head)
+            # "<format>-unfused": q/k/v and gate/up as separate matmuls (compress.load on CUDA
+            # fuses them, compress/runtime/fused.py; this row shows what that gains)
+            base = name.removesuffix("-unfused")
+            originals = compress_linears(model, FORMATS[base], args.quantize_lm_head)
+            if device.type == "cuda" and base == name:
+                from compress.runtime.fused import fuse_projections
+
+                print(f"{fuse_projections(model)} projection groups fused ({name})",
+                      file=sys.stderr)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         measure(name)

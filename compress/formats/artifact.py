@@ -144,6 +144,7 @@ def state_tensors(model: nn.Module, skip_prefix: str | None = None) -> dict[str,
     skip_prefix: leave out tensors under it (decoder layers already written by a LayerStore)."""
     tensors = {}
     seen: set[int] = set()
+    storages: set[int] = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
         if skip_prefix and name.startswith(skip_prefix):
             continue
@@ -151,9 +152,13 @@ def state_tensors(model: nn.Module, skip_prefix: str | None = None) -> dict[str,
         if shared and isinstance(tensor, nn.Parameter):
             continue  # a tied weight (lm_head sharing the embedding)
         seen.add(tensor.data_ptr())
-        # a buffer several modules share (NVFP4's global scale of fused q/k/v): each module
-        # keeps its own copy, as compressed-tensors expects; safetensors refuses shared memory
-        tensors[name] = tensor.detach().clone() if shared else tensor.detach().contiguous()
+        storage = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        # a buffer several modules share (NVFP4's global scale of fused q/k/v), or rows of one
+        # stack (compress/runtime/fused.py): each module keeps its own copy, as
+        # compressed-tensors expects; safetensors refuses tensors that share memory
+        copy = shared or storage in storages
+        storages.add(storage)
+        tensors[name] = tensor.detach().clone() if copy else tensor.detach().contiguous()
     return tensors
 
 

@@ -151,9 +151,11 @@ def load_artifact(path: str | Path, device=None, dtype=None, verify: bool = True
     if device is not None:
         model = model.to(device)
     if any(p.is_cuda for p in model.parameters()):
+        from compress.runtime.fused import fuse_projections
         from compress.runtime.norms import fuse_rmsnorms
 
         fuse_rmsnorms(model)   # one Triton kernel per norm call in the decode step
+        fuse_projections(model)   # q/k/v and gate/up: one matmul each (same memory)
     return model
 
 

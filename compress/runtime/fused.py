@@ -1,0 +1,122 @@
+"""Projections that read the same input run as one matmul: q/k/v and gate/up at decode time.
+
+At batch-1 decode a small matrix costs about a launch and a ramp-up whatever its size (k_proj
+and v_proj of an 8B model are 1024 x 4096: ~6 us each on an H200, against ~13 us for the
+6144 x 4096 of q/k/v together). `fuse_projections` stacks the packed tensors of each such group
+once, along the output rows, and rebinds every member's buffers to its rows of the stack: the
+memory held stays the compressed size, and the modules, their state_dict and the artifact are
+unchanged (the stored layout stays compressed-tensors'). The first member called with an input
+computes the whole stack's output; the others return their rows of it.
+
+Only plain QuantizedLinear members of one format, input size and bias presence are fused (NVFP4
+members must also share their global scale, as fused_global_scales makes them); MoE experts are
+left to their grouped kernel (compress/runtime/moe.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compress.runtime.modules import QuantizedLinear, _record
+
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+STACKED = ("weight_packed", "weight_scale", "weight_zero_point")   # stacked along output rows
+
+
+class FusedGroup:
+    """The stacked module of one group and the rows each member owns in its output."""
+
+    def __init__(self, members: list[QuantizedLinear]):
+        self.members = members
+        first = members[0]
+        rows = [m.out_features for m in members]
+        self.bounds = [(sum(rows[:i]), sum(rows[:i + 1])) for i in range(len(rows))]
+        bias = (torch.cat([m.bias for m in members]) if first.bias is not None else None)
+        self.stack = QuantizedLinear(first.in_features, sum(rows), first.fmt, bias)
+        buffers = dict(first.named_buffers(recurse=False))
+        with torch.no_grad():
+            for name in buffers:
+                if name in STACKED:
+                    stacked = torch.cat([m._buffers[name] for m in members])
+                    self.stack.register_buffer(name, stacked)
+                    for m, (lo, hi) in zip(members, self._buffer_rows(name, stacked)):
+                        m._buffers[name] = stacked[lo:hi]     # a view: no second copy
+                elif name == "weight_shape":
+                    self.stack.register_buffer(name, torch.tensor([sum(rows),
+                                                                   first.in_features]))
+                else:   # weight_global_scale: one shared value (checked by fusable)
+                    self.stack.register_buffer(name, buffers[name])
+        self.views = self._views()
+        self.cache: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def _buffer_rows(self, name: str, stacked: torch.Tensor) -> list[tuple[int, int]]:
+        """Each member's row range in a stacked tensor (zero points pack 8 rows a word)."""
+        per = (self.bounds[-1][1] // stacked.shape[0]) if stacked.shape[0] else 1
+        return [(lo // per, hi // per) for lo, hi in self.bounds]
+
+    def _views(self) -> list[int]:
+        return [m._buffers[n].data_ptr() for m in self.members for n in STACKED
+                if n in m._buffers]
+
+    def current(self) -> bool:
+        """Whether the members still hold views into the stack (a later .to() or a load of
+        new weights replaces them: then each member runs on its own again)."""
+        return self._views() == self.views and all(
+            m._buffers["weight_packed"].device == self.stack.weight_packed.device
+            for m in self.members)
+
+    def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        member = self.members[index]
+        if not self.current():
+            self.cache = None
+            return QuantizedLinear.forward(member, x)
+        if self.cache is None or self.cache[0] is not x:
+            self.cache = (x, self.stack(x), len(self.members))
+        cached_x, y, left = self.cache
+        # the last member to read it drops the cache (an input held no longer than needed)
+        self.cache = (cached_x, y, left - 1) if left > 1 else None
+        _record(member, self.stack.kernel_path + " (fused)")
+        lo, hi = self.bounds[index]
+        return y[..., lo:hi]
+
+
+def fusable(members: list[nn.Module]) -> bool:
+    """Plain QuantizedLinear of one format, input size and bias presence; NVFP4: one global
+    scale; INT zero points: every member's rows a multiple of the 8 rows a word packs."""
+    if not all(type(m) is QuantizedLinear for m in members):
+        return False
+    first = members[0]
+    if any(m.fmt != first.fmt or m.in_features != first.in_features
+           or (m.bias is None) != (first.bias is None)
+           or set(m._buffers) != set(first._buffers) for m in members):
+        return False
+    if "weight_global_scale" in first._buffers and not all(
+            torch.equal(m.weight_global_scale, first.weight_global_scale) for m in members):
+        return False
+    if "weight_zero_point" in first._buffers and any(m.out_features % 8 for m in members):
+        return False
+    return all(m._buffers[n].is_contiguous() for m in members for n in STACKED
+               if n in m._buffers)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse every q/k/v and gate/up group of the model that fusable() accepts (see the module
+    docstring); patches the members' forward. Returns how many groups were fused."""
+    from compress.runtime.moe import ExpertMLP
+
+    fused = 0
+    for parent in model.modules():
+        if isinstance(parent, ExpertMLP):
+            continue
+        for names in GROUPS:
+            members = [getattr(parent, n, None) for n in names]
+            if None in members or not fusable(members) or any(
+                    getattr(m, "fused_group", None) for m in members):
+                continue
+            group = FusedGroup(members)
+            for index, member in enumerate(members):
+                member.fused_group = group
+                member.forward = (lambda x, i=index, g=group: g.forward(i, x))
+            fused += 1
+    return fused

@@ -1,0 +1,92 @@
+"""compress.runtime.fused.fuse_projections: q/k/v and gate/up run as one matmul (here the
+interpreter's kernels, COMPRESS_KERNELS=always) with the logits of the separate matmuls, the
+state dict unchanged and no second copy of the weights; what cannot be fused is left alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.formats import WeightFormat, codec
+from compress.runtime.fused import fuse_projections
+from compress.runtime.modules import QuantizedLinear, set_module
+
+FORMATS = {"int4": WeightFormat(group_size=32), "int4-asym": WeightFormat(group_size=32,
+                                                                         symmetric=False),
+           "int8": WeightFormat(bits=8, group_size=None), "mxfp4": WeightFormat(type="mxfp4",
+                                                                               group_size=32),
+           "nvfp4": WeightFormat(type="nvfp4", group_size=16)}
+
+
+def quantized_llama(fmt: WeightFormat, global_scale: float | None = 1000.0):
+    """A tiny Llama whose decoder linears are QuantizedLinear in fmt (NVFP4: one global scale
+    for all, as fused_global_scales gives q/k/v and gate/up; None: each its own)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=64))
+    c = codec(fmt)
+    for name, linear in list(model.named_modules()):
+        if isinstance(linear, torch.nn.Linear) and ".layers." in name:
+            shared = (torch.tensor([global_scale]) if fmt.type == "nvfp4" and global_scale
+                      else None)
+            q = c.quantize(linear.weight.data, fmt, tensor_scale=shared)
+            set_module(model, name, QuantizedLinear.from_quantized(q, None, torch.float32))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_fused_groups_give_the_separate_logits_in_the_same_memory(name, monkeypatch):
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    model = quantized_llama(FORMATS[name])
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(ids).logits
+        assert fuse_projections(model) == 2 * 2          # q/k/v and gate/up in each layer
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    attn = model.model.layers[0].self_attn
+    # the members' packed words are rows of the stack: one copy of the weights
+    stack = attn.q_proj.fused_group.stack.weight_packed
+    assert attn.k_proj.weight_packed.untyped_storage().data_ptr() == \
+        stack.untyped_storage().data_ptr()
+    assert "(fused)" in attn.v_proj.kernel_path and attn.v_proj.fused_group.cache is None
+    assert fuse_projections(model) == 0                 # already fused
+
+
+def test_a_moved_member_runs_on_its_own_again(monkeypatch):
+    """Replacing a member's buffers (a load, a .to()) ends the fusion for that group: each
+    member then computes with its own (new) weights."""
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    model = quantized_llama(FORMATS["int4"])
+    ids = torch.randint(0, 128, (1, 3), generator=torch.Generator().manual_seed(1))
+    fuse_projections(model)
+    k = model.model.layers[1].self_attn.k_proj
+    k.weight_scale = k.weight_scale * 2                  # new contents, no longer a view
+    with torch.no_grad():
+        got = model(ids).logits
+        for layer in model.model.layers:                 # the same weights, unfused
+            for m in layer.modules():
+                m.__dict__.pop("forward", None)
+        want = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_members_of_different_global_scales_stay_apart(monkeypatch):
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    assert fuse_projections(quantized_llama(FORMATS["nvfp4"], global_scale=None)) == 0
+
+
+def test_a_loaded_artifact_is_fused_only_on_cuda(tmp_path):
+    """compress.load fuses on CUDA (with the norms); on the CPU the modules stay as loaded."""
+    import compress
+    from support import tiny_llama
+
+    compress.apply(tiny_llama(), [{"pass": "quantize", "group_size": 32}], tmp_path / "a")
+    model = compress.load(tmp_path / "a")
+    assert not any(hasattr(m, "fused_group") for m in model.modules())
