@@ -231,8 +231,10 @@ class LayerStep:
                 x = x.reshape(-1, x.shape[-1])               # all tokens of the batch: [B*L, I]
                 if gram:
                     entry.gram = gram_update(entry.gram, x, dtype)
-                x = x.to(dtype)
                 entry.count += x.shape[0]
+                if not (mean_abs or mean_square):
+                    return   # no float32 copy of x (940 MB for an 8B down_proj batch of 8 x 2048)
+                x = x.to(dtype)
                 if mean_abs:
                     entry.abs_sum = x.abs().sum(0) + (0 if entry.abs_sum is None else
                                                       entry.abs_sum)
