@@ -395,7 +395,7 @@ def speed_ours(work: Path, setting: str, options: dict) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the clock)
     import yaml
 
-    import compress.api  # noqa: F401
+    import compress.api
     import compress.pipeline  # noqa: F401
     from compress.cli import main
 
@@ -486,9 +486,9 @@ def speed_child(work: Path, side: str, setting: str, options: dict) -> dict:
 
 
 def speed_table(rows: list[dict]) -> list[str]:
-    lines = ["| run | side | start (UTC) | wall s (load -> artifact) | process s | ours: pass s "
-             "(statistics / solve) | llmc: load s / oneshot s | load avg start / mean / max "
-             "/ end | threads |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| run | side | start (UTC) | wall s (load -> artifact) | process s | ours: pass s "
+              "(statistics / solve) | llmc: load s / oneshot s | load avg start / mean / max "
+              "/ end | threads |"), "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
         ours = (f"{r['pass_seconds']:.0f} ({r['stages']['statistics']:.0f} / "
                 f"{r['stages']['solve']:.0f})" if r["side"] == "ours" else "")
