@@ -53,8 +53,9 @@ def serial_on_cpu(fn):
     and cholesky_inverse (LAPACK potri) is a short call; with two OpenMP threads on a shared
     2-core machine each waits at every op's barrier for a thread the scheduler has parked:
     a [3072, 576] GPTQ solve took 8.5 s with two threads and 0.5 s with one at load average 5,
-    and potri on [576, 576] 1.4 s against 6 ms (evaluate/RESULTS.md, issue 15). The codes are
-    the same (element-wise ops do not depend on the thread count)."""
+    and potri on [576, 576] 1.4 s against 6 ms (evaluate/RESULTS.md, issue 15). Element-wise
+    ops do not depend on the thread count; potri's last bits may, and the codes of both
+    measured matrices were the same with one and two threads."""
     @functools.wraps(fn)
     def wrapper(w: torch.Tensor, *args, **kwargs):
         if w.device.type != "cpu":
