@@ -198,11 +198,13 @@ class LayerStep:
         replace_inputs: each batch's output takes its input's place in `inputs` (returned), so
         the calibration activations are held once, not twice, while the next layer's inputs
         are made (2 GiB on an 8B-shaped model at 128 x 2048); the inputs are gone after."""
+        from compress.runtime.modules import decoded_once
+
         handles = [self.layer.get_submodule(name).register_forward_hook(
             lambda m, args, out, fn=fn: fn(m, args[0], out)) for name, fn in (hooks or {}).items()]
         outputs = []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), decoded_once(self.layer):   # compressed weights: once a run
                 for i, kwargs in enumerate(self.kwargs):
                     out = self.layer(self.inputs[i].to(self.device), **kwargs)
                     out = out[0] if isinstance(out, tuple) else out

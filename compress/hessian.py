@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from compress.errors import BadInputData, CompressError
@@ -43,3 +45,25 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6,
         damp *= 10
     raise CompressError(f"Cholesky factorization of the Hessian of {name or 'a module'} failed "
                         f"up to damping {damp / 10:g}")
+
+
+def serial_on_cpu(fn):
+    """Run fn(w, ...) with one intra-op thread when the weight w is on the CPU. The column loops
+    of GPTQ and SparseGPT are thousands of small ops (a few hundred thousand elements each)
+    and cholesky_inverse (LAPACK potri) is a short call; with two OpenMP threads on a shared
+    2-core machine each waits at every op's barrier for a thread the scheduler has parked:
+    a [3072, 576] GPTQ solve took 8.5 s with two threads and 0.5 s with one at load average 5,
+    and potri on [576, 576] 1.4 s against 6 ms (evaluate/RESULTS.md, issue 15). Element-wise
+    ops do not depend on the thread count; potri's last bits may, and the codes of both
+    measured matrices were the same with one and two threads."""
+    @functools.wraps(fn)
+    def wrapper(w: torch.Tensor, *args, **kwargs):
+        if w.device.type != "cpu":
+            return fn(w, *args, **kwargs)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(w, *args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+    return wrapper

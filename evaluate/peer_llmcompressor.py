@@ -42,6 +42,16 @@ What it does:
     word perplexity side by side with the loss ratio and compress's recovery gate. The saved
     checkpoint's perplexity on the evaluation windows must equal the row's: else no table.
 Each row is cached as JSON under --work (delete the file, or pass --fresh, to measure again).
+
+Speed (--speed N, with one --settings entry): GPTQ of both tools, each run a child process,
+interleaved (ours, llm-compressor, ours, llm-compressor, ...: N runs each), so that on a shared
+machine both sides see the same load. Each run is timed from the model load to the written
+artifact (ours: `compress apply` of a recipe with the setting and --ours, calibration
+`source: stdlib` with the windows' size and seed 0, checked to give the very windows of
+calib.pt; llm-compressor: from_pretrained + `oneshot` with GPTQModifier + save_pretrained
+(save_compressed)); imports are outside the clock on both sides, the child's whole life is
+recorded too. The 1-minute load average is sampled every 5 s during each run. Rows are appended
+to WORK/speed-SETTING.jsonl and the table of every row there is printed.
 """
 
 from __future__ import annotations
@@ -367,6 +377,158 @@ def peer_problems(setting: str, row: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Speed: one tool's GPTQ in a child process, from model load to the written artifact
+
+def speed_recipe(setting: str, options: dict, calib_shape) -> dict:
+    """Our recipe of the speed runs: the setting's quantize pass with GPTQ and `options`,
+    calibrated on the stdlib windows of calib.pt's size (seed 0: the same windows)."""
+    samples, seq_len = calib_shape
+    return {"calibration": {"source": "stdlib", "samples": samples, "seq_len": seq_len,
+                            "seed": 0},
+            "passes": [{"pass": "quantize", **SETTINGS[setting], "method": "gptq",
+                        "ignore": ["lm_head"], **options}]}
+
+
+def speed_ours(work: Path, setting: str, options: dict) -> dict:
+    """`compress apply` of speed_recipe in this process; imports before the clock."""
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the clock)
+    import yaml
+
+    import compress.api
+    import compress.pipeline  # noqa: F401
+    from compress.cli import main
+
+    out = work / "speed" / f"ours-{setting}"
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = out / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(speed_recipe(setting, options,
+                                                  torch.load(work / "calib.pt").shape),
+                                     sort_keys=False))
+    sys.argv = ["compress", "apply", str(recipe), str(work / "hf"), "-o", str(out / "artifact"),
+                "--overwrite", "--restart"]
+    start = time.perf_counter()
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code:
+            raise
+    seconds = time.perf_counter() - start
+    report = json.loads((out / "artifact" / "report.json").read_text())["passes"][0]
+    return {"seconds": seconds, "pass_seconds": report["seconds"],
+            "stages": report["summary"]["seconds"], "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def speed_llmc(work: Path, setting: str) -> dict:
+    """llm-compressor (LLMC_PYTHON): load, `oneshot` with its GPTQModifier (llmc_modifiers),
+    save_pretrained(save_compressed=True); imports before the clock."""
+    import llmcompressor
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    calib = torch.load(work / "calib.pt")
+    out = work / "speed" / f"llmc-{setting}"
+    recipe = llmc_modifiers(setting, "gptq")
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(work / "hf")
+    loaded = time.perf_counter()
+    data = Dataset.from_dict({"input_ids": calib.tolist(),
+                              "attention_mask": torch.ones_like(calib).tolist()})
+    oneshot(model=model, tokenizer=tokenizer, recipe=recipe, dataset=data,
+            num_calibration_samples=len(calib), max_seq_length=calib.shape[1],
+            shuffle_calibration_samples=False)
+    done = time.perf_counter()
+    model.save_pretrained(out / "artifact", save_compressed=True)
+    tokenizer.save_pretrained(out / "artifact")
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "load_seconds": loaded - start, "oneshot_seconds": done - loaded,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "version": llmcompressor.__version__}
+
+
+def speed_child(work: Path, side: str, setting: str, options: dict) -> dict:
+    """One speed run in a child process, with the 1-minute load average sampled every 5 s."""
+    import threading
+
+    if side == "ours":
+        cmd = [sys.executable, __file__, "--work", str(work), "--speed-job",
+               f"ours:{setting}", "--ours", json.dumps(options)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    else:
+        cmd = [LLMC_PYTHON, __file__, "--work", str(work), "--speed-job", f"llmc:{setting}"]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    loads, done = [os.getloadavg()[0]], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(5):
+            loads.append(os.getloadavg()[0])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    began, start = time.strftime("%H:%M:%S", time.gmtime()), time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    life = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    loads.append(os.getloadavg()[0])
+    log = work / "speed" / f"{side}-{setting}.log"
+    log.write_text(run.stdout + run.stderr)
+    if run.returncode:
+        raise RuntimeError(f"speed run {side} {setting} failed (see {log})")
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    return {"side": side, "setting": setting, "start_utc": began, "process_seconds": life,
+            "load_start": loads[0], "load_mean": sum(loads) / len(loads),
+            "load_max": max(loads), "load_end": loads[-1], **result}
+
+
+def speed_table(rows: list[dict]) -> list[str]:
+    lines = [("| run | side | start (UTC) | wall s (load -> artifact) | process s | ours: pass s "
+              "(statistics / solve) | llmc: load s / oneshot s | load avg start / mean / max "
+              "/ end | threads |"), "|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows, 1):
+        ours = (f"{r['pass_seconds']:.0f} ({r['stages']['statistics']:.0f} / "
+                f"{r['stages']['solve']:.0f})" if r["side"] == "ours" else "")
+        peer = (f"{r['load_seconds']:.1f} / {r['oneshot_seconds']:.0f}"
+                if r["side"] == "llmc" else "")
+        lines.append(f"| {i} | {r['side']} | {r['date']} {r['start_utc']} | {r['seconds']:.0f} | "
+                     f"{r['process_seconds']:.0f} | {ours} | {peer} | {r['load_start']:.1f} / "
+                     f"{r['load_mean']:.1f} / {r['load_max']:.1f} / {r['load_end']:.1f} | "
+                     f"{r['threads']} |")
+    return lines
+
+
+def run_speed(work: Path, setting: str, options: dict, runs: int) -> None:
+    """`runs` interleaved pairs (ours first); rows appended to WORK/speed-SETTING.jsonl."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from compress.calib import CalibrationConfig, calibration_windows
+
+    calib = torch.load(work / "calib.pt")
+    cfg = CalibrationConfig(**speed_recipe(setting, options, calib.shape)["calibration"])
+    if not torch.equal(calibration_windows(AutoTokenizer.from_pretrained(work / "hf"), cfg),
+                       calib):
+        raise SystemExit(f"the stdlib windows of {cfg} differ from {work / 'calib.pt'}: the "
+                         "two sides would not calibrate on the same tokens")
+    (work / "speed").mkdir(exist_ok=True)
+    path = work / f"speed-{setting}.jsonl"
+    for _ in range(runs):
+        for side in ("ours", "llmc"):
+            row = speed_child(work, side, setting, options)
+            row["date"] = time.strftime("%Y-%m-%d", time.gmtime())
+            row["options"] = options if side == "ours" else {}
+            with path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    print("\n".join(speed_table(rows)))
+
+
+# ---------------------------------------------------------------------------------------------
 # lm-eval on the saved checkpoints (this venv, one harness for both sides)
 
 TASKS = ("stdlib_docs", "stdlib_lastword")
@@ -470,8 +632,18 @@ def main() -> None:
                         help="documents per task (default: the full sets)")
     parser.add_argument("--min-recovery", type=float, default=0.9,
                         help="compress's recovery gate shown in the lm-eval table")
+    parser.add_argument("--speed", type=int, metavar="N",
+                        help="time GPTQ of both tools, N interleaved runs each, at the one "
+                             "setting of --settings (see the module docstring)")
     parser.add_argument("--llmc", help=argparse.SUPPRESS)      # internal: one llm-compressor run
+    parser.add_argument("--speed-job", help=argparse.SUPPRESS)  # internal: one speed run
     args = parser.parse_args()
+    if args.speed_job:
+        side, setting = args.speed_job.split(":")
+        result = (speed_ours(args.work, setting, json.loads(args.ours)) if side == "ours"
+                  else speed_llmc(args.work, setting))
+        print(json.dumps(result))
+        return
     if args.llmc:
         setting, method = args.llmc.split(":")
         print(json.dumps(run_llmc(args.work, setting, method, args.save_models is not None)))
@@ -481,6 +653,11 @@ def main() -> None:
         prepare(args.work, args.samples, args.seq_len, args.eval_tokens)
     options = json.loads(args.ours)
     w = args.work
+    if args.speed:
+        if len(args.settings) != 1:
+            raise SystemExit("--speed: give one setting (--settings SETTING)")
+        run_speed(w, args.settings[0], options, args.speed)
+        return
 
     def save(m: str) -> bool:
         return args.save_models is not None and (not args.save_models or m in args.save_models)

@@ -384,3 +384,31 @@ def test_block_graph_buffers_give_the_eager_codes(monkeypatch, fmt_kwargs, maske
     replayed, _ = gptq.gptq_quantize(w, H, fmt, block_size=64, act_order=True, mask=mask)
     assert torch.equal(eager.codes, replayed.codes)
     assert torch.equal(eager.scale, replayed.scale)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_fake_quantize_equals_decode_of_encode(fmt):
+    """The MSE scale search's shortcut (no int8 round trip) gives decode(encode(w)) bit for bit,
+    clipped groups and an all-zero group included."""
+    c = codec(fmt)
+    g = fmt.group_size or 96
+    w = torch.randn(24, 3, g, generator=torch.Generator().manual_seed(1)) * 0.05
+    w[0, 0] = 0
+    tensor_scale = c.tensor_scale(w.reshape(24, -1), fmt)
+    for shrink in (1.0, 0.8, 0.6):
+        p = c.group_params(w * shrink, fmt, tensor_scale)
+        assert torch.equal(c.fake_quantize(w, p), c.decode(c.encode(w, p), p))
+
+
+def test_solve_runs_on_one_cpu_thread_and_restores_the_count():
+    from compress.hessian import serial_on_cpu
+
+    seen = []
+    solve = serial_on_cpu(lambda w: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)    # whatever the machine: two before the call, one inside
+    try:
+        solve(torch.zeros(2, 2))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

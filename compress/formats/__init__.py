@@ -181,6 +181,11 @@ class Codec(ABC):
     def decode(self, codes: torch.Tensor, p: GroupParams) -> torch.Tensor:
         """float32 values of codes on the grid p."""
 
+    def fake_quantize(self, w: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        """decode(encode(w, p), p): the float32 values w rounds to (a codec may compute them
+        without the int8 codes, equal bit for bit)."""
+        return self.decode(self.encode(w, p), p)
+
     @abstractmethod
     def pack(self, q: QuantizedWeight, scale_dtype: torch.dtype = torch.float32
              ) -> dict[str, torch.Tensor]:

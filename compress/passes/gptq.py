@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from compress.formats import GroupParams, QuantizedWeight, WeightFormat, codec
-from compress.hessian import inverse_cholesky, prepare_hessian
+from compress.hessian import inverse_cholesky, prepare_hessian, serial_on_cpu
 from compress.passes import qparams
 
 GRAPH_ENV = "COMPRESS_GPTQ_GRAPH"   # "0": run the column loop eagerly on CUDA too
@@ -114,6 +114,7 @@ def _static_params(w: torch.Tensor, fmt: WeightFormat, g: int, tensor_scale,
     return qparams.group_params(wg, fmt, tensor_scale, importance.reshape(-1, g), search)
 
 
+@serial_on_cpu
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False,
                   mask: torch.Tensor | None = None, name: str = "",

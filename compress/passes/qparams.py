@@ -33,10 +33,9 @@ def quant_error(w: torch.Tensor, p: GroupParams,
                 importance: torch.Tensor | None = None) -> torch.Tensor:
     """Per-group (optionally weighted) squared rounding error on the grid p. w: [..., g] ->
     [..., 1]."""
-    c = codec(p.fmt)
-    err = (w.float() - c.decode(c.encode(w, p), p)).pow(2)
+    err = codec(p.fmt).fake_quantize(w, p).sub_(w).square_()   # (q - w)^2 = (w - q)^2
     if importance is not None:
-        err = err * importance
+        err = err.mul_(importance)
     return err.sum(dim=-1, keepdim=True)
 
 

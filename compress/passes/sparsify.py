@@ -24,7 +24,7 @@ from compress.calib import check_finite
 from compress.errors import CompressError, UsageError
 from compress.formats.artifact import BEFORE_SAVE
 from compress.formats.sparse24 import check_nm, fits_24
-from compress.hessian import inverse_cholesky, prepare_hessian
+from compress.hessian import inverse_cholesky, prepare_hessian, serial_on_cpu
 from compress.models import layers_path
 from compress.passes.base import Context, PassConfig, PassReport, register
 from compress.passes.quantize import note_unsplit_experts, target_linears
@@ -128,6 +128,7 @@ def wanda_scores(w: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
     return w.abs() * x_norm.unsqueeze(0)
 
 
+@serial_on_cpu
 def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, n: int, m: int,
                     sparsity: float | None = None, block_size: int = 128,
                     damp: float = 0.01) -> torch.Tensor:
