@@ -35,17 +35,17 @@ INT4 = {"pass": "quantize", "format": "int4", "group_size": 128, "symmetric": Tr
 PRECOMPUTE = {"pass": "precompute", "table_dtype": "bfloat16"}   # the model's own dtype
 
 SUBJECTS = {
-    "llama-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                               max_position_embeddings=4096, rope_theta=500000.0,
-                               tie_word_embeddings=True),
+    "llama-1b": ("llama", {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                               "max_position_embeddings": 4096, "rope_theta": 500000.0,
+                               "tie_word_embeddings": True},
                  {"precompute": [PRECOMPUTE], "int4": [INT4],
                   "int4 + precompute": [INT4, PRECOMPUTE]}),
-    "pythia-1.4b": ("gpt_neox", dict(hidden_size=2048, intermediate_size=8192,
-                                     num_hidden_layers=24, num_attention_heads=16,
-                                     vocab_size=50304, max_position_embeddings=2048,
-                                     rotary_pct=0.25, use_parallel_residual=True,
-                                     tie_word_embeddings=False),
+    "pythia-1.4b": ("gpt_neox", {"hidden_size": 2048, "intermediate_size": 8192,
+                                     "num_hidden_layers": 24, "num_attention_heads": 16,
+                                     "vocab_size": 50304, "max_position_embeddings": 2048,
+                                     "rotary_pct": 0.25, "use_parallel_residual": True,
+                                     "tie_word_embeddings": False},
                     {"precompute": [PRECOMPUTE], "rmsnorm": [{"pass": "rmsnorm", "mode": "rmsnorm"}],
                      "crmsnorm": [{"pass": "rmsnorm", "mode": "crmsnorm"}], "int4": [INT4],
                      "int4 + precompute": [INT4, PRECOMPUTE],
@@ -55,8 +55,8 @@ SUBJECTS = {
                      "crmsnorm + int4": [{"pass": "rmsnorm", "mode": "crmsnorm"},
                                          {**INT4, "indivisible": "per_channel"}]}),
 }
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            vocab_size=1000, max_position_embeddings=512)
+TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "vocab_size": 1000, "max_position_embeddings": 512}
 
 
 def byte_tokenizer():
