@@ -127,6 +127,13 @@ def main() -> None:
     if device == "cpu" and not args.tiny:
         raise SystemExit("1B models need the GPU; use --tiny for a CPU dry run")
     wanted = set(args.rows.split(",")) if args.rows else None
+    header = {"device": device if device == "cpu" else torch.cuda.get_device_name(),
+              "torch": torch.__version__, "cmd": " ".join(sys.argv)}
+
+    def log(subject: str, name: str, row: dict) -> None:   # a row at a time: a cut run keeps them
+        with open(args.log, "a") as f:
+            f.write(json.dumps({**header, "date": time.strftime("%Y-%m-%d %H:%M"),
+                                "subject": subject, "row": name, **row}) + "\n")
     table = []
     for subject in args.subjects.split(","):
         model_type, config, rows = SUBJECTS[subject]
@@ -136,7 +143,11 @@ def main() -> None:
         t = time.perf_counter()
         original = build(args.work / subject / "original", model_type, config, device)
         print(f"{subject}: built in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        t = time.perf_counter()
         results = {"original": measure(original, "original", device, args)}
+        log(subject, "original", results["original"])
+        print(f"{subject} original: measured in {time.perf_counter() - t:.1f} s",
+              file=sys.stderr, flush=True)
         for name, passes in rows.items():
             if wanted and name not in wanted:
                 continue
@@ -146,15 +157,15 @@ def main() -> None:
                 compress.apply(str(original), [dict(p) for p in passes], out, overwrite=True,
                                device=device)
                 made = time.perf_counter() - t
+                print(f"{subject} {name}: applied in {made:.1f} s", file=sys.stderr, flush=True)
                 results[name] = {**measure(out, name, device, args), "apply_s": made}
+                print(f"{subject} {name}: measured in {time.perf_counter() - t - made:.1f} s, "
+                      f"{results[name]['decode_tokens_per_s']:.1f} tok/s ({results[name]['method']})",
+                      file=sys.stderr, flush=True)
             except Exception as exc:  # noqa: BLE001 (reported in the table)
                 results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
                 print(f"{subject} {name}: {results[name]['error']}", file=sys.stderr)
-        header = {"subject": subject, "device": device if device == "cpu" else
-                  torch.cuda.get_device_name(), "torch": torch.__version__,
-                  "date": time.strftime("%Y-%m-%d %H:%M"), "cmd": " ".join(sys.argv)}
-        with open(args.log, "a") as log:
-            log.write(json.dumps({**header, "rows": results}) + "\n")
+            log(subject, name, results[name])
         table.append((subject, results))
 
     print(f"\n{device}, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens "

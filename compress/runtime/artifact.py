@@ -119,7 +119,8 @@ def load_artifact(path: str | Path, device=None, dtype=None, verify: bool = True
     torch_dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype)
-    model = auto.from_config(config, dtype=torch_dtype)
+    with _skeleton():   # every weight is read below: random init would be wasted (minutes at 8B)
+        model = auto.from_config(config, dtype=torch_dtype)
     model.compress_structure = dict(section.get("structure", {}))
     loaders = structure_loaders()
     for key, value in model.compress_structure.items():
@@ -157,6 +158,17 @@ def load_artifact(path: str | Path, device=None, dtype=None, verify: bool = True
         fuse_rmsnorms(model)   # one Triton kernel per norm call in the decode step
         fuse_projections(model)   # q/k/v and gate/up: one matmul each (same memory)
     return model
+
+
+def _skeleton():
+    """transformers' own no-init context (the one from_pretrained uses): parameters are left
+    uninitialized, buffers computed in __init__ (rotary inv_freq, position ids) are kept. Every
+    parameter is then either loaded or tied, else load_artifact refuses the artifact."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:   # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _is_buffer(model: nn.Module, key: str) -> bool:
