@@ -454,6 +454,8 @@ class Calibrator:
                         ctx.settle_layer(layer)
                 # A layer finished before a resume is only re-run, to rebuild the next inputs.
                 inputs = step.run(replace_inputs=True)
+                if ctx and index >= start:
+                    ctx.finish_layer(index)   # on the calibration device (see finish_layer)
                 layer.to("cpu")
                 if ctx and index >= start:
                     ctx.close_layer(index, layer)
