@@ -136,3 +136,24 @@ def test_loading_skips_random_init(tmp_path, monkeypatch):
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_bench_baseline_runs_the_models_own_norms(tmp_path):
+    """`compress bench`'s default baseline is the uncompressed model as transformers runs it:
+    the fused-norm forward that compress.load installs on CUDA is the artifact's, not the
+    baseline's (else bench reports less than kernels/bench_e2e.py against its bf16 row)."""
+    from compress.evaluation.bench import dequantized_copy
+    from compress.runtime.modules import QuantizedLinear
+    from compress.runtime.norms import _fused_forward
+
+    _, model = _quantized_artifact(tmp_path)
+    norm = model.model.layers[0].input_layernorm
+    norm.forward, norm.fused_rmsnorm = _fused_forward.__get__(norm), True   # as on CUDA
+    dense = dequantized_copy(model)
+    copied = dense.model.layers[0].input_layernorm
+    assert "forward" not in vars(copied) and not copied.fused_rmsnorm
+    assert "forward" in vars(norm)   # the artifact's model keeps its fused norms
+    assert not any(isinstance(m, QuantizedLinear) for m in dense.modules())
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, model(ids).logits, atol=1e-4)

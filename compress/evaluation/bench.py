@@ -192,12 +192,19 @@ def measure_speed(model: nn.Module, label: str, batch: int = 1, prompt_len: int 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:
     """The same model with every compressed linear replaced by a dense nn.Linear holding its
-    dequantized weight: the unquantized baseline with identical shapes (for speed only)."""
+    dequantized weight: the unquantized baseline with identical shapes (for speed only). Its
+    norms run transformers' own forward again, as the uncompressed model does when a user runs
+    it (compress.load's fused RMSNorm kernel is part of what the artifact brings), so the
+    speed-up is the one kernels/bench_e2e.py reports against its bf16 row."""
     import copy
 
     from compress.runtime.modules import QuantizedLinear, set_module
 
     dense = copy.deepcopy(model)
+    for module in dense.modules():
+        if getattr(module, "fused_rmsnorm", False):   # see compress.runtime.norms.fuse_rmsnorms
+            del module.forward
+            module.fused_rmsnorm = False
     dtype = next(p.dtype for p in dense.parameters() if p.is_floating_point())
     for name, module in list(dense.named_modules()):
         if isinstance(module, QuantizedLinear) or hasattr(module, "weight_meta"):
