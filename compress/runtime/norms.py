@@ -75,31 +75,42 @@ def load_rmsnorm(model: nn.Module, record: dict) -> None:
 def fuse_rmsnorms(model: nn.Module) -> int:
     """Run every RMSNorm of the model that computes weight * (x / rms(x)) through the one-pass
     Triton kernel (compress/kernels/rmsnorm.py) where kernels run (CUDA): transformers' norm is
-    ~6 small kernels a call, ~65 calls a decode step of an 8B model. Which norms qualify is
+    ~6 small kernels a call, ~65 calls a decode step of an 8B model. Also the rmsnorm pass's
+    weightless RMSNorms and CRMSNorms (nine kernels a call eager). Which norms qualify is
     checked on a random row, not read from class names (Gemma's (1 + weight) norm fails the
     check and stays as it is). Patches the instances' forward; the state dict is unchanged.
     Returns how many norms now run fused."""
     from compress.kernels.rmsnorm import add_rmsnorm
     from compress.runtime.modules import kernel_unavailable
 
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
     fused = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         if (not type(module).__name__.endswith("RMSNorm") or not isinstance(eps, float)
-                or not isinstance(weight, torch.Tensor) or weight.dim() != 1
                 or getattr(module, "fused_rmsnorm", False)):
             continue
-        x = torch.randn(4, weight.numel(), device=weight.device, dtype=weight.dtype)
+        crms_dim = module.dim if isinstance(module, CRMSNorm) else None
+        if isinstance(weight, torch.Tensor):
+            if weight.dim() != 1:
+                continue
+            width, like = weight.numel(), weight
+        elif weight is None and reference is not None and (
+                crms_dim or len(getattr(module, "normalized_shape", ())) == 1):
+            width, like = (crms_dim - 1 if crms_dim else module.normalized_shape[0]), reference
+        else:
+            continue
+        x = torch.randn(4, width, device=like.device, dtype=like.dtype)
         if kernel_unavailable(x) is not None:
             continue
         with torch.no_grad():
-            want, got = module(x), add_rmsnorm(x, None, weight, eps)[0]
+            want, got = module(x), add_rmsnorm(x, None, weight, eps, crms_dim)[0]
         if want.shape != got.shape or not torch.allclose(want.float(), got.float(), rtol=1e-2,
                                                          atol=1e-2):
             continue
         module.forward = _fused_forward.__get__(module)
-        module.fused_rmsnorm = True
+        module.fused_rmsnorm, module.fused_crms_dim = True, crms_dim
         fused += 1
     return fused
 
@@ -111,4 +122,4 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if kernel_unavailable(x) is not None:   # moved to the CPU since: the module's own forward
         return type(self).forward(self, x)
     eps = getattr(self, "variance_epsilon", getattr(self, "eps", None))
-    return add_rmsnorm(x, None, self.weight, eps)[0]
+    return add_rmsnorm(x, None, getattr(self, "weight", None), eps, self.fused_crms_dim)[0]

@@ -39,6 +39,38 @@ def test_add_rmsnorm_reference_is_llama_rmsnorm(rng):
     torch.testing.assert_close(y, norm(x + r), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("crms", [False, True], ids=["weightless", "crmsnorm"])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rmsnorm_pass_norms_match_reference(dtype, crms, with_residual, rng):
+    """The rmsnorm pass's norms: weightless RMSNorm and CRMSNorm (rows of dim - 1 values)."""
+    x = (torch.randn(3, 95, generator=rng) + 0.3).to(dtype)   # a mean, so sum(h) matters
+    res = torch.randn(3, 95, generator=rng).to(dtype) if with_residual else None
+    crms_dim = 96 if crms else None
+    y, h = add_rmsnorm(x, res, None, 1e-5, crms_dim)
+    y_ref, h_ref = add_rmsnorm_ref(x, res, None, 1e-5, crms_dim)
+    assert y.dtype == y_ref.dtype == dtype
+    tol = ELEMENT_TOL[dtype]
+    torch.testing.assert_close(h.float(), h_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
+    if crms:   # not the plain RMSNorm of the stored values
+        plain = add_rmsnorm_ref(x, res, None, 1e-5)[0]
+        assert (plain.float() - y_ref.float()).abs().max() > 10 * tol
+
+
+def test_rmsnorm_pass_references_are_the_runtime_modules(rng):
+    from compress.runtime.norms import CRMSNorm
+
+    x = torch.randn(2, 5, 63, generator=rng) + 0.5
+    torch.testing.assert_close(add_rmsnorm_ref(x, None, None, 1e-6, 64)[0],
+                               CRMSNorm(64, 1e-6)(x), rtol=1e-6, atol=1e-6)
+    norm = torch.nn.RMSNorm(63, eps=1e-6, elementwise_affine=False)
+    torch.testing.assert_close(add_rmsnorm_ref(x, None, None, 1e-6)[0], norm(x),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(Exception, match="CRMSNorm stores dim - 1"):
+        add_rmsnorm(x, None, None, 1e-6, 63)
+
+
 def llama_rope(head_dim, positions):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding

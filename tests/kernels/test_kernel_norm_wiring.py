@@ -45,3 +45,25 @@ def test_a_norm_of_another_formula_is_left_alone(monkeypatch):
 def test_nothing_is_fused_where_kernels_do_not_run(monkeypatch):
     monkeypatch.setenv("COMPRESS_KERNELS", "auto")     # CPU tensors: the reference runs
     assert fuse_rmsnorms(tiny("llama")) == 0
+
+
+def test_rmsnorm_pass_norms_run_fused_with_the_same_logits(monkeypatch):
+    """A GPT-NeoX (LayerNorm) model converted by the rmsnorm pass: its weightless RMSNorms or
+    CRMSNorms all run the kernel, with the logits of the eager modules."""
+    from compress.calib import CalibrationConfig
+    from compress.models import arch_for
+    from compress.passes import Context, run_pass
+    from compress.passes.rmsnorm import RMSNormConfig
+
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    for mode in ("rmsnorm", "crmsnorm"):
+        model = tiny("gpt_neox")
+        ctx = Context(model, None, arch_for(model.config), CalibrationConfig(),
+                      torch.device("cpu"))
+        norms = run_pass(ctx, RMSNormConfig(mode=mode)).summary["norms"]
+        with torch.no_grad():
+            want = model(ids).logits
+            assert fuse_rmsnorms(model) == norms == 2 * 2 + 1
+            got = model(ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
