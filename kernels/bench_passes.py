@@ -29,48 +29,33 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluate"))
+
+from gptq_gpu_speed import byte_tokenizer
 
 INT4 = {"pass": "quantize", "format": "int4", "group_size": 128, "symmetric": True,
         "method": "rtn", "ignore": ["lm_head"]}
 PRECOMPUTE = {"pass": "precompute", "table_dtype": "bfloat16"}   # the model's own dtype
 
-SUBJECTS = {
-    "llama-1b": ("llama", {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-                               "max_position_embeddings": 4096, "rope_theta": 500000.0,
-                               "tie_word_embeddings": True},
-                 {"precompute": [PRECOMPUTE], "int4": [INT4],
-                  "int4 + precompute": [INT4, PRECOMPUTE]}),
-    "pythia-1.4b": ("gpt_neox", {"hidden_size": 2048, "intermediate_size": 8192,
-                                     "num_hidden_layers": 24, "num_attention_heads": 16,
-                                     "vocab_size": 50304, "max_position_embeddings": 2048,
-                                     "rotary_pct": 0.25, "use_parallel_residual": True,
-                                     "tie_word_embeddings": False},
-                    {"precompute": [PRECOMPUTE], "rmsnorm": [{"pass": "rmsnorm", "mode": "rmsnorm"}],
-                     "crmsnorm": [{"pass": "rmsnorm", "mode": "crmsnorm"}], "int4": [INT4],
-                     "int4 + precompute": [INT4, PRECOMPUTE],
-                     "rmsnorm + int4": [{"pass": "rmsnorm", "mode": "rmsnorm"}, INT4],
-                     # CRMSNorm keeps d - 1 of the residual's d values: no group of 128 divides
-                     # the inputs that read it, so those layers are quantized per channel
-                     "crmsnorm + int4": [{"pass": "rmsnorm", "mode": "crmsnorm"},
-                                         {**INT4, "indivisible": "per_channel"}]}),
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+            "max_position_embeddings": 4096, "rope_theta": 500000.0, "tie_word_embeddings": True}
+PYTHIA_1B4 = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+              "num_attention_heads": 16, "vocab_size": 50304, "max_position_embeddings": 2048,
+              "rotary_pct": 0.25, "use_parallel_residual": True, "tie_word_embeddings": False}
+RMSNORM, CRMSNORM = {"pass": "rmsnorm", "mode": "rmsnorm"}, {"pass": "rmsnorm", "mode": "crmsnorm"}
+SUBJECTS = {   # name: (model_type, config, {row: passes})
+    "llama-1b": ("llama", LLAMA_1B, {"precompute": [PRECOMPUTE], "int4": [INT4],
+                                     "int4 + precompute": [INT4, PRECOMPUTE]}),
+    "pythia-1.4b": ("gpt_neox", PYTHIA_1B4, {
+        "precompute": [PRECOMPUTE], "rmsnorm": [RMSNORM], "crmsnorm": [CRMSNORM],
+        "int4": [INT4], "int4 + precompute": [INT4, PRECOMPUTE], "rmsnorm + int4": [RMSNORM, INT4],
+        # CRMSNorm keeps d - 1 of the residual's d values: no group of 128 divides the inputs
+        # that read it, so those layers are quantized per channel
+        "crmsnorm + int4": [CRMSNORM, {**INT4, "indivisible": "per_channel"}]}),
 }
-TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "vocab_size": 1000, "max_position_embeddings": 512}
-
-
-def byte_tokenizer():
-    """256 byte tokens + <eos>, built in code (the calibrated passes tokenize a few stdlib
-    docstrings; nothing here depends on the text)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>")
+TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "vocab_size": 1000, "max_position_embeddings": 512}
 
 
 def build(path: Path, model_type: str, config_kwargs: dict, device) -> Path:
