@@ -111,3 +111,23 @@ def test_sparse24_kernel_on_gpu(kind, case, dtype, rng):
     for path in SPARSE_PATHS:
         y = sparse24_matmul(x, kind, t, (n, k), path=path)
         assert_matmul_close(y, ref, x, dense, (kind, path, case))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["llama", "weightless", "crmsnorm"])
+@pytest.mark.parametrize("width", [96, 4096])
+def test_norm_kernel_on_gpu(dtype, kind, width, rng):
+    """The fused norm compiled for the GPU: Llama's RMSNorm after a residual add, and the
+    rmsnorm pass's weightless RMSNorm and CRMSNorm (rows of dim - 1), against the reference."""
+    from compress.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_ref
+
+    d = width - 1 if kind == "crmsnorm" else width
+    x = cuda((torch.randn(5, d, generator=rng) + 0.3).to(dtype))
+    res = cuda(torch.randn(5, d, generator=rng).to(dtype))
+    weight = cuda(torch.rand(d, generator=rng).to(dtype) + 0.5) if kind == "llama" else None
+    crms_dim = width if kind == "crmsnorm" else None
+    y, h = add_rmsnorm(x, res, weight, 1e-5, crms_dim)
+    y_ref, h_ref = add_rmsnorm_ref(x, res, weight, 1e-5, crms_dim)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(h.float(), h_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
