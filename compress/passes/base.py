@@ -152,9 +152,10 @@ class Context:
     def finish_layer(self, index: int) -> None:
         """When the last pass is done with a streamed layer, turn it into what the artifact
         stores (the BEFORE_SAVE hooks: 2:4 storage). The calibrator calls this while the
-        layer is still on the calibration device: compressing a [14336, 4096] weight to 2:4
-        takes seconds on a CPU and milliseconds on a GPU (SparseGPT on 4 layers of an
-        8B-shaped model: 26 s -> 50 s when it ran after the move, kernels/BENCHMARKS.md)."""
+        layer is still on the calibration device: compressing one [14336, 4096] weight to 2:4
+        takes 3.9 s on a 2-core CPU, and the likely cause of SparseGPT's pass time on 4 layers
+        of an 8B-shaped model rising from 26 s to 50 s on the H200 was running it after the
+        move (evaluate/RESULTS.md, fifth session)."""
         if self.store is None or not self.store.final or self._finished == index:
             return
         from compress.formats.artifact import BEFORE_SAVE
