@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -104,7 +105,7 @@ def decoded_weight(module: nn.Module, x: torch.Tensor,
         return scoped[x.dtype]
     if x.device.type != "cpu" or not getattr(module, "keep_decoded", False):
         return decode()
-    key = (x.dtype, tuple(b.data_ptr() for b in module.buffers(recurse=False)))
+    key = (x.dtype, tuple(b.data_ptr() for b in module._buffers.values() if b is not None))
     cached = getattr(module, "_decoded", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -151,15 +152,22 @@ KERNELS_ENV = "COMPRESS_KERNELS"
 
 
 def kernel_unavailable(x: torch.Tensor) -> str | None:
-    """Why the reference must run for input x, or None when the Triton kernel can."""
+    """Why the reference must run for input x, or None when the Triton kernel can. Called for
+    every linear of every step: cheap checks first (at CPU batch-1 decode the per-call Python
+    cost is a measurable part of the step, kernels/BENCHMARKS.md)."""
     mode = os.environ.get(KERNELS_ENV, "auto")
     if mode == "off":
         return f"{KERNELS_ENV}=off"
-    if importlib.util.find_spec("triton") is None:
-        return "triton not installed"
     if mode != "always" and not x.is_cuda:
         return x.device.type
+    if not _triton_installed():
+        return "triton not installed"
     return None
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def kernel_key(module: nn.Module, layout: str = "dense") -> str:
@@ -191,10 +199,14 @@ def _run_kernel(module: nn.Module, x: torch.Tensor, layout: str, path: str) -> t
 
 
 def _record(module: nn.Module, path: str) -> None:
-    module.kernel_path = path
-    if not hasattr(module, "kernel_calls"):
-        module.kernel_calls = Counter()
-    module.kernel_calls[path] += 1
+    # plain attributes, written to __dict__ directly: nn.Module.__setattr__ checks parameters,
+    # buffers and submodules first, which costs more than the record itself at every call
+    state = module.__dict__
+    state["kernel_path"] = path
+    calls = state.get("kernel_calls")
+    if calls is None:
+        calls = state["kernel_calls"] = Counter()
+    calls[path] += 1
 
 
 def dispatch_linear(module: nn.Module, x: torch.Tensor,
