@@ -15,22 +15,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def ms_per_step(model, ids: torch.Tensor, steps: int) -> float:
-    out = model(ids, use_cache=True)
-    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = model(tok, past_key_values=cache, use_cache=True)
-        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return (time.perf_counter() - start) / steps * 1e3
 
 
 def main() -> None:
@@ -43,7 +32,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import compress
+    from compress.evaluation.bench import eager_decode_step_s
     from compress.models import load_model, set_offline_unless_asked
+
+    def ms_per_step(model, steps: int) -> float:   # compress bench's own CPU decode timing
+        return eager_decode_step_s(model, ids, steps) * 1e3
 
     set_offline_unless_asked()
     artifact = compress.load(args.artifact)
@@ -52,12 +45,12 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(0))
     timed = {"artifact": [], "float32": []}
     with torch.inference_mode():
-        ms_per_step(artifact, ids, 4)   # warm-up: the artifact decodes its weights once here
-        ms_per_step(baseline, ids, 4)
+        ms_per_step(artifact, 4)   # warm-up: the artifact decodes its weights once here
+        ms_per_step(baseline, 4)
         for pair in range(args.pairs):
             order = [("artifact", artifact), ("float32", baseline)][::1 if pair % 2 else -1]
             for name, model in order:
-                timed[name].append(ms_per_step(model, ids, args.steps))
+                timed[name].append(ms_per_step(model, args.steps))
     ratios = [f / a for a, f in zip(timed["artifact"], timed["float32"])]
     print(f"cpu, {torch.get_num_threads()} threads, batch 1, prompt {args.prompt_len}, "
           f"{args.pairs} pairs of {args.steps} decode steps")

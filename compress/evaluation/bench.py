@@ -68,23 +68,26 @@ def _timed(fn, device, repeats: int, setup=None) -> float:
 
 
 @torch.inference_mode()
+def eager_decode_step_s(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds per greedy decode step after the prompt `ids`, eagerly with a dynamic cache
+    (the prompt's forward is not timed)."""
+    out = model(ids, use_cache=True)
+    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(tok, past_key_values=cache, use_cache=True)
+        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - t0) / new_tokens
+
+
+@torch.inference_mode()
 def measure_cpu(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
                 repeats: int) -> tuple[float, float, str]:
     """(prefill seconds, seconds per decode step, method) with a dynamic cache, eagerly."""
     device = next(model.parameters()).device
     ids = _ids(model, batch, prompt_len, device)
     prefill = _timed(lambda: model(ids, use_cache=True), device, repeats)
-
-    def decode():
-        out = model(ids, use_cache=True)
-        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(tok, past_key_values=cache, use_cache=True)
-            cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return (time.perf_counter() - t0) / new_tokens
-
-    steps = [decode() for _ in range(repeats)]
+    steps = [eager_decode_step_s(model, ids, new_tokens) for _ in range(repeats)]
     return prefill, statistics.median(steps), f"{device.type} eager"
 
 

@@ -277,7 +277,8 @@ def quantize(ctx: Context, cfg: QuantizeConfig) -> PassReport:
 
 def note_unsplit_experts(model, report: PassReport) -> None:
     """3D expert weights of a layout compress cannot split (compress.runtime.moe.fused_layout
-    knows Mixtral/Qwen-style, Llama 4-style and gpt-oss-style experts) are not Linears, so no pass touches them: say so, never silently."""
+    knows Mixtral/Qwen-style, Llama 4-style and gpt-oss-style experts) are not Linears, so no
+    pass touches them: say so, never silently."""
     from compress.progress import console
     from compress.runtime.moe import unsplit_experts
 
