@@ -3,6 +3,8 @@
 calibrated on the same token windows. Prints a table last; full logs and JSON under --out.
 
     python evaluate/gptq_gpu_speed.py --out $OUT                  # H200: 4 and 32 layers, peer
+    python evaluate/gptq_gpu_speed.py --out $OUT --layers 32 --peer-layers 32 --kinds "" \
+        --budget 540                                 # the 32-layer model side by side
     python evaluate/gptq_gpu_speed.py --device cpu --layers 2 --peer-layers 2 --hidden 256 \\
         --intermediate 512 --heads 4 --kv-heads 2 --vocab 512 --samples 4 --seq 64   # CPU check
 
@@ -232,9 +234,14 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=400,
                         help="seconds for everything; later stages are skipped when short")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--kinds", default="sparsegpt-2:4,awq+gptq",
+                        help="our other methods run on the side-by-side model ('' for none)")
     parser.add_argument("--only-big", action="store_true",
                         help="only ours on --layers layers (no small run, peer or other methods)")
     args = parser.parse_args()
+    unknown = [k for k in filter(None, args.kinds.split(",")) if k not in RECIPES]
+    if unknown:
+        parser.error(f"--kinds: unknown {unknown}; choose from {sorted(RECIPES)}")
     if args.job:
         spec = json.loads(args.job)
         result = (job_peer if spec["kind"] == "peer" else job_ours)(spec)
@@ -304,7 +311,7 @@ def main() -> None:
         record("ours gptq", big_layers, run_child(
             {**common, "name": f"ours-gptq-{big_layers}l", "kind": "gptq", "model": str(big)},
             args.out, left()))
-    for kind in ("sparsegpt-2:4", "awq+gptq"):
+    for kind in filter(None, args.kinds.split(",")):
         if left() > 30:
             record(f"ours {kind}", args.peer_layers, run_child(
                 {**common, "name": f"ours-{kind.replace(':', '')}-{args.peer_layers}l",
