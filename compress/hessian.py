@@ -21,11 +21,16 @@ def prepare_hessian(H: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6,
                      name: str = "", overwrite: bool = False) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of H^-1 with damping `damp * mean(diag H)` added to the diagonal.
-    The damping is multiplied by 10 each time the factorization fails. Returns (U, damp used);
-    raises CompressError when every try fails (the caller may fall back to round-to-nearest).
-    overwrite: H is scratch space (its values are lost), so besides it at most two [I, I]
-    matrices exist here at once (an 8B model's down_proj H is 822 MB in float32)."""
+    """Upper Cholesky factor U of H^-1 (U^T U = H^-1) with damping `damp * mean(diag H)` added
+    to the diagonal. The damping is multiplied by 10 each time a factorization fails. Returns
+    (U, damp used); raises CompressError when every try fails (the caller may fall back to
+    round-to-nearest).
+
+    Memory (an 8B model's down_proj H is 822 MB in float32): U is returned as the transpose
+    view of the lower factor L' of H^-1 (L' L'^T = H^-1, so L'^T is the upper factor: no
+    transposed copy, which `cholesky_ex(upper=True)` makes), and the factor of H is freed
+    before H^-1 is factorized. With overwrite (H is scratch space, its values are lost) at
+    most two [I, I] matrices exist here at once: the scratch and one factor (was four)."""
     if not torch.isfinite(H).all():
         raise BadInputData(f"Hessian of {name or 'a module'} contains NaN or Inf: the "
                             "calibration activations are not finite; nothing was written")
@@ -34,14 +39,20 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6,
     base = diag.clone()
     mean_diag = base.mean()
     for _ in range(max_tries):
+        diag = work.diagonal()
         diag.copy_(base + damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(work)
         if info == 0:
             torch.cholesky_inverse(L, out=work)      # H^-1 in the scratch matrix
-            U, info = torch.linalg.cholesky_ex(work, upper=True)
+            del L
+            L, info = torch.linalg.cholesky_ex(work)   # H^-1 = L L^T
             if info == 0:
-                return U, damp
-            torch.mm(L, L.T, out=work)               # the damped H again, for the next try
+                return L.mT, damp
+            # H^-1 is not numerically positive definite: H again, for a try with more
+            # damping. The factor of H is gone (memory), so it is the inverse of H^-1; its
+            # diagonal is reset from the undamped one above, only the rest is reused.
+            del L
+            work = torch.linalg.inv(work)
         damp *= 10
     raise CompressError(f"Cholesky factorization of the Hessian of {name or 'a module'} failed "
                         f"up to damping {damp / 10:g}")

@@ -60,20 +60,18 @@ def quantize_calibrated(ctx: Context, cfg: QuantizeConfig, plans: dict[str, Modu
                              note=f"{stats[g[0]].count} calibration tokens (< min_tokens "
                                   f"{cfg.min_tokens}): round-to-nearest")
         hessians = {g: stats[g[0]].take_hessian() for g in groups}
-        for g, H in hessians.items():
-            check_finite(f"{prefix}{g[0]}", H, "Hessian of the input")
+        for g in hessians:
+            check_finite(f"{prefix}{g[0]}", hessians[g], "Hessian of the input")
         if cfg.awq:
             with stage(seconds, "awq", step.layer, peaks):
                 awq_notes.update(_apply_awq(ctx, cfg, step, local, stats, hessians, found))
         with stage(seconds, "solve", step.layer, peaks):
-            solves = [solve for group, H in hessians.items()
-                      for solve in _group_solves(ctx, cfg, step, prefix, group, H, local)]
-            # several ranks: each solve runs on one of them, every rank gets every result
-            results = distributed.spread([s.run for s in solves], [s.cost for s in solves])
-            for solve, (qw, info) in zip(solves, results):
-                _store(step, prefix, solve, qw, info, local, report)
-                if "fallback" in info:
-                    fallbacks.extend(prefix + n for n in solve.members)
+            fallbacks += _solve_layer(ctx, cfg, step, prefix, hessians, local, report)
+        # Nothing of this layer's statistics may outlive it: names still bound to its
+        # Hessians (a loop variable H, the last solve's closure over H, this dict) kept 0.8-1
+        # GiB of an 8B layer's float32 matrices alive through the next layer's statistics and
+        # solves (evaluate/calib_memory_trace.py on the H200, 2026-12-03).
+        del hessians, stats
         grouped = {n for g in groups for n in g} | {n[len(prefix):] for n in few_tokens}
         for n in [n for n in local if n not in grouped]:  # not in any Arch input group
             quantize_rtn(ctx, prefix + n, replace(local[n], method="rtn"), report,
@@ -188,6 +186,22 @@ class Solve:
     members: list[str]
     run: Callable[[], tuple[QuantizedWeight, dict[str, Any]]]
     cost: float          # relative time, to spread solves over ranks: GPTQ's sequential columns
+
+
+def _solve_layer(ctx, cfg, step, prefix, hessians, local, report) -> list[str]:
+    """Quantize the layer's targeted linears from their groups' Hessians; returns the names
+    that fell back to round-to-nearest. A function of its own so that the solves, their
+    closures over H and their results are freed when it returns."""
+    solves = [solve for group, H in hessians.items()
+              for solve in _group_solves(ctx, cfg, step, prefix, group, H, local)]
+    # several ranks: each solve runs on one of them, every rank gets every result
+    results = distributed.spread([s.run for s in solves], [s.cost for s in solves])
+    fallbacks = []
+    for solve, (qw, info) in zip(solves, results):
+        _store(step, prefix, solve, qw, info, local, report)
+        if "fallback" in info:
+            fallbacks.extend(prefix + n for n in solve.members)
+    return fallbacks
 
 
 def _group_solves(ctx, cfg, step, prefix, group, H, local) -> list[Solve]:

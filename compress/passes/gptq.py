@@ -182,10 +182,10 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
                 codes_t[i1:i2], Err1 = graph.run(Wt[i1:i2], U[i1:i2, i1:i2], block_p, keep1)
             else:
                 W1, Err1 = Wt[i1:i2].clone(), torch.empty_like(Wt[i1:i2])
-                _solve_columns(c, W1, U[i1:i2, i1:i2], codes_t[i1:i2], Err1,
+                _solve_columns(c, W1, U[i1:i2, i1:i2].contiguous(), codes_t[i1:i2], Err1,
                                lambda i, bp=block_p: bp.map(lambda t: t[i]), keep1)
         else:
-            W1, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2]
+            W1, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2].contiguous()   # U is a transpose view
             Err1 = torch.empty_like(W1)
             for i in range(i2 - i1):
                 if (i1 + i) % g == 0:   # first column of a group: parameters from the updated W

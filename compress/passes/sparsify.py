@@ -144,7 +144,7 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, n: int, m: int,
     columns = Wt.shape[0]
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]
+        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2].contiguous()   # U is a transpose view
         Err1 = torch.empty_like(W1)
         d = torch.diag(U1)
         if m == 0:  # unstructured: one threshold over the block (the paper's adaptive mask)
