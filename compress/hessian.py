@@ -9,10 +9,11 @@ import torch
 from compress.errors import BadInputData, CompressError
 
 
-def prepare_hessian(H: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_hessian(H: torch.Tensor, w: torch.Tensor,
+                    copy_h: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Dead inputs (never active in calibration) get H[i, i] = 1 and zero weight, as in GPTQ.
-    H: [I, I], w: [O, I]. Returns copies."""
-    H, w = H.clone(), w.clone()
+    H: [I, I], w: [O, I]. Returns copies (H changed in place when not copy_h)."""
+    H, w = H.clone() if copy_h else H, w.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     w[:, dead] = 0

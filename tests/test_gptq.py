@@ -457,3 +457,19 @@ def test_no_hessian_outlives_its_layer(monkeypatch):
     run_pass(ctx, QuantizeConfig(format="int4", group_size=32, method="gptq", ignore=[]))
     assert len({name.split(".")[2] for name, _ in seen}) >= 2   # several layers were solved
     assert not stale
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_consumed_hessian_gives_the_same_codes_and_a_kept_one_is_untouched(act_order):
+    """consume_h lets GPTQ use H as its scratch (GPU memory): same result, and without it the
+    caller's H is left as it was (the dead-input fix and the permutation work on a copy)."""
+    x = correlated_inputs()
+    x[:, 5] = 0                                           # a dead input: H[5, 5] = 0
+    H = 2 * x.T @ x / len(x)
+    w = torch.randn(24, 128, generator=torch.Generator().manual_seed(1)) * 0.05
+    kept = H.clone()
+    q, _ = gptq_quantize(w, H, FORMATS[0], block_size=32, act_order=act_order)
+    assert torch.equal(H, kept)
+    q2, _ = gptq_quantize(w, H, FORMATS[0], block_size=32, act_order=act_order, consume_h=True)
+    assert torch.equal(q.codes, q2.codes) and torch.equal(q.scale, q2.scale)
+    assert not torch.equal(H, kept)                       # it was the scratch space

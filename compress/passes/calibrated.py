@@ -194,8 +194,11 @@ def _solve_layer(ctx, cfg, step, prefix, hessians, local, report) -> list[str]:
     closures over H and their results are freed when it returns."""
     solves = [solve for group, H in hessians.items()
               for solve in _group_solves(ctx, cfg, step, prefix, group, H, local)]
-    # several ranks: each solve runs on one of them, every rank gets every result
-    results = distributed.spread([s.run for s in solves], [s.cost for s in solves])
+    # several ranks: each solve runs on one of them, every rank gets every result; one rank:
+    # each result is stored as it comes (no layer's worth of int8 codes waiting: 0.35 GiB)
+    jobs = [s.run for s in solves]
+    results = (distributed.spread(jobs, [s.cost for s in solves]) if distributed.active()
+               else (job() for job in jobs))
     fallbacks = []
     for solve, (qw, info) in zip(solves, results):
         _store(step, prefix, solve, qw, info, local, report)
@@ -220,11 +223,16 @@ def _group_solves(ctx, cfg, step, prefix, group, H, local) -> list[Solve]:
     # NVFP4 global scales of the fused group, from its weights before any member is replaced
     fused_gs = {n: _fused_global_scale(step, group, local, local[n]) for n in names}
 
+    # H is this group's alone (taken from its statistics, or AWQ's rescaled copy): a group
+    # solved once lets GPTQ overwrite it instead of copying it (GPU memory, issue 15)
+    consume = len(batches) == 1
+
     def run(members: list[str]) -> tuple[QuantizedWeight, dict[str, Any]]:
         plan = local[members[0]]
         W = torch.cat([step.layer.get_submodule(n).weight.data for n in members])
         if plan.method == "gptq":
-            return _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fused_gs[members[0]])
+            return _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fused_gs[members[0]],
+                                     consume_h=consume)
         return codec(plan.fmt).quantize(W, plan.fmt), {}
 
     return [Solve(members, lambda members=members: run(members),
@@ -258,14 +266,16 @@ def _fused_global_scale(step, group, local, plan):
     return codec(plan.fmt).tensor_scale(W, plan.fmt)
 
 
-def _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, global_scale=None):
+def _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, global_scale=None,
+                      consume_h: bool = False):
     """GPTQ, or round-to-nearest when it fails (info then says so under "fallback")."""
     label = ", ".join(prefix + n for n in members)
     mask = plan.mask
     try:
         qw, info = gptq_quantize(W, H, plan.fmt, cfg.block_size, cfg.damp, cfg.act_order,
                                  mask, name=label, static_groups=cfg.static_groups,
-                                 scale_search=cfg.scale_search, global_scale=global_scale)
+                                 scale_search=cfg.scale_search, global_scale=global_scale,
+                                 consume_h=consume_h)
         return qw, {"damp": info.damp, "act_order": info.act_order}
     except CompressError as exc:
         if ctx.strict:
