@@ -34,6 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {   # ours; the calibration section is filled in from the arguments
     "gptq": [{"pass": "quantize", "format": "int4", "group_size": 128, "symmetric": True,
               "method": "gptq", "ignore": ["lm_head"]}],
+    # like for like with the peer's defaults (min-max group scales; ours searches them by
+    # H-weighted MSE by default, which costs solve time)
+    "gptq-minmax": [{"pass": "quantize", "format": "int4", "group_size": 128, "symmetric": True,
+                     "method": "gptq", "scale_search": "minmax", "ignore": ["lm_head"]}],
     "sparsegpt-2:4": [{"pass": "sparsify", "method": "sparsegpt", "pattern": "2:4",
                        "block_size": 128, "damp": 0.01, "ignore": ["lm_head"]}],
     "awq+gptq": [{"pass": "quantize", "format": "int4", "group_size": 128, "symmetric": True,
