@@ -473,3 +473,26 @@ def test_consumed_hessian_gives_the_same_codes_and_a_kept_one_is_untouched(act_o
     q2, _ = gptq_quantize(w, H, FORMATS[0], block_size=32, act_order=act_order, consume_h=True)
     assert torch.equal(q.codes, q2.codes) and torch.equal(q.scale, q2.scale)
     assert not torch.equal(H, kept)                       # it was the scratch space
+
+
+def test_inverse_cholesky_retries_when_the_inverse_does_not_factorize(monkeypatch):
+    """The factor of H is freed before H^-1 is factorized, so when that second factorization
+    fails, H comes back as the inverse of H^-1: the retry must still give the upper factor of
+    the inverse of H damped ten times more."""
+    from compress import hessian
+
+    x = correlated_inputs(features=64)
+    H = (2 * x.T @ x / len(x)).double()
+    calls = []
+    factorize = torch.linalg.cholesky_ex
+
+    def failing_second(A, *args, **kwargs):
+        calls.append(len(calls))
+        L, info = factorize(A, *args, **kwargs)
+        return L, (torch.ones_like(info) if len(calls) == 2 else info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_second)
+    U, damp = hessian.inverse_cholesky(H.clone(), 0.01, overwrite=True)
+    assert damp == pytest.approx(0.1) and len(calls) == 4
+    want = torch.linalg.inv(H + 0.1 * torch.diag(H).mean() * torch.eye(64, dtype=H.dtype))
+    torch.testing.assert_close(U.T @ U, want, rtol=1e-8, atol=1e-8)
