@@ -52,7 +52,8 @@ def compile_one(kernel, types: dict, consts: dict, arch: int, num_warps: int = 4
 
 def decode_variants():
     """The decode kernel for every format x M=1/tensor-core x tile/word scales x split-K."""
-    cfgs = [C.Config(1, 8, 512), C.Config(1, 32, 256, 1, 3, 2), C.Config(16, 16, 256),
+    cfgs = [C.Config(1, 8, 512), C.Config(1, 8, 2048), C.Config(1, 32, 256, 1, 3, 2),
+            C.Config(16, 16, 256),
             C.Config(64, 64, 128, 8, 3, 2)]
     for (fmt, bits, zero), act, cfg in itertools.product(
             [(0, 4, False), (0, 4, True), (0, 8, False), (1, 4, False), (2, 4, False)], ACT, cfgs):
@@ -200,8 +201,13 @@ def loop_sass(kernel) -> str:
     if not loops:
         return ", no loop"
     _, start, end = max(loops)
-    count = sum(1 for line in lines[start:end + 1] if re.match(r"\s+/\*[0-9a-f]{4}\*/\s", line))
-    return f", {count} SASS in the main loop"
+    body = [line for line in lines[start:end + 1] if re.match(r"\s+/\*[0-9a-f]{4}\*/\s", line)]
+    # shared-memory traffic and barriers in the loop: Triton's layout conversions (the M = 1
+    # loop converts its x operand through shared memory once per code slot)
+    smem = {op: sum(1 for line in body if re.search(rf"\s{op}[.\s]", line))
+            for op in ("STS", "LDS", "BAR")}
+    return (f", {len(body)} SASS in the main loop (STS {smem['STS']}, LDS {smem['LDS']}, "
+            f"BAR {smem['BAR']})")
 
 
 def main() -> None:
