@@ -153,6 +153,15 @@ def variants(all_configs: bool = False):
             "lut_ptr": "*fp32", "gs_ptr": "*fp32", "out_ptr": "*bf16", **ints},
            dict(KIND=1, BITS=4, PER=8, HAS_ZERO=True, BLOCK_N=cfg.block_n,
                 BLOCK_K=cfg.block_k), cfg.num_warps, 1)
+    from compress.passes import gptq_kernel   # compression time, not the runtime
+
+    for zero, keep in ((False, False), (True, False), (False, True)):
+        yield (f"gptq_block zero={zero} keep={keep}", gptq_kernel._gptq_block_kernel,
+               {"w_ptr": "*fp32", "u_ptr": "*fp32", "s_ptr": "*fp32", "z_ptr": "*i8",
+                "keep_ptr": "*i1", "codes_ptr": "*i8", "err_ptr": "*fp32",
+                **dict.fromkeys(["n_out", "NB", "stride_u0", "stride_u1"], "i32")},
+               dict(QMIN=-8, QMAX=7, B=128, BLOCK_O=gptq_kernel.BLOCK_O, HAS_ZERO=zero,
+                    HAS_KEEP=keep), 4, 1)
     yield ("add_rmsnorm 4096 bf16", rmsnorm._add_rmsnorm_kernel,
            {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16",
             "h_ptr": "*bf16", "D": "i32", "stride_x": "i32", "stride_r": "i32", "eps": "fp32"},

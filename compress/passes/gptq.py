@@ -21,8 +21,16 @@ from compress.passes import qparams
 GRAPH_ENV = "COMPRESS_GPTQ_GRAPH"   # "0": run the column loop eagerly on CUDA too
 
 
+KERNEL_ENV = "COMPRESS_GPTQ_KERNEL"   # "0": no Triton block kernel (the torch loop instead)
+
+
 def graphs_enabled(w: torch.Tensor) -> bool:
     return w.is_cuda and os.environ.get(GRAPH_ENV, "1") != "0"
+
+
+def block_kernel_enabled(w: torch.Tensor, fmt: WeightFormat) -> bool:
+    """INT blocks with static parameters run compress/passes/gptq_kernel.py on CUDA."""
+    return w.is_cuda and fmt.type == "int" and os.environ.get(KERNEL_ENV, "1") != "0"
 
 
 def _solve_column(c, W1, U1, codes1, Err1, i: int, p: GroupParams, keep1) -> None:
@@ -171,7 +179,10 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
         zeros = None if fmt.symmetric else torch.empty_like(scales, dtype=torch.int8)
     p = None
     graph = None
-    if static is not None and in_features >= block_size and graphs_enabled(W):
+    kernel = static is not None and block_size <= 128 and block_kernel_enabled(W, fmt)
+    if kernel:
+        from compress.passes.gptq_kernel import gptq_block
+    elif static is not None and in_features >= block_size and graphs_enabled(W):
         graph = _BlockGraph.capture(c, fmt, block_size, out_features, zeros is not None,
                                     keep_t is not None, tensor_scale, W.device)
     for i1 in range(0, in_features, block_size):
@@ -181,7 +192,10 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
             block_p = GroupParams(fmt, scales, zeros, tensor_scale).map(
                 lambda t, columns=columns: t.T[columns])
             keep1 = None if keep_t is None else keep_t[i1:i2]
-            if graph is not None and i2 - i1 == block_size:
+            if kernel:
+                Err1 = gptq_block(Wt[i1:i2], U[i1:i2, i1:i2], block_p.scale, block_p.zero,
+                                  keep1, fmt.bits, codes_t[i1:i2])
+            elif graph is not None and i2 - i1 == block_size:
                 codes_t[i1:i2], Err1 = graph.run(Wt[i1:i2], U[i1:i2, i1:i2], block_p, keep1)
             else:
                 W1, Err1 = Wt[i1:i2].clone(), torch.empty_like(Wt[i1:i2])

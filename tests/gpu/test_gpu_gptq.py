@@ -1,5 +1,6 @@
-"""GPTQ's column loop replayed as a CUDA graph (compress.passes.gptq._BlockGraph) against the
-same loop run eagerly on the GPU: the same kernels on the same inputs, so the same codes."""
+"""GPTQ's column loop on the GPU: replayed as a CUDA graph (compress.passes.gptq._BlockGraph)
+against the same loop run eagerly (the same kernels on the same inputs, so the same codes), and
+the Triton block kernel INT formats run (compress/passes/gptq_kernel.py) against that loop."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def test_graph_replay_gives_the_eager_codes(monkeypatch, fmt_kwargs, masked):
     H = 2 * x.T @ x / len(x)
     fmt = WeightFormat(**fmt_kwargs)
     mask = (torch.rand(384, 640, device="cuda") > 0.5) if masked else None
+    monkeypatch.setenv(gptq.KERNEL_ENV, "0")      # INT formats would take the block kernel
     monkeypatch.setenv(gptq.GRAPH_ENV, "0")
     eager, _ = gptq.gptq_quantize(w, H, fmt, act_order=True, mask=mask)
     monkeypatch.setenv(gptq.GRAPH_ENV, "1")
@@ -35,6 +37,32 @@ def test_graph_replay_gives_the_eager_codes(monkeypatch, fmt_kwargs, masked):
     assert captured and captured[0] is not None, "the column loop was not captured"
     assert torch.equal(eager.codes, replayed.codes)
     assert torch.equal(eager.scale, replayed.scale)
+
+
+@pytest.mark.parametrize("fmt_kwargs,masked", [({"group_size": 128}, False),
+                                               ({"group_size": 128, "symmetric": False}, True),
+                                               ({"group_size": None, "bits": 8}, False)])
+def test_block_kernel_gives_the_torch_loop_result(monkeypatch, fmt_kwargs, masked):
+    """One fused multiply-add per update against torch's two roundings: codes equal up to
+    ties (and what follows a tie), the same output error."""
+    torch.manual_seed(0)
+    w = torch.randn(1000, 1408, device="cuda") * 0.05    # 1408: ten blocks and a short one
+    x = torch.randn(4096, 1408, device="cuda") * torch.rand(1408, device="cuda") * 3
+    H = 2 * x.T @ x / len(x)
+    fmt = WeightFormat(**fmt_kwargs)
+    mask = (torch.rand(1000, 1408, device="cuda") > 0.5) if masked else None
+    monkeypatch.setenv(gptq.KERNEL_ENV, "0")
+    loop, _ = gptq.gptq_quantize(w, H, fmt, act_order=True, mask=mask)
+    monkeypatch.setenv(gptq.KERNEL_ENV, "1")
+    kernel, _ = gptq.gptq_quantize(w, H, fmt, act_order=True, mask=mask)
+    assert torch.equal(loop.scale, kernel.scale)
+    assert (loop.codes == kernel.codes).float().mean() > 0.99
+    if mask is not None:                                   # pruned weights stay zero
+        assert (kernel.dequantize()[~mask] == 0).all()
+
+    def out_err(q):
+        return (x @ (w - q.dequantize()).T).pow(2).mean().item()
+    assert out_err(kernel) == pytest.approx(out_err(loop), rel=0.02)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
