@@ -547,3 +547,19 @@ def test_junk_config_values_are_one_line(work, tiny_dir, capsys, edit, message):
     code, err = cli(capsys, "apply", "r.yaml", str(model), "-o", "out")
     assert code == 1 and message in error_line(err)
     assert not (work / "out").exists() and not (work / ".out.lock").exists()
+
+
+def test_parallel_file_hashes_equal_the_one_by_one_hashes(tmp_path):
+    """file_sha256s (threads) gives each file's own sha256, in order."""
+    import hashlib
+
+    from compress.integrity import file_sha256s
+
+    paths = []
+    for n in range(5):
+        path = tmp_path / f"f{n}.bin"
+        path.write_bytes(bytes(range(256)) * (n * 40_000 + 1))
+        paths.append(path)
+    want = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert file_sha256s(paths) == want
+    assert file_sha256s(paths[:1]) == want[:1] and file_sha256s([]) == []

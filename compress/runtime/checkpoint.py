@@ -274,11 +274,12 @@ class Checkpoint:
         edited in place included) changes it. Reads each file once, at disk speed."""
         import hashlib
 
-        from compress.integrity import file_sha256
+        from compress.integrity import file_sha256s
 
         digest = hashlib.sha256(self.kind.encode() + self.path.encode())
-        for file in self.files():
-            digest.update(f"{file.name}:{file_sha256(file)}\n".encode())
+        files = list(self.files())
+        for file, file_digest in zip(files, file_sha256s(files)):
+            digest.update(f"{file.name}:{file_digest}\n".encode())
         return digest.hexdigest()[:16]
 
 
