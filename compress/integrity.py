@@ -37,8 +37,8 @@ def file_sha256(path: Path) -> str:
 
 def file_sha256s(paths: list[Path]) -> list[str]:
     """file_sha256 of each path, in order, several files at once: hashlib releases the GIL on
-    large updates, so threads hash in parallel (a 16 GB 8B-shaped model took ~10 s on one core
-    of the H200 machine before compress apply could start; evaluate/RESULTS.md)."""
+    large updates, so threads hash in parallel (compress apply fingerprints its whole input
+    before it starts: 16 GB for an 8B-shaped model, one file after another on one core)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if len(paths) < 2:
