@@ -23,7 +23,8 @@ STDLIB_SETS = Path(__file__).resolve().parent / "bundled" / "calibration" / "std
 
 
 class CalibrationConfig(BaseModel):
-    """Which text to calibrate on. source: "stdlib", a .txt/.jsonl path, or "hf:NAME[:CONFIG]"."""
+    """Which text to calibrate on. source: "stdlib", a .txt/.jsonl path, or "hf:NAME[:CONFIG]".
+    batch_size: windows a calibration forward runs at once; None chooses (forward_batch)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -31,7 +32,19 @@ class CalibrationConfig(BaseModel):
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=8)
     seed: int = 0
-    batch_size: int = Field(8, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+
+    def forward_batch(self, device: torch.device) -> int:
+        """batch_size, or when unset: on CUDA about 4096 tokens a forward (at least one window),
+        elsewhere 8 windows. On a GPU the forward's transients grow with the tokens of a batch
+        (an 8B-shaped layer: ~0.19 GiB a 2048-token window, on top of the activations and the
+        Gram matrices; evaluate/RESULTS.md, sixth session), while 4096 tokens already keep it
+        busy (4 layers at 8 x 2048: 26.7 s; at 2 x 2048: 23.2 s)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        if torch.device(device).type == "cuda":
+            return max(1, 4096 // self.seq_len)
+        return 8
 
 
 # ---------------------------------------------------------------------------------------------

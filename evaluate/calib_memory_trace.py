@@ -104,7 +104,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="calibration windows a forward (default: compress's own choice)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs CUDA: this traces the GPU memory of a calibrated pass")

@@ -234,7 +234,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="calibration windows a forward (default: compress's own choice)")
     parser.add_argument("--budget", type=float, default=400,
                         help="seconds for everything; later stages are skipped when short")
     parser.add_argument("--skip-peer", action="store_true")

@@ -65,3 +65,17 @@ def test_last_word_task_comes_from_evaluation_text_only():
                 or f"{i['context']} {i['target']}" in calibration]
     docs = read_jsonl("stdlib_docs.jsonl")
     assert {doc["module"] for doc in docs} <= set(sets["evaluation"])
+
+
+def test_forward_batch_is_about_4096_tokens_on_cuda_unless_given():
+    """Unset, a calibration forward runs ~4096 tokens on a GPU (its transients grow with the
+    tokens of a batch) and 8 windows elsewhere; a recipe's batch_size always wins."""
+    import torch
+
+    from compress.calib import CalibrationConfig
+
+    assert CalibrationConfig(seq_len=2048).forward_batch(torch.device("cuda")) == 2
+    assert CalibrationConfig(seq_len=512).forward_batch("cuda") == 8
+    assert CalibrationConfig(seq_len=8192).forward_batch("cuda") == 1
+    assert CalibrationConfig(seq_len=2048).forward_batch("cpu") == 8
+    assert CalibrationConfig(seq_len=2048, batch_size=3).forward_batch("cuda") == 3

@@ -115,7 +115,8 @@ class Context:
         from compress.calib import Calibrator
 
         return Calibrator(self.model, self.arch, distributed.share_of(self.calibration_ids()),
-                          batch_size=self.calibration.batch_size, device=self.device,
+                          batch_size=self.calibration.forward_batch(self.device),
+                          device=self.device,
                           context=self)
 
     def layers(self) -> Iterator[tuple[int, str, "torch.nn.Module"]]:
