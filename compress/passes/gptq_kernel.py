@@ -6,7 +6,8 @@ given the block of U (Frantar et al. 2022): one program holds BLOCK_O rows' part
 fixed group parameters, store the codes and the scaled error, spread the error over the later
 columns. The torch loop it replaces (gptq._solve_columns, a CUDA graph of ~12 small kernels a
 column) took ~44 us a column on an H200: 37 s of the 102 s 32-layer GPTQ run
-(evaluate/RESULTS.md, sixth session). Here a column is a few hundred cycles of one program.
+(evaluate/RESULTS.md, sixth session). Here a column is ~320 SASS instructions a thread,
+compiled for sm_90 (kernels/compile_check.py); its time on the H200 is not yet measured.
 
 INT formats with static group parameters (act_order or static_groups, the default) only;
 everything else keeps the torch loop. Same arithmetic as compress/formats/intq.py encode /
