@@ -4,7 +4,8 @@ the decode step again with the LM head given its own contiguous weight instead o
 the table's residual columns (a tied model's head reads the table in place: rows of d values
 at a stride of the table's row width).
 
-    python kernels/bench_passes.py --work /tmp/bp --subjects llama-1b --rows "int4,int4 + precompute"
+    python kernels/bench_passes.py --work /tmp/bp --subjects llama-1b \
+        --rows "int4,int4 + precompute"
     python kernels/probe_precompute.py --work /tmp/bp
 
 Diagnosis only (GPU): the rows that count are bench_passes.py's.
@@ -24,22 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def graph_us(fn, reps: int = 200) -> float:
-    """Median microseconds of fn replayed from a CUDA graph (as compress bench runs decode)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return sorted(times)[len(times) // 2]
+    """Median microseconds of fn replayed from a CUDA graph (as compress bench runs decode),
+    with compress bench's own capture and timer."""
+    from compress.evaluation.bench import _as_cuda_graph, _timed
+
+    method, replay = _as_cuda_graph(fn)
+    if not method.startswith("cuda graph"):
+        raise SystemExit(method)
+    return _timed(replay, torch.device("cuda"), reps) * 1e6
 
 
 def head_matmul(vocab: int, d: int, row: int) -> None:
@@ -48,8 +41,9 @@ def head_matmul(vocab: int, d: int, row: int) -> None:
     table = torch.randn(vocab, row, device="cuda", dtype=torch.bfloat16)
     view = table[:, :d]
     own = view.contiguous()
-    print(f"head matmul M=1, [{vocab}, {d}] bf16: contiguous {graph_us(lambda: F.linear(x, own)):.1f} us, "
-          f"view at row stride {row}: {graph_us(lambda: F.linear(x, view)):.1f} us")
+    own_us, view_us = graph_us(lambda: F.linear(x, own)), graph_us(lambda: F.linear(x, view))
+    print(f"head matmul M=1, [{vocab}, {d}] bf16: contiguous {own_us:.1f} us, "
+          f"view at row stride {row}: {view_us:.1f} us")
 
 
 def top_kernels(model: nn.Module, label: str, steps: int = 20) -> None:
@@ -67,7 +61,8 @@ def top_kernels(model: nn.Module, label: str, steps: int = 20) -> None:
                 model(ids, use_cache=False)
             torch.cuda.synchronize()
     print(f"\n{label}: top kernels over {steps} forwards")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
+                                    max_name_column_width=70))
 
 
 def main() -> None:

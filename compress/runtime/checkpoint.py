@@ -277,7 +277,7 @@ class Checkpoint:
         from compress.integrity import file_sha256s
 
         digest = hashlib.sha256(self.kind.encode() + self.path.encode())
-        files = list(self.files())
+        files = self.files()
         for file, file_digest in zip(files, file_sha256s(files)):
             digest.update(f"{file.name}:{file_digest}\n".encode())
         return digest.hexdigest()[:16]
