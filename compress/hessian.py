@@ -30,8 +30,12 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6,
     Memory (an 8B model's down_proj H is 822 MB in float32): U is returned as the transpose
     view of the lower factor L' of H^-1 (L' L'^T = H^-1, so L'^T is the upper factor: no
     transposed copy, which `cholesky_ex(upper=True)` makes), and the factor of H is freed
-    before H^-1 is factorized. With overwrite (H is scratch space, its values are lost) at
-    most two [I, I] matrices exist here at once: the scratch and one factor (was four)."""
+    before H^-1 is factorized. H^-1 = L^-T (L^-1 I) is two triangular solves in place in the
+    scratch matrix: `cholesky_inverse` computes the same solves, but on CUDA it allocates two
+    more [I, I] matrices for them (a column-major copy of L and a result it copies out; 1.53
+    GiB of the H200's peak on an 8B layer, evaluate/RESULTS.md, seventh session). With
+    overwrite (H is scratch space, its values are lost) at most two [I, I] matrices exist
+    here at once: the scratch and one factor."""
     if not torch.isfinite(H).all():
         raise BadInputData(f"Hessian of {name or 'a module'} contains NaN or Inf: the "
                             "calibration activations are not finite; nothing was written")
@@ -44,7 +48,10 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6,
         diag.copy_(base + damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(work)
         if info == 0:
-            torch.cholesky_inverse(L, out=work)      # H^-1 in the scratch matrix
+            work.zero_()                              # H^-1 = L^-T L^-1 I in the scratch
+            work.diagonal().fill_(1)
+            torch.linalg.solve_triangular(L, work, upper=False, out=work)
+            torch.linalg.solve_triangular(L.mT, work, upper=True, out=work)
             del L
             L, info = torch.linalg.cholesky_ex(work)   # H^-1 = L L^T
             if info == 0:

@@ -81,3 +81,29 @@ def test_gram_of_16_bit_inputs_is_the_float32_gram(dtype):
     # H200, 2026-12-03: 2.3e-5 (bfloat16), 4.3e-5 (float16): cuBLAS sums 4096 products per
     # entry in its own order and blocking. Rounding the Gram to 16 bits would give ~4e-3.
     assert rel < 1e-4, rel
+
+
+def test_inverse_cholesky_of_a_scratch_hessian_needs_one_more_matrix():
+    """With overwrite, at most the scratch H and one factor are alive: the inverse is two
+    triangular solves in place (cholesky_inverse allocated two more [I, I] matrices on CUDA,
+    1.53 GiB of an 8B layer's peak). The factor is still the upper factor of the inverse."""
+    from compress.hessian import inverse_cholesky
+
+    torch.manual_seed(0)
+    n = 2048
+    x = torch.randn(3 * n, n, device="cuda") * torch.rand(n, device="cuda")
+    H = 2 * x.T @ x / len(x)
+    del x
+    want = torch.linalg.inv(H.double() + 0.01 * H.diagonal().mean().double()
+                            * torch.eye(n, device="cuda", dtype=torch.float64))
+    matrix = n * n * 4
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    U, _ = inverse_cholesky(H, 0.01, overwrite=True)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra <= 1.25 * matrix, f"{extra / matrix:.2f} [I, I] matrices beside the scratch"
+    assert torch.equal(U, U.triu())
+    rel = ((U.T.double() @ U.double() - want).norm() / want.norm()).item()
+    assert rel < 1e-3, rel
