@@ -190,21 +190,33 @@ class Solve:
 
 def _solve_layer(ctx, cfg, step, prefix, hessians, local, report) -> list[str]:
     """Quantize the layer's targeted linears from their groups' Hessians; returns the names
-    that fell back to round-to-nearest. A function of its own so that the solves, their
-    closures over H and their results are freed when it returns."""
-    solves = [solve for group, H in hessians.items()
-              for solve in _group_solves(ctx, cfg, step, prefix, group, H, local)]
-    # several ranks: each solve runs on one of them, every rank gets every result; one rank:
-    # each result is stored as it comes (no layer's worth of int8 codes waiting: 0.35 GiB)
-    jobs = [s.run for s in solves]
-    results = (distributed.spread(jobs, [s.cost for s in solves]) if distributed.active()
-               else (job() for job in jobs))
+    that fell back to round-to-nearest."""
     fallbacks = []
-    for solve, (qw, info) in zip(solves, results):
+    for solve, (qw, info) in _solved(ctx, cfg, step, prefix, hessians, local):
         _store(step, prefix, solve, qw, info, local, report)
         if "fallback" in info:
             fallbacks.extend(prefix + n for n in solve.members)
+        del solve, qw, info          # nothing of a solve outlives it (its closure holds H)
     return fallbacks
+
+
+def _solved(ctx, cfg, step, prefix, hessians, local):
+    """(solve, result) pairs of the layer. Several ranks: each solve runs on one of them and
+    every rank gets every result. One rank: group by group, each result as it comes, each
+    Hessian dropped (popped from `hessians`) once its group is solved, so that on a GPU the
+    Hessians of q/k/v, o and gate/up (0.19 GiB of an 8B layer) and the codes of earlier
+    solves are not alive while down_proj's 0.77 GiB H is inverted."""
+    if distributed.active():
+        solves = [solve for group, H in hessians.items()
+                  for solve in _group_solves(ctx, cfg, step, prefix, group, H, local)]
+        yield from zip(solves, distributed.spread([s.run for s in solves],
+                                                  [s.cost for s in solves]))
+        return
+    while hessians:
+        group = next(iter(hessians))
+        # the loop variable lets go of the last solve (and its H) before the next group runs
+        for solve in _group_solves(ctx, cfg, step, prefix, group, hessians.pop(group), local):
+            yield solve, solve.run()
 
 
 def _group_solves(ctx, cfg, step, prefix, group, H, local) -> list[Solve]:
@@ -229,7 +241,8 @@ def _group_solves(ctx, cfg, step, prefix, group, H, local) -> list[Solve]:
 
     def run(members: list[str]) -> tuple[QuantizedWeight, dict[str, Any]]:
         plan = local[members[0]]
-        W = torch.cat([step.layer.get_submodule(n).weight.data for n in members])
+        weights = [step.layer.get_submodule(n).weight.data for n in members]
+        W = weights[0] if len(weights) == 1 else torch.cat(weights)   # no copy of one
         if plan.method == "gptq":
             return _gptq_or_fallback(ctx, cfg, prefix, members, W, H, plan, fused_gs[members[0]],
                                      consume_h=consume)

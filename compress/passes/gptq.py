@@ -9,7 +9,9 @@ quantized as one stacked matrix).
 
 from __future__ import annotations
 
+import gc
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +74,11 @@ class _BlockGraph:
         p = GroupParams(fmt, self.scale, self.zero, tensor_scale)
         self.U1.copy_(torch.eye(block, **f32))       # warm-up values: any finite ones do
         self.scale.fill_(1.0)
-        self.body = lambda: _solve_columns(c, self.W1, self.U1, self.codes, self.err,
-                                           lambda i: p.map(lambda t: t[i]), self.keep)
+        # The body names the buffers, not self: with no reference cycle the graph is freed
+        # when its matrix is done, never by a garbage collection (see capture)
+        W1, U1, codes, err, keep = self.W1, self.U1, self.codes, self.err, self.keep
+        self.body = lambda: _solve_columns(c, W1, U1, codes, err,
+                                           lambda i: p.map(lambda t: t[i]), keep)
         self.replay = self.body                        # until captured (tests run it so)
 
     @classmethod
@@ -87,11 +92,24 @@ class _BlockGraph:
                 self.body()                            # allocations settle before capture
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.body()
+            # No garbage collection during the capture: one that frees an earlier CUDA graph
+            # resets it inside this capture, which invalidates the capture and leaves torch's
+            # CUDA generator marked as capturing, so every later random op on the GPU fails
+            # ("Offset increment outside graph capture": the H200 suite, seventh session).
+            # torch.cuda.graph no longer collects before capturing (force_cudagraph_gc).
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(graph):
+                    self.body()
+            finally:
+                if collecting:
+                    gc.enable()
             self.graph, self.replay = graph, graph.replay
             return self
-        except RuntimeError:
+        except RuntimeError as exc:
+            warnings.warn(f"GPTQ's column loop runs eagerly: CUDA graph capture failed ({exc})",
+                          RuntimeWarning, stacklevel=2)
             return None
 
     def run(self, W1, U1, p: GroupParams, keep1) -> tuple[torch.Tensor, torch.Tensor]:
