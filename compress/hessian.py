@@ -35,7 +35,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6,
     more [I, I] matrices for them (a column-major copy of L and a result it copies out; 1.53
     GiB of the H200's peak on an 8B layer, evaluate/RESULTS.md, seventh session). With
     overwrite (H is scratch space, its values are lost) at most two [I, I] matrices exist
-    here at once: the scratch and one factor."""
+    here at once, the scratch and one factor, and cuSOLVER's workspace while factorizing."""
     # NaN and Inf survive max and min (torch's propagate NaN): no [I, I] mask of isfinite
     if not torch.isfinite(torch.stack([H.amax(), H.amin()])).all():
         raise BadInputData(f"Hessian of {name or 'a module'} contains NaN or Inf: the "
