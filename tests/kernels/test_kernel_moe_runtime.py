@@ -67,7 +67,11 @@ def test_grouped_path_equals_the_per_expert_loop(name, rng):
         want = experts.per_expert_forward(hidden, index, weights)
         got = experts(hidden, index, weights)
     assert set(experts.kernel_calls) == {f"triton/moe-{FORMATS[name].name}/grouped"}
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    # The M = 1 INT loop keeps >= 18 bits of sum |x||w| (kernels/NOTES.md v3), which is several
+    # times the largest output here: 1e-5 of max |want| failed by 16% on one seed in 192
+    # elements (4.4e-8, 2026-12-03); 1e-4 leaves that precision a margin of 8.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * float(want.abs().max()),
+                               msg=lambda m: f"{m} (seed {rng.initial_seed()})")
 
 
 def test_model_logits_equal_with_and_without_the_grouped_path(monkeypatch):
@@ -101,7 +105,11 @@ def test_grouped_forward_does_no_host_sync(monkeypatch, rng):
         got = experts(hidden, index, weights)   # first call: stacks too
         got2 = experts(hidden, index, weights)
         monkeypatch.undo()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    # The M = 1 INT loop keeps >= 18 bits of sum |x||w| (kernels/NOTES.md v3), which is several
+    # times the largest output here: 1e-5 of max |want| failed by 16% on one seed in 192
+    # elements (4.4e-8, 2026-12-03); 1e-4 leaves that precision a margin of 8.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * float(want.abs().max()),
+                               msg=lambda m: f"{m} (seed {rng.initial_seed()})")
     assert torch.equal(got, got2)
 
 
@@ -172,4 +180,8 @@ def test_artifact_is_unchanged_by_the_grouped_path_and_loads_into_it(tmp_path):
     with torch.no_grad():
         got = loaded(ids).logits
     assert "triton/moe-nvfp4/grouped" in experts_of(loaded).kernel_calls
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    # The M = 1 INT loop keeps >= 18 bits of sum |x||w| (kernels/NOTES.md v3), which is several
+    # times the largest output here: 1e-5 of max |want| failed by 16% on one seed in 192
+    # elements (4.4e-8, 2026-12-03); 1e-4 leaves that precision a margin of 8.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * float(want.abs().max()),
+                               msg=lambda m: f"{m} (seed {rng.initial_seed()})")
