@@ -9,14 +9,18 @@ import torch
 from compress.errors import BadInputData, CompressError
 
 
-def prepare_hessian(H: torch.Tensor, w: torch.Tensor,
-                    copy_h: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dead inputs (never active in calibration) get H[i, i] = 1 and zero weight, as in GPTQ.
-    H: [I, I], w: [O, I]. Returns copies (H changed in place when not copy_h)."""
-    H, w = H.clone() if copy_h else H, w.clone()
+def fix_dead_inputs(H: torch.Tensor) -> torch.Tensor:
+    """Dead inputs (never active in calibration) get H[i, i] = 1, as in GPTQ, in place; returns
+    their bool mask [I] (their weights are to be zeroed)."""
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    w[:, dead] = 0
+    return dead
+
+
+def prepare_hessian(H: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """H: [I, I], w: [O, I] -> copies, dead inputs fixed in H and zeroed in w."""
+    H, w = H.clone(), w.clone()
+    w[:, fix_dead_inputs(H)] = 0
     return H, w
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from compress.formats import GroupParams, QuantizedWeight, WeightFormat, codec
-from compress.hessian import inverse_cholesky, prepare_hessian, serial_on_cpu
+from compress.hessian import fix_dead_inputs, inverse_cholesky, serial_on_cpu
 from compress.passes import qparams
 
 GRAPH_ENV = "COMPRESS_GPTQ_GRAPH"   # "0": run the column loop eagerly on CUDA too
@@ -167,20 +167,24 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
     g = fmt.group_for(in_features)
     # from the whole tensor (or the fused group) first; None for formats without one
     tensor_scale = global_scale if global_scale is not None else c.tensor_scale(w, fmt)
-    H, W = prepare_hessian(H.float(), w.float(),
-                           copy_h=not consume_h and H.dtype == torch.float32)
-    if mask is not None:
-        mask = mask.to(torch.bool)
-        W = W * mask
+    # H first, W after its inversion: on a GPU the float32 copy of the weight (0.22 GiB of an
+    # 8B down_proj) is then not alive beside the inversion, GPTQ's peak (issue 15)
+    H = H.float() if consume_h or H.dtype != torch.float32 else H.clone()
+    dead = fix_dead_inputs(H)
     importance = torch.diag(H).clone()   # mean squared input of each column (before damping)
-    static = _static_params(W, fmt, g, tensor_scale, importance, scale_search) \
-        if act_order or static_groups else None
     perm = torch.argsort(importance, descending=True) if act_order else None
     if perm is not None:   # in place: one [I, I] temporary at a time, none kept
         H.copy_(H.index_select(0, perm))
         H.copy_(H.index_select(1, perm))
     U, used = inverse_cholesky(H, damp, name=name, overwrite=True)   # H is ours (or consumed)
     del H
+    W = w.to(torch.float32, copy=True)
+    W[:, dead] = 0
+    if mask is not None:
+        mask = mask.to(torch.bool)
+        W = W * mask
+    static = _static_params(W, fmt, g, tensor_scale, importance, scale_search) \
+        if act_order or static_groups else None
     # Work on W^T [I, O] (columns of W as contiguous rows) in processing order; every buffer
     # is created where W is, and nothing in the loops reads a value back to the host.
     Wt = (W if perm is None else W[:, perm]).T.contiguous()
