@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from compress.errors import BadInputData, CompressError
+from compress.errors import CompressError
 
 
 def fix_dead_inputs(H: torch.Tensor) -> torch.Tensor:
@@ -40,10 +40,9 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6,
     GiB of the H200's peak on an 8B layer, evaluate/RESULTS.md, seventh session). With
     overwrite (H is scratch space, its values are lost) at most two [I, I] matrices exist
     here at once, the scratch and one factor, and cuSOLVER's workspace while factorizing."""
-    # NaN and Inf survive max and min (torch's propagate NaN): no [I, I] mask of isfinite
-    if not torch.isfinite(torch.stack([H.amax(), H.amin()])).all():
-        raise BadInputData(f"Hessian of {name or 'a module'} contains NaN or Inf: the "
-                            "calibration activations are not finite; nothing was written")
+    from compress.calib import check_finite
+
+    check_finite(name or "a module", H, "Hessian of the input")
     work = H if overwrite else H.clone()
     diag = work.diagonal()
     base = diag.clone()
