@@ -486,10 +486,13 @@ def _positional_names(module: nn.Module) -> list[str]:
 
 def _move_non_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device,
                      only: list[nn.Module] | None = None) -> list[nn.Module]:
-    """Move everything but the decoder layers (embeddings, rotary, norms) to `device`."""
+    """Move everything but the decoder layers (embeddings, rotary, norms) to `device`. Not the
+    output head: the capture stops at the last layer, so it never runs (an 8B model's lm_head
+    is 1 GiB of GPU memory and bus time; a tied head's weight moves with the embedding)."""
     if device.type == "cpu" and only is None:
         return []
-    layer_ids = {id(m) for m in layers.modules()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layer_ids = {id(m) for m in layers.modules()} | ({id(head)} if head is not None else set())
     moved = only if only is not None else [
         m for m in model.modules() if id(m) not in layer_ids and not list(m.children())]
     for module in moved:

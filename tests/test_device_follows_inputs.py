@@ -67,3 +67,19 @@ def test_rmsnorm_math_on_its_inputs_device():
         outs = [center_rows(w), *center_outputs(w, b), *fold_norm_into_linear(w, b, gamma, b),
                 *compress_writer(w, b), compress_reader(w), crms_norm(w[:, :-1], 12, 1e-6)]
     assert on_cpu(*outs)
+
+
+def test_calibration_capture_leaves_the_output_head_where_it_is():
+    """The capture moves what runs before the layers to the calibration device, not lm_head
+    (never run: the capture stops at the last layer; 1 GiB of an 8B model's GPU memory)."""
+    from support import tiny_llama
+
+    from compress.calib import _move_non_layers
+    from compress.models import arch_for, decoder_layers
+
+    model = tiny_llama(tie_word_embeddings=False)
+    layers = decoder_layers(model, arch_for(model.config))
+    moved = _move_non_layers(model, layers, torch.device("meta"))
+    assert model.model.embed_tokens.weight.device.type == "meta"
+    assert model.lm_head.weight.device.type == "cpu"
+    assert model.lm_head not in moved

@@ -186,27 +186,30 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
     static = _static_params(W, fmt, g, tensor_scale, importance, scale_search) \
         if act_order or static_groups else None
     # Work on W^T [I, O] (columns of W as contiguous rows) in processing order; every buffer
-    # is created where W is, and nothing in the loops reads a value back to the host.
-    Wt = (W if perm is None else W[:, perm]).T.contiguous()
-    keep_t = None if mask is None else (mask if perm is None else mask[:, perm]).T.contiguous()
-    group_of = torch.arange(in_features, device=W.device) // g
+    # is created where W is, and nothing in the loops reads a value back to the host. One
+    # copy, then W goes: W[:, perm].T.contiguous() held three float32 copies of the weight at
+    # once, GPTQ's GPU peak (0.44 GiB each for an 8B model's fused gate/up; issue 15's trace).
+    Wt = W.T.contiguous() if perm is None else W.T[perm]
+    del W
+    keep_t = None if mask is None else (mask.T.contiguous() if perm is None else mask.T[perm])
+    group_of = torch.arange(in_features, device=Wt.device) // g
     if perm is not None:
         group_of = group_of[perm]           # column k in processing order is in this group
-    codes_t = torch.empty(in_features, out_features, dtype=torch.int8, device=W.device)
+    codes_t = torch.empty(in_features, out_features, dtype=torch.int8, device=Wt.device)
     if static is not None:
         scales, zeros = static.scale[..., 0].float(), None if static.zero is None else \
             static.zero[..., 0]
     else:
-        scales = torch.empty(out_features, in_features // g, device=W.device)
+        scales = torch.empty(out_features, in_features // g, device=Wt.device)
         zeros = None if fmt.symmetric else torch.empty_like(scales, dtype=torch.int8)
     p = None
     graph = None
-    kernel = static is not None and block_size <= 128 and block_kernel_enabled(W, fmt)
+    kernel = static is not None and block_size <= 128 and block_kernel_enabled(Wt, fmt)
     if kernel:
         from compress.passes.gptq_kernel import gptq_block
-    elif static is not None and in_features >= block_size and graphs_enabled(W):
+    elif static is not None and in_features >= block_size and graphs_enabled(Wt):
         graph = _BlockGraph.capture(c, fmt, block_size, out_features, zeros is not None,
-                                    keep_t is not None, tensor_scale, W.device)
+                                    keep_t is not None, tensor_scale, Wt.device)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         if static is not None:   # parameters of every column of the block, gathered once
