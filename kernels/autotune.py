@@ -80,6 +80,11 @@ DECODE_CANDIDATES = {
 # 64 rows for 132 SMs, so small M needs split-K (one launch, _common.finish_split). The
 # shipped default of each bucket first.
 TC_CANDIDATES = {
+    # M = 1 on the tc kernel (16 rows, 15 padding) against the decode loop: block_k <= 128 so
+    # INT4 g128 takes the packed decode (tc._int4_packed)
+    1: [cfg(16, 64, 256, 4, 3, 4), cfg(16, 64, 128, 4, 4, 4), cfg(16, 64, 128, 4, 3, 8),
+        cfg(16, 64, 64, 4, 5, 4), cfg(16, 128, 128, 8, 4, 4), cfg(16, 128, 64, 8, 5, 8),
+        cfg(16, 64, 128, 4, 4, 2), cfg(16, 64, 64, 4, 5, 8)],
     16: [cfg(16, 64, 128, 4, 4, 4), cfg(16, 64, 128, 4, 4, 2), cfg(16, 64, 256, 4, 3, 4),
          cfg(16, 64, 64, 4, 5, 4), cfg(16, 64, 128, 4, 3, 8), cfg(16, 128, 128, 8, 4, 4),
          cfg(16, 64, 256, 4, 3, 2), cfg(16, 128, 64, 8, 5, 8), cfg(16, 64, 32, 4, 5, 4),

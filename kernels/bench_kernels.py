@@ -161,6 +161,7 @@ def make_variants(n: int, k: int, device) -> dict:
         if name.startswith(("int", "nvfp4", "mxfp4")):
             for path in ("tc", "dequant"):
                 v[f"{name}@{path}"] = (functools.partial(_forced, fn_ref[0], path), fn_ref[1])
+            v[f"{name}@tc-plain"] = (functools.partial(_plain_tc, fn_ref[0]), fn_ref[1])
     if device.type == "cuda":
         tiny = tinygemm_int4(codes, scale)
         if tiny is not None:
@@ -179,6 +180,18 @@ def make_variants(n: int, k: int, device) -> dict:
 
 def _forced(fn, path: str, x: torch.Tensor) -> torch.Tensor:
     return fn(x, path=path)
+
+
+def _plain_tc(fn, x: torch.Tensor) -> torch.Tensor:
+    """The tc kernel with INT4's packed decode (tc._int4_packed) off: what it replaced, timed
+    in the same run (the kernel is chosen at launch, so also inside a graph capture)."""
+    from compress.kernels import tc
+
+    packed, tc.packed_int4 = tc.packed_int4, lambda *args: False
+    try:
+        return fn(x, path="tc")
+    finally:
+        tc.packed_int4 = packed
 
 
 def tinygemm_int4(codes: torch.Tensor, scale: torch.Tensor, inner_k_tiles: int = 8):

@@ -105,7 +105,10 @@ def tc_variants(all_configs: bool):
         cases += [(f, "bf16", c, True, 0 if f[0] == 0 else 1)
                   for f in (WORD_FORMATS[0], WORD_FORMATS[3]) for c in tc_configs()]
     for (fmt, bits, zero), act, cfg, even, mode in cases:
-        types = {"x_ptr": ACT[act], "w_ptr": "*i32", "s_ptr": "*bf16" if fmt == 0 else "*u8",
+        # INT4 with 16-bit scales of the activations' dtype: the packed decode (tc.packed_int4)
+        packed = fmt == 0 and bits == 4 and act != "fp32" and mode == 0
+        types = {"x_ptr": ACT[act], "w_ptr": "*i32",
+                 "s_ptr": (ACT[act] if packed else "*bf16") if fmt == 0 else "*u8",
                  "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32", "out_ptr": ACT[act],
                  "ws_ptr": "*fp32", "cnt_ptr": "*i32",
                  **dict.fromkeys(["M", "N", "K", "KW", "G", "GROUP", "GROUP_SHIFT", "stride_xm",
@@ -114,8 +117,9 @@ def tc_variants(all_configs: bool):
                       SCALES=mode, WPG=2, POW2_GROUP=mode != 2, IEEE=act == "fp32",
                       SPLIT=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       BLOCK_K=cfg.block_k, EVEN_K=even, EVEN_N=even,
-                      SWAP=tc.swap(cfg, act == "fp32", mode))
-        yield (f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}",
+                      SWAP=tc.swap(cfg, act == "fp32", mode), PACKED=packed)
+        yield (f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}"
+               f"{' packed' if packed else ''}",
                tc._tc_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)
 
 
@@ -139,13 +143,16 @@ def variants(all_configs: bool = False):
     cfg = C.CONFIGS["dequant_words"]
     dq = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     ints = dict.fromkeys(["N", "K", "KW", "G", "GROUP"], "i32")
-    for fmt, bits, zero in WORD_FORMATS:
-        yield (f"dequant fmt={fmt} int{bits} zero={zero}", tc._tc_dequant_kernel,
+    for (fmt, bits, zero), packed in itertools.product(WORD_FORMATS, (False, True)):
+        if packed and (fmt, bits) != (0, 4):   # the packed decode is INT4's (tc.packed_int4)
+            continue
+        yield (f"dequant fmt={fmt} int{bits} zero={zero}{' packed' if packed else ''}",
+               tc._tc_dequant_kernel,
                {"w_ptr": "*i32", "s_ptr": "*bf16" if fmt == 0 else "*u8", "z_ptr": "*i32",
                 "out_ptr": "*bf16", "gs_ptr": "*fp32", "GROUP_SHIFT": "i32",
                 "one_bits": "i32", **ints},
                dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, SCALES=int(fmt != 0),
-                    WPG=2, POW2_GROUP=True, **dq), cfg.num_warps, 1)
+                    WPG=2, POW2_GROUP=True, PACKED=packed, **dq), cfg.num_warps, 1)
     ints.pop("KW")
     cfg = C.CONFIGS["dequant"]
     yield ("2:4-int dequant", sparse24._sparse24_dequant_kernel,
@@ -164,8 +171,9 @@ def variants(all_configs: bool = False):
                     HAS_KEEP=keep), 4, 1)
     yield ("add_rmsnorm 4096 bf16", rmsnorm._add_rmsnorm_kernel,
            {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16",
-            "h_ptr": "*bf16", "D": "i32", "stride_x": "i32", "stride_r": "i32", "eps": "fp32"},
-           dict(HAS_RESIDUAL=True, BLOCK_D=4096), 16, 1)
+            "h_ptr": "*bf16", "D": "i32", "stride_x": "i32", "stride_r": "i32", "eps": "fp32",
+            "DIVISOR": "fp32"},
+           dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, CENTERED=False, BLOCK_D=4096), 16, 1)
     yield ("rope_gather hd128 bf16", rope_gather._rope_gather_kernel,
            {"ids_ptr": "*i64", "pos_ptr": "*i64", "table_ptr": "*bf16", "cos_ptr": "*fp32",
             "sin_ptr": "*fp32", "out_ptr": "*bf16", "W": "i32", "off0": "i32", "end0": "i32",

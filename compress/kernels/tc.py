@@ -22,9 +22,15 @@ path" has the SASS counts):
   * split-K (config split_k > 1): the K-slices' float32 partials are summed by the last
     program of each tile (_common.finish_split): one launch, no zero fill, no cast.
 float32 activations use an exact (IEEE) dot on exactly decoded float32 weights.
+
+INT4 with 16-bit activations and scales of their dtype, a tile inside one group (PACKED): the
+codes are decoded two to a 32-bit register by inline PTX (_int4_packed), ~2 instructions a code
+instead of ~3.5, each weight the reference's own rounding of (code - 8 - zero) * scale.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -57,6 +63,20 @@ def _spread(t, WPG: tl.constexpr):
 
 
 @triton.jit
+def _row_scale(s_ptr, z_ptr, gs, rn, n_in, k0, K, G, GROUP, GROUP_SHIFT, FMT: tl.constexpr,
+               BITS: tl.constexpr, PER: tl.constexpr, HAS_ZERO: tl.constexpr,
+               POW2_GROUP: tl.constexpr):
+    """(scale, zero) [BN, 1] of the K-tile at k0 when it lies in one group (SCALES 0): the
+    group found by a shift (GROUP_SHIFT) or a division; 0 past K."""
+    if POW2_GROUP:
+        col = k0 >> GROUP_SHIFT
+    else:
+        col = k0 // GROUP
+    return _group_scale(s_ptr, z_ptr, gs, rn[:, None], col,
+                        n_in[:, None] & (rn[:, None] * 0 + k0 < K), G, FMT, BITS, PER, HAS_ZERO)
+
+
+@triton.jit
 def _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP, GROUP_SHIFT,
                   FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                   HAS_ZERO: tl.constexpr, SCALES: tl.constexpr, WPG: tl.constexpr,
@@ -71,13 +91,8 @@ def _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP, GROUP_SHIFT,
     groups of WPG words: the tile's groups are loaded as [BN, WORDS / WPG] (contiguous) and
     spread over the words [BN, WORDS]; 2, any other group size: per word, by a division."""
     if SCALES == 0:
-        if POW2_GROUP:
-            col = k0 >> GROUP_SHIFT
-        else:
-            col = k0 // GROUP
-        s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], col,
-                            n_in[:, None] & (rn[:, None] * 0 + k0 < K), G, FMT, BITS, PER,
-                            HAS_ZERO)
+        s, z = _row_scale(s_ptr, z_ptr, gs, rn, n_in, k0, K, G, GROUP, GROUP_SHIFT, FMT, BITS,
+                          PER, HAS_ZERO, POW2_GROUP)
     elif SCALES == 1:
         cols = k0 // (WPG * PER) + tl.arange(0, WORDS // WPG)
         s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], cols[None, :],
@@ -179,6 +194,66 @@ def _weight_tile(words, a, b_lo, b_hi, one, FMT: tl.constexpr, BITS: tl.constexp
     return tile
 
 
+# INT4 codes to 16-bit weights, two to a register (Marlin's and FasterTransformer's trick, for
+# Triton: tl.inline_asm_elementwise with pack=4, so one call gets 4 bytes in one register).
+# Per 4 bytes (8 codes): PRMT puts bytes 0, 1 (2, 3) in the low byte of each 16-bit half; a shift
+# brings the high nibbles down; LOP3 (x & 0x000F000F) | MAGIC makes each half MAGIC_VALUE + code
+# exactly (bfloat16 0x4300 = 128, float16 0x6400 = 1024, one unit per code); SUB removes
+# MAGIC_VALUE + 8 + zero (exact: small integers), MUL the scale (the one rounding the reference
+# makes). 16 instructions for 8 codes. Operands: $0-$3 out (low nibbles of bytes 0-1, 2-3, then
+# high nibbles), $4 the bytes, $5-$6 the scales, $7-$8 MAGIC_VALUE + 8 + zero, each a pair of
+# halves for bytes 0-1 and 2-3; outputs early-clobber ("=&r"): they are written while $5-$8 are
+# still read.
+_INT4_PACKED_ASM = """{{
+.reg .b32 t0, t1, u0, u1;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+shr.b32 u0, t0, 4;
+shr.b32 u1, t1, 4;
+lop3.b32 t0, t0, 0x000F000F, {magic}, 0xEA;
+lop3.b32 t1, t1, 0x000F000F, {magic}, 0xEA;
+lop3.b32 u0, u0, 0x000F000F, {magic}, 0xEA;
+lop3.b32 u1, u1, 0x000F000F, {magic}, 0xEA;
+sub.rn.{t}x2 t0, t0, $7;
+sub.rn.{t}x2 t1, t1, $8;
+sub.rn.{t}x2 u0, u0, $7;
+sub.rn.{t}x2 u1, u1, $8;
+mul.rn.{t}x2 $0, t0, $5;
+mul.rn.{t}x2 $1, t1, $6;
+mul.rn.{t}x2 $2, u0, $5;
+mul.rn.{t}x2 $3, u1, $6;
+}}"""
+INT4_TO_BF16: tl.constexpr = tl.constexpr(_INT4_PACKED_ASM.format(magic="0x43004300", t="bf16"))
+INT4_TO_F16: tl.constexpr = tl.constexpr(_INT4_PACKED_ASM.format(magic="0x64006400", t="f16"))
+
+
+@triton.jit
+def _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.constexpr,
+                 EVEN: tl.constexpr):
+    """INT4 weights of rows rn from input k0 on, in DTYPE (bfloat16 or float16): (even, odd)
+    [BN, BLOCK_K / 2], the inputs k0 + 2i and k0 + 2i + 1 (byte i of the packed row holds both);
+    s, z: the tile's scale and zero point per row [BN, 1] (float32, s exact in DTYPE). Two
+    tensors, not one in K order: an interleave would re-pair every register (a PRMT per two
+    codes, SASS counted); the dots take even and odd inputs apart instead."""
+    rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    ptrs = w_ptr.to(tl.pointer_type(tl.uint8)) + rn[:, None] * (KW * 4) + rb[None, :]
+    if EVEN:
+        b = tl.load(ptrs)
+    else:
+        b = tl.load(ptrs, mask=n_in[:, None] & (rb[None, :] < KW * 4), other=0)
+    if DTYPE == tl.bfloat16:
+        lo, hi = tl.inline_asm_elementwise(INT4_TO_BF16, "=&r,=&r,=&r,=&r,r,r,r,r,r",
+                                           [b, s.to(tl.bfloat16), (136.0 + z).to(tl.bfloat16)],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                                           pack=4)
+    else:
+        lo, hi = tl.inline_asm_elementwise(INT4_TO_F16, "=&r,=&r,=&r,=&r,r,r,r,r,r",
+                                           [b, s.to(tl.float16), (1032.0 + z).to(tl.float16)],
+                                           dtype=(tl.float16, tl.float16), is_pure=True,
+                                           pack=4)
+    return lo, hi
+
+
 @triton.jit
 def _nvfp4_gs(gs_ptr, FMT: tl.constexpr):
     """The factor _group_scale multiplies NVFP4's E4M3 scales by: 2^14 / the global scale,
@@ -190,6 +265,30 @@ def _nvfp4_gs(gs_ptr, FMT: tl.constexpr):
 
 
 @triton.jit
+def _x_tile(x_ptr, rm, m_in, stride_xm, rk, K, EVEN_K: tl.constexpr):
+    """Activations [BM, len(rk)] of rows rm at inputs rk (0 outside)."""
+    ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    if EVEN_K:
+        return tl.load(ptrs, mask=m_in[:, None], other=0.0)
+    return tl.load(ptrs, mask=m_in[:, None] & (rk[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _dot(w, x, acc, SWAP: tl.constexpr, IEEE: tl.constexpr):
+    """acc + the tile's product, acc [BN, BM] when SWAP else [BM, BN]; w [BN, k], x [BM, k]."""
+    if SWAP:
+        # y^T[BN, BM] += w[BN, BK] @ x^T: the weight rows fill the MMA's 64-row side (a few
+        # activation rows are its narrow N side, no padding to 64); on Hopper the decoded
+        # tile is wgmma's register operand A, whose wgmmas ptxas serializes
+        acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee" if IEEE else None)
+    else:
+        # y[BM, BN] += x @ w^T: both wgmma operands in shared memory (BLOCK_M >= 64 on Hopper,
+        # else mma.sync tiles), the wgmmas of a tile issued back to back
+        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if IEEE else None)
+    return acc
+
+
+@triton.jit
 def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr, cnt_ptr,
                       M, N, K, KW, G, GROUP, GROUP_SHIFT, stride_xm, K_PER_SPLIT, one_bits,
                       FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
@@ -197,7 +296,7 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr
                       WPG: tl.constexpr, POW2_GROUP: tl.constexpr, IEEE: tl.constexpr,
                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr = False,
-                      EVEN_N: tl.constexpr = False):
+                      EVEN_N: tl.constexpr = False, PACKED: tl.constexpr = False):
     # M-tiles are grid axis 0, so the programs sharing a weight tile run together (L2 reuse)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -214,37 +313,38 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr
     k_start = pid_k * K_PER_SPLIT
     # the scales of a tile are loaded one iteration ahead (Triton's pipeline skips these small
     # loads): their latency hides behind a tile's decode and dot
-    a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k_start, K, KW, G, GROUP,
-                                  GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES, WPG,
-                                  POW2_GROUP, EXACT, BLOCK_K // PER)
+    if PACKED:   # INT4, 16-bit, one group a tile: scale and zero per row (_int4_packed)
+        s, z = _row_scale(s_ptr, z_ptr, gs, rn, n_in, k_start, K, G, GROUP, GROUP_SHIFT, FMT,
+                          BITS, PER, HAS_ZERO, POW2_GROUP)
+    else:
+        a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k_start, K, KW, G, GROUP,
+                                      GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES, WPG,
+                                      POW2_GROUP, EXACT, BLOCK_K // PER)
     if SWAP:   # y^T: see the dot below
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = k_start + kk
-        words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, KW, EVEN_K and EVEN_N)
-        w = _weight_tile(words, a, b_lo, b_hi, one_bits, FMT, BITS, EXACT, DTYPE)
-        a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, KW, G, GROUP,
-                                      GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES, WPG,
-                                      POW2_GROUP, EXACT, BLOCK_K // PER)
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=m_in[:, None], other=0.0)
+        if PACKED:   # two dots, even and odd inputs (see _int4_packed)
+            w_even, w_odd = _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K,
+                                         EVEN_K and EVEN_N)
+            s, z = _row_scale(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, G, GROUP, GROUP_SHIFT,
+                              FMT, BITS, PER, HAS_ZERO, POW2_GROUP)
+            x = _x_tile(x_ptr, rm, m_in, stride_xm, k0 + tl.arange(0, BLOCK_K), K, EVEN_K)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            acc = _dot(w_even, x_even, acc, SWAP, False)
+            acc = _dot(w_odd, x_odd, acc, SWAP, False)
         else:
-            x = tl.load(x_ptrs, mask=m_in[:, None] & (rk[None, :] < K), other=0.0)
-        if IEEE:
-            x = x.to(tl.float32)
-        if SWAP:
-            # y^T[BN, BM] += w[BN, BK] @ x^T: the weight rows fill the MMA's 64-row side (a few
-            # activation rows are its narrow N side, no padding to 64); on Hopper the decoded
-            # tile is wgmma's register operand A, whose wgmmas ptxas serializes
-            acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee" if IEEE else None)
-        else:
-            # y[BM, BN] += x @ w^T: both wgmma operands in shared memory (BLOCK_M >= 64 on
-            # Hopper, else mma.sync tiles), the wgmmas of a tile issued back to back
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if IEEE else None)
+            words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, KW, EVEN_K and EVEN_N)
+            w = _weight_tile(words, a, b_lo, b_hi, one_bits, FMT, BITS, EXACT, DTYPE)
+            a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, KW, G,
+                                          GROUP, GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES,
+                                          WPG, POW2_GROUP, EXACT, BLOCK_K // PER)
+            x = _x_tile(x_ptr, rm, m_in, stride_xm, k0 + tl.arange(0, BLOCK_K), K, EVEN_K)
+            if IEEE:
+                x = x.to(tl.float32)
+            acc = _dot(w, x, acc, SWAP, IEEE)
     if FMT != 0 and not EXACT:
         acc = acc * 67108864.0   # 2^26: FP4 weights were value * scale * 2^-26 (_fp4_pair)
     if SWAP:
@@ -260,7 +360,8 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr
 def _tc_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, gs_ptr, N, K, KW, G, GROUP, GROUP_SHIFT,
                        one_bits, FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                        HAS_ZERO: tl.constexpr, SCALES: tl.constexpr, WPG: tl.constexpr,
-                       POW2_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       POW2_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PACKED: tl.constexpr = False):
     """The whole weight [N, K] in out_ptr's dtype, with the matmul's tile decoder."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
@@ -268,11 +369,19 @@ def _tc_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, gs_ptr, N, K, KW, G, GROUP,
     ri = tl.arange(0, BLOCK_K // PER)
     n_in = rn < N
     gs = _nvfp4_gs(gs_ptr, FMT)
-    a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP, GROUP_SHIFT,
-                                  FMT, BITS, PER, HAS_ZERO, SCALES, WPG, POW2_GROUP, True,
-                                  BLOCK_K // PER)
-    words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, KW, False)
-    w = _weight_tile(words, a, b_lo, b_hi, one_bits, FMT, BITS, True, out_ptr.dtype.element_ty)
+    if PACKED:
+        s, z = _row_scale(s_ptr, z_ptr, gs, rn, n_in, k0, K, G, GROUP, GROUP_SHIFT, FMT, BITS,
+                          PER, HAS_ZERO, POW2_GROUP)
+        w_even, w_odd = _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, out_ptr.dtype.element_ty,
+                                     BLOCK_K, False)
+        w = tl.interleave(w_even, w_odd)   # K order (memory-bound: the re-pairing is free here)
+    else:
+        a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP,
+                                      GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES, WPG,
+                                      POW2_GROUP, True, BLOCK_K // PER)
+        words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, KW, False)
+        w = _weight_tile(words, a, b_lo, b_hi, one_bits, FMT, BITS, True,
+                         out_ptr.dtype.element_ty)
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w,
              mask=n_in[:, None] & (rk[None, :] < K))
 
@@ -299,6 +408,15 @@ def swap(cfg: C.Config, ieee: bool, scales: int) -> bool:
     if ieee or scales == 2 or (scales == 0 and cfg.block_n == 32 * cfg.num_warps):
         return True
     return cfg.block_m < 64 if cfg.swap is None else cfg.swap
+
+
+def packed_int4(fmt: int, bits: int, dtype: torch.dtype, scale_dtype: torch.dtype,
+                scales: int) -> bool:
+    """Decode with _int4_packed? INT4, 16-bit weights out, scales stored in that dtype (so the
+    packed multiply rounds as the reference), one group a tile (SCALES 0); compiled only (the
+    interpreter cannot run PTX: it checks the plain decode)."""
+    return (fmt == FMT_INT and bits == 4 and dtype in (torch.bfloat16, torch.float16)
+            and scale_dtype == dtype and scales == 0 and os.environ.get("TRITON_INTERPRET") != "1")
 
 
 def _scale_args(groups: int, group: int, k: int, block_k: int, per: int) -> tuple[dict, int]:
@@ -345,6 +463,8 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
         HAS_BIAS=bias is not None, IEEE=ieee, SPLIT=split > 1,
         **scale_consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
+        PACKED=not ieee and packed_int4(fmt, bits, x2.dtype, scale.dtype,
+                                        scale_consts["SCALES"]),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -361,7 +481,8 @@ def tc_dequantize(fmt: int, words: torch.Tensor, scale: torch.Tensor, zero: torc
         global_scale if fmt == FMT_NVFP4 else scale,
         n, k, words.shape[1], scale.shape[1], group, group_shift, ONE_BITS,
         FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **scale_consts)
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **scale_consts,
+        PACKED=packed_int4(fmt, bits, dtype, scale.dtype, scale_consts["SCALES"]))
     return out
 
 

@@ -83,8 +83,10 @@ def test_tc_kernel_on_gpu(cfg, case, dtype, rng):
     for fmt in (["int"] if len(case) == 6 else ["nvfp4", "mxfp4"]):
         if fmt == "int":
             m, n, k, group, symmetric, bits = case
-            packed, scale, zero = cuda(make_int_weight(n, k, group, symmetric, bits, rng,
-                                                       torch.bfloat16))
+            # scales in the activations' 16-bit dtype: INT4 takes the packed decode
+            # (tc.packed_int4), bfloat16 and float16 each; float32 activations the plain one
+            sdt = torch.float16 if dtype == torch.float16 else torch.bfloat16
+            packed, scale, zero = cuda(make_int_weight(n, k, group, symmetric, bits, rng, sdt))
             args = (packed, scale, zero, (n, k), bits)
             x = torch.randn(m, k, generator=rng).to(dtype).cuda()
             y = int_matmul(x, *args, path="tc", config=cfg)
@@ -131,3 +133,20 @@ def test_norm_kernel_on_gpu(dtype, kind, width, rng):
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(h.float(), h_ref.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [0, 256], ids=["channel", "g256"])
+def test_packed_int4_decode_is_the_reference_rounding(dtype, symmetric, group, rng):
+    """The packed INT4 decode (inline PTX, tc._int4_packed) makes every weight bit for bit the
+    reference's float32 (code - 8 - zero) * scale rounded once to the 16-bit dtype: the
+    dequantize kernel takes it whenever a tile lies in one group (per channel, g256)."""
+    from compress.kernels.tc import FMT_INT, packed_int4, tc_dequantize, words_dequantize_ref
+
+    n, k = 192, 1024
+    packed, scale, zero = cuda(make_int_weight(n, k, group, symmetric, 4, rng, dtype))
+    assert packed_int4(FMT_INT, 4, dtype, scale.dtype, 0)
+    got = tc_dequantize(FMT_INT, packed, scale, zero, None, n, k, 4, group or k, dtype)
+    want = words_dequantize_ref(FMT_INT, packed, scale, zero, None, n, k, 4, group or k)
+    assert torch.equal(got, want.to(dtype)), (got.float() - want).abs().max()
