@@ -25,6 +25,7 @@ import triton.language as tl
 
 from compress.kernels import _common as C
 from compress.kernels._common import apply_int_scale, mac_tile, store_tile
+from compress.kernels.decode import _group_scale
 from compress.kernels.fp4 import FORMATS as FP4_GROUPS
 from compress.kernels.fp4 import (
     e2m1_table,
@@ -141,6 +142,95 @@ def _sparse24_matmul_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, lut_ptr, gs_ptr, 
 
 
 @triton.jit
+def _gathered_x(x_ptr, base, nib, EVEN_K: tl.constexpr, inside):
+    """x at the two kept positions of a group of 4 whose first input is `base` [BN, E]; nib:
+    its meta nibble p0 | p1 << 2. float32, 0 where not `inside`."""
+    if EVEN_K:
+        x0 = tl.load(x_ptr + base + (nib & 3))
+        x1 = tl.load(x_ptr + base + ((nib >> 2) & 3))
+    else:
+        x0 = tl.load(x_ptr + base + (nib & 3), mask=inside, other=0.0)
+        x1 = tl.load(x_ptr + base + ((nib >> 2) & 3), mask=inside, other=0.0)
+    return x0.to(tl.float32), x1.to(tl.float32)
+
+
+@triton.jit
+def _half_as_f32(bits16, FP16: tl.constexpr):
+    """The 16-bit float in the low half of int32 `bits16` (the high half zero) as float32."""
+    if FP16:
+        return bits16.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return (bits16 << 16).to(tl.float32, bitcast=True)   # bfloat16: float32's top half
+
+
+@triton.jit
+def _sparse24_m1_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, G, GROUP,
+                        stride_xm, KIND: tl.constexpr, FP16: tl.constexpr, HAS_ZERO: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, SCALE_PER_ELEMENT: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, EVEN_K: tl.constexpr,
+                        EVEN_N: tl.constexpr):
+    """y [N] = W x for activation row program_id(1), 16-bit (KIND 0) or INT4 (KIND 1) kept
+    values.
+    x is gathered at the kept positions instead of W scattered to a dense tile: a kept value
+    costs its decode, two meta bits, one x load (L1) and one FMA, the pruned half nothing.
+    An "element" of a row is what one thread takes per step: 16-bit, an int64 of 4 kept values
+    (2 groups, 8 inputs) and the meta byte of those groups; INT4, an int32 word of 8 kept codes
+    (4 groups, 16 inputs) and its 16 meta bits."""
+    GPE: tl.constexpr = 2 if KIND == 0 else 4          # groups of 4 inputs per element
+    IPE: tl.constexpr = 4 * GPE
+    ew = K // IPE                                       # elements per row
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = rn < N
+    x_ptr += tl.program_id(1) * stride_xm
+    out_ptr += tl.program_id(1) * N
+    acc = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    for e0 in range(0, ew, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        inside = n_in[:, None] & (e[None, :] < ew)
+        # one element a thread along E for the values and the meta alike: vectorizing the
+        # loads gives the two tensors different layouts, and every op combining them then
+        # goes through shared memory (SASS counted: STS/LDS/BAR in the loop)
+        offs = tl.max_contiguous(rn[:, None] * ew + e[None, :], [1, 1])
+        if EVEN_K and EVEN_N:
+            v = tl.load(v_ptr + offs)
+            meta = tl.load(m_ptr + offs).to(tl.int32) & ((1 << (4 * GPE)) - 1)
+        else:
+            v = tl.load(v_ptr + offs, mask=inside, other=0)
+            meta = tl.load(m_ptr + offs, mask=inside, other=0).to(tl.int32) & ((1 << (4 * GPE)) - 1)
+        base = e[None, :] * IPE
+        if KIND == 0:
+            for gi in tl.static_range(GPE):
+                word = (v >> (32 * gi)).to(tl.int32)    # kept values 2 gi, 2 gi + 1
+                x0, x1 = _gathered_x(x_ptr, base + 4 * gi, meta >> (4 * gi), EVEN_K, inside)
+                acc += _half_as_f32(word & 0xFFFF, FP16) * x0
+                acc += _half_as_f32((word >> 16) & 0xFFFF, FP16) * x1
+        else:
+            if SCALE_PER_ELEMENT:   # the element's 16 inputs lie in one group
+                s, z = _group_scale(s_ptr, z_ptr, 1.0, rn[:, None], base // GROUP, inside, G,
+                                    0, 4, 8, HAS_ZERO)
+                t = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+            for gi in tl.static_range(GPE):
+                if not SCALE_PER_ELEMENT:   # groups of 4 or 8 inputs: a scale per group
+                    s, z = _group_scale(s_ptr, z_ptr, 1.0, rn[:, None], (base + 4 * gi) // GROUP,
+                                        inside, G, 0, 4, 8, HAS_ZERO)
+                x0, x1 = _gathered_x(x_ptr, base + 4 * gi, meta >> (4 * gi), EVEN_K, inside)
+                # a code as a float without a conversion: (c | 0x4B000000) is 2^23 + c; the
+                # subtraction of 2^23 + 8 + zero is exact, so q is the integer code - 8 - zero
+                off = 8388616.0 + z
+                q0 = (((v >> (8 * gi)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - off
+                q1 = (((v >> (8 * gi + 4)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - off
+                if SCALE_PER_ELEMENT:
+                    t += q0 * x0 + q1 * x1
+                else:
+                    acc += s * (q0 * x0 + q1 * x1)
+            if SCALE_PER_ELEMENT:
+                acc += s * t
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=n_in)
+
+
+@triton.jit
 def _sparse24_dequant_kernel(v_ptr, m_ptr, s_ptr, z_ptr, lut_ptr, gs_ptr, out_ptr,
                              N, K, G, GROUP, KIND: tl.constexpr, BITS: tl.constexpr,
                              PER: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -221,6 +311,8 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
     if path == "dequant":
         w = sparse24_dequantize(kind, tensors, shape, bits, x.dtype)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
+    if path == "gemv" and m1_serves(kind, bits):
+        return _m1_matmul(x2, kind, tensors, n, k, bias).reshape(*x.shape[:-1], n)
     v, s, z, lut, gs, groups = _launch_args(kind, tensors, bits, x.device)
     cfg, grid, k_per_split, out = C.launch_plan(path, m, n, k, split_k, x.dtype, x.device)
     split = grid[2]
@@ -234,6 +326,42 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
         num_stages=cfg.num_stages)
     y = C.split_sum(out, x.dtype) if split > 1 else out
     return y.reshape(*x.shape[:-1], n)
+
+
+def m1_serves(kind: str, bits: int) -> bool:
+    """Does the gather kernel (_sparse24_m1_kernel) run the "gemv" path of this value kind?
+    (FP4 and INT8 kept values still take the dense-tile kernel.)"""
+    return kind == "16bit" or (kind == "int" and bits == 4)
+
+
+def _m1_matmul(x2: torch.Tensor, kind: str, t: dict[str, torch.Tensor], n: int, k: int,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 [M, K] @ W^T, one program row per activation row (_sparse24_m1_kernel): the 16-bit
+    values read as int64 (4 a load), INT4's meta as int16 (the 4 groups of a code word)."""
+    cfg = C.CONFIGS["sparse24_m1"]
+    meta = t["weight_meta"]
+    if kind == "16bit":
+        v, meta, ipe = t["weight_values"].view(torch.int64), meta, 8
+        s = z = meta
+        groups = group = 1
+    else:
+        v, meta, ipe = t["weight_packed"], meta.view(torch.int16), 16
+        s, z = t["weight_scale"], t.get("weight_zero_point", t["weight_packed"])
+        groups = s.shape[1]
+        group = k // groups
+    block_e = max(1, cfg.block_k // ipe)
+    m = x2.shape[0]
+    out = C.alloc((m, n), x2.dtype, x2.device)
+    if m:
+        _sparse24_m1_kernel[(-(-n // cfg.block_n), m)](
+            x2, v, meta, s, z, bias if bias is not None else x2, out, n, k, groups, group,
+            x2.stride(0), KIND=0 if kind == "16bit" else 1,
+            FP16=kind == "16bit" and t["weight_values"].dtype == torch.float16,
+            HAS_ZERO="weight_zero_point" in t, HAS_BIAS=bias is not None,
+            SCALE_PER_ELEMENT=group % 16 == 0, BLOCK_N=cfg.block_n, BLOCK_E=block_e,
+            EVEN_K=(k // ipe) % block_e == 0, EVEN_N=n % cfg.block_n == 0,
+            num_warps=cfg.num_warps)
+    return out
 
 
 def sparse24_dequantize(kind: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int],

@@ -29,24 +29,29 @@ def mask_24(n, k, rng):
     return (mask & (torch.rand(n, k // 4, 4, generator=rng) > 0.15)).reshape(n, k)
 
 
-def make_sparse(kind, n, k, rng):
-    """(tensors in the compressed layout, dense weight they stand for)."""
+def make_sparse(kind, n, k, rng, group=32, symmetric=False, dtype=torch.bfloat16):
+    """(tensors in the compressed layout, dense weight they stand for); group, symmetric: INT's
+    scale group and zero points; dtype: 16-bit values'."""
     mask = mask_24(n, k, rng)
     if kind == "16bit":
-        dense = (torch.randn(n, k, generator=rng) * mask).to(torch.bfloat16)
+        dense = (torch.randn(n, k, generator=rng) * mask).to(dtype)
         pos = kept_positions(dense)
         return {"weight_values": gather_kept(dense, pos), "weight_meta": pack_meta(pos)}, dense
     if kind == "int":
-        g = 32
+        g = group
         zero = torch.randint(-8, 8, (n, k // g), generator=rng, dtype=torch.int8)
+        if symmetric:
+            zero.zero_()
         codes = torch.randint(-8, 8, (n, k), generator=rng, dtype=torch.int8)
         codes = torch.where(mask, codes, zero.repeat_interleave(g, 1))  # pruned -> value 0
         scale = torch.rand(n, k // g, generator=rng) + 0.1
         dense = (codes.float() - zero.repeat_interleave(g, 1)) * scale.repeat_interleave(g, 1)
         pos = kept_positions(dense)
-        return {"weight_packed": pack_to_int32(gather_kept(codes, pos), 4),
-                "weight_meta": pack_meta(pos), "weight_scale": scale,
-                "weight_zero_point": pack_to_int32(zero, 4, packed_dim=0).contiguous()}, dense
+        t = {"weight_packed": pack_to_int32(gather_kept(codes, pos), 4),
+             "weight_meta": pack_meta(pos), "weight_scale": scale}
+        if not symmetric:
+            t["weight_zero_point"] = pack_to_int32(zero, 4, packed_dim=0).contiguous()
+        return t, dense
     mags = torch.tensor(E2M1_VALUES)[torch.randint(1, 8, (n, k), generator=rng)]
     e2m1 = mags * (torch.randint(0, 2, (n, k), generator=rng) * 2 - 1) * mask
     pos = kept_positions(e2m1)
@@ -109,3 +114,25 @@ def test_views_are_refused_not_misread(rng):
     t["weight_zero_point"] = t["weight_zero_point"].T.contiguous().T
     with pytest.raises(ValueError, match="contiguous"):
         sparse24_matmul(torch.randn(1, 160), "int", t, (21, 160))
+
+
+@pytest.mark.parametrize("variant", ["16bit-bf16", "16bit-fp16", "int-g4", "int-g8-sym",
+                                     "int-g16", "int-g128-sym"])
+@pytest.mark.parametrize("m", [1, 2])
+def test_m1_kernel_gathers_x_at_the_kept_positions(variant, m, rng):
+    """The M = 1 kernel (path "gemv": x gathered at the kept positions) on every value kind it
+    serves: float16 values, INT4 with a scale per group of 4 or 8 inputs (several in one code
+    word), per 16 and per 128, with and without zero points; a row per program row (m)."""
+    kind, opt = variant.split("-", 1)
+    n, k = 40, 256
+    if kind == "16bit":
+        t, dense = make_sparse(kind, n, k, rng, dtype=getattr(torch, {"bf16": "bfloat16",
+                                                                       "fp16": "float16"}[opt]))
+    else:
+        t, dense = make_sparse(kind, n, k, rng, group=int(opt.split("-")[0][1:]),
+                               symmetric=opt.endswith("sym"))
+    x = torch.randn(m, k, generator=rng)
+    bias = torch.randn(n, generator=rng)
+    ref = sparse24_matmul_ref(x, kind, t, (n, k), bias=bias)
+    y = sparse24_matmul(x, kind, t, (n, k), bias=bias, path="gemv")
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
