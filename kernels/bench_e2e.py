@@ -194,6 +194,8 @@ def main() -> None:
     parser.add_argument("--roofline", action="store_true", help="print the decode byte count")
     parser.add_argument("--quantize-lm-head", action="store_true",
                         help="lm_head in the same format too (1 GB of a bf16 step's reads)")
+    parser.add_argument("--no-fuse-rope", dest="fuse_rope", action="store_false",
+                        help="keep transformers' RoPE (~12 kernels a layer) in our rows")
     parser.add_argument("--no-fuse-norms", dest="fuse_norms", action="store_false",
                         help="keep transformers' RMSNorm in the compressed rows (the bf16 row "
                              "always runs it; the others run the fused kernel by default, as "
@@ -227,6 +229,11 @@ def main() -> None:
         from compress.runtime.norms import fuse_rmsnorms
 
         print(f"{fuse_rmsnorms(model)} RMSNorms fused after the bf16 row", file=sys.stderr)
+    if args.fuse_rope:    # the same: compress.load runs RoPE as one kernel a layer on CUDA
+        from compress.runtime.rope import fuse_rope
+
+        print(f"RoPE fused in {fuse_rope(model)} modeling module(s) after the bf16 row",
+              file=sys.stderr)
     for name in args.formats.split(","):
         if name == "tinygemm":
             if device.type != "cuda":

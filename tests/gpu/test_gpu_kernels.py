@@ -150,3 +150,23 @@ def test_packed_int4_decode_is_the_reference_rounding(dtype, symmetric, group, r
     got = tc_dequantize(FMT_INT, packed, scale, zero, None, n, k, 4, group or k, dtype)
     want = words_dequantize_ref(FMT_INT, packed, scale, zero, None, n, k, 4, group or k)
     assert torch.equal(got, want.to(dtype)), (got.float() - want).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_rope_qk_on_gpu(dtype, rng):
+    """The one-launch RoPE of q and k (runtime/rope.py wires it into every attention layer) on
+    LlamaAttention's layout, Llama-3-8B heads, against transformers' function."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from compress.kernels.rope_gather import rope_qk
+
+    b, length, h, hk, d = 2, 3, 32, 8, 128
+    q = torch.randn(b, length, h * d, generator=rng).to(dtype).cuda().view(b, length, h, d)
+    k = torch.randn(b, length, hk * d, generator=rng).to(dtype).cuda().view(b, length, hk, d)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    angle = (torch.rand(b, length, d // 2, generator=rng) * 100).cuda()
+    cos, sin = torch.cat([angle.cos()] * 2, -1).to(dtype), torch.cat([angle.sin()] * 2, -1).to(dtype)
+    got = rope_qk(q, k, cos, sin)
+    want = apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w, rtol=1e-2, atol=1e-2)

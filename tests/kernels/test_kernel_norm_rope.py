@@ -7,7 +7,7 @@ import torch
 from kernel_checks import DTYPES
 
 from compress.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_ref
-from compress.kernels.rope_gather import rope_gather, rope_gather_ref
+from compress.kernels.rope_gather import rope_gather, rope_gather_ref, rope_qk, rope_qk_ref
 
 # Elementwise: one or two roundings to the dtype (interpreter truncation for bfloat16).
 ELEMENT_TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -113,3 +113,36 @@ def test_rope_gather_reference_is_transformers_rope(rng):
     q_hf, k_hf = apply_rotary_pos_emb(q, k, cos[None], sin[None])
     torch.testing.assert_close(out[..., :heads * hd], q_hf.transpose(1, 2).reshape(1, 6, -1))
     torch.testing.assert_close(out[..., heads * hd:], k_hf.transpose(1, 2).reshape(1, 6, -1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch_cos", [1, 2])
+def test_rope_qk_is_transformers_rope_on_the_attention_layout(dtype, batch_cos, rng):
+    """q, k as LlamaAttention makes them (projection output viewed [B, L, H, D], transposed to
+    [B, H, L, D]: not contiguous), GQA (fewer k heads), cos/sin per batch row or shared: one
+    launch gives transformers' apply_rotary_pos_emb, computed in float32, output in place of
+    the input's layout."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, length, h, hk, d = 2, 5, 4, 2, 16
+    q = torch.randn(b, length, h * d, generator=rng).to(dtype).view(b, length, h, d).transpose(1, 2)
+    k = torch.randn(b, length, hk * d, generator=rng).to(dtype).view(b, length, hk, d).transpose(1, 2)
+    _, cos, sin = llama_rope(d, 20)
+    pos = torch.randint(0, 20, (batch_cos, length), generator=rng)
+    cos, sin = cos[pos].to(dtype), sin[pos].to(dtype)
+    qo, ko = rope_qk(q, k, cos, sin)
+    assert qo.stride() == q.stride() and ko.stride() == k.stride()
+    want_q, want_k = rope_qk_ref(q, k, cos, sin)
+    tol = ELEMENT_TOL[dtype]
+    torch.testing.assert_close(qo.float(), want_q.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(ko.float(), want_k.float(), rtol=tol, atol=tol)
+    hf_q, hf_k = apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float())
+    torch.testing.assert_close(want_q.float(), hf_q.to(dtype).float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(want_k.float(), hf_k.to(dtype).float(), rtol=tol, atol=tol)
+
+
+def test_rope_qk_declines_layouts_it_does_not_handle(rng):
+    q = torch.randn(1, 2, 3, 8, generator=rng)
+    cos = sin = torch.randn(1, 3, 8, generator=rng)
+    assert rope_qk(q, q, cos[..., :4], sin[..., :4]) is None          # partial rotary
+    assert rope_qk(q.transpose(2, 3), q, cos, sin) is None             # head dim not contiguous

@@ -67,3 +67,36 @@ def test_rmsnorm_pass_norms_run_fused_with_the_same_logits(monkeypatch):
             assert fuse_rmsnorms(model) == norms == 2 * 2 + 1
             got = model(ids).logits
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_llama_rope_runs_fused_with_the_same_logits(monkeypatch):
+    """compress.runtime.rope.fuse_rope: the family's RoPE becomes the one-launch kernel
+    (checked on random heads first) in the fused model only, logits unchanged; another model of
+    the family in the process keeps transformers' RoPE; a second call finds nothing to do;
+    where kernels do not run nothing is fused."""
+    from transformers.models.llama import modeling_llama
+
+    from compress.kernels import rope_gather
+    from compress.runtime.rope import fuse_rope
+
+    # the wrapper lives in the modeling module: restored after the test
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb",
+                        modeling_llama.apply_rotary_pos_emb)
+    model, other = tiny("llama"), tiny("llama")
+    monkeypatch.setenv("COMPRESS_KERNELS", "auto")
+    assert fuse_rope(model) == 0                     # CPU tensors: transformers' own RoPE
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = rope_gather.rope_qk
+    monkeypatch.setattr(rope_gather, "rope_qk", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert fuse_rope(model) == 2                 # both layers
+        calls.clear()
+        got = model(ids).logits
+        assert len(calls) == 2                       # one launch a layer
+        other(ids)
+        assert len(calls) == 2                       # not fused: transformers' RoPE
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert fuse_rope(model) == 0
