@@ -162,6 +162,7 @@ def make_variants(n: int, k: int, device) -> dict:
             for path in ("tc", "dequant"):
                 v[f"{name}@{path}"] = (functools.partial(_forced, fn_ref[0], path), fn_ref[1])
             v[f"{name}@tc-plain"] = (functools.partial(_plain_tc, fn_ref[0]), fn_ref[1])
+            v[f"{name}@decode-div"] = (functools.partial(_decode_div, fn_ref[0]), fn_ref[1])
     if device.type == "cuda":
         tiny = tinygemm_int4(codes, scale)
         if tiny is not None:
@@ -180,6 +181,18 @@ def make_variants(n: int, k: int, device) -> dict:
 
 def _forced(fn, path: str, x: torch.Tensor) -> torch.Tensor:
     return fn(x, path=path)
+
+
+def _decode_div(fn, x: torch.Tensor) -> torch.Tensor:
+    """The decode kernel finding per-word scale columns by a division, as before
+    decode.group_shift (an A/B in one run)."""
+    from compress.kernels import decode
+
+    shift, decode.group_shift = decode.group_shift, lambda group: -1
+    try:
+        return fn(x, path="decode")
+    finally:
+        decode.group_shift = shift
 
 
 def _plain_tc(fn, x: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,8 @@ def decode_variants():
                       IEEE=act == "fp32", ATOMIC=atomic, BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                       EVEN_K=cfg.block_m == 1, EVEN_N=cfg.block_m == 1,
-                      PREFETCH=cfg.block_m == 1 and cfg.num_stages > 2)
+                      PREFETCH=cfg.block_m == 1 and cfg.num_stages > 2,
+                      GROUP_SHIFT=-1 if zero else 7)
         yield (f"decode fmt={fmt} int{bits} zero={zero} {act} {cfg}",
                decode._words_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)
 
