@@ -232,7 +232,7 @@ def main() -> None:
     if args.fuse_rope:    # the same: compress.load runs RoPE as one kernel a layer on CUDA
         from compress.runtime.rope import fuse_rope
 
-        print(f"RoPE fused in {fuse_rope(model)} modeling module(s) after the bf16 row",
+        print(f"RoPE fused in {fuse_rope(model)} attention layers after the bf16 row",
               file=sys.stderr)
     for name in args.formats.split(","):
         if name == "tinygemm":

@@ -60,8 +60,10 @@ CONFIGS: dict[str, Config] = {
     "splitk": Config(16, 64, 64, num_warps=4),
     "tile": Config(64, 64, 64, num_warps=4, num_stages=3),
     "dequant": Config(1, 32, 64, num_warps=4),
-    # 2:4 at M = 1 (sparse24._sparse24_m1_kernel): block_k inputs a row per step
-    "sparse24_m1": Config(1, 8, 1024, num_warps=4),
+    # 2:4 at M = 1 (sparse24._sparse24_m1_kernel): block_k inputs a row per step. 4 rows x
+    # 1024: the fastest of kernels/probe_sparse24_m1.py's seven on all four Llama-3-8B shapes,
+    # 16-bit and INT4 alike (H200, kernels/BENCHMARKS.md, 2026-12-03 14:51 UTC)
+    "sparse24_m1": Config(1, 4, 1024, num_warps=4),
     # tc.py's dequantize of INT/FP4 words: 8 codes a thread along K (16-byte stores)
     "dequant_words": Config(1, 32, 256, num_warps=4),
 }
