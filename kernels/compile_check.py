@@ -119,8 +119,8 @@ def tc_variants(all_configs: bool):
                       SPLIT=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       BLOCK_K=cfg.block_k, EVEN_K=even, EVEN_N=even,
                       SWAP=tc.swap(cfg, act == "fp32", mode), PACKED=packed)
-        yield (f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}"
-               f"{' packed' if packed else ''}",
+        yield ((f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}"
+                f"{' packed' if packed else ''}"),
                tc._tc_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)
 
 

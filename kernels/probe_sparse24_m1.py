@@ -18,10 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import SHAPES, check, make_variants, time_call  # noqa: E402
+from bench_kernels import SHAPES, check, make_variants, time_call
 
-from compress.kernels import _common as C  # noqa: E402
-from compress.kernels import sparse24  # noqa: E402
+from compress.kernels import _common as C
+from compress.kernels import sparse24
 
 CONFIGS = [C.CONFIGS["sparse24_m1"], C.Config(1, 8, 1024), C.Config(1, 16, 1024),
            C.Config(1, 8, 512), C.Config(1, 8, 2048), C.Config(1, 8, 1024, num_warps=8),

@@ -12,9 +12,11 @@ K % 8 == 0):
 Scales are indexed by ORIGINAL input position (g counts original inputs, a multiple of 4), so a
 kept value in group i uses scale column (4 i) // g.
 
-Each tile of kept values is expanded to a dense [BLOCK_N, BLOCK_K] tile in registers and then
-multiplied as in the dense kernels: the bytes read are the compressed ones (values + meta),
-the arithmetic is dense (Triton exposes no sparse tensor-core instruction).
+At M = 1 (the "gemv" path) of 16-bit and INT4 kept values, x is gathered at the kept positions
+(_sparse24_m1_kernel): the pruned half costs nothing. Otherwise each tile of kept values is
+expanded to a dense [BLOCK_N, BLOCK_K] tile in registers and multiplied as in the dense kernels:
+the bytes read are the compressed ones (values + meta), the arithmetic is dense (Triton exposes
+no sparse tensor-core instruction).
 """
 
 from __future__ import annotations
@@ -195,7 +197,8 @@ def _sparse24_m1_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K,
             meta = tl.load(m_ptr + offs).to(tl.int32) & ((1 << (4 * GPE)) - 1)
         else:
             v = tl.load(v_ptr + offs, mask=inside, other=0)
-            meta = tl.load(m_ptr + offs, mask=inside, other=0).to(tl.int32) & ((1 << (4 * GPE)) - 1)
+            meta = (tl.load(m_ptr + offs, mask=inside, other=0).to(tl.int32)
+                    & ((1 << (4 * GPE)) - 1))
         base = e[None, :] * IPE
         if KIND == 0:
             for gi in tl.static_range(GPE):
@@ -341,8 +344,8 @@ def _m1_matmul(x2: torch.Tensor, kind: str, t: dict[str, torch.Tensor], n: int, 
     cfg = C.CONFIGS["sparse24_m1"]
     meta = t["weight_meta"]
     if kind == "16bit":
-        v, meta, ipe = t["weight_values"].view(torch.int64), meta, 8
-        s = z = meta
+        v, ipe = t["weight_values"].view(torch.int64), 8
+        s = z = meta   # placeholders: 16-bit values have no scale
         groups = group = 1
     else:
         v, meta, ipe = t["weight_packed"], meta.view(torch.int16), 16

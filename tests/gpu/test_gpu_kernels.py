@@ -165,7 +165,7 @@ def test_rope_qk_on_gpu(dtype, rng):
     k = torch.randn(b, length, hk * d, generator=rng).to(dtype).cuda().view(b, length, hk, d)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     angle = (torch.rand(b, length, d // 2, generator=rng) * 100).cuda()
-    cos, sin = torch.cat([angle.cos()] * 2, -1).to(dtype), torch.cat([angle.sin()] * 2, -1).to(dtype)
+    cos, sin = (torch.cat([f(angle)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
     got = rope_qk(q, k, cos, sin)
     want = apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float())
     for g, w in zip(got, want):

@@ -125,8 +125,8 @@ def test_rope_qk_is_transformers_rope_on_the_attention_layout(dtype, batch_cos, 
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     b, length, h, hk, d = 2, 5, 4, 2, 16
-    q = torch.randn(b, length, h * d, generator=rng).to(dtype).view(b, length, h, d).transpose(1, 2)
-    k = torch.randn(b, length, hk * d, generator=rng).to(dtype).view(b, length, hk, d).transpose(1, 2)
+    q, k = (torch.randn(b, length, heads * d, generator=rng).to(dtype)
+            .view(b, length, heads, d).transpose(1, 2) for heads in (h, hk))
     _, cos, sin = llama_rope(d, 20)
     pos = torch.randint(0, 20, (batch_cos, length), generator=rng)
     cos, sin = cos[pos].to(dtype), sin[pos].to(dtype)

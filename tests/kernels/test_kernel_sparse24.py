@@ -126,11 +126,11 @@ def test_m1_kernel_gathers_x_at_the_kept_positions(variant, m, rng):
     kind, opt = variant.split("-", 1)
     n, k = 40, 256
     if kind == "16bit":
-        t, dense = make_sparse(kind, n, k, rng, dtype=getattr(torch, {"bf16": "bfloat16",
-                                                                       "fp16": "float16"}[opt]))
+        t, _ = make_sparse(kind, n, k, rng, dtype=getattr(torch, {"bf16": "bfloat16",
+                                                                   "fp16": "float16"}[opt]))
     else:
-        t, dense = make_sparse(kind, n, k, rng, group=int(opt.split("-")[0][1:]),
-                               symmetric=opt.endswith("sym"))
+        t, _ = make_sparse(kind, n, k, rng, group=int(opt.split("-")[0][1:]),
+                           symmetric=opt.endswith("sym"))
     x = torch.randn(m, k, generator=rng)
     bias = torch.randn(n, generator=rng)
     ref = sparse24_matmul_ref(x, kind, t, (n, k), bias=bias)
