@@ -25,7 +25,11 @@ def test_add_rmsnorm_matches_reference(dtype, shape, with_residual, rng):
     assert y.dtype == y_ref.dtype and h.dtype == h_ref.dtype
     tol = ELEMENT_TOL[dtype]
     torch.testing.assert_close(h.float(), h_ref.float(), rtol=tol, atol=tol)
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
+    # the normalized value is rounded to dtype before the weight multiplies it (as Llama's norm
+    # does): a one-ulp difference there (float32 sums in another order) comes out times |w|
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol,
+                               atol=tol * max(1.0, w.abs().max().item()),
+                               msg=lambda m: f"{m} (seed {rng.initial_seed()})")
 
 
 def test_add_rmsnorm_reference_is_llama_rmsnorm(rng):
