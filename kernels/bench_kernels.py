@@ -183,28 +183,27 @@ def _forced(fn, path: str, x: torch.Tensor) -> torch.Tensor:
     return fn(x, path=path)
 
 
-def _decode_div(fn, x: torch.Tensor) -> torch.Tensor:
-    """The decode kernel finding per-word scale columns by a division, as before
-    decode.group_shift (an A/B in one run)."""
-    from compress.kernels import decode
+def _without(fn, x: torch.Tensor, *, path: str, module: str, name: str, off) -> torch.Tensor:
+    """fn on `path` with compress.kernels.<module>.<name> replaced by `off` for the call: the
+    code a change replaced, timed in the same run (kernels are chosen at launch, so also inside
+    a graph capture)."""
+    import importlib
 
-    shift, decode.group_shift = decode.group_shift, lambda group: -1
+    owner = importlib.import_module(f"compress.kernels.{module}")
+    kept = getattr(owner, name)
+    setattr(owner, name, off)
     try:
-        return fn(x, path="decode")
+        return fn(x, path=path)
     finally:
-        decode.group_shift = shift
+        setattr(owner, name, kept)
 
 
-def _plain_tc(fn, x: torch.Tensor) -> torch.Tensor:
-    """The tc kernel with INT4's packed decode (tc._int4_packed) off: what it replaced, timed
-    in the same run (the kernel is chosen at launch, so also inside a graph capture)."""
-    from compress.kernels import tc
-
-    packed, tc.packed_int4 = tc.packed_int4, lambda *args: False
-    try:
-        return fn(x, path="tc")
-    finally:
-        tc.packed_int4 = packed
+# "@decode-div": the decode kernel finding per-word scale columns by a division, as before
+# decode.group_shift; "@tc-plain": the tc kernel without INT4's packed decode (tc._int4_packed)
+_decode_div = functools.partial(_without, path="decode", module="decode", name="group_shift",
+                                off=lambda group: -1)
+_plain_tc = functools.partial(_without, path="tc", module="tc", name="packed_int4",
+                              off=lambda *args: False)
 
 
 def tinygemm_int4(codes: torch.Tensor, scale: torch.Tensor, inner_k_tiles: int = 8):

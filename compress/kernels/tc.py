@@ -464,8 +464,7 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
         HAS_BIAS=bias is not None, IEEE=ieee, SPLIT=split > 1,
         **scale_consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
-        PACKED=not ieee and packed_int4(fmt, bits, x2.dtype, scale.dtype,
-                                        scale_consts["SCALES"]),
+        PACKED=packed_int4(fmt, bits, x2.dtype, scale.dtype, scale_consts["SCALES"]),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

@@ -168,7 +168,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_siz
     # from the whole tensor (or the fused group) first; None for formats without one
     tensor_scale = global_scale if global_scale is not None else c.tensor_scale(w, fmt)
     # H first, W after its inversion: on a GPU the float32 copy of the weight (0.22 GiB of an
-    # 8B down_proj) is then not alive beside the inversion, GPTQ's peak (issue 15)
+    # 8B down_proj) is then not alive beside the inversion
     H = H.float() if consume_h or H.dtype != torch.float32 else H.clone()
     dead = fix_dead_inputs(H)
     importance = torch.diag(H).clone()   # mean squared input of each column (before damping)
