@@ -50,22 +50,15 @@ def cfg(bm, bn, bk, warps=4, stages=2, split=1, swap=None):
 # Candidates per bucket (the shipped default first). M=1: rows per program x K per iteration
 # (bytes in flight), split-K only where N alone gives too few programs. M>1: tensor-core tiles.
 DECODE_CANDIDATES = {
-    # INT codes decode as float mantissas (decode._int_slot_dot): ~27 SASS instructions a word
-    # when a thread holds one word column of many rows, i.e. 32 words (block_k 256 for 4 bits)
-    # a warp; split-K only where N alone gives too few warps per SM.
-    1: [cfg(1, 8, 512), cfg(1, 16, 256, 1), cfg(1, 32, 256, 1), cfg(1, 8, 256, 1),
-        cfg(1, 16, 256, 1, 2, 2), cfg(1, 32, 256, 1, 2, 2), cfg(1, 32, 256, 1, 2, 4),
-        cfg(1, 16, 256, 1, 2, 4), cfg(1, 64, 256, 2), cfg(1, 64, 256, 2, 2, 2),
-        cfg(1, 16, 512, 1), cfg(1, 32, 512, 2), cfg(1, 32, 256, 1, 3), cfg(1, 16, 256, 1, 2, 8),
-        cfg(1, 32, 256, 2), cfg(1, 64, 256, 4), cfg(1, 64, 512, 4), cfg(1, 128, 256, 4),
-        cfg(1, 32, 256, 1, 2, 8), cfg(1, 16, 128, 1),
-        # num_stages 3 at M=1: the next tile's words are loaded one iteration ahead
-        cfg(1, 16, 256, 1, 3), cfg(1, 16, 256, 1, 3, 2), cfg(1, 32, 256, 1, 3, 2),
-        cfg(1, 64, 256, 2, 3), cfg(1, 32, 256, 1, 3, 4),
-        # the best of the first H200 sweep (and the FP4 formats' main loop)
-        cfg(1, 8, 1024), cfg(1, 4, 1024), cfg(1, 8, 2048), cfg(1, 4, 2048), cfg(1, 8, 2048, 8),
-        cfg(1, 16, 2048, 8), cfg(1, 8, 4096, 8), cfg(1, 4, 2048, 4, 2, 2),
-        cfg(1, 8, 1024, 8, 2, 2)],
+    # M = 1 runs decode._gemv_kernel: a thread owns block_k / 8 / (32 warps) word columns of
+    # all block_n rows (block_k / 8 >= 32 warps, else threads repeat work). More rows a program
+    # share x's loads and conversions; more K a tile, fewer loop trips; split-K where N alone
+    # gives too few programs. num_stages is not used (loads go straight to registers).
+    1: [cfg(1, 8, 1024, 2), cfg(1, 8, 2048, 4), cfg(1, 8, 1024, 4), cfg(1, 8, 512, 1),
+        cfg(1, 8, 512, 2), cfg(1, 4, 1024, 2), cfg(1, 4, 2048, 4), cfg(1, 4, 512, 1),
+        cfg(1, 16, 1024, 2), cfg(1, 16, 512, 1), cfg(1, 16, 512, 2), cfg(1, 16, 2048, 4),
+        cfg(1, 8, 1024, 2, 1, 2), cfg(1, 4, 1024, 2, 1, 2), cfg(1, 16, 512, 2, 1, 4),
+        cfg(1, 8, 512, 1, 1, 2)],
     16: [cfg(16, 16, 256), cfg(16, 32, 256), cfg(16, 16, 512), cfg(16, 32, 128, 4, 3),
          cfg(16, 64, 256, 4, 2, 2), cfg(16, 16, 256, 2), cfg(16, 32, 512, 8)],
     64: [cfg(64, 32, 256), cfg(64, 16, 256), cfg(64, 64, 256, 8), cfg(32, 32, 256),

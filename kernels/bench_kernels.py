@@ -162,7 +162,6 @@ def make_variants(n: int, k: int, device) -> dict:
             for path in ("tc", "dequant"):
                 v[f"{name}@{path}"] = (functools.partial(_forced, fn_ref[0], path), fn_ref[1])
             v[f"{name}@tc-plain"] = (functools.partial(_plain_tc, fn_ref[0]), fn_ref[1])
-            v[f"{name}@decode-div"] = (functools.partial(_decode_div, fn_ref[0]), fn_ref[1])
     if device.type == "cuda":
         tiny = tinygemm_int4(codes, scale)
         if tiny is not None:
@@ -198,10 +197,7 @@ def _without(fn, x: torch.Tensor, *, path: str, module: str, name: str, off) -> 
         setattr(owner, name, kept)
 
 
-# "@decode-div": the decode kernel finding per-word scale columns by a division, as before
-# decode.group_shift; "@tc-plain": the tc kernel without INT4's packed decode (tc._int4_packed)
-_decode_div = functools.partial(_without, path="decode", module="decode", name="group_shift",
-                                off=lambda group: -1)
+# "@tc-plain": the tc kernel without INT4's packed decode (tc._int4_packed)
 _plain_tc = functools.partial(_without, path="tc", module="tc", name="packed_int4",
                               off=lambda *args: False)
 

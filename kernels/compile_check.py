@@ -51,24 +51,40 @@ def compile_one(kernel, types: dict, consts: dict, arch: int, num_warps: int = 4
 
 
 def decode_variants():
-    """The decode kernel for every format x M=1/tensor-core x tile/word scales x split-K."""
-    cfgs = [C.Config(1, 8, 512), C.Config(1, 8, 2048), C.Config(1, 32, 256, 1, 3, 2),
-            C.Config(16, 16, 256),
-            C.Config(64, 64, 128, 8, 3, 2)]
+    """The decode kernels for every format: M = 1 (_gemv_kernel: Llama-3-8B's K = 4096, g128
+    and per-word scales, split-K, an uneven N) and tensor-core tiles (_words_matmul_kernel)."""
+    gemv_cfgs = [(C.Config(1, 8, 1024, 2), 4096, True), (C.Config(1, 8, 2048), 4096, True),
+                 (C.Config(1, 4, 1024, 2, 1, 2), 14336, True),
+                 (C.Config(1, 8, 512, 1, 1, 3), 1000, False)]
+    for (fmt, bits, zero), act, (cfg, k, even) in itertools.product(
+            [(0, 4, False), (0, 4, True), (0, 8, False), (1, 4, False), (2, 4, False)], ACT,
+            gemv_cfgs):
+        split, k_per_split = C.split_of(k, cfg)
+        per = 32 // bits
+        group = {0: 128 if bits == 4 else k, 1: 16, 2: 32}[fmt]
+        types = {"x_ptr": ACT[act], "w_ptr": "*i32", "s_ptr": "*bf16" if fmt == 0 else "*u8",
+                 "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32",
+                 "out_ptr": "*fp32" if split > 1 else ACT[act],
+                 **dict.fromkeys(["N", "stride_xm", "one_bits"], "i32")}
+        consts = dict(K=k, KW=-(-k // per), G=-(-k // group), GROUP=group,
+                      K_PER_SPLIT=k_per_split, FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero,
+                      HAS_BIAS=True, ATOMIC=split > 1, BLOCK_N=cfg.block_n,
+                      BLOCK_K=cfg.block_k, EVEN_N=even)
+        yield (f"gemv fmt={fmt} int{bits} zero={zero} {act} K={k} {cfg}",
+               decode._gemv_kernel, types, consts, cfg.num_warps, 1)
     for (fmt, bits, zero), act, cfg in itertools.product(
-            [(0, 4, False), (0, 4, True), (0, 8, False), (1, 4, False), (2, 4, False)], ACT, cfgs):
+            [(0, 4, False), (0, 4, True), (0, 8, False), (1, 4, False), (2, 4, False)], ACT,
+            [C.Config(16, 16, 256), C.Config(64, 64, 128, 8, 3, 2)]):
         atomic = cfg.split_k > 1
         types = {"x_ptr": ACT[act], "w_ptr": "*i32", "s_ptr": "*bf16" if fmt == 0 else "*u8",
                  "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32",
                  "out_ptr": "*fp32" if atomic else ACT[act],
                  **dict.fromkeys(["M", "N", "K", "KW", "G", "GROUP", "stride_xm",
-                                  "K_PER_SPLIT", "one_bits"], "i32")}
+                                  "K_PER_SPLIT"], "i32")}
         consts = dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, HAS_BIAS=True,
-                      TILE_SCALE=fmt == 0 and cfg.block_k <= 128, USE_DOT=cfg.block_m > 1,
-                      IEEE=act == "fp32", ATOMIC=atomic, BLOCK_M=cfg.block_m,
-                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                      EVEN_K=cfg.block_m == 1, EVEN_N=cfg.block_m == 1,
-                      PREFETCH=cfg.block_m == 1 and cfg.num_stages > 2,
+                      TILE_SCALE=fmt == 0 and cfg.block_k <= 128, IEEE=act == "fp32",
+                      ATOMIC=atomic, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      BLOCK_K=cfg.block_k, EVEN_K=False, EVEN_N=False,
                       GROUP_SHIFT=-1 if zero else 7)
         yield (f"decode fmt={fmt} int{bits} zero={zero} {act} {cfg}",
                decode._words_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)

@@ -45,7 +45,7 @@ class Config:
     block_n: int
     block_k: int
     num_warps: int = 4
-    num_stages: int = 2  # tensor-core tiles: Triton's pipeline; decode M=1: > 2 prefetches
+    num_stages: int = 2  # tensor-core tiles: Triton's pipeline (M = 1, _gemv_kernel: unused)
     split_k: int = 1   # decode, tc: > 1 adds K-slices into a float32 output with atomics
     swap: bool | None = None   # tc: y^T = W x^T (None: when block_m < 64, see tc.swap)
 
@@ -73,7 +73,9 @@ CONFIGS: dict[str, Config] = {
 DECODE_MAX_M = 1   # H200: the tc kernel wins from M=2 (kernels/BENCHMARKS.md, 2026-12-03)
 # configs per bucket: M=1, 2..16, 17..64, 65..128, 129..256 (and beyond: the last bucket)
 M_BUCKETS = (1, 16, 64, 128, 256)
-TABLES = ("decode", "tc")      # the config tables: one per kernel with tuned configs
+# the config tables: one per kernel with tuned configs ("moe": compress/kernels/moe.py, M = 1
+# bucket only, keyed by the per-expert shape)
+TABLES = ("decode", "tc", "moe")
 CONFIG_DIR = Path(__file__).parent / "configs"
 CONFIG_ENV = "COMPRESS_KERNEL_CONFIGS"   # a JSON file that replaces the per-GPU one
 

@@ -15,14 +15,15 @@ Why this shape (kernels/NOTES.md has the byte/FLOP floors):
     exact, also for the 0.5 subnormal; the 2^14 is folded into the per-group scale;
   * scales are read once per tile when a tile lies in one group (INT g128, per channel) and
     applied to the partial sum, else once per word (8 codes), never per element;
-  * M == 1 decodes differently, with fewer instructions (kernels/NOTES.md v3): INT codes as float
-    mantissas (_int_slot_dot), E2M1 as float32 bits scaled by 2^-126 (_fp4_as_f32);
-  * M == 1 keeps a [BLOCK_N, WORDS] float32 accumulator and reduces across K only once at the
-    end (no per-iteration warp reduction); M > 1 uses tensor-core tl.dot on [BLOCK_M, WORDS];
+  * M == 1 has its own kernel, _gemv_kernel, with fewer instructions a code: INT codes as float
+    mantissas (_int_slot_dot), E2M1 as float32 bits scaled by 2^-126 (_fp4_as_f32); a
+    transposed [WORDS, BLOCK_N] tile (a thread owns word columns of all rows, so x is loaded
+    once for BLOCK_N rows and nothing goes through shared memory), a float32 accumulator
+    reduced across K only once at the end; M > 1 uses tensor-core tl.dot on [BLOCK_M, WORDS];
   * split-K, when a config asks for it, adds into a zeroed float32 output with atomics (no
     partial buffer and no separate reduction kernel over [S, M, N]).
-No repack: rows of packed words are contiguous along K, which is what a row-per-program GEMV
-reads coalesced. Launch configs come from compress/kernels/configs/*.json (see _common).
+No repack: rows of packed words are contiguous along K; a warp reads 32 consecutive words of a
+row per load (coalesced). Launch configs come from compress/kernels/configs/*.json (see _common).
 """
 
 from __future__ import annotations
@@ -46,20 +47,30 @@ def _load_or_zero(ptrs, mask, MASKED: tl.constexpr):
 
 @triton.jit
 def _group_scale(s_ptr, z_ptr, gs, rows, cols, mask, G, FMT: tl.constexpr, BITS: tl.constexpr,
-                 PER: tl.constexpr, HAS_ZERO: tl.constexpr, MASKED: tl.constexpr = True):
-    """(scale, zero) float32 for row indices `rows` and group columns `cols` (broadcast shapes).
+                 PER: tl.constexpr, HAS_ZERO: tl.constexpr, MASKED: tl.constexpr = True,
+                 SCALAR: tl.constexpr = False, row0=0):
+    """(scale, zero) float32 for rows row0 + `rows` and group columns `cols` (broadcast shapes).
     INT: scale as stored, zero point unpacked (0 when symmetric). FP4: the decoded group scale
-    times 2^14 (undoing the float16 trick in _decode_codes), zero 0. MASKED False: no mask."""
+    times 2^14 (undoing the float16 trick in _decode_codes), zero 0. MASKED False: no mask.
+    SCALAR: 2-D offsets loaded one element a thread (the M = 1 kernel's layout, _gemv_kernel)."""
+    s_ptr += row0 * G   # a scalar base: small per-element offsets (see _gemv_kernel)
+    offs = rows * G + cols
+    if SCALAR:
+        offs = tl.max_contiguous(offs, [1, 1])
     if FMT == 0:
-        s = _load_or_zero(s_ptr + rows * G + cols, mask, MASKED).to(tl.float32)
+        s = _load_or_zero(s_ptr + offs, mask, MASKED).to(tl.float32)
         if HAS_ZERO:
-            zw = _load_or_zero(z_ptr + (rows // PER) * G + cols, mask, MASKED)
+            rows = row0 + rows
+            zoffs = (rows // PER) * G + cols
+            if SCALAR:
+                zoffs = tl.max_contiguous(zoffs, [1, 1])
+            zw = _load_or_zero(z_ptr + zoffs, mask, MASKED)
             z = (((zw >> ((rows % PER) * BITS)) & ((1 << BITS) - 1))
                  - (1 << (BITS - 1))).to(tl.float32)
         else:
             z = tl.zeros_like(s)
     else:
-        b = _load_or_zero(s_ptr + rows * G + cols, mask, MASKED).to(tl.int32)
+        b = _load_or_zero(s_ptr + offs, mask, MASKED).to(tl.int32)
         if FMT == 1:
             s = C.e4m3_to_f32(b) * gs
         else:
@@ -104,30 +115,30 @@ def _code_mantissas(words, j: tl.constexpr, one, BITS: tl.constexpr):
 
 
 @triton.jit
-def _int_slot_dot(t, corr, xsum, words, x_ptr, rk_word, K, one, j: tl.constexpr,
+def _int_slot_dot(t, corr, xsum, words, x_at, k_at, K, one, j: tl.constexpr,
                   BITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_ZERO: tl.constexpr):
-    """Code slot j (and j + 1 for 4 bits) of every word [BN, W] against x: returns t, corr,
+    """Code slot j (and j + 1 for 4 bits) of every word [W, BN] against x: returns t, corr,
     xsum with t += x_k * v_k, corr += what the constant part of v_k adds (both per word column
-    [W], shared by the rows), xsum += x_k (kept only for zero points). The caller finishes a
-    tile with s * (2^B t - corr - z xsum) = s * sum_k x_k (c_k - 2^(B-1) - z).
+    [W, 1], shared by the rows), xsum += x_k (kept only for zero points). x_at / k_at: x's
+    pointers / indices of slot 0 of each word column [W, 1]. The caller finishes a tile with
+    s * (2^B t - corr - z xsum) = s * sum_k x_k (c_k - 2^(B-1) - z).
 
     Why this shape (SASS counted, kernels/NOTES.md): _code_mantissas makes v = 1 + c/2^B (4
     bits: 16 + c/16 for the lower code of a shift) with no int->float conversion and no
     per-code subtraction, the same weight on c for both codes of a shift, so one accumulator.
     ~2.5 instructions a code against ~8 for shift/and/convert/subtract/FMA; the offsets in t are
     < 32x the signal, so its fp32 sum keeps >= 18 bits of it."""
-    rk = rk_word + j
-    xa = _load_x(x_ptr, rk, K, EVEN_K)
+    xa = _load_x(x_at + j, k_at + j, K, EVEN_K)
     lo, hi = _code_mantissas(words, j, one, BITS)
     if BITS == 8:
-        t += xa[None, :] * lo
+        t += xa * lo
         corr += xa * 384.0          # 256 (the 1 in v) + 128 (the code offset)
         if HAS_ZERO:
             xsum += xa
     else:
-        xb = _load_x(x_ptr, rk + 1, K, EVEN_K)
-        t += xa[None, :] * lo
-        t += xb[None, :] * hi
+        xb = _load_x(x_at + (j + 1), k_at + (j + 1), K, EVEN_K)
+        t += xa * lo
+        t += xb * hi
         corr += xa * 264.0 + xb * 24.0   # 16 * (16 xa + xb) + 8 * (xa + xb)
         if HAS_ZERO:
             xsum += xa + xb
@@ -146,11 +157,12 @@ def _fp4_as_f32(words, j: tl.constexpr):
 
 
 @triton.jit
-def _load_x(x_ptr, rk, K, EVEN_K: tl.constexpr):
-    """Activations at inputs rk as float32 (0 from K on; EVEN_K: no bounds check)."""
+def _load_x(ptrs, rk, K, EVEN_K: tl.constexpr):
+    """Activations at pointers ptrs (inputs rk) as float32 (0 from K on; EVEN_K: no bounds
+    check)."""
     if EVEN_K:
-        return tl.load(x_ptr + rk).to(tl.float32)
-    return tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=rk < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -166,14 +178,15 @@ def _load_words(w_ptr, rn, n_in, rw, KW, limit, EVEN: tl.constexpr):
 
 @triton.jit
 def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
-                         M, N, K, KW, G, GROUP, stride_xm, K_PER_SPLIT, one_bits,
+                         M, N, K, KW, G, GROUP, stride_xm, K_PER_SPLIT,
                          FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                          HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         TILE_SCALE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+                         TILE_SCALE: tl.constexpr, IEEE: tl.constexpr,
                          ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr = False,
-                         EVEN_N: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                         GROUP_SHIFT: tl.constexpr = -1):
+                         EVEN_N: tl.constexpr = False, GROUP_SHIFT: tl.constexpr = -1):
+    """A few rows (BLOCK_M >= 16): tensor-core dots of x's slot-j columns against the j-th
+    codes of every word. M = 1 runs _gemv_kernel."""
     WORDS: tl.constexpr = BLOCK_K // PER
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -183,22 +196,11 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
     gs = 1.0
     if FMT == 1:  # NVFP4: w = e2m1 * scale / global_scale; 2^14 undoes the float16 decode
         gs = 16384.0 / tl.load(gs_ptr).to(tl.float32)
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:  # BLOCK_M == 1: reduce over K once, after the loop
-        acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-    if PREFETCH:
-        ahead = _load_words(w_ptr, rn, n_in, pid_k * K_PER_SPLIT // PER + ri, KW, KW,
-                            EVEN_K and EVEN_N)
-        stop = tl.minimum(KW, (pid_k + 1) * K_PER_SPLIT // PER)   # this split's last word + 1
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = pid_k * K_PER_SPLIT + kk
         rw = k0 // PER + ri
-        if PREFETCH:   # this tile came one iteration early; ask for the next one now
-            words = ahead
-            ahead = _load_words(w_ptr, rn, n_in, rw + WORDS, KW, stop, False)
-        else:
-            words = _load_words(w_ptr, rn, n_in, rw, KW, KW, EVEN_K and EVEN_N)
+        words = _load_words(w_ptr, rn, n_in, rw, KW, KW, EVEN_K and EVEN_N)
         if TILE_SCALE:  # the whole tile lies in one group: one scale per row
             s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], k0 // GROUP,
                                 n_in[:, None] & (rn[:, None] * 0 + k0 < K), G,
@@ -212,45 +214,92 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
             s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], cols[None, :],
                                 n_in[:, None] & (rw[None, :] < KW), G, FMT, BITS, PER,
                                 HAS_ZERO, not (EVEN_K and EVEN_N))
-        if USE_DOT:
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for j in tl.static_range(PER):
-                v = _decode_codes(words, j, z, FMT, BITS)
-                if not TILE_SCALE:
-                    v = v * s
-                rk = k0 + ri * PER + j
-                xj = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
-                             mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-                if IEEE:
-                    part = tl.dot(xj.to(tl.float32), tl.trans(v), part, input_precision="ieee")
-                else:
-                    part = tl.dot(xj, tl.trans(v.to(xj.dtype)), part)
-            if TILE_SCALE:
-                acc += part * tl.reshape(s, (1, BLOCK_N))
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            v = _decode_codes(words, j, z, FMT, BITS)
+            if not TILE_SCALE:
+                v = v * s
+            rk = k0 + ri * PER + j
+            xj = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                         mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            if IEEE:
+                part = tl.dot(xj.to(tl.float32), tl.trans(v), part, input_precision="ieee")
             else:
-                acc += part
-        elif FMT == 0:   # M == 1, INT: see _int_slot_dot
-            t = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-            corr = tl.zeros((WORDS,), dtype=tl.float32)
-            xsum = tl.zeros((WORDS,), dtype=tl.float32)
-            rk_word = k0 + ri * PER
-            for j in tl.static_range(0, PER, 1 if BITS == 8 else 2):
-                t, corr, xsum = _int_slot_dot(t, corr, xsum, words, x_ptr + pid_m * stride_xm,
-                                              rk_word, K, one_bits, j, BITS, EVEN_K, HAS_ZERO)
-            if HAS_ZERO:
-                acc2 += s * (t * (1 << BITS) - corr[None, :] - z * xsum[None, :])
-            else:
-                acc2 += s * (t * (1 << BITS) - corr[None, :])
-        else:            # M == 1, FP4: see _fp4_as_f32; 2^48 = 2^(126-64) / 2^14 in s
-            t = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-            for j in tl.static_range(PER):
-                rk = k0 + ri * PER + j
-                xj = _load_x(x_ptr + pid_m * stride_xm, rk, K, EVEN_K)
-                t += (xj * 18446744073709551616.0)[None, :] * _fp4_as_f32(words, j)
-            acc2 += (t * 281474976710656.0) * s
-    if not USE_DOT:
-        acc = tl.reshape(tl.sum(acc2, axis=1), (1, BLOCK_N))
+                part = tl.dot(xj, tl.trans(v.to(xj.dtype)), part)
+        if TILE_SCALE:
+            acc += part * tl.reshape(s, (1, BLOCK_N))
+        else:
+            acc += part
     C.finish_tile(acc, b_ptr, out_ptr, rm, rn, rm < M, n_in, N, pid_k, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_xm, one_bits,
+                 K: tl.constexpr, KW: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr,
+                 K_PER_SPLIT: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr,
+                 PER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_N: tl.constexpr):
+    """One activation row (program axis 2) times BLOCK_N rows of W, over one K-slice (axis 1).
+
+    The tile is [WORDS, BLOCK_N], transposed: a thread owns word columns, and all BLOCK_N rows
+    of each column sit in its registers. So x at a column's 8 code slots is loaded and converted
+    once for BLOCK_N rows, and every load (words, scales, x) is one element a thread
+    (tl.max_contiguous(.., [1, 1])) in the same layout: no conversion through shared memory.
+    (The [BLOCK_N, WORDS] tile with vector loads converted x through shared memory, with two CTA
+    barriers, per slot pair: 705 SASS in the loop of the 8x2048 tile, 5.5 a code; this one,
+    4.4 a code, kernels/NOTES.md.) K, KW, G, GROUP and K_PER_SPLIT are constexpr: a row's
+    offset is then an immediate of the load instead of a 64-bit address computed per element
+    (a compile per distinct K; a model has two or three)."""
+    WORDS: tl.constexpr = BLOCK_K // PER
+    EVEN_K: tl.constexpr = K % K_PER_SPLIT == 0 and KW * PER == K
+    MASKED: tl.constexpr = not (EVEN_K and EVEN_N)
+    pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = tl.arange(0, BLOCK_N)          # this program's rows, from its first
+    rn = pid_n * BLOCK_N + rows
+    ri = tl.arange(0, WORDS)
+    n_in = rn < N
+    # Scalar (64-bit) pointers to this program's first row and K-slice; the per-element offsets
+    # from them are then small: the compiler folds a row's offset into the load's immediate
+    # instead of sign-extending a 32-bit offset per element (LEA + LEA.HI.X each: 65 of 580
+    # SASS in the loop).
+    k_first = pid_k * K_PER_SPLIT
+    w_prog = w_ptr + pid_n * BLOCK_N * KW + k_first // PER
+    x_prog = x_ptr + row * stride_xm + k_first
+    gs = 1.0
+    if FMT == 1:  # NVFP4: w = e2m1 * scale / global_scale; 2^14 undoes the float16 decode
+        gs = 16384.0 / tl.load(gs_ptr).to(tl.float32)
+    acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        rw = (k_first + kk) // PER + ri                        # word columns
+        inside = (rw[:, None] < KW) & n_in[None, :]
+        offs = tl.max_contiguous((kk // PER + ri)[:, None] + rows[None, :] * KW, [1, 1])
+        words = _load_or_zero(w_prog + offs, inside, MASKED)
+        s, z = _group_scale(s_ptr, z_ptr, gs, rows[None, :], ((rw * PER) // GROUP)[:, None],
+                            inside, G, FMT, BITS, PER, HAS_ZERO, MASKED, True,
+                            pid_n * BLOCK_N)
+        k_off = tl.max_contiguous((kk + ri * PER)[:, None], [1, 1])   # slot 0 of each column
+        x_at = x_prog + k_off
+        k_at = k_first + k_off
+        t = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        if FMT == 0:   # see _int_slot_dot
+            corr = tl.zeros((WORDS, 1), dtype=tl.float32)
+            xsum = tl.zeros((WORDS, 1), dtype=tl.float32)
+            for j in tl.static_range(0, PER, 1 if BITS == 8 else 2):
+                t, corr, xsum = _int_slot_dot(t, corr, xsum, words, x_at, k_at, K, one_bits, j,
+                                              BITS, EVEN_K, HAS_ZERO)
+            if HAS_ZERO:
+                acc += s * (t * (1 << BITS) - corr - z * xsum)
+            else:
+                acc += s * (t * (1 << BITS) - corr)
+        else:          # FP4: see _fp4_as_f32; 2^48 = 2^(126-64) / 2^14 in s
+            for j in tl.static_range(PER):
+                xj = _load_x(x_at + j, k_at + j, K, EVEN_K)
+                t += (xj * 18446744073709551616.0) * _fp4_as_f32(words, j)
+            acc += (t * 281474976710656.0) * s
+    rm = row + tl.arange(0, 1)
+    C.finish_tile(tl.reshape(tl.sum(acc, axis=0), (1, BLOCK_N)), b_ptr, out_ptr, rm, rn,
+                  rm >= 0, n_in, N, pid_k, HAS_BIAS, ATOMIC)
 
 
 def group_shift(group: int) -> int:
@@ -264,7 +313,9 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
                  bits: int, group: int, bias: torch.Tensor | None, cfg: C.Config,
                  out_dtype: torch.dtype) -> torch.Tensor:
     """x2 [M, K] (contiguous rows) @ W^T -> [M, N] in out_dtype. words: int32 [N, KW]; scale
-    [N, G] (FP4: raw bits as uint8); arguments already checked by the format's wrapper."""
+    [N, G] (FP4: raw bits as uint8); arguments already checked by the format's wrapper.
+    cfg.block_m == 1: one program per row and BLOCK_N outputs (_gemv_kernel); else tensor-core
+    tiles of block_m rows (_words_matmul_kernel)."""
     m = x2.shape[0]
     per = 32 // bits
     use_dot = cfg.block_m > 1
@@ -274,22 +325,25 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
     C.check(cfg.block_k % per == 0 and (cfg.block_k & (cfg.block_k - 1)) == 0,
             f"config {cfg}: block_k must be a power of two and a multiple of {per}")
     groups = scale.shape[1]
-    tile_scale = groups == 1 or group % cfg.block_k == 0
     split, k_per_split, out = C.atomic_split_plan(m, n, k, cfg, out_dtype, x2.device)
     grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
     # NVFP4's global scale stays a device tensor read in the kernel (no host sync: CUDA graphs)
     gs = global_scale if fmt == FMT_NVFP4 else scale
-    _words_matmul_kernel[(grid_m, grid_n, split)](
-        x2, words, scale, zero if zero is not None else words,
-        bias if bias is not None else x2, out,
-        gs,
-        m, n, k, words.shape[1], groups, group, x2.stride(0), k_per_split,
-        0x3F800000,   # float32 1.0 as a runtime value: kept in a register (see _int_slot_dot)
-        FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
-        TILE_SCALE=tile_scale, USE_DOT=use_dot, IEEE=C.dot_in_f32(x2.dtype),
-        ATOMIC=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
-        PREFETCH=not use_dot and cfg.num_stages > 2,   # M=1: registers, not Triton's pipeline
-        GROUP_SHIFT=group_shift(group),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = dict(FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None,
+                  HAS_BIAS=bias is not None, ATOMIC=split > 1, BLOCK_N=cfg.block_n,
+                  BLOCK_K=cfg.block_k, EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps)
+    pointers = (x2, words, scale, zero if zero is not None else words,
+                bias if bias is not None else x2, out, gs)
+    if not use_dot:
+        _gemv_kernel[(grid_n, split, m)](
+            *pointers, n, x2.stride(0),
+            0x3F800000,   # float32 1.0 as a runtime value: kept in a register (_code_mantissas)
+            K=k, KW=words.shape[1], G=groups, GROUP=group, K_PER_SPLIT=k_per_split,
+            num_stages=1, **common)   # no software pipeline: loads go straight to registers
+    else:
+        _words_matmul_kernel[(grid_m, grid_n, split)](
+            *pointers, m, n, k, words.shape[1], groups, group, x2.stride(0), k_per_split,
+            TILE_SCALE=groups == 1 or group % cfg.block_k == 0, IEEE=C.dot_in_f32(x2.dtype),
+            BLOCK_M=cfg.block_m, EVEN_K=k % k_per_split == 0, GROUP_SHIFT=group_shift(group),
+            num_stages=cfg.num_stages, **common)
     return out.to(out_dtype) if split > 1 else out

@@ -19,8 +19,8 @@ once) on expert ids[r]'s tiles. At decode sizes (R = tokens x top_k, up to a few
 rows of one expert are few, so a tensor-core tile over them would be mostly padding. Rows are
 the fastest grid axis: the R programs of one N block are consecutive, so rows that share an
 expert read its tiles at about the same time and all but the first read come from L2.
-Launch config: decode.py's M = 1 config of the per-expert shape (N, K)
-(compress.kernels._common.decode_config, bucket m1): block_n, block_k, num_warps, num_stages;
+Launch config: the "moe" table's M = 1 config of the per-expert shape (N, K)
+(compress.kernels._common.kernel_config, bucket m1): block_n, block_k, num_warps, num_stages;
 split_k is not used (R x N / block_n programs already fill the GPU).
 """
 
@@ -138,7 +138,7 @@ def grouped_matmul(x: torch.Tensor, ids: torch.Tensor, fmt: str, packed: torch.T
     per = 32 // bits
     if config is None:
         family = fmt if fmt != "int" else f"int{bits}" + ("-asym" if zero is not None else "")
-        config = C.decode_config(family, 1, n, k, x.device)
+        config = C.kernel_config("moe", family, 1, n, k, x.device)
     C.check(config.block_k % per == 0 and config.block_k & (config.block_k - 1) == 0
             and config.block_n & (config.block_n - 1) == 0,
             f"config {config}: block_n and block_k must be powers of two, block_k a multiple "

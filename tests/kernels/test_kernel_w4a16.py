@@ -134,13 +134,13 @@ def test_decode_kernel_every_config_shape(cfg, case, dtype, rng):
 
 
 
-# N and K multiples of the blocks: the M=1 kernel reads without bounds checks (EVEN_K, EVEN_N)
-# and decodes codes as float mantissas (decode._int_slot_dot): every code slot, zero points,
-# one scale per tile (group >= block_k) and per word (group < block_k), split-K, prefetch.
+# N and K multiples of the blocks: the M=1 kernel (decode._gemv_kernel) reads without bounds
+# checks and decodes codes as float mantissas (decode._int_slot_dot): every code slot, zero
+# points, groups longer and shorter than a tile, split-K in 2 and 3 slices.
 @pytest.mark.parametrize("bits,symmetric,group", [(4, True, 128), (4, False, 128), (4, False, 32),
                                                   (8, True, None), (8, False, 64)])
 @pytest.mark.parametrize("cfg", [C.Config(1, 16, 256, 1), C.Config(1, 32, 256, 1, 2, 2),
-                                 C.Config(1, 16, 256, 1, 3, 3)], ids=str)   # 3 stages: prefetch
+                                 C.Config(1, 16, 256, 1, 3, 3)], ids=str)
 def test_m1_decode_inside_the_matrix(bits, symmetric, group, cfg, rng, dtype=torch.float32):
     n, k = 64, 1024
     packed, scale, zero = make_int_weight(n, k, group, symmetric, bits, rng, torch.bfloat16)
