@@ -53,12 +53,15 @@ DECODE_CANDIDATES = {
     # M = 1 runs decode._gemv_kernel: a thread owns block_k / 8 / (32 warps) word columns of
     # all block_n rows (block_k / 8 >= 32 warps, else threads repeat work). More rows a program
     # share x's loads and conversions; more K a tile, fewer loop trips; split-K where N alone
-    # gives too few programs. num_stages is not used (loads go straight to registers).
-    1: [cfg(1, 8, 1024, 2), cfg(1, 8, 2048, 4), cfg(1, 8, 1024, 4), cfg(1, 8, 512, 1),
-        cfg(1, 8, 512, 2), cfg(1, 4, 1024, 2), cfg(1, 4, 2048, 4), cfg(1, 4, 512, 1),
-        cfg(1, 16, 1024, 2), cfg(1, 16, 512, 1), cfg(1, 16, 512, 2), cfg(1, 16, 2048, 4),
+    # gives too few programs. num_stages 1: loads go straight to registers, 2: one tile ahead.
+    1: [cfg(1, 8, 1024, 2, 1), cfg(1, 8, 2048, 4, 1), cfg(1, 8, 1024, 4, 1), cfg(1, 8, 512, 1, 1),
+        cfg(1, 8, 512, 2, 1), cfg(1, 4, 1024, 2, 1), cfg(1, 4, 2048, 4, 1), cfg(1, 4, 512, 1, 1),
+        cfg(1, 16, 1024, 2, 1), cfg(1, 16, 512, 1, 1), cfg(1, 16, 512, 2, 1), cfg(1, 16, 2048, 4, 1),
         cfg(1, 8, 1024, 2, 1, 2), cfg(1, 4, 1024, 2, 1, 2), cfg(1, 16, 512, 2, 1, 4),
-        cfg(1, 8, 512, 1, 1, 2)],
+        cfg(1, 8, 512, 1, 1, 2),
+        # num_stages 2: the next tile's words are loaded before this one is decoded (PREFETCH)
+        cfg(1, 8, 1024, 2, 2), cfg(1, 8, 2048, 4, 2), cfg(1, 4, 2048, 4, 2), cfg(1, 8, 1024, 4, 2),
+        cfg(1, 4, 1024, 2, 2), cfg(1, 16, 1024, 2, 2), cfg(1, 8, 512, 1, 2), cfg(1, 4, 512, 1, 2)],
     16: [cfg(16, 16, 256), cfg(16, 32, 256), cfg(16, 16, 512), cfg(16, 32, 128, 4, 3),
          cfg(16, 64, 256, 4, 2, 2), cfg(16, 16, 256, 2), cfg(16, 32, 512, 8)],
     64: [cfg(64, 32, 256), cfg(64, 16, 256), cfg(64, 64, 256, 8), cfg(32, 32, 256),

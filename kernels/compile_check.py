@@ -53,7 +53,8 @@ def compile_one(kernel, types: dict, consts: dict, arch: int, num_warps: int = 4
 def decode_variants():
     """The decode kernels for every format: M = 1 (_gemv_kernel: Llama-3-8B's K = 4096, g128
     and per-word scales, split-K, an uneven N) and tensor-core tiles (_words_matmul_kernel)."""
-    gemv_cfgs = [(C.Config(1, 8, 1024, 2), 4096, True), (C.Config(1, 8, 2048), 4096, True),
+    gemv_cfgs = [(C.Config(1, 8, 1024, 2, 1), 4096, True), (C.Config(1, 8, 2048, 4, 1), 4096, True),
+                 (C.Config(1, 8, 1024, 2, 2), 4096, True), (C.Config(1, 8, 2048, 4, 2), 4096, True),
                  (C.Config(1, 4, 1024, 2, 1, 2), 14336, True),
                  (C.Config(1, 8, 512, 1, 1, 3), 1000, False)]
     for (fmt, bits, zero), act, (cfg, k, even) in itertools.product(
@@ -69,7 +70,10 @@ def decode_variants():
         consts = dict(K=k, KW=-(-k // per), G=-(-k // group), GROUP=group,
                       K_PER_SPLIT=k_per_split, FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero,
                       HAS_BIAS=True, ATOMIC=split > 1, BLOCK_N=cfg.block_n,
-                      BLOCK_K=cfg.block_k, EVEN_N=even)
+                      BLOCK_K=cfg.block_k, EVEN_N=even, PREFETCH=cfg.num_stages > 1,
+                      PREFETCH_L2=k % k_per_split == 0,
+                      L2_SCALE_BYTES=k_per_split // group * (2 if fmt == 0 else 1)
+                      if k % k_per_split == 0 and group < k else 0)
         yield (f"gemv fmt={fmt} int{bits} zero={zero} {act} K={k} {cfg}",
                decode._gemv_kernel, types, consts, cfg.num_warps, 1)
     for (fmt, bits, zero), act, cfg in itertools.product(

@@ -45,7 +45,7 @@ class Config:
     block_n: int
     block_k: int
     num_warps: int = 4
-    num_stages: int = 2  # tensor-core tiles: Triton's pipeline (M = 1, _gemv_kernel: unused)
+    num_stages: int = 2  # tensor-core tiles: Triton's pipeline; M = 1 (_gemv_kernel): > 1 prefetches
     split_k: int = 1   # decode, tc: > 1 adds K-slices into a float32 output with atomics
     swap: bool | None = None   # tc: y^T = W x^T (None: when block_m < 64, see tc.swap)
 
@@ -338,13 +338,13 @@ def finish_split(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, m_in, n_in, M, N,
 
 @triton.jit
 def e4m3_to_f32(b):
-    """float8_e4m3fn bits (int32) -> float32, exactly: normal 2^(e-7) * (1 + m/8), subnormal
-    m * 2^-9 (NaN encodings are not produced by quantizers and not handled)."""
-    e = (b >> 3) & 0xF
-    m = b & 0x7
-    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
-    return tl.where((b & 0x80) != 0, -mag, mag)
+    """float8_e4m3fn bits (int32) -> float32, exactly, in 4 integer ops and one multiply: the
+    exponent and mantissa bits moved under float32's (e at bits 23-26, m at 20-22) read
+    2^(e-127) (1 + m/8), or for e = 0 the float32 denormal m * 2^-129; both are the value
+    times 2^-120, and the multiply by 2^120 is exact (Triton keeps denormals: no .ftz). NaN
+    encodings are not produced by quantizers and not handled."""
+    bits = ((b & 0x7F) << 20) | ((b & 0x80) << 24)
+    return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36   # 2^120
 
 
 @triton.jit

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from compressed_tensors.compressors.mx_utils import decompress_mx_scale
 from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8, unpack_fp4_from_uint8
 from kernel_checks import DTYPES, assert_matmul_close
@@ -106,3 +108,21 @@ def test_fp4_bad_input():
     with pytest.raises(ValueError, match="mxfp4 needs in_features divisible by 32"):
         fp4_matmul(torch.randn(1, 48), "mxfp4", torch.zeros(4, 24, dtype=torch.uint8),
                    torch.zeros(4, 1, dtype=torch.uint8), None, (4, 48))
+
+
+@triton.jit
+def _e4m3_kernel(b_ptr, out_ptr):
+    r = tl.arange(0, 256)
+    tl.store(out_ptr + r, C.e4m3_to_f32(tl.load(b_ptr + r).to(tl.int32)))
+
+
+def test_e4m3_scales_decode_exactly():
+    """Every E4M3 code (both signs, the subnormals, zero) as torch decodes it; NaN codes are not
+    produced by quantizers."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    out = torch.empty(256)
+    _e4m3_kernel[(1,)](codes, out)
+    ref = codes.view(torch.float8_e4m3fn).float()
+    finite = ~ref.isnan()
+    assert finite.sum() == 254
+    assert torch.equal(out[finite], ref[finite])

@@ -101,9 +101,10 @@ def test_path_choice_by_m():
         ["m1", "m16", "m16", "m64", "m64", "m128", "m128", "m256", "m256", "m256"]
 
 
-# Decode-kernel configs the autotuner may pick: CUDA-core M=1 (one scale per tile and per word),
+# Decode-kernel configs the autotuner may pick: CUDA-core M=1 (words loaded a tile ahead or not),
 # tensor-core tiles, split-K by atomics, block_k spanning several groups or part of one.
 DECODE_CONFIGS = [C.Config(1, 8, 64), C.Config(1, 16, 256, split_k=3), C.Config(1, 8, 64, 4, 3, 2),
+                  C.Config(1, 8, 64, 2, 1), C.Config(1, 4, 128, 1, 1, 2),
                   C.Config(16, 16, 128), C.Config(32, 32, 256, split_k=2)]
 
 
@@ -136,11 +137,13 @@ def test_decode_kernel_every_config_shape(cfg, case, dtype, rng):
 
 # N and K multiples of the blocks: the M=1 kernel (decode._gemv_kernel) reads without bounds
 # checks and decodes codes as float mantissas (decode._int_slot_dot): every code slot, zero
-# points, groups longer and shorter than a tile, split-K in 2 and 3 slices.
+# points, groups longer and shorter than a tile, split-K in 2 and 3 slices, with and without
+# the words of the next tile loaded ahead.
 @pytest.mark.parametrize("bits,symmetric,group", [(4, True, 128), (4, False, 128), (4, False, 32),
                                                   (8, True, None), (8, False, 64)])
 @pytest.mark.parametrize("cfg", [C.Config(1, 16, 256, 1), C.Config(1, 32, 256, 1, 2, 2),
-                                 C.Config(1, 16, 256, 1, 3, 3)], ids=str)
+                                 C.Config(1, 16, 256, 1, 3, 3), C.Config(1, 8, 512, 2, 1)],
+                         ids=str)   # num_stages > 1: the next tile's words loaded ahead
 def test_m1_decode_inside_the_matrix(bits, symmetric, group, cfg, rng, dtype=torch.float32):
     n, k = 64, 1024
     packed, scale, zero = make_int_weight(n, k, group, symmetric, bits, rng, torch.bfloat16)
