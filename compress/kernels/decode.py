@@ -270,7 +270,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
     (tl.max_contiguous(.., [1, 1])) in the same layout: no conversion through shared memory.
     (The [BLOCK_N, WORDS] tile with vector loads converted x through shared memory, with two CTA
     barriers, per slot pair: 705 SASS in the loop of the 8x2048 tile, 5.5 a code; this one,
-    4.4 a code, kernels/NOTES.md.) K, KW, G, GROUP and K_PER_SPLIT are constexpr: a row's
+    3.9 a code, kernels/NOTES.md.) K, KW, G, GROUP and K_PER_SPLIT are constexpr: a row's
     offset is then an immediate of the load instead of a 64-bit address computed per element
     (a compile per distinct K; a model has two or three)."""
     WORDS: tl.constexpr = BLOCK_K // PER
