@@ -162,7 +162,6 @@ def make_variants(n: int, k: int, device) -> dict:
             for path in ("tc", "dequant"):
                 v[f"{name}@{path}"] = (functools.partial(_forced, fn_ref[0], path), fn_ref[1])
             v[f"{name}@tc-plain"] = (functools.partial(_plain_tc, fn_ref[0]), fn_ref[1])
-            v[f"{name}@no-l2pf"] = (functools.partial(_no_l2_prefetch, fn_ref[0]), fn_ref[1])
     if device.type == "cuda":
         tiny = tinygemm_int4(codes, scale)
         if tiny is not None:
@@ -198,10 +197,7 @@ def _without(fn, x: torch.Tensor, *, path: str, module: str, name: str, off) -> 
         setattr(owner, name, kept)
 
 
-# "@tc-plain": the tc kernel without INT4's packed decode (tc._int4_packed); "@no-l2pf": the M = 1
-# kernel without its L2 bulk prefetch of each program's rows (decode._gemv_prefetch_l2)
-_no_l2_prefetch = functools.partial(_without, path="decode", module="decode",
-                                    name="_gemv_prefetch_l2", off=lambda *args: {})
+# "@tc-plain": the tc kernel without INT4's packed decode (tc._int4_packed)
 _plain_tc = functools.partial(_without, path="tc", module="tc", name="packed_int4",
                               off=lambda *args: False)
 

@@ -28,8 +28,6 @@ row per load (coalesced). Launch configs come from compress/kernels/configs/*.js
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -235,33 +233,13 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
     C.finish_tile(acc, b_ptr, out_ptr, rm, rn, rm < M, n_in, N, pid_k, HAS_BIAS, ATOMIC)
 
 
-# One bulk prefetch into L2 (sm_90: cp.async.bulk.prefetch.L2, TMA's copy engine, no registers):
-# $1 the address, $3 the bytes (a multiple of 16 from a 16-byte aligned address), issued where
-# $2 != 0. $0 is a dummy output (inline asm must have one).
-PREFETCH_L2_ASM: tl.constexpr = tl.constexpr("""{
-.reg .pred p;
-setp.ne.b32 p, $2, 0;
-@p cp.async.bulk.prefetch.L2.global [$1], $3;
-mov.b32 $0, 0;
-}""")
-
-
-@triton.jit
-def _prefetch_l2(ptrs, issue, nbytes):
-    """Prefetch nbytes from each of ptrs into L2 where issue (int32) != 0."""
-    tl.inline_asm_elementwise(PREFETCH_L2_ASM, "=r,l,r,r",
-                              [ptrs.to(tl.int64, bitcast=True), issue, issue * 0 + nbytes],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_xm, one_bits,
                  K: tl.constexpr, KW: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr,
                  K_PER_SPLIT: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr,
                  PER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_N: tl.constexpr, PREFETCH: tl.constexpr = False,
-                 PREFETCH_L2: tl.constexpr = False, L2_SCALE_BYTES: tl.constexpr = 0):
+                 EVEN_N: tl.constexpr, PREFETCH: tl.constexpr = False):
     """One activation row (program axis 2) times BLOCK_N rows of W, over one K-slice (axis 1).
 
     The tile is [WORDS, BLOCK_N], transposed: a thread owns word columns, and all BLOCK_N rows
@@ -293,18 +271,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
         gs = 16384.0 / tl.load(gs_ptr).to(tl.float32)
     acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
     offs = tl.max_contiguous(ri[:, None] + rows[None, :] * KW, [1, 1])
-    if PREFETCH_L2:
-        # The whole K-slice of this program's rows, words and scales, asked of L2 at once (one
-        # bulk prefetch a row, by the thread of word column 0): the loop's loads then wait for
-        # L2, not DRAM, from the second tile on; the per-tile loads alone leave DRAM idle while
-        # a warp decodes (kernels/NOTES.md). The host enables it where sizes and addresses are
-        # multiples of 16 bytes and no row reads past its end (_gemv_prefetch_l2).
-        issue = ((ri == 0)[:, None] & n_in[None, :]).to(tl.int32)
-        _prefetch_l2(w_prog + rows[None, :] * KW + ri[:, None] * 0, issue,
-                     K_PER_SPLIT // PER * 4)
-        if L2_SCALE_BYTES > 0:
-            _prefetch_l2(s_ptr + (pid_n * BLOCK_N + rows[None, :]) * G + k_first // GROUP
-                         + ri[:, None] * 0, issue, L2_SCALE_BYTES)
     if PREFETCH:
         ahead = _load_or_zero(w_prog + offs, ((k_first // PER + ri)[:, None] < KW)
                               & n_in[None, :], MASKED)
@@ -351,24 +317,6 @@ def group_shift(group: int) -> int:
     return group.bit_length() - 1 if group > 0 and group & (group - 1) == 0 else -1
 
 
-def _gemv_prefetch_l2(words: torch.Tensor, scale: torch.Tensor, k: int, k_per_split: int,
-                      group: int, per: int) -> dict:
-    """_gemv_kernel's L2 bulk prefetch: PREFETCH_L2 where every row's K-slice of words is whole
-    (K a multiple of the slice) and starts and ends on 16 bytes; L2_SCALE_BYTES the bytes of a
-    row's scales in a slice where those are 16-byte multiples too (else 0: words only). Not
-    under the interpreter (it cannot run PTX) nor off CUDA."""
-    kw = words.shape[1]
-    if (os.environ.get("TRITON_INTERPRET") == "1" or not words.is_cuda or k % k_per_split
-            or kw * per != k or words.data_ptr() % 16 or (kw * 4) % 16
-            or (k_per_split // per * 4) % 16):
-        return {}
-    size = scale.element_size()
-    row_bytes, slice_bytes = scale.shape[1] * size, k_per_split // group * size
-    ok = (scale.shape[1] > 1 and scale.data_ptr() % 16 == 0 and row_bytes % 16 == 0
-          and slice_bytes % 16 == 0)
-    return {"PREFETCH_L2": True, "L2_SCALE_BYTES": slice_bytes if ok else 0}
-
-
 def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor | None, global_scale: torch.Tensor | None, n: int, k: int,
                  bits: int, group: int, bias: torch.Tensor | None, cfg: C.Config,
@@ -401,7 +349,6 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
             0x3F800000,   # float32 1.0 as a runtime value: kept in a register (_code_mantissas)
             K=k, KW=words.shape[1], G=groups, GROUP=group, K_PER_SPLIT=k_per_split,
             PREFETCH=cfg.num_stages > 1,
-            **_gemv_prefetch_l2(words, scale, k, k_per_split, group, per),
             num_stages=1, **common)   # not Triton's pipeline (through shared memory): registers
     else:
         _words_matmul_kernel[(grid_m, grid_n, split)](
