@@ -35,6 +35,8 @@ import triton.language as tl
 from compress.kernels import _common as C
 
 FMT_INT, FMT_NVFP4, FMT_MXFP4 = 0, 1, 2
+# M = 1, INT4: x of a word column in one load (_int4_x8_dot); False: 8 scalar loads (the A/B)
+X8_LOADS = True
 
 
 @triton.jit
@@ -146,6 +148,42 @@ def _int_slot_dot(t, corr, xsum, words, x_at, k_at, K, one, j: tl.constexpr,
 
 
 @triton.jit
+def _int4_x8_dot(t, words, x_at, k_at, K, one, EVEN_K: tl.constexpr):
+    """_int_slot_dot for all 8 slots of INT4 words [W, BN] at once, x of each word column read as
+    one [W, 8] tile (a 16-byte load a thread where x is aligned) and split into its slots in
+    registers, instead of 8 scalar loads: the M = 1 kernel is limited by L1 load instructions
+    (H200 ncu: L1/TEX 71% busy, kernels/NOTES.md). Returns t, corr, xsum as _int_slot_dot."""
+    r8 = tl.arange(0, 8)[None, :]
+    if EVEN_K:
+        x8 = tl.load(x_at + r8)
+    else:
+        x8 = tl.load(x_at + r8, mask=k_at + r8 < K, other=0.0)
+    x8 = x8.to(tl.float32)
+    even, odd = tl.split(tl.reshape(x8, (x8.shape[0], 4, 2)))   # slots 0 2 4 6 | 1 3 5 7
+    e04, e26 = tl.split(tl.reshape(even, (x8.shape[0], 2, 2)))
+    o15, o37 = tl.split(tl.reshape(odd, (x8.shape[0], 2, 2)))
+    x0, x4 = tl.split(e04)
+    x2, x6 = tl.split(e26)
+    x1, x5 = tl.split(o15)
+    x3, x7 = tl.split(o37)
+    lo, hi = _code_mantissas(words, 0, one, 4)
+    t += x0[:, None] * lo
+    t += x1[:, None] * hi
+    lo, hi = _code_mantissas(words, 2, one, 4)
+    t += x2[:, None] * lo
+    t += x3[:, None] * hi
+    lo, hi = _code_mantissas(words, 4, one, 4)
+    t += x4[:, None] * lo
+    t += x5[:, None] * hi
+    lo, hi = _code_mantissas(words, 6, one, 4)
+    t += x6[:, None] * lo
+    t += x7[:, None] * hi
+    xa = x0 + x2 + x4 + x6      # the lower code of each shift (see _int_slot_dot's corr)
+    xb = x1 + x3 + x5 + x7
+    return t, (xa * 264.0 + xb * 24.0)[:, None], (xa + xb)[:, None]
+
+
+@triton.jit
 def _fp4_as_f32(words, j: tl.constexpr):
     """E2M1 code slot j of every word as float32 bits: value * 2^-126, exact, in two shifts and
     one LOP3. The code's sign lands on bit 31, its 3 magnitude bits on bits 22-24 (the exponent's
@@ -239,7 +277,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
                  K_PER_SPLIT: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr,
                  PER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_N: tl.constexpr, PREFETCH: tl.constexpr = False):
+                 EVEN_N: tl.constexpr, PREFETCH: tl.constexpr = False,
+                 X8: tl.constexpr = False):
     """One activation row (program axis 2) times BLOCK_N rows of W, over one K-slice (axis 1).
 
     The tile is [WORDS, BLOCK_N], transposed: a thread owns word columns, and all BLOCK_N rows
@@ -291,7 +330,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
         x_at = x_prog + k_off
         k_at = k_first + k_off
         t = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-        if FMT == 0:   # see _int_slot_dot
+        if FMT == 0 and X8:   # INT4, x of a column in one load: see _int4_x8_dot
+            t, corr, xsum = _int4_x8_dot(t, words, x_at, k_at, K, one_bits, EVEN_K)
+            if HAS_ZERO:
+                acc += s * (t * 16 - corr - z * xsum)
+            else:
+                acc += s * (t * 16 - corr)
+        elif FMT == 0:        # see _int_slot_dot
             corr = tl.zeros((WORDS, 1), dtype=tl.float32)
             xsum = tl.zeros((WORDS, 1), dtype=tl.float32)
             for j in tl.static_range(0, PER, 1 if BITS == 8 else 2):
@@ -348,7 +393,7 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
             *pointers, n, x2.stride(0),
             0x3F800000,   # float32 1.0 as a runtime value: kept in a register (_code_mantissas)
             K=k, KW=words.shape[1], G=groups, GROUP=group, K_PER_SPLIT=k_per_split,
-            PREFETCH=cfg.num_stages > 1,
+            PREFETCH=cfg.num_stages > 1, X8=X8_LOADS and fmt == FMT_INT and bits == 4,
             num_stages=1, **common)   # not Triton's pipeline (through shared memory): registers
     else:
         _words_matmul_kernel[(grid_m, grid_n, split)](

@@ -109,7 +109,8 @@ DECODE_CONFIGS = [C.Config(1, 8, 64), C.Config(1, 16, 256, split_k=3), C.Config(
 
 
 DECODE_CASES = [(1, 37, 512, 128, False, 4), (3, 29, 384, 64, True, 4),
-                (1, 23, 264, 8, False, 8), (18, 21, 300, None, True, 8)]
+                (1, 23, 264, 8, False, 8), (18, 21, 300, None, True, 8),
+                (1, 19, 200, 8, False, 4)]   # INT4, K not a multiple of any tile: masked x
 
 
 def _applies(cfg, case):
