@@ -162,7 +162,7 @@ def make_variants(n: int, k: int, device) -> dict:
             for path in ("tc", "dequant"):
                 v[f"{name}@{path}"] = (functools.partial(_forced, fn_ref[0], path), fn_ref[1])
             v[f"{name}@tc-plain"] = (functools.partial(_plain_tc, fn_ref[0]), fn_ref[1])
-            v[f"{name}@x-scalar"] = (functools.partial(_x_scalar, fn_ref[0]), fn_ref[1])
+            v[f"{name}@x8"] = (functools.partial(_x8, fn_ref[0]), fn_ref[1])
     if device.type == "cuda":
         tiny = tinygemm_int4(codes, scale)
         if tiny is not None:
@@ -198,10 +198,9 @@ def _without(fn, x: torch.Tensor, *, path: str, module: str, name: str, off) -> 
         setattr(owner, name, kept)
 
 
-# "@tc-plain": the tc kernel without INT4's packed decode (tc._int4_packed); "@x-scalar": the M = 1
-# kernel reading x slot by slot (8 scalar loads a word column) instead of decode._int4_x8_dot
-_x_scalar = functools.partial(_without, path="decode", module="decode", name="X8_LOADS",
-                              off=False)
+# "@tc-plain": the tc kernel without INT4's packed decode (tc._int4_packed); "@x8": the M = 1
+# kernel reading x of a word column in one load (decode._int4_x8_dot, off by default)
+_x8 = functools.partial(_without, path="decode", module="decode", name="X8_LOADS", off=True)
 _plain_tc = functools.partial(_without, path="tc", module="tc", name="packed_int4",
                               off=lambda *args: False)
 

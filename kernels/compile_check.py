@@ -67,11 +67,11 @@ def decode_variants():
                  "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32",
                  "out_ptr": "*fp32" if split > 1 else ACT[act],
                  **dict.fromkeys(["N", "stride_xm", "one_bits"], "i32")}
-        consts = dict(K=k, KW=-(-k // per), G=-(-k // group), GROUP=group,
-                      K_PER_SPLIT=k_per_split, FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero,
-                      HAS_BIAS=True, ATOMIC=split > 1, BLOCK_N=cfg.block_n,
-                      BLOCK_K=cfg.block_k, EVEN_N=even, PREFETCH=cfg.num_stages > 1,
-                      X8=fmt == 0 and bits == 4)
+        consts = {"K": k, "KW": -(-k // per), "G": -(-k // group), "GROUP": group,
+                  "K_PER_SPLIT": k_per_split, "FMT": fmt, "BITS": bits, "PER": per,
+                  "HAS_ZERO": zero, "HAS_BIAS": True, "ATOMIC": split > 1,
+                  "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "EVEN_N": even,
+                  "PREFETCH": cfg.num_stages > 1, "X8": fmt == 0 and bits == 4}
         yield (f"gemv fmt={fmt} int{bits} zero={zero} {act} K={k} {cfg}",
                decode._gemv_kernel, types, consts, cfg.num_warps, 1)
     for (fmt, bits, zero), act, cfg in itertools.product(

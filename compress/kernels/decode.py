@@ -35,8 +35,10 @@ import triton.language as tl
 from compress.kernels import _common as C
 
 FMT_INT, FMT_NVFP4, FMT_MXFP4 = 0, 1, 2
-# M = 1, INT4: x of a word column in one load (_int4_x8_dot); False: 8 scalar loads (the A/B)
-X8_LOADS = True
+# M = 1, INT4: x of a word column in one load (_int4_x8_dot) instead of 8 scalar loads. Off until
+# its H200 A/B has run (kernels/bench_kernels.py variant "@x8"; compiled for sm_90 and tested on
+# the CPU only, kernels/NOTES.md): the shipped default is what was measured.
+X8_LOADS = False
 
 
 @triton.jit
@@ -383,9 +385,9 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
     grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
     # NVFP4's global scale stays a device tensor read in the kernel (no host sync: CUDA graphs)
     gs = global_scale if fmt == FMT_NVFP4 else scale
-    common = dict(FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None,
-                  HAS_BIAS=bias is not None, ATOMIC=split > 1, BLOCK_N=cfg.block_n,
-                  BLOCK_K=cfg.block_k, EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps)
+    common = {"FMT": fmt, "BITS": bits, "PER": per, "HAS_ZERO": zero is not None,
+              "HAS_BIAS": bias is not None, "ATOMIC": split > 1, "BLOCK_N": cfg.block_n,
+              "BLOCK_K": cfg.block_k, "EVEN_N": n % cfg.block_n == 0, "num_warps": cfg.num_warps}
     pointers = (x2, words, scale, zero if zero is not None else words,
                 bias if bias is not None else x2, out, gs)
     if not use_dot:

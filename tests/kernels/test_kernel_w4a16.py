@@ -10,6 +10,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from kernel_checks import DTYPES, assert_matmul_close
 
 from compress.kernels import _common as C
+from compress.kernels import decode
 from compress.kernels.w4a16 import int_dequantize, int_dequantize_ref, int_matmul, int_matmul_ref
 
 PATHS = ["decode", "tc", "dequant"]
@@ -119,12 +120,17 @@ def _applies(cfg, case):
     return (m == 1) if cfg.block_m == 1 else cfg.block_k // (32 // bits) >= 16
 
 
-@pytest.mark.parametrize("cfg,case", [(c, s) for c in DECODE_CONFIGS for s in DECODE_CASES
-                                      if _applies(c, s)],
+@pytest.mark.parametrize("cfg,case,x8", [(c, s, x8) for c in DECODE_CONFIGS for s in DECODE_CASES
+                                         if _applies(c, s)
+                                         for x8 in ([False, True] if c.block_m == 1
+                                                    and s[5] == 4 else [False])],
                          ids=lambda v: str(v) if isinstance(v, C.Config) else
+                         ("x8" if v else "x-slots") if isinstance(v, bool) else
                          "m{}-n{}-k{}-g{}-{}-int{}".format(*v))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_decode_kernel_every_config_shape(cfg, case, dtype, rng):
+def test_decode_kernel_every_config_shape(cfg, case, x8, dtype, rng, monkeypatch):
+    """x8: M = 1 INT4 reads x of a word column in one load (decode._int4_x8_dot, opt-in)."""
+    monkeypatch.setattr(decode, "X8_LOADS", x8)
     m, n, k, group, symmetric, bits = case
     packed, scale, zero = make_int_weight(n, k, group, symmetric, bits, rng, torch.bfloat16)
     bias = torch.randn(n, generator=rng)
