@@ -150,6 +150,16 @@ def _int_slot_dot(t, corr, xsum, words, x_at, k_at, K, one, j: tl.constexpr,
 
 
 @triton.jit
+def _int4_pair_dot(t, words, j: tl.constexpr, xa, xb, one):
+    """t += x_j v_j + x_{j+1} v_{j+1} for INT4 code slots j, j + 1 (_code_mantissas), xa / xb [W].
+    Two statements: written as one sum of products, the compiler did not fuse them into FFMAs."""
+    lo, hi = _code_mantissas(words, j, one, 4)
+    t += xa[:, None] * lo
+    t += xb[:, None] * hi
+    return t
+
+
+@triton.jit
 def _int4_x8_dot(t, words, x_at, k_at, K, one, EVEN_K: tl.constexpr):
     """_int_slot_dot for all 8 slots of INT4 words [W, BN] at once, x of each word column read as
     one [W, 8] tile (a 16-byte load a thread where x is aligned) and split into its slots in
@@ -168,18 +178,10 @@ def _int4_x8_dot(t, words, x_at, k_at, K, one, EVEN_K: tl.constexpr):
     x2, x6 = tl.split(e26)
     x1, x5 = tl.split(o15)
     x3, x7 = tl.split(o37)
-    lo, hi = _code_mantissas(words, 0, one, 4)
-    t += x0[:, None] * lo
-    t += x1[:, None] * hi
-    lo, hi = _code_mantissas(words, 2, one, 4)
-    t += x2[:, None] * lo
-    t += x3[:, None] * hi
-    lo, hi = _code_mantissas(words, 4, one, 4)
-    t += x4[:, None] * lo
-    t += x5[:, None] * hi
-    lo, hi = _code_mantissas(words, 6, one, 4)
-    t += x6[:, None] * lo
-    t += x7[:, None] * hi
+    t = _int4_pair_dot(t, words, 0, x0, x1, one)
+    t = _int4_pair_dot(t, words, 2, x2, x3, one)
+    t = _int4_pair_dot(t, words, 4, x4, x5, one)
+    t = _int4_pair_dot(t, words, 6, x6, x7, one)
     xa = x0 + x2 + x4 + x6      # the lower code of each shift (see _int_slot_dot's corr)
     xb = x1 + x3 + x5 + x7
     return t, (xa * 264.0 + xb * 24.0)[:, None], (xa + xb)[:, None]
