@@ -382,6 +382,8 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
             f"{16 * per}")
     C.check(cfg.block_k % per == 0 and (cfg.block_k & (cfg.block_k - 1)) == 0,
             f"config {cfg}: block_k must be a power of two and a multiple of {per}")
+    C.check(use_dot or m <= 65535, f"config {cfg}: block_m 1 runs one program per row, at most "
+            f"65535 rows (CUDA's grid), got {m}; use a config with block_m >= 16")
     groups = scale.shape[1]
     split, k_per_split, out = C.atomic_split_plan(m, n, k, cfg, out_dtype, x2.device)
     grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
