@@ -208,14 +208,13 @@ def _load_x(ptrs, rk, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _load_words(w_ptr, rn, n_in, rw, KW, limit, EVEN: tl.constexpr):
-    """Packed words [BN, W] of rows rn (row length KW) and word columns rw, 0 from column
-    `limit` on (KW, or where a split's prefetch must stop). EVEN: inside the matrix, no bounds
-    checks (one ISETP a load less)."""
+def _load_words(w_ptr, rn, n_in, rw, KW, EVEN: tl.constexpr):
+    """Packed words [BN, W] of rows rn (row length KW) and word columns rw, 0 outside the
+    matrix. EVEN: inside the matrix, no bounds checks (one ISETP a load less)."""
     ptrs = w_ptr + rn[:, None] * KW + rw[None, :]
     if EVEN:
         return tl.load(ptrs)
-    return tl.load(ptrs, mask=n_in[:, None] & (rw[None, :] < limit), other=0)
+    return tl.load(ptrs, mask=n_in[:, None] & (rw[None, :] < KW), other=0)
 
 
 @triton.jit
@@ -242,7 +241,7 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = pid_k * K_PER_SPLIT + kk
         rw = k0 // PER + ri
-        words = _load_words(w_ptr, rn, n_in, rw, KW, KW, EVEN_K and EVEN_N)
+        words = _load_words(w_ptr, rn, n_in, rw, KW, EVEN_K and EVEN_N)
         if TILE_SCALE:  # the whole tile lies in one group: one scale per row
             s, z = _group_scale(s_ptr, z_ptr, gs, rn[:, None], k0 // GROUP,
                                 n_in[:, None] & (rn[:, None] * 0 + k0 < K), G,

@@ -336,7 +336,7 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr
             acc = _dot(w_even, x_even, acc, SWAP, False)
             acc = _dot(w_odd, x_odd, acc, SWAP, False)
         else:
-            words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, KW, EVEN_K and EVEN_N)
+            words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, EVEN_K and EVEN_N)
             w = _weight_tile(words, a, b_lo, b_hi, one_bits, FMT, BITS, EXACT, DTYPE)
             a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, KW, G,
                                           GROUP, GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES,
@@ -379,7 +379,7 @@ def _tc_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, gs_ptr, N, K, KW, G, GROUP,
         a, b_lo, b_hi = _tile_factors(s_ptr, z_ptr, gs, rn, n_in, k0, K, KW, G, GROUP,
                                       GROUP_SHIFT, FMT, BITS, PER, HAS_ZERO, SCALES, WPG,
                                       POW2_GROUP, True, BLOCK_K // PER)
-        words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, KW, False)
+        words = _load_words(w_ptr, rn, n_in, k0 // PER + ri, KW, False)
         w = _weight_tile(words, a, b_lo, b_hi, one_bits, FMT, BITS, True,
                          out_ptr.dtype.element_ty)
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w,
