@@ -132,15 +132,19 @@ def config_table(device) -> dict:
 def kernel_config(table: str, family: str, m: int, n: int, k: int, device) -> Config:
     """Launch config of the decode or tc kernel (table): family (int4, int4-asym, int8, nvfp4,
     mxfp4) and M bucket, the exact shape if tuned, else the bucket default; family int4-asym
-    falls back to int4, any family to "*"."""
-    entries = config_table(device).get(table, {})
+    falls back to int4, any family to "*". A table or bucket the device's file lacks (a file
+    tuned before that table existed, passed in $COMPRESS_KERNEL_CONFIGS) comes from the shipped
+    configs/default.json."""
     bucket = m_bucket(m)
-    for fam in (family, family.split("-")[0], "*"):
-        entry = entries.get(f"{fam}/{bucket}")
-        if entry:
-            cfg = entry.get(f"{n}x{k}") or entry.get("default")
-            if cfg:
-                return Config(**cfg)
+    default = _load_table(str(CONFIG_DIR / "default.json"))
+    for tables in (config_table(device), default):
+        entries = tables.get(table, {})
+        for fam in (family, family.split("-")[0], "*"):
+            entry = entries.get(f"{fam}/{bucket}")
+            if entry:
+                cfg = entry.get(f"{n}x{k}") or entry.get("default")
+                if cfg:
+                    return Config(**cfg)
     raise ValueError(f"no {table} config for {family}/{bucket} (nor a '*' default)")
 
 

@@ -166,7 +166,9 @@ def test_m1_decode_inside_the_matrix_bfloat16(rng):
                                      torch.bfloat16)
 
 def test_decode_config_table_lookup(tmp_path, monkeypatch):
-    """Exact shape first, then the bucket default, then the family "*"; the env file wins."""
+    """Exact shape first, then the bucket default, then the family "*"; the env file wins, and
+    what it lacks (a bucket, the whole moe table of a file tuned before it existed) comes from
+    the shipped default."""
 
     table = {"decode": {"int4/m1": {"default": C.Config(1, 8, 256).to_dict(),
                                     "64x128": C.Config(1, 4, 128, split_k=2).to_dict()},
@@ -180,10 +182,15 @@ def test_decode_config_table_lookup(tmp_path, monkeypatch):
     assert C.decode_config("int4-asym", 1, 64, 256, cpu) == C.Config(1, 8, 256)
     assert C.decode_config("nvfp4", 1, 64, 128, cpu) == C.Config(1, 32, 64)
     assert C.decode_config("int8", 9, 64, 128, cpu) == C.Config(16, 16, 128)
-    with pytest.raises(ValueError, match="no decode config"):
-        C.decode_config("int8", 100, 64, 128, cpu)
+    shipped = json.loads((C.CONFIG_DIR / "default.json").read_text())
+    assert C.decode_config("int8", 100, 64, 128, cpu) == \
+        C.Config(**shipped["decode"]["*/m128"]["default"])
+    assert C.kernel_config("moe", "int4", 1, 64, 128, cpu) == \
+        C.Config(**shipped["moe"]["*/m1"]["default"])
+    with pytest.raises(ValueError, match="no nope config for int4/m1"):
+        C.kernel_config("nope", "int4", 1, 64, 128, cpu)
     monkeypatch.delenv(C.CONFIG_ENV)
-    default = json.loads((C.CONFIG_DIR / "default.json").read_text())["decode"]
+    default = shipped["decode"]
     for bucket in C.M_BUCKETS:  # the shipped default covers every bucket of every format
         assert f"*/m{bucket}" in default
     tc = json.loads((C.CONFIG_DIR / "default.json").read_text())["tc"]
