@@ -200,6 +200,9 @@ def main() -> None:
                         help="keep transformers' RMSNorm in the compressed rows (the bf16 row "
                              "always runs it; the others run the fused kernel by default, as "
                              "a model loaded by compress.load on CUDA does)")
+    parser.add_argument("--no-pack-gqa", dest="pack_gqa", action="store_false",
+                        help="keep transformers' repeat_kv in single-token attention of our "
+                             "rows (compress.load packs the heads where transformers does not)")
     parser.add_argument("--profile", default=None,
                         help="append a torch.profiler kernel table of eager decode steps of "
                              "every row to this file")
@@ -234,6 +237,10 @@ def main() -> None:
 
         print(f"RoPE fused in {fuse_rope(model)} attention layers after the bf16 row",
               file=sys.stderr)
+    if args.pack_gqa:     # the same: compress.load packs single-token GQA heads (attention.py)
+        from compress.runtime.attention import pack_gqa_decode
+
+        print(f"GQA heads packed after the bf16 row: {pack_gqa_decode(model)}", file=sys.stderr)
     for name in args.formats.split(","):
         if name == "tinygemm":
             if device.type != "cuda":

@@ -151,6 +151,9 @@ def load_artifact(path: str | Path, device=None, dtype=None, verify: bool = True
     model.eval()
     if device is not None:
         model = model.to(device)
+    from compress.runtime.attention import pack_gqa_decode
+
+    pack_gqa_decode(model)   # single-token GQA attention without repeat_kv's K/V copies
     if any(p.is_cuda for p in model.parameters()):
         from compress.runtime.fused import fuse_projections
         from compress.runtime.norms import fuse_rmsnorms

@@ -4,17 +4,13 @@ add, for q and for k), one call per layer of every decode step."""
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import sys
 
 import torch
 from torch import nn
 
-# True while the forward of a model that fuse_rope was given runs: the patched function is
-# shared by every model of the family in the process, and only those models take the kernel
-# (compress bench's baseline, loaded beside an artifact, keeps transformers' RoPE).
-_FUSED_MODEL_RUNNING = contextvars.ContextVar("compress_fused_rope", default=False)
+from compress.runtime import scope
 
 
 def fuse_rope(model: nn.Module) -> int:
@@ -41,18 +37,9 @@ def fuse_rope(model: nn.Module) -> int:
             modeling.apply_rotary_pos_emb = _fused(original)
         layers += 1
     if layers:
-        model.register_forward_pre_hook(_enter)
-        model.register_forward_hook(_leave, always_call=True)
+        scope.enter_scope(model)   # only this model's forward takes the kernel
         model.compress_fused_rope = True
     return layers
-
-
-def _enter(module, args):
-    module.compress_rope_token = _FUSED_MODEL_RUNNING.set(True)
-
-
-def _leave(module, args, output):
-    _FUSED_MODEL_RUNNING.reset(module.__dict__.pop("compress_rope_token"))
 
 
 def _agrees(original, device: torch.device, dtype: torch.dtype) -> bool:
@@ -83,7 +70,7 @@ def _fused(original):
         from compress.runtime.modules import kernel_unavailable
 
         unsqueeze_dim = kwargs.get("unsqueeze_dim", args[0] if args else 1)
-        if (_FUSED_MODEL_RUNNING.get() and unsqueeze_dim == 1 and len(args) <= 1
+        if (scope.RUNNING.get() and unsqueeze_dim == 1 and len(args) <= 1
                 and set(kwargs) <= {"unsqueeze_dim"} and kernel_unavailable(q) is None):
             out = rope_gather.rope_qk(q, k, cos, sin)
             if out is not None:

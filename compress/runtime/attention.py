@@ -1,0 +1,77 @@
+"""Decode attention without repeat_kv. With grouped-query attention (Llama-3-8B: 32 query heads
+on 8 key/value heads) and a mask (a static cache always passes one), transformers' SDPA
+attention up to at least 5.17 (the H200 machine's) copies every layer's whole K and V cache
+n_rep times a step (`repeat_kv`): 64 copies a step of an 8B decode, 7% of the INT4 step on the
+H200 (kernels/NOTES.md, ninth session). With one query token, the n_rep query heads that share a
+key/value head are instead laid along the query-length axis ([B, H, 1, D] -> [B, H / n_rep,
+n_rep, D]) and attend to that head's K and V once, the mask broadcast over them: the same
+products and the same softmax, no copy. transformers 5.24 does exactly this (its `pack_gqa`);
+there this module changes nothing."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.runtime import scope
+
+
+def transformers_packs_gqa() -> bool:
+    from transformers.integrations import sdpa_attention
+
+    return hasattr(sdpa_attention, "pack_gqa")
+
+
+def pack_gqa_decode(model: nn.Module) -> bool:
+    """Run the single-token SDPA attention of model's grouped-query layers on the packed heads
+    (module docstring), where the installed transformers does not already. The process-wide
+    "sdpa" attention function is wrapped once; the wrapper packs only inside the forward of a
+    model given here (scope.py) and otherwise calls transformers' function. Returns whether
+    model now runs it."""
+    config = getattr(model, "config", None)
+    heads, kv_heads = (getattr(config, key, None) for key in
+                       ("num_attention_heads", "num_key_value_heads"))
+    if (transformers_packs_gqa() or getattr(config, "_attn_implementation", None) != "sdpa"
+            or not heads or not kv_heads or heads == kv_heads):
+        return False
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if not getattr(original, "compress_original", None):
+        AttentionInterface.register("sdpa", _packed(original))
+    scope.enter_scope(model)
+    return True
+
+
+def packed_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    """Attention of one query token, query [B, H, 1, D], key/value [B, H_kv, S, D] (H a multiple
+    of H_kv, head h reading key/value head h // (H / H_kv), as repeat_kv lays them), mask
+    [B, 1, 1, S] or None -> [B, 1, H, D_v] (transformers' attention output layout)."""
+    b, h, _, d = query.shape
+    n_rep = h // key.shape[1]
+    out = F.scaled_dot_product_attention(query.reshape(b, h // n_rep, n_rep, d), key, value,
+                                         attn_mask=mask, scale=scaling)
+    return out.reshape(b, h, 1, -1).transpose(1, 2).contiguous()
+
+
+def _packed(original):
+    def sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
+                               scaling=None, **kwargs):
+        mask = attention_mask
+        if mask is not None and mask.ndim == 4:   # transformers 4.x's masks may run longer
+            mask = mask[:, :, :, :key.shape[-2]]
+        heads, kv_heads = query.shape[1], key.shape[1]
+        if (scope.RUNNING.get() and heads > kv_heads and heads % kv_heads == 0
+                and query.shape[2] == 1 and dropout == 0.0
+                and (mask is None or (mask.ndim == 4 and mask.shape[1] == mask.shape[2] == 1))
+                and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+                and not kwargs.get("output_attentions", False)
+                and not torch.compiler.is_compiling()):   # as transformers' own pack_gqa
+            return packed_decode_attention(query, key, value, mask, scaling), None
+        return original(module, query, key, value, attention_mask, dropout=dropout,
+                        scaling=scaling, **kwargs)
+
+    sdpa_attention_forward.compress_original = original
+    return sdpa_attention_forward

@@ -1,0 +1,30 @@
+"""Which model is running. The run-time patches to a model family's shared functions (RoPE in
+rope.py, attention in attention.py) live in process-wide tables, shared by every model of the
+family; they take their faster path only inside the forward of a model given to `enter_scope`,
+so another model in the process (compress bench's baseline, loaded beside an artifact) keeps
+transformers' own code."""
+
+from __future__ import annotations
+
+import contextvars
+
+from torch import nn
+
+RUNNING = contextvars.ContextVar("compress_runtime_model", default=False)
+
+
+def enter_scope(model: nn.Module) -> None:
+    """Set RUNNING for the duration of every forward of model (hooks added once a model)."""
+    if getattr(model, "compress_scoped", False):
+        return
+    model.register_forward_pre_hook(_enter)
+    model.register_forward_hook(_leave, always_call=True)
+    model.compress_scoped = True
+
+
+def _enter(module, args):
+    module.compress_scope_token = RUNNING.set(True)
+
+
+def _leave(module, args, output):
+    RUNNING.reset(module.__dict__.pop("compress_scope_token"))

@@ -1,0 +1,97 @@
+"""compress.runtime.attention: single-token grouped-query attention on packed heads computes
+what transformers' repeat_kv + SDPA computes, inside the model it was given only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compress.runtime import attention
+
+
+def repeat_kv_attention(query, key, value, mask, scaling):
+    """transformers' path: K and V copied to every query head, then SDPA."""
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = (t.repeat_interleave(n_rep, dim=1) for t in (key, value))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_packed_heads_compute_the_repeat_kv_attention(mask_kind):
+    gen = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, s, d = 2, 12, 3, 37, 16
+    query = torch.randn(b, heads, 1, d, generator=gen)
+    key, value = (torch.randn(b, kv_heads, s, d, generator=gen) for _ in range(2))
+    keep = torch.rand(b, 1, 1, s, generator=gen) > 0.3
+    keep[..., 0] = True
+    mask = {"none": None, "bool": keep,
+            "float": torch.where(keep, 0.0, torch.finfo(torch.float32).min)}[mask_kind]
+    got = attention.packed_decode_attention(query, key, value, mask, 0.3)
+    want = repeat_kv_attention(query, key, value, mask, 0.3)
+    assert got.shape == (b, 1, heads, d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # a wrong head grouping (heads interleaved instead of blocked) gives other numbers
+    wrong = attention.packed_decode_attention(
+        query.reshape(b, heads // kv_heads, kv_heads, 1, d).transpose(1, 2)
+        .reshape(b, heads, 1, d), key, value, mask, 0.3)
+    assert (wrong - want).abs().max() > 1e-2
+
+
+def tiny_llama():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=128, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=8,
+                                  num_key_value_heads=2, head_dim=8)
+    config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_static_cache_decode_packs_only_in_its_model(monkeypatch):
+    """Greedy decode with a static cache (a mask at every step): the same logits with the
+    packed heads; every decode step of the given model takes them, another model none."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    # as under transformers 5.17 (no pack_gqa of its own); the wrapper is removed afterwards
+    monkeypatch.setattr(attention, "transformers_packs_gqa", lambda: False)
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"])
+    calls = []
+    real = attention.packed_decode_attention
+    monkeypatch.setattr(attention, "packed_decode_attention",
+                        lambda *a: calls.append(1) or real(*a))
+    model, other = tiny_llama(), tiny_llama()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def decode(m):
+        out = m.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static",
+                         output_logits=True, return_dict_in_generate=True)
+        return torch.stack(out.logits)
+
+    want = decode(model)
+    assert attention.pack_gqa_decode(model)
+    assert not calls
+    got = decode(model)
+    assert len(calls) == 4 * 2              # the 4 single-token steps, 2 layers each
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    decode(other)
+    assert not calls                        # another model keeps transformers' attention
+    assert attention.pack_gqa_decode(model)   # a second call wraps nothing twice
+    assert not getattr(ALL_ATTENTION_FUNCTIONS["sdpa"].compress_original, "compress_original",
+                       None)
+
+
+def test_nothing_to_do_without_grouped_heads_or_with_transformers_own(monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=4)
+    config._attn_implementation = "sdpa"
+    monkeypatch.setattr(attention, "transformers_packs_gqa", lambda: False)
+    assert not attention.pack_gqa_decode(AutoModelForCausalLM.from_config(config))
+    monkeypatch.setattr(attention, "transformers_packs_gqa", lambda: True)
+    assert not attention.pack_gqa_decode(tiny_llama())
