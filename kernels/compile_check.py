@@ -173,6 +173,25 @@ def variants(all_configs: bool = False):
                dict(KIND=int(kind == "int"), FP16=act == "fp16", HAS_ZERO=zero, HAS_BIAS=False,
                     SCALE_PER_ELEMENT=per_element, BLOCK_N=cfg.block_n,
                     BLOCK_E=cfg.block_k // ipe, EVEN_K=True, EVEN_N=True), cfg.num_warps, 1)
+    for (kind, act, zero, group), (cfg, k, even) in itertools.product(
+            (("16bit", "bf16", False, 1), ("16bit", "fp16", False, 1), ("int", "bf16", False, 128),
+             ("int", "bf16", True, 128), ("int", "fp16", True, 8)),
+            ((C.CONFIGS["sparse24_gemv"], 4096, True),
+             (C.Config(1, 8, 1024, 2, split_k=2), 14336, True), (C.Config(1, 4, 512, 1), 1008, False))):
+        ipe = 8 if kind == "16bit" else 16
+        split, k_per_split = C.split_of(k, cfg)
+        label = (f"2:4-{kind} gemv-T {act} zero={zero} g{group} {cfg.block_n}x{cfg.block_k}"
+                 f"/{cfg.num_warps}w split{split} k{k}")
+        yield (label, sparse24._sparse24_gemv_kernel,
+               {"x_ptr": ACT[act], "v_ptr": "*i64" if kind == "16bit" else "*i32",
+                "m_ptr": "*u8" if kind == "16bit" else "*i16", "s_ptr": ACT[act],
+                "z_ptr": "*i32", "b_ptr": ACT[act], "out_ptr": "*fp32" if split > 1 else ACT[act],
+                "N": "i32", "stride_xm": "i32"},
+               {"K": k, "G": k // group, "GROUP": group, "E_PER_SPLIT": k_per_split // ipe,
+                "KIND": int(kind == "int"), "FP16": act == "fp16", "HAS_ZERO": zero,
+                "HAS_BIAS": False, "ATOMIC": split > 1, "BLOCK_N": cfg.block_n,
+                "BLOCK_E": cfg.block_k // ipe, "EVEN_N": even, "X16": True,
+                "X_FP16": act == "fp16", "ASM": True}, cfg.num_warps, 1)
     cfg = C.CONFIGS["dequant_words"]
     dq = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     ints = dict.fromkeys(["N", "K", "KW", "G", "GROUP"], "i32")

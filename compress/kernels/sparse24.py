@@ -21,13 +21,15 @@ no sparse tensor-core instruction).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from compress.kernels import _common as C
 from compress.kernels._common import apply_int_scale, mac_tile, store_tile
-from compress.kernels.decode import _group_scale
+from compress.kernels.decode import _group_scale, _load_or_zero, _load_x
 from compress.kernels.fp4 import FORMATS as FP4_GROUPS
 from compress.kernels.fp4 import (
     e2m1_table,
@@ -37,6 +39,10 @@ from compress.kernels.fp4 import (
 from compress.kernels.w4a16 import _unpack_ref
 
 VALUE_KINDS = {"16bit": 0, "int": 1, "nvfp4": 2, "mxfp4": 3}
+# M = 1 on the transposed tile (_sparse24_gemv_kernel) instead of the gather kernel: built
+# without device time (kernels/NOTES.md, tenth session), so off until an H200 A/B
+# (kernels/probe_sparse24_m1.py) shows it faster; the gather kernel is the measured one.
+TRANSPOSED_M1 = False
 
 
 @triton.jit
@@ -234,6 +240,123 @@ def _sparse24_m1_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K,
 
 
 @triton.jit
+def _pick(x0, x1, x2, x3, p):
+    """x_p, for 2-bit positions p [E, BN] and x0..x3 [E, 1]: three selects on p's two bits."""
+    odd = (p & 1) != 0
+    return tl.where((p & 2) != 0, tl.where(odd, x3, x2), tl.where(odd, x1, x0))
+
+
+@triton.jit
+def _prmt(a, b, sel, ASM: tl.constexpr):
+    """PTX prmt.b32: byte i of the result is byte (sel >> 4 i) & 7 of the 8 bytes b:a (a the
+    low four). ASM False: the same in integer ops (the interpreter runs no PTX)."""
+    if ASM:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    out = tl.zeros_like(sel)
+    for i in tl.static_range(4):
+        idx = (sel >> (4 * i)) & 7
+        out |= ((tl.where(idx >= 4, b, a) >> ((idx & 3) * 8)) & 0xFF) << (8 * i)
+    return out
+
+
+@triton.jit
+def _pick_pair16(x01, x23, nib, X_FP16: tl.constexpr, ASM: tl.constexpr):
+    """(x_p0, x_p1) as float32 for a group of four 16-bit activations held as two int32 pairs
+    x01, x23 [E, 1] and its meta nibble p0 | p1 << 2 [E, BN]: one byte permute puts x_p0 in the
+    low and x_p1 in the high half of a register (the selector's nibbles are the byte indices
+    2 p0, 2 p0 + 1, 2 p1, 2 p1 + 1: two multiply-adds), each half then a float32 in one op.
+    _pick's three selects a value cost more, and x is loaded a pair at a time."""
+    sel = (nib & 3) * 0x22 + ((nib & 0xC) * 0x880 + 0x1010)
+    both = _prmt(tl.broadcast_to(x01, sel.shape), tl.broadcast_to(x23, sel.shape), sel, ASM)
+    if X_FP16:
+        return _half_as_f32(both & 0xFFFF, True), _half_as_f32((both >> 16) & 0xFFFF, True)
+    return (both << 16).to(tl.float32, bitcast=True), \
+        (both & -65536).to(tl.float32, bitcast=True)   # bfloat16: float32's top half
+
+
+@triton.jit
+def _sparse24_gemv_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, stride_xm,
+                          K: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr,
+                          E_PER_SPLIT: tl.constexpr, KIND: tl.constexpr, FP16: tl.constexpr,
+                          HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, EVEN_N: tl.constexpr,
+                          X16: tl.constexpr = False, X_FP16: tl.constexpr = False,
+                          ASM: tl.constexpr = True):
+    """_sparse24_m1_kernel's product on a transposed tile (as decode._gemv_kernel's): [BLOCK_E,
+    BLOCK_N], a thread owns element columns with all BLOCK_N rows of each in registers. x of a
+    column's inputs is loaded once for all its rows (the gather kernel loads x per kept value
+    and row: 8 of its 11 loads an INT4 element, and the 64-bit address of each), and each kept
+    value takes x at its position: X16 (16-bit activations, 4-byte aligned rows) two at a time
+    by a byte permute (_pick_pair16), else by three selects (_pick). Elements as in
+    _sparse24_m1_kernel; program axes: rows, K-slices (E_PER_SPLIT elements), activation row."""
+    GPE: tl.constexpr = 2 if KIND == 0 else 4          # groups of 4 inputs per element
+    IPE: tl.constexpr = 4 * GPE
+    EW: tl.constexpr = K // IPE                         # elements per row
+    EVEN_K: tl.constexpr = EW % E_PER_SPLIT == 0        # (E_PER_SPLIT: whole BLOCK_Es)
+    MASKED: tl.constexpr = not (EVEN_K and EVEN_N)
+    PER_ELEMENT: tl.constexpr = GROUP % IPE == 0        # an element's inputs share one scale
+    pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = tl.arange(0, BLOCK_N)
+    rn = pid_n * BLOCK_N + rows
+    n_in = rn < N
+    ri = tl.arange(0, BLOCK_E)
+    e_first = pid_k * E_PER_SPLIT
+    # scalar base pointers, small per-element offsets (the reason is in decode._gemv_kernel)
+    v_prog = v_ptr + pid_n * BLOCK_N * EW + e_first
+    m_prog = m_ptr + pid_n * BLOCK_N * EW + e_first
+    x_prog = x_ptr + row * stride_xm + e_first * IPE
+    offs = tl.max_contiguous(ri[:, None] + rows[None, :] * EW, [1, 1])
+    acc = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
+    for ee in range(0, E_PER_SPLIT, BLOCK_E):
+        e = e_first + ee + ri                             # this tile's elements of the row
+        inside = (e[:, None] < EW) & n_in[None, :]
+        v = _load_or_zero(v_prog + ee + offs, inside, MASKED)
+        meta = _load_or_zero(m_prog + ee + offs, inside, MASKED).to(tl.int32)
+        x_at = x_prog + tl.max_contiguous(((ee + ri) * IPE)[:, None], [1, 1])   # input 0
+        if KIND == 1 and PER_ELEMENT:
+            s, z = _group_scale(s_ptr, z_ptr, 1.0, rows[None, :], ((e * IPE) // GROUP)[:, None],
+                                inside, G, 0, 4, 8, HAS_ZERO, MASKED, True, pid_n * BLOCK_N)
+            t = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
+        for gi in tl.static_range(GPE):
+            nib = meta >> (4 * gi)
+            if X16:   # the group's 4 inputs as two int32 pairs
+                pair_at = x_at.to(tl.pointer_type(tl.int32)) + 2 * gi
+                x01 = _load_or_zero(pair_at, e[:, None] < EW, not EVEN_K)
+                x23 = _load_or_zero(pair_at + 1, e[:, None] < EW, not EVEN_K)
+                xa, xb = _pick_pair16(x01, x23, nib, X_FP16, ASM)
+            else:
+                x0 = _load_x(x_at + 4 * gi, e[:, None], EW, EVEN_K)
+                x1 = _load_x(x_at + 4 * gi + 1, e[:, None], EW, EVEN_K)
+                x2 = _load_x(x_at + 4 * gi + 2, e[:, None], EW, EVEN_K)
+                x3 = _load_x(x_at + 4 * gi + 3, e[:, None], EW, EVEN_K)
+                xa = _pick(x0, x1, x2, x3, nib)
+                xb = _pick(x0, x1, x2, x3, nib >> 2)
+            if KIND == 0:
+                word = (v >> (32 * gi)).to(tl.int32)    # kept values 2 gi, 2 gi + 1
+                acc += _half_as_f32(word & 0xFFFF, FP16) * xa
+                acc += _half_as_f32((word >> 16) & 0xFFFF, FP16) * xb
+            else:
+                if not PER_ELEMENT:   # groups of 4 or 8 inputs: a scale per group
+                    s, z = _group_scale(s_ptr, z_ptr, 1.0, rows[None, :],
+                                        ((e * IPE + 4 * gi) // GROUP)[:, None], inside, G, 0,
+                                        4, 8, HAS_ZERO, MASKED, True, pid_n * BLOCK_N)
+                off = 8388616.0 + z   # the code as a float: see _sparse24_m1_kernel
+                qa = (((v >> (8 * gi)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - off
+                qb = (((v >> (8 * gi + 4)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - off
+                if PER_ELEMENT:
+                    t += qa * xa
+                    t += qb * xb
+                else:
+                    acc += s * (qa * xa + qb * xb)
+        if KIND == 1 and PER_ELEMENT:
+            acc += s * t
+    rm = row + tl.arange(0, 1)
+    C.finish_tile(tl.reshape(tl.sum(acc, axis=0), (1, BLOCK_N)), b_ptr, out_ptr, rm, rn,
+                  rm >= 0, n_in, N, pid_k, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
 def _sparse24_dequant_kernel(v_ptr, m_ptr, s_ptr, z_ptr, lut_ptr, gs_ptr, out_ptr,
                              N, K, G, GROUP, KIND: tl.constexpr, BITS: tl.constexpr,
                              PER: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -352,8 +475,10 @@ def _m1_matmul(x2: torch.Tensor, kind: str, t: dict[str, torch.Tensor], n: int, 
         s, z = t["weight_scale"], t.get("weight_zero_point", t["weight_packed"])
         groups = s.shape[1]
         group = k // groups
-    block_e = max(1, cfg.block_k // ipe)
     m = x2.shape[0]
+    if TRANSPOSED_M1:
+        return _gemv_matmul(x2, kind, t, v, meta, s, z, groups, group, ipe, n, k, bias)
+    block_e = max(1, cfg.block_k // ipe)
     out = C.alloc((m, n), x2.dtype, x2.device)
     if m:
         _sparse24_m1_kernel[(-(-n // cfg.block_n), m)](
@@ -365,6 +490,30 @@ def _m1_matmul(x2: torch.Tensor, kind: str, t: dict[str, torch.Tensor], n: int, 
             EVEN_K=(k // ipe) % block_e == 0, EVEN_N=n % cfg.block_n == 0,
             num_warps=cfg.num_warps)
     return out
+
+
+def _gemv_matmul(x2, kind, t, v, meta, s, z, groups, group, ipe, n, k, bias):
+    """_m1_matmul on the transposed kernel (_sparse24_gemv_kernel), split-K slices added into a
+    float32 output (C.atomic_split_plan)."""
+    cfg = C.CONFIGS["sparse24_gemv"]
+    m = x2.shape[0]
+    C.check(cfg.block_k % ipe == 0 and m <= 65535,
+            f"config {cfg}: block_k must be a multiple of {ipe} and at most 65535 rows, got {m}")
+    split, k_per_split, out = C.atomic_split_plan(m, n, k, cfg, x2.dtype, x2.device)
+    if m:
+        _sparse24_gemv_kernel[(-(-n // cfg.block_n), split, m)](
+            x2, v, meta, s, z, bias if bias is not None else x2, out, n, x2.stride(0),
+            K=k, G=groups, GROUP=group, E_PER_SPLIT=k_per_split // ipe,
+            KIND=0 if kind == "16bit" else 1,
+            FP16=kind == "16bit" and t["weight_values"].dtype == torch.float16,
+            HAS_ZERO="weight_zero_point" in t, HAS_BIAS=bias is not None, ATOMIC=split > 1,
+            BLOCK_N=cfg.block_n, BLOCK_E=cfg.block_k // ipe, EVEN_N=n % cfg.block_n == 0,
+            # pairs of 16-bit activations as int32: rows 4-byte aligned
+            X16=(x2.dtype in (torch.float16, torch.bfloat16) and x2.stride(0) % 2 == 0
+                 and x2.data_ptr() % 4 == 0),
+            X_FP16=x2.dtype == torch.float16, ASM=os.environ.get("TRITON_INTERPRET") != "1",
+            num_warps=cfg.num_warps, num_stages=1)
+    return out.to(x2.dtype) if split > 1 else out
 
 
 def sparse24_dequantize(kind: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int],

@@ -115,6 +115,23 @@ def test_sparse24_kernel_on_gpu(kind, case, dtype, rng):
         assert_matmul_close(y, ref, x, dense, (kind, path, case))
 
 
+@pytest.mark.parametrize("kind", ["16bit", "int"])
+@pytest.mark.parametrize("case", SPARSE_CASES + LLAMA_SHAPES[:2], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse24_transposed_m1_kernel_on_gpu(kind, case, dtype, rng, monkeypatch):
+    """The transposed M = 1 kernel (sparse24.TRANSPOSED_M1, off by default until measured):
+    the byte-permute pick of 16-bit activations runs as PTX only here."""
+    from compress.kernels import sparse24
+
+    monkeypatch.setattr(sparse24, "TRANSPOSED_M1", True)
+    m, n, k = case
+    t, dense = make_sparse(kind, n, k, rng)
+    t, dense = cuda(t), dense.cuda()
+    x = torch.randn(m, k, generator=rng).to(dtype).cuda()
+    y = sparse24_matmul(x, kind, t, (n, k), path="gemv")
+    assert_matmul_close(y, sparse24_matmul_ref(x, kind, t, (n, k)), x, dense, (kind, case))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["llama", "weightless", "crmsnorm"])
 @pytest.mark.parametrize("width", [96, 4096])

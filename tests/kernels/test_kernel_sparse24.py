@@ -8,6 +8,7 @@ from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from kernel_checks import DTYPES, assert_matmul_close
 
+from compress.kernels import _common as C
 from compress.kernels.fp4 import E2M1_VALUES
 from compress.kernels.sparse24 import (
     gather_kept,
@@ -123,16 +124,50 @@ def test_m1_kernel_gathers_x_at_the_kept_positions(variant, m, rng):
     """The M = 1 kernel (path "gemv": x gathered at the kept positions) on every value kind it
     serves: float16 values, INT4 with a scale per group of 4 or 8 inputs (several in one code
     word), per 16 and per 128, with and without zero points; a row per program row (m)."""
+    check_m1_path(variant, m, 256, rng)
+
+
+M1_VARIANTS = ["16bit-bf16", "16bit-fp16", "int-g4", "int-g8-sym", "int-g16", "int-g128-sym"]
+TRANSPOSED_CONFIGS = {   # the shipped one; whole tiles (no masks); split-K; N not a tile multiple
+    "shipped": None, "even": C.Config(1, 8, 64, 2), "split3": C.Config(1, 4, 64, 1, split_k=3),
+    "n16-split2": C.Config(1, 16, 128, 4, split_k=2)}
+
+
+@pytest.mark.parametrize("variant", M1_VARIANTS)
+@pytest.mark.parametrize("config", list(TRANSPOSED_CONFIGS))
+@pytest.mark.parametrize("m, k, dtype", [(1, 256, torch.float32), (2, 384, torch.bfloat16),
+                                         (1, 384, torch.float16)],
+                         ids=["m1-k256-fp32", "m2-k384-bf16", "m1-k384-fp16"])
+def test_m1_transposed_kernel_picks_x_at_the_kept_positions(variant, config, m, k, dtype, rng,
+                                                           monkeypatch):
+    """The transposed M = 1 kernel (_sparse24_gemv_kernel: x loaded once for a tile's rows, the
+    kept positions picked by selects) on every value kind and scale group the gather kernel
+    serves, every config shape, K a multiple of the tile or of a K-slice or neither, one and
+    two rows; float32 activations (selects), 16-bit ones (pairs and a byte permute)."""
+    from compress.kernels import sparse24
+
+    if config != "shipped":
+        monkeypatch.setitem(C.CONFIGS, "sparse24_gemv", TRANSPOSED_CONFIGS[config])
+    monkeypatch.setattr(sparse24, "TRANSPOSED_M1", True)
+    check_m1_path(variant, m, k, rng, dtype)
+
+
+def check_m1_path(variant, m, k, rng, dtype=torch.float32):
     kind, opt = variant.split("-", 1)
-    n, k = 40, 256
+    n = 40
     if kind == "16bit":
         t, _ = make_sparse(kind, n, k, rng, dtype=getattr(torch, {"bf16": "bfloat16",
                                                                    "fp16": "float16"}[opt]))
     else:
         t, _ = make_sparse(kind, n, k, rng, group=int(opt.split("-")[0][1:]),
                            symmetric=opt.endswith("sym"))
-    x = torch.randn(m, k, generator=rng)
-    bias = torch.randn(n, generator=rng)
+    x = torch.randn(m, k, generator=rng).to(dtype)
+    bias = torch.randn(n, generator=rng).to(dtype)
     ref = sparse24_matmul_ref(x, kind, t, (n, k), bias=bias)
     y = sparse24_matmul(x, kind, t, (n, k), bias=bias, path="gemv")
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    else:
+        assert_matmul_close(y, ref, x, sparse24_dequantize_ref(kind, t, (n, k)),
+                            rng.initial_seed(), bias)
+
