@@ -203,6 +203,10 @@ def main() -> None:
     parser.add_argument("--no-pack-gqa", dest="pack_gqa", action="store_false",
                         help="keep transformers' repeat_kv in single-token attention of our "
                              "rows (compress.load packs the heads where transformers does not)")
+    parser.add_argument("--no-gated-mlp", dest="gated_mlp", action="store_false",
+                        help="SiLU and the product as transformers runs them, after the fused "
+                             "gate/up matmul (by default in its epilogue, compress/runtime/"
+                             "fused.py)")
     parser.add_argument("--profile", default=None,
                         help="append a torch.profiler kernel table of eager decode steps of "
                              "every row to this file")
@@ -253,7 +257,10 @@ def main() -> None:
             base = name.removesuffix("-unfused")
             originals = compress_linears(model, FORMATS[base], args.quantize_lm_head)
             if device.type == "cuda" and base == name:
+                from compress.runtime import fused
                 from compress.runtime.fused import fuse_projections
+
+                fused.GATED_MLP = args.gated_mlp
 
                 print(f"{fuse_projections(model)} projection groups fused ({name})",
                       file=sys.stderr)

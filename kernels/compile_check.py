@@ -74,6 +74,10 @@ def decode_variants():
                   "PREFETCH": cfg.num_stages > 1, "X8": fmt == 0 and bits == 4}
         yield (f"gemv fmt={fmt} int{bits} zero={zero} {act} K={k} {cfg}",
                decode._gemv_kernel, types, consts, cfg.num_warps, 1)
+        if split == 1 and act != "fp32":   # the SiLU-gated epilogue (gate/up, one K-slice)
+            yield (f"gemv gated fmt={fmt} int{bits} zero={zero} {act} K={k} {cfg}",
+                   decode._gemv_kernel, types,
+                   {**consts, "GATED": True, "HALF": 14336 if even else 1001}, cfg.num_warps, 1)
     for (fmt, bits, zero), act, cfg in itertools.product(
             [(0, 4, False), (0, 4, True), (0, 8, False), (1, 4, False), (2, 4, False)], ACT,
             [C.Config(16, 16, 256), C.Config(64, 64, 128, 8, 3, 2)]):

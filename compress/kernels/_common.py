@@ -197,6 +197,13 @@ def check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def silu_mul(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a SiLU-gated MLP from its stacked [..., 2F] gate/up output: what the
+    M = 1 kernel's gated epilogue computes (decode._gemv_kernel), for every other path."""
+    half = y.shape[-1] // 2
+    return torch.nn.functional.silu(y[..., :half]) * y[..., half:]
+
+
 def activation_2d(x: torch.Tensor, k: int) -> torch.Tensor:
     check(x.dtype in (torch.float16, torch.bfloat16, torch.float32),
           f"activations must be float16, bfloat16 or float32, got {x.dtype}")

@@ -28,6 +28,8 @@ row per load (coalesced). Launch configs come from compress/kernels/configs/*.js
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -281,7 +283,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
                  PER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_N: tl.constexpr, PREFETCH: tl.constexpr = False,
-                 X8: tl.constexpr = False):
+                 X8: tl.constexpr = False, GATED: tl.constexpr = False,
+                 HALF: tl.constexpr = 0):
     """One activation row (program axis 2) times BLOCK_N rows of W, over one K-slice (axis 1).
 
     The tile is [WORDS, BLOCK_N], transposed: a thread owns word columns, and all BLOCK_N rows
@@ -292,21 +295,33 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
     barriers, per slot pair: 705 SASS in the loop of the 8x2048 tile, 5.5 a code; this one,
     3.9 a code, kernels/NOTES.md.) K, KW, G, GROUP and K_PER_SPLIT are constexpr: a row's
     offset is then an immediate of the load instead of a 64-bit address computed per element
-    (a compile per distinct K; a model has two or three)."""
+    (a compile per distinct K; a model has two or three).
+
+    GATED: W stacks gate (rows 0 .. HALF-1) and up (rows HALF .. 2 HALF-1) of a SiLU-gated MLP;
+    a program takes BLOCK_N / 2 rows of each, and stores silu(gate) * up for its BLOCK_N / 2
+    outputs (out [M, HALF]): the activation and product of the MLP in the epilogue, not in two
+    more launches a layer. N is then HALF (the output rows)."""
     WORDS: tl.constexpr = BLOCK_K // PER
     EVEN_K: tl.constexpr = K % K_PER_SPLIT == 0 and KW * PER == K
     MASKED: tl.constexpr = not (EVEN_K and EVEN_N)
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tl.arange(0, BLOCK_N)          # this program's rows, from its first
-    rn = pid_n * BLOCK_N + rows
+    if GATED:   # the first half of the tile from gate's rows, the second from up's
+        OUTS: tl.constexpr = BLOCK_N // 2
+        row0 = pid_n * OUTS
+        n_in = row0 + rows % OUTS < N
+        rows = tl.where(rows < OUTS, rows, rows - OUTS + HALF)   # constant per register
+    else:
+        OUTS: tl.constexpr = BLOCK_N
+        row0 = pid_n * BLOCK_N
+        n_in = row0 + rows < N
     ri = tl.arange(0, WORDS)
-    n_in = rn < N
     # Scalar (64-bit) pointers to this program's first row and K-slice; the per-element offsets
     # from them are then small: the compiler folds a row's offset into the load's immediate
     # instead of sign-extending a 32-bit offset per element (LEA + LEA.HI.X each: 65 of 580
     # SASS in the loop).
     k_first = pid_k * K_PER_SPLIT
-    w_prog = w_ptr + pid_n * BLOCK_N * KW + k_first // PER
+    w_prog = w_ptr + row0 * KW + k_first // PER
     x_prog = x_ptr + row * stride_xm + k_first
     gs = 1.0
     if FMT == 1:  # NVFP4: w = e2m1 * scale / global_scale; 2^14 undoes the float16 decode
@@ -327,8 +342,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
         else:
             words = _load_or_zero(w_prog + kk // PER + offs, inside, MASKED)
         s, z = _group_scale(s_ptr, z_ptr, gs, rows[None, :], ((rw * PER) // GROUP)[:, None],
-                            inside, G, FMT, BITS, PER, HAS_ZERO, MASKED, True,
-                            pid_n * BLOCK_N)
+                            inside, G, FMT, BITS, PER, HAS_ZERO, MASKED, True, row0)
         k_off = tl.max_contiguous((kk + ri * PER)[:, None], [1, 1])   # slot 0 of each column
         x_at = x_prog + k_off
         k_at = k_first + k_off
@@ -354,9 +368,18 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
                 xj = _load_x(x_at + j, k_at + j, K, EVEN_K)
                 t += (xj * 18446744073709551616.0) * _fp4_as_f32(words, j)
             acc += (t * 281474976710656.0) * s
-    rm = row + tl.arange(0, 1)
-    C.finish_tile(tl.reshape(tl.sum(acc, axis=0), (1, BLOCK_N)), b_ptr, out_ptr, rm, rn,
-                  rm >= 0, n_in, N, pid_k, HAS_BIAS, ATOMIC)
+    y = tl.sum(acc, axis=0)
+    if GATED:   # (no split-K: the host launches one K-slice)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + row0 + rows, mask=n_in, other=0.0).to(tl.float32)
+        gate, up = tl.split(tl.trans(tl.reshape(y, (2, OUTS))))
+        ro = row0 + tl.arange(0, OUTS)
+        tl.store(out_ptr + row * N + ro, (gate * tl.sigmoid(gate) * up).to(
+            out_ptr.dtype.element_ty), mask=ro < N)
+    else:
+        rm = row + tl.arange(0, 1)
+        C.finish_tile(tl.reshape(y, (1, BLOCK_N)), b_ptr, out_ptr, rm, row0 + rows, rm >= 0,
+                      n_in, N, pid_k, HAS_BIAS, ATOMIC)
 
 
 def group_shift(group: int) -> int:
@@ -368,14 +391,19 @@ def group_shift(group: int) -> int:
 def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor | None, global_scale: torch.Tensor | None, n: int, k: int,
                  bits: int, group: int, bias: torch.Tensor | None, cfg: C.Config,
-                 out_dtype: torch.dtype) -> torch.Tensor:
+                 out_dtype: torch.dtype, gated: bool = False) -> torch.Tensor:
     """x2 [M, K] (contiguous rows) @ W^T -> [M, N] in out_dtype. words: int32 [N, KW]; scale
     [N, G] (FP4: raw bits as uint8); arguments already checked by the format's wrapper.
     cfg.block_m == 1: one program per row and BLOCK_N outputs (_gemv_kernel); else tensor-core
-    tiles of block_m rows (_words_matmul_kernel)."""
+    tiles of block_m rows (_words_matmul_kernel). gated (M = 1 kernel only): W is gate and up
+    stacked, the result silu(x W_gate^T) * (x W_up^T), [M, N / 2]."""
     m = x2.shape[0]
     per = 32 // bits
     use_dot = cfg.block_m > 1
+    half = n // 2 if gated else 0
+    C.check(not gated or (not use_dot and n % 2 == 0 and cfg.block_n >= 2),
+            f"config {cfg}: the gated product needs the M = 1 kernel (block_m 1, block_n >= 2) "
+            f"and an even number of rows, got {n}")
     C.check(not use_dot or (cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k // per >= 16),
             f"config {cfg}: tensor-core tiles need block_m, block_n >= 16 and block_k >= "
             f"{16 * per}")
@@ -384,22 +412,25 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
     C.check(use_dot or m <= 65535, f"config {cfg}: block_m 1 runs one program per row, at most "
             f"65535 rows (CUDA's grid), got {m}; use a config with block_m >= 16")
     groups = scale.shape[1]
-    split, k_per_split, out = C.atomic_split_plan(m, n, k, cfg, out_dtype, x2.device)
-    grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
+    if gated:   # one K-slice (the epilogue is not linear); programs of block_n / 2 outputs
+        cfg = dataclasses.replace(cfg, split_k=1)
+    split, k_per_split, out = C.atomic_split_plan(m, half or n, k, cfg, out_dtype, x2.device)
+    outs = cfg.block_n // 2 if gated else cfg.block_n   # outputs a program
+    grid_m, grid_n = -(-m // cfg.block_m), -(-(half or n) // outs)
     # NVFP4's global scale stays a device tensor read in the kernel (no host sync: CUDA graphs)
     gs = global_scale if fmt == FMT_NVFP4 else scale
     common = {"FMT": fmt, "BITS": bits, "PER": per, "HAS_ZERO": zero is not None,
               "HAS_BIAS": bias is not None, "ATOMIC": split > 1, "BLOCK_N": cfg.block_n,
-              "BLOCK_K": cfg.block_k, "EVEN_N": n % cfg.block_n == 0, "num_warps": cfg.num_warps}
+              "BLOCK_K": cfg.block_k, "EVEN_N": (half or n) % outs == 0, "num_warps": cfg.num_warps}
     pointers = (x2, words, scale, zero if zero is not None else words,
                 bias if bias is not None else x2, out, gs)
     if not use_dot:
         _gemv_kernel[(grid_n, split, m)](
-            *pointers, n, x2.stride(0),
+            *pointers, half or n, x2.stride(0),
             0x3F800000,   # float32 1.0 as a runtime value: kept in a register (_code_mantissas)
             K=k, KW=words.shape[1], G=groups, GROUP=group, K_PER_SPLIT=k_per_split,
             PREFETCH=cfg.num_stages > 1, X8=X8_LOADS and fmt == FMT_INT and bits == 4,
-            num_stages=1, **common)   # not Triton's pipeline (through shared memory): registers
+            GATED=gated, HALF=half, num_stages=1, **common)   # not Triton's pipeline (through shared memory): registers
     else:
         _words_matmul_kernel[(grid_m, grid_n, split)](
             *pointers, m, n, k, words.shape[1], groups, group, x2.stride(0), k_per_split,

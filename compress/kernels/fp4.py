@@ -62,25 +62,31 @@ def _check_fp4(fmt, packed, scale, global_scale, n, k):
 def fp4_matmul(x: torch.Tensor, fmt: str, packed: torch.Tensor, scale: torch.Tensor,
                global_scale: torch.Tensor | None, shape: tuple[int, int],
                bias: torch.Tensor | None = None, path: str | None = None,
-               split_k: int | None = None, config: C.Config | None = None) -> torch.Tensor:
-    """x [..., K] @ dequant(W [N, K])^T + bias -> [..., N] in x.dtype (path/split_k/config:
-    overrides, as int_matmul)."""
+               split_k: int | None = None, config: C.Config | None = None,
+               gated: bool = False) -> torch.Tensor:
+    """x [..., K] @ dequant(W [N, K])^T + bias -> [..., N] in x.dtype (path/split_k/config/
+    gated: as int_matmul)."""
     n, k = shape
     _check_fp4(fmt, packed, scale, global_scale, n, k)
     x2 = C.activation_2d(x, k)
     m = x2.shape[0]
     path = path or C.choose_path(m, decode=True, device=x.device)
     C.check(path in ("decode", "tc", "dequant"), f"no {path!r} path for FP4 weights")
+    cfg = config or (C.kernel_config(path, fmt, m, n, k, x.device) if path != "dequant"
+                     else None)
+    if gated and (path != "decode" or cfg.block_m > 1):
+        return C.silu_mul(fp4_matmul(x, fmt, packed, scale, global_scale, shape, bias, path,
+                                     split_k, cfg))
     if path == "dequant":
         w = fp4_dequantize(fmt, packed, scale, global_scale, shape, x.dtype)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
-    cfg = config or C.kernel_config(path, fmt, m, n, k, x.device)
     if split_k is not None:
         cfg = dataclasses.replace(cfg, split_k=split_k)
     kernel = words_matmul if path == "decode" else tc_matmul
+    extra = {"gated": True} if gated else {}
     y = kernel(x2, _FMT[fmt], _words(packed), scale.view(torch.uint8), None, global_scale, n, k,
-               4, FORMATS[fmt], bias, cfg, x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+               4, FORMATS[fmt], bias, cfg, x.dtype, **extra)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _words(packed: torch.Tensor) -> torch.Tensor:

@@ -47,26 +47,34 @@ def _check_int(packed, scale, zero, bits, n, k):
 def int_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                zero: torch.Tensor | None, shape: tuple[int, int], bits: int = 4,
                bias: torch.Tensor | None = None, path: str | None = None,
-               split_k: int | None = None, config: C.Config | None = None) -> torch.Tensor:
+               split_k: int | None = None, config: C.Config | None = None,
+               gated: bool = False) -> torch.Tensor:
     """x [..., K] @ dequant(W [N, K])^T + bias -> [..., N] in x.dtype. path/split_k/config
-    override the choice by M and the tuned config (tests, benchmarks, autotune use them)."""
+    override the choice by M and the tuned config (tests, benchmarks, autotune use them).
+    gated: W stacks a SiLU-gated MLP's gate and up; returns silu(gate) * up, [..., N / 2] (in
+    the M = 1 kernel's epilogue, else after the matmul)."""
     n, k = shape
     _check_int(packed, scale, zero, bits, n, k)
     x2 = C.activation_2d(x, k)
     m = x2.shape[0]
     path = path or C.choose_path(m, decode=True, device=x.device)
     C.check(path in ("decode", "tc", "dequant"), f"no {path!r} path for INT weights")
+    family = f"int{bits}" + ("-asym" if zero is not None else "")
+    cfg = config or (C.kernel_config(path, family, m, n, k, x.device) if path != "dequant"
+                     else None)
+    if gated and (path != "decode" or cfg.block_m > 1):
+        return C.silu_mul(int_matmul(x, packed, scale, zero, shape, bits, bias, path, split_k,
+                                     cfg))
     if path == "dequant":
         w = int_dequantize(packed, scale, zero, shape, bits, x.dtype)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
-    family = f"int{bits}" + ("-asym" if zero is not None else "")
-    cfg = config or C.kernel_config(path, family, m, n, k, x.device)
     if split_k is not None:
         cfg = dataclasses.replace(cfg, split_k=split_k)
     kernel = words_matmul if path == "decode" else tc_matmul
+    extra = {"gated": True} if gated else {}
     y = kernel(x2, FMT_INT, packed, scale, zero, None, n, k, bits, k // scale.shape[1], bias,
-               cfg, x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+               cfg, x.dtype, **extra)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def int_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

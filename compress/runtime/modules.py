@@ -177,7 +177,8 @@ def kernel_key(module: nn.Module, layout: str = "dense") -> str:
     return name if layout == "dense" else f"{layout}-{name}"
 
 
-def _run_kernel(module: nn.Module, x: torch.Tensor, layout: str, path: str) -> torch.Tensor:
+def _run_kernel(module: nn.Module, x: torch.Tensor, layout: str, path: str,
+                gated: bool = False) -> torch.Tensor:
     t = dict(module.named_buffers(recurse=False))
     shape = (module.out_features, module.in_features)
     fmt = getattr(module, "fmt", None)
@@ -191,11 +192,11 @@ def _run_kernel(module: nn.Module, x: torch.Tensor, layout: str, path: str) -> t
         from compress.kernels.w4a16 import int_matmul
 
         return int_matmul(x, t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"),
-                          shape, fmt.bits, bias, path)
+                          shape, fmt.bits, bias, path, gated=gated)
     from compress.kernels.fp4 import fp4_matmul
 
     return fp4_matmul(x, fmt.type, t["weight_packed"], t["weight_scale"],
-                      t.get("weight_global_scale"), shape, bias, path)
+                      t.get("weight_global_scale"), shape, bias, path, gated=gated)
 
 
 def _record(module: nn.Module, path: str) -> None:
@@ -211,8 +212,9 @@ def _record(module: nn.Module, path: str) -> None:
 
 def dispatch_linear(module: nn.Module, x: torch.Tensor,
                     reference: Callable[[torch.Tensor], torch.Tensor],
-                    layout: str = "dense") -> torch.Tensor:
-    """y = module(x) by the fused kernel when it can run, else by reference(x); records which."""
+                    layout: str = "dense", gated: bool = False) -> torch.Tensor:
+    """y = module(x) by the fused kernel when it can run, else by reference(x); records which.
+    gated: module stacks a SiLU-gated MLP's gate and up, y = silu(gate) * up (int_matmul)."""
     reason = kernel_unavailable(x)
     if reason is not None:
         _record(module, f"reference ({reason})")
@@ -220,8 +222,8 @@ def dispatch_linear(module: nn.Module, x: torch.Tensor,
     from compress.kernels._common import choose_path
 
     path = choose_path(x.numel() // x.shape[-1], decode=layout == "dense", device=x.device)
-    _record(module, f"triton/{kernel_key(module, layout)}/{path}")
-    return _run_kernel(module, x, layout, path)
+    _record(module, f"triton/{kernel_key(module, layout)}/{path}" + (" gated" if gated else ""))
+    return _run_kernel(module, x, layout, path, gated)
 
 
 def dispatch_summary(model: nn.Module) -> dict[str, dict[str, int]]:

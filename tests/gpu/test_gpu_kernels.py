@@ -15,7 +15,7 @@ from test_kernel_sparse24 import PATHS as SPARSE_PATHS
 from test_kernel_tc import FP4_CASES as TC_FP4_CASES
 from test_kernel_tc import INT_CASES as TC_INT_CASES
 from test_kernel_w4a16 import CASES as INT_CASES
-from test_kernel_w4a16 import PATHS, make_int_weight
+from test_kernel_w4a16 import PATHS, assert_gated_close, make_int_weight
 
 from compress.kernels import _common as C
 from compress.kernels.fp4 import fp4_dequantize_ref, fp4_matmul, fp4_matmul_ref
@@ -113,6 +113,28 @@ def test_sparse24_kernel_on_gpu(kind, case, dtype, rng):
     for path in SPARSE_PATHS:
         y = sparse24_matmul(x, kind, t, (n, k), path=path)
         assert_matmul_close(y, ref, x, dense, (kind, path, case))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4-asym", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("half", [1001, 14336])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gated_decode_on_gpu(fmt, half, dtype, rng):
+    """The M = 1 kernel's SiLU-gated epilogue (gate and up stacked, Llama's 14336 and an odd
+    half) with the shipped config of the shape."""
+    k = 4096
+    x = torch.randn(1, k, generator=rng).to(dtype).cuda()
+    if fmt.startswith("int4"):
+        packed, scale, zero = cuda(make_int_weight(2 * half, k, 128, fmt == "int4", 4, rng,
+                                                   torch.bfloat16))
+        args = (packed, scale, zero, (2 * half, k), 4)
+        y, w = int_matmul(x, *args, gated=True), int_dequantize_ref(*args)
+    else:   # MXFP4's random scales reach 2^8: x / 64 keeps the product in float16's range
+        x = x / 64 if fmt == "mxfp4" else x
+        _, packed, scale, gs = cuda(make_fp4_weight(fmt, 2 * half, k, rng))
+        args = (fmt, packed, scale, gs, (2 * half, k))
+        y, w = fp4_matmul(x, *args, gated=True), fp4_dequantize_ref(*args)
+    assert y.shape == (1, half)
+    assert_gated_close(y, x, w, None, (fmt, half))
 
 
 @pytest.mark.parametrize("kind", ["16bit", "int"])

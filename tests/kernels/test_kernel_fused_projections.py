@@ -59,6 +59,53 @@ def test_fused_groups_give_the_separate_logits_in_the_same_memory(name, monkeypa
     assert fuse_projections(model) == 0                 # already fused
 
 
+@pytest.mark.parametrize("name", ["int4-asym", "nvfp4"])
+def test_a_silu_gated_mlp_runs_in_the_gate_up_epilogue(name, monkeypatch):
+    """One token (the M = 1 kernel): silu(gate) * up comes out of the gate/up matmul (its
+    gated epilogue), with the logits of transformers' three steps; more tokens (the tc path)
+    take the product after the stacked matmul."""
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    model = quantized_llama(FORMATS[name])
+    gen = torch.Generator().manual_seed(2)
+    one, three = torch.randint(0, 128, (1, 1), generator=gen), torch.randint(0, 128, (1, 3),
+                                                                              generator=gen)
+    with torch.no_grad():
+        want = [model(ids).logits for ids in (one, three)]
+        fuse_projections(model)
+        stack = model.model.layers[0].mlp.gate_proj.fused_group.stack
+        got = model(one).logits
+        assert stack.kernel_path.endswith("/decode gated")
+        got3 = model(three).logits
+    assert all("forward" in layer.mlp.__dict__ for layer in model.model.layers)
+    torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got3, want[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_gated_mlp_whose_projections_are_replaced_runs_its_own_forward(monkeypatch):
+    """bench_e2e puts the original linears back after a row: the MLP then computes with
+    them, not with the stack it was fused with."""
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    model = quantized_llama(FORMATS["int4"])
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(3))
+    fuse_projections(model)
+    mlp = model.model.layers[0].mlp
+    mlp.gate_proj, mlp.up_proj = (torch.nn.Linear(64, 96, bias=False) for _ in range(2))
+    with torch.no_grad():
+        got = model(ids).logits
+        mlp.__dict__.pop("forward")
+        want = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_mlp_of_another_activation_keeps_its_forward(monkeypatch):
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    model = quantized_llama(FORMATS["int4"])
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    assert fuse_projections(model) == 2 * 2             # gate/up still one matmul
+    assert not any("forward" in layer.mlp.__dict__ for layer in model.model.layers)
+
+
 def test_a_moved_member_runs_on_its_own_again(monkeypatch):
     """Replacing a member's buffers (a load, a .to()) ends the fusion for that group: each
     member then computes with its own (new) weights."""

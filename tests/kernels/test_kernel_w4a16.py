@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-from kernel_checks import DTYPES, assert_matmul_close
+from kernel_checks import DTYPES, TOLERANCE, assert_matmul_close
 
 from compress.kernels import _common as C
 from compress.kernels import decode
@@ -228,3 +228,55 @@ def test_bad_shapes_raise_one_clear_error(rng):
         int_matmul(torch.randn(1, 64), packed.float(), scale, zero, (16, 64))
     with pytest.raises(ValueError, match="activations must be"):
         int_matmul(torch.randn(1, 64).double(), packed, scale, zero, (16, 64))
+
+
+# The M = 1 kernel's SiLU-gated epilogue (decode._gemv_kernel GATED): W stacks gate and up;
+# configs with and without the next tile loaded ahead, split-K asked for (the gated launch
+# takes one K-slice), 2 rows a program (one output); odd and even halves, zero points.
+GATED_CONFIGS = [C.Config(1, 8, 64), C.Config(1, 16, 256, split_k=3), C.Config(1, 8, 64, 4, 3, 2),
+                 C.Config(1, 4, 128, 1, 1, 2), C.Config(1, 2, 64, 1)]
+
+
+@pytest.mark.parametrize("cfg", GATED_CONFIGS, ids=str)
+@pytest.mark.parametrize("half, k, group, symmetric, bits",
+                         [(37, 512, 128, False, 4), (16, 256, 32, True, 4), (21, 264, 8, False, 8)],
+                         ids=["f37-asym-int4", "f16-sym-int4", "f21-asym-int8-k264"])
+def test_gated_decode_is_silu_of_gate_times_up(cfg, half, k, group, symmetric, bits, rng):
+    packed, scale, zero = make_int_weight(2 * half, k, group, symmetric, bits, rng,
+                                          torch.bfloat16)
+    bias = torch.randn(2 * half, generator=rng)
+    x = torch.randn(1, k, generator=rng)
+    args = (packed, scale, zero, (2 * half, k), bits)
+    y = int_matmul(x, *args, bias=bias, path="decode", config=cfg, gated=True)
+    assert y.shape == (1, half)
+    assert_gated_close(y, x, int_dequantize_ref(*args), bias, rng.initial_seed())
+
+
+def assert_gated_close(y, x, w, bias, seed):
+    """y [M, F] against silu(g) * u of the float32 matmul: the errors of g and u (bounded as
+    in assert_matmul_close, for x's dtype) through silu (slope at most 1.1) and the product,
+    and y's own rounding; and not the product of the halves swapped (gate and up really taken
+    apart)."""
+    tol = TOLERANCE[x.dtype]
+    lin = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    bound = x.float().abs() @ w.abs().T + (bias.float().abs() if bias is not None else 0)
+    (g, u), (bg, bu) = lin.chunk(2, -1), (tol * bound).chunk(2, -1)
+    want = C.silu_mul(lin)
+    limit = (1.1 * u.abs() * bg + torch.nn.functional.silu(g).abs() * bu + 1.1 * bg * bu
+             + tol * want.abs() + 1e-6)
+    assert ((y.float() - want).abs() - limit).max() <= 0, f"gated product off (seed={seed})"
+    swapped = C.silu_mul(torch.cat([u, g], -1))
+    assert (y.float() - swapped).abs().max() > 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("path", ["decode", "tc", "dequant"])
+def test_gated_on_every_path_and_in_16_bits(path, rng):
+    """bfloat16 activations (the epilogue rounds once, the reference in float32); M = 3 runs
+    the tc kernel or dequantize + matmul, then silu(gate) * up after the matmul."""
+    packed, scale, zero = make_int_weight(2 * 40, 256, 128, False, 4, rng, torch.bfloat16)
+    x = torch.randn(1 if path == "decode" else 3, 256, generator=rng).to(torch.bfloat16)
+    args = (packed, scale, zero, (80, 256), 4)
+    y = int_matmul(x, *args, path=path, gated=True)
+    want = C.silu_mul(int_matmul_ref(x.float(), *args))
+    assert y.shape == (x.shape[0], 40) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
