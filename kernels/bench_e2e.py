@@ -203,10 +203,10 @@ def main() -> None:
     parser.add_argument("--no-pack-gqa", dest="pack_gqa", action="store_false",
                         help="keep transformers' repeat_kv in single-token attention of our "
                              "rows (compress.load packs the heads where transformers does not)")
-    parser.add_argument("--no-gated-mlp", dest="gated_mlp", action="store_false",
-                        help="SiLU and the product as transformers runs them, after the fused "
-                             "gate/up matmul (by default in its epilogue, compress/runtime/"
-                             "fused.py)")
+    parser.add_argument("--gated-mlp", action="store_true",
+                        help="SiLU and the product in the fused gate/up matmul's epilogue "
+                             "(compress/runtime/fused.py GATED_MLP, off by default until "
+                             "measured), not after it as transformers runs them")
     parser.add_argument("--profile", default=None,
                         help="append a torch.profiler kernel table of eager decode steps of "
                              "every row to this file")
