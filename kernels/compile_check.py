@@ -181,7 +181,8 @@ def variants(all_configs: bool = False):
             (("16bit", "bf16", False, 1), ("16bit", "fp16", False, 1), ("int", "bf16", False, 128),
              ("int", "bf16", True, 128), ("int", "fp16", True, 8)),
             ((C.CONFIGS["sparse24_gemv"], 4096, True),
-             (C.Config(1, 8, 1024, 2, split_k=2), 14336, True), (C.Config(1, 4, 512, 1), 1008, False))):
+             (C.Config(1, 8, 1024, 2, split_k=2), 14336, True),
+             (C.Config(1, 4, 512, 1), 1008, False))):
         ipe = 8 if kind == "16bit" else 16
         split, k_per_split = C.split_of(k, cfg)
         label = (f"2:4-{kind} gemv-T {act} zero={zero} g{group} {cfg.block_n}x{cfg.block_k}"

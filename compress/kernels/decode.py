@@ -430,7 +430,8 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
             0x3F800000,   # float32 1.0 as a runtime value: kept in a register (_code_mantissas)
             K=k, KW=words.shape[1], G=groups, GROUP=group, K_PER_SPLIT=k_per_split,
             PREFETCH=cfg.num_stages > 1, X8=X8_LOADS and fmt == FMT_INT and bits == 4,
-            GATED=gated, HALF=half, num_stages=1, **common)   # not Triton's pipeline (through shared memory): registers
+            GATED=gated, HALF=half,
+            num_stages=1, **common)   # not Triton's pipeline (through shared memory): registers
     else:
         _words_matmul_kernel[(grid_m, grid_n, split)](
             *pointers, m, n, k, words.shape[1], groups, group, x2.stride(0), k_per_split,

@@ -82,10 +82,9 @@ def fp4_matmul(x: torch.Tensor, fmt: str, packed: torch.Tensor, scale: torch.Ten
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
     if split_k is not None:
         cfg = dataclasses.replace(cfg, split_k=split_k)
-    kernel = words_matmul if path == "decode" else tc_matmul
-    extra = {"gated": True} if gated else {}
-    y = kernel(x2, _FMT[fmt], _words(packed), scale.view(torch.uint8), None, global_scale, n, k,
-               4, FORMATS[fmt], bias, cfg, x.dtype, **extra)
+    args = (x2, _FMT[fmt], _words(packed), scale.view(torch.uint8), None, global_scale, n, k, 4,
+            FORMATS[fmt], bias, cfg, x.dtype)
+    y = words_matmul(*args, gated=gated) if path == "decode" else tc_matmul(*args)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -70,10 +70,9 @@ def int_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
     if split_k is not None:
         cfg = dataclasses.replace(cfg, split_k=split_k)
-    kernel = words_matmul if path == "decode" else tc_matmul
-    extra = {"gated": True} if gated else {}
-    y = kernel(x2, FMT_INT, packed, scale, zero, None, n, k, bits, k // scale.shape[1], bias,
-               cfg, x.dtype, **extra)
+    args = (x2, FMT_INT, packed, scale, zero, None, n, k, bits, k // scale.shape[1], bias, cfg,
+            x.dtype)
+    y = words_matmul(*args, gated=gated) if path == "decode" else tc_matmul(*args)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
