@@ -13,7 +13,9 @@ Scales are indexed by ORIGINAL input position (g counts original inputs, a multi
 kept value in group i uses scale column (4 i) // g.
 
 At M = 1 (the "gemv" path) of 16-bit and INT4 kept values, x is gathered at the kept positions
-(_sparse24_m1_kernel): the pruned half costs nothing. Otherwise each tile of kept values is
+(_sparse24_m1_kernel): the pruned half costs nothing. (_sparse24_gemv_kernel, behind
+TRANSPOSED_M1, does the same on decode.py's transposed tile: x loaded once for all the rows of
+a tile, each kept value's x picked in registers.) Otherwise each tile of kept values is
 expanded to a dense [BLOCK_N, BLOCK_K] tile in registers and multiplied as in the dense kernels:
 the bytes read are the compressed ones (values + meta), the arithmetic is dense (Triton exposes
 no sparse tensor-core instruction).
