@@ -200,6 +200,10 @@ def main() -> None:
                         help="keep transformers' RMSNorm in the compressed rows (the bf16 row "
                              "always runs it; the others run the fused kernel by default, as "
                              "a model loaded by compress.load on CUDA does)")
+    parser.add_argument("--no-fuse-residual", dest="fuse_residual", action="store_false",
+                        help="keep the attention's residual add a kernel of its own in the "
+                             "compressed rows (compress.load runs it in the post-attention "
+                             "norm's kernel, compress/runtime/norms.py fuse_residual_norms)")
     parser.add_argument("--no-pack-gqa", dest="pack_gqa", action="store_false",
                         help="keep transformers' repeat_kv in single-token attention of our "
                              "rows (compress.load packs the heads where transformers does not)")
@@ -236,6 +240,11 @@ def main() -> None:
         from compress.runtime.norms import fuse_rmsnorms
 
         print(f"{fuse_rmsnorms(model)} RMSNorms fused after the bf16 row", file=sys.stderr)
+        if args.fuse_residual:   # compress.load too: the attention's add in the norm kernel
+            from compress.runtime.norms import fuse_residual_norms
+
+            print(f"attention residual add in the norm kernel in {fuse_residual_norms(model)} "
+                  "layers", file=sys.stderr)
     if args.fuse_rope:    # the same: compress.load runs RoPE as one kernel a layer on CUDA
         from compress.runtime.rope import fuse_rope
 

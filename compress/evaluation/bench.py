@@ -208,6 +208,9 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
         if getattr(module, "fused_rmsnorm", False):   # see compress.runtime.norms.fuse_rmsnorms
             del module.forward
             module.fused_rmsnorm = False
+        if getattr(module, "fused_residual", False):   # and fuse_residual_norms
+            del module.forward
+            module.fused_residual = False
     dtype = next(p.dtype for p in dense.parameters() if p.is_floating_point())
     for name, module in list(dense.named_modules()):
         if isinstance(module, QuantizedLinear) or hasattr(module, "weight_meta"):

@@ -209,3 +209,33 @@ def test_rope_qk_on_gpu(dtype, rng):
     want = apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float())
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_residual_add_in_the_norm_kernel_on_gpu(family):
+    """fuse_residual_norms on a bf16 model on the GPU, with the transformers installed there
+    (5.17 on the H200 machine: its layers' arguments differ from the CPU machine's): every
+    layer fused, and the logits of a prompt and of greedy decode steps bit for bit those of
+    the model with only the norms fused (the same bf16 add, the same norm kernel)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress.runtime.norms import fuse_residual_norms, fuse_rmsnorms
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=256, hidden_size=512,
+                                  intermediate_size=1024, num_hidden_layers=3,
+                                  num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 256, (2, 16), device="cuda")
+
+    def run():
+        steps = model.generate(ids[:1], max_new_tokens=6, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True, pad_token_id=0)
+        return model(ids).logits, steps.sequences, torch.stack(steps.logits)
+
+    with torch.no_grad():
+        assert fuse_rmsnorms(model) > 0
+        want = run()
+        assert fuse_residual_norms(model) == 3
+        got = run()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

@@ -3,6 +3,7 @@ the interpreter, COMPRESS_KERNELS=always) with the same logits; norms of another
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from compress.runtime.norms import fuse_rmsnorms
@@ -67,6 +68,98 @@ def test_rmsnorm_pass_norms_run_fused_with_the_same_logits(monkeypatch):
             assert fuse_rmsnorms(model) == norms == 2 * 2 + 1
             got = model(ids).logits
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_attention_residual_add_runs_in_the_norm_kernel(family, monkeypatch):
+    """fuse_residual_norms: each decoder layer's attention add and post-attention norm are one
+    add_rmsnorm call with a residual; the logits of a prompt and of greedy cached decode steps
+    are the unfused model's; a second call finds nothing to do."""
+    from compress.kernels import rmsnorm
+    from compress.runtime.norms import fuse_residual_norms
+
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    model = tiny(family)
+    for norm in model.modules():
+        if type(norm).__name__.endswith("RMSNorm"):
+            norm.weight.data.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        logits = model(ids).logits
+        steps = model.generate(ids[:1], max_new_tokens=4, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True, pad_token_id=0)
+        return logits, steps.sequences, torch.stack(steps.logits)
+
+    calls = []
+    real = rmsnorm.add_rmsnorm
+    monkeypatch.setattr(rmsnorm, "add_rmsnorm",
+                        lambda x, r, *a: calls.append(r is not None) or real(x, r, *a))
+    with torch.no_grad():
+        norms = fuse_rmsnorms(model)
+        want = run()
+        assert fuse_residual_norms(model) == 2
+        calls.clear()
+        model(ids)
+        # one call a norm (Qwen3's q/k norms too); the post-attention ones with the residual
+        assert len(calls) == norms and calls.count(True) == 2
+        got = run()
+    # the same float32 add, rounded as torch rounds it, then the same norm kernel: bit for bit
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert fuse_residual_norms(model) == 0
+
+
+def test_a_layer_of_another_formula_keeps_its_forward(monkeypatch):
+    """The probe check reads what a layer's forward does, not its class name: a layer that
+    norms the attention output before adding it (Gemma's order) or that does not hand the
+    attention an argument it was given keeps its own forward; the same layer written the
+    Llama way is fused."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from compress.runtime.norms import fuse_residual_norms
+
+    class Plain(LlamaDecoderLayer):
+        def forward(self, hidden_states, attention_mask=None, position_ids=None,
+                    position_embeddings=None, **kwargs):
+            attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states),
+                                     attention_mask=attention_mask, position_ids=position_ids,
+                                     position_embeddings=position_embeddings, **kwargs)
+            hidden = hidden_states + attn
+            return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    class Sandwich(LlamaDecoderLayer):
+        def forward(self, hidden_states, attention_mask=None, position_ids=None,
+                    position_embeddings=None, **kwargs):
+            attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states),
+                                     attention_mask=attention_mask, position_ids=position_ids,
+                                     position_embeddings=position_embeddings, **kwargs)
+            hidden = hidden_states + self.post_attention_layernorm(attn)
+            return hidden + self.mlp(hidden)
+
+    class Dropped(LlamaDecoderLayer):   # position_ids not passed on
+        def forward(self, hidden_states, attention_mask=None, position_ids=None,
+                    position_embeddings=None, **kwargs):
+            attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states),
+                                     attention_mask=attention_mask,
+                                     position_embeddings=position_embeddings, **kwargs)
+            hidden = hidden_states + attn
+            return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    for cls, fused in ((Sandwich, 0), (Dropped, 0), (Plain, 2)):
+        model = tiny("llama")
+        for layer in model.model.layers:
+            layer.__class__ = cls
+        fuse_rmsnorms(model)
+        assert fuse_residual_norms(model) == fused, cls.__name__
+
+
+def test_no_residual_add_is_fused_where_norms_are_not(monkeypatch):
+    from compress.runtime.norms import fuse_residual_norms
+
+    monkeypatch.setenv("COMPRESS_KERNELS", "auto")     # CPU tensors: transformers' own code
+    model = tiny("llama")
+    assert fuse_rmsnorms(model) == 0 and fuse_residual_norms(model) == 0
 
 
 def test_llama_rope_runs_fused_with_the_same_logits(monkeypatch):
