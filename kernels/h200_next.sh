@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The H200 calls prepared for the switches built without device time (kernels/NOTES.md, tenth
+# and eleventh sessions). Each part fits one device call (< 600 s); short tables come last,
+# full logs stay under $OUT. On this machine first: `bash kernels/gpu_wheels.sh`; then the
+# device call, with carry [".whl"]:
+#   bash kernels/h200_next.sh a     # GPU suite; M = 1 INT4 x-load A/B (decode.X8_LOADS)
+#   bash kernels/h200_next.sh b     # 2:4 M = 1 probe; bench_e2e A/B of the fusions
+#   bash kernels/h200_next.sh c     # bench_e2e with the peers, prefill 2048, both lm_heads
+# A switch flips only on its measured win: decode.X8_LOADS, sparse24.TRANSPOSED_M1,
+# fused.GATED_MLP (off); pack_gqa_decode and fuse_residual_norms (on, exact) are turned off by
+# their bench_e2e flags for the "before" rows.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PART=${1:-}
+case $PART in a|b|c) ;; *) echo "h200_next.sh: part must be a, b or c, got '$PART'" >&2; exit 2;; esac
+OUT=${OUT:?set OUT to a directory}
+PY=${PY:-python3}
+if [ -d .whl ] && [ ! -d /tmp/site ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=.:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/next_$PART.log"; }
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv >"$OUT/gpu.txt" 2>&1 || true
+git log -1 --format=%h >"$OUT/commit.txt" 2>/dev/null || true
+E2E="kernels/bench_e2e.py --quantize-lm-head --repeats 3"
+
+case $PART in
+a)
+    stamp "GPU suite"
+    timeout 380 $PY -m pytest -q -n 8 -rs tests/gpu >"$OUT/gpu_suite.txt" 2>&1
+    stamp "GPU suite rc=$?"
+    timeout 100 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/x8.jsonl" \
+        --variants bf16,tinygemm,int4-g128,int4-g128@x8,int4-g128-asym,int4-g128-asym@x8 \
+        >"$OUT/x8.txt" 2>&1
+    stamp "x8 A/B rc=$?"
+    tail -4 "$OUT/gpu_suite.txt"; grep -E "^\|" "$OUT/x8.txt"
+    ;;
+b)
+    timeout 110 $PY kernels/probe_sparse24_m1.py --reps 30 >"$OUT/sparse24_m1.txt" 2>&1
+    stamp "2:4 M = 1 probe rc=$?"
+    # one process a row set: the fusions apply to every row after bf16 in a process
+    timeout 120 $PY $E2E --formats int4 --no-pack-gqa --no-fuse-residual \
+        --log "$OUT/e2e_before.jsonl" >"$OUT/e2e_before.txt" 2>&1
+    stamp "e2e before rc=$?"
+    timeout 120 $PY $E2E --formats int4 --log "$OUT/e2e_on.jsonl" >"$OUT/e2e_on.txt" 2>&1
+    stamp "e2e pack-gqa + residual rc=$?"
+    timeout 120 $PY $E2E --formats int4 --gated-mlp --log "$OUT/e2e_gated.jsonl" \
+        >"$OUT/e2e_gated.txt" 2>&1
+    stamp "e2e + gated MLP rc=$?"
+    grep -E "^\|" "$OUT/sparse24_m1.txt" | tail -12
+    for f in before on gated; do echo "== $f"; grep -E "^\| (bf16|int4) " "$OUT/e2e_$f.txt"; done
+    ;;
+c)
+    timeout 200 $PY kernels/bench_e2e.py --formats tinygemm,int4,nvfp4 --prefill-len 2048 \
+        --repeats 2 --log "$OUT/e2e_full.jsonl" >"$OUT/e2e_full.txt" 2>&1
+    stamp "e2e full (lm_head bf16) rc=$?"
+    timeout 200 $PY $E2E --formats tinygemm,int4,nvfp4 --profile "$OUT/profile.txt" \
+        --log "$OUT/e2e_full_q.jsonl" >"$OUT/e2e_full_q.txt" 2>&1
+    stamp "e2e full (lm_head quantized) rc=$?"
+    grep -E "^\|" "$OUT/e2e_full.txt"; grep -E "^\|" "$OUT/e2e_full_q.txt"
+    ;;
+esac
