@@ -177,12 +177,11 @@ def kernel_key(module: nn.Module, layout: str = "dense") -> str:
     return name if layout == "dense" else f"{layout}-{name}"
 
 
-def _run_kernel(module: nn.Module, x: torch.Tensor, layout: str, path: str,
-                gated: bool = False) -> torch.Tensor:
+def _run_kernel(module: nn.Module, x: torch.Tensor, layout: str, path: str, gated: bool,
+                bias: torch.Tensor | None) -> torch.Tensor:
     t = dict(module.named_buffers(recurse=False))
     shape = (module.out_features, module.in_features)
     fmt = getattr(module, "fmt", None)
-    bias = module.bias
     if layout == "2:4":
         from compress.kernels.sparse24 import sparse24_matmul
 
@@ -214,16 +213,30 @@ def dispatch_linear(module: nn.Module, x: torch.Tensor,
                     reference: Callable[[torch.Tensor], torch.Tensor],
                     layout: str = "dense", gated: bool = False) -> torch.Tensor:
     """y = module(x) by the fused kernel when it can run, else by reference(x); records which.
-    gated: module stacks a SiLU-gated MLP's gate and up, y = silu(gate) * up (int_matmul)."""
+    gated: module stacks a SiLU-gated MLP's gate and up, y = silu(gate) * up (int_matmul).
+
+    A decoder layer may leave its residual stream in module.pending_residual for this call
+    (compress.runtime.norms.fuse_residual_norms, where the MLP's output is down_proj's): y is
+    then residual + module(x). For one row of x the residual is a bias over the outputs, added
+    in the kernel's epilogue (rounded once, with the product) instead of by one more launch."""
+    residual = module.__dict__.pop("pending_residual", None)
     reason = kernel_unavailable(x)
     if reason is not None:
         _record(module, f"reference ({reason})")
-        return reference(x)
+        y = reference(x)
+        return y if residual is None else residual + y
     from compress.kernels._common import choose_path
 
-    path = choose_path(x.numel() // x.shape[-1], decode=layout == "dense", device=x.device)
-    _record(module, f"triton/{kernel_key(module, layout)}/{path}" + (" gated" if gated else ""))
-    return _run_kernel(module, x, layout, path, gated)
+    rows = x.numel() // x.shape[-1]
+    path = choose_path(rows, decode=layout == "dense", device=x.device)
+    label = f"triton/{kernel_key(module, layout)}/{path}" + (" gated" if gated else "")
+    if (residual is not None and rows == 1 and module.bias is None and not gated
+            and residual.numel() == module.out_features and residual.dtype == x.dtype):
+        _record(module, label + " +residual")
+        return _run_kernel(module, x, layout, path, gated, residual.reshape(-1))
+    _record(module, label)
+    y = _run_kernel(module, x, layout, path, gated, module.bias)
+    return y if residual is None else residual + y
 
 
 def dispatch_summary(model: nn.Module) -> dict[str, dict[str, int]]:

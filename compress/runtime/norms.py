@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from compress.runtime.modules import get_module, set_module
+from compress.runtime.modules import QuantizedLinear, Sparse24Linear, get_module, set_module
 
 
 def crms_norm(x: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
@@ -133,9 +133,12 @@ def fuse_residual_norms(model: nn.Module) -> int:
     first) and its forward computes h + mlp(post(h + attn(inp(h)))), handing the attention its
     arguments unchanged: checked with the attention and the MLP stood in for by probes (Gemma,
     which norms the sublayers' outputs before adding them, fails it and keeps its forward).
-    The MLP's add stays: folding it into the next layer's input norm would change what a layer
-    hands the next, which the model's layer loop and output_hidden_states read. Patches the
-    layers' forward; weights and state dict unchanged. Returns how many layers now run it."""
+    The MLP's add goes into down_proj's matmul where down_proj is compressed and the MLP
+    returns its output unchanged (checked): at one row, the stream is a bias of the kernel's
+    epilogue (modules.dispatch_linear), 32 launches fewer again. (Folding it into the next
+    layer's input norm instead would change what a layer hands the next, which the model's
+    layer loop and output_hidden_states read.) Patches the layers' forward; weights and state
+    dict unchanged. Returns how many layers now run it."""
     fused = 0
     for layer in model.modules():
         norm = getattr(layer, "post_attention_layernorm", None)
@@ -147,6 +150,7 @@ def fuse_residual_norms(model: nn.Module) -> int:
         if defaults is None:
             continue
         layer.fused_residual_defaults = defaults
+        layer.fused_residual_mlp = _returns_down_proj(layer.mlp, norm)
         layer.forward = _residual_fused_forward.__get__(layer)
         layer.fused_residual = True
         fused += 1
@@ -171,7 +175,17 @@ def _residual_fused_forward(self: nn.Module, hidden_states: torch.Tensor, *args,
         return hidden + self.mlp(norm(hidden))
     weight, eps, crms_dim = _norm_arguments(norm)
     normed, hidden = add_rmsnorm(attn, hidden_states, weight, eps, crms_dim)
-    return hidden + self.mlp(normed)
+    down = getattr(self.mlp, "down_proj", None)
+    if not (self.fused_residual_mlp and isinstance(down, (QuantizedLinear, Sparse24Linear))):
+        return hidden + self.mlp(normed)
+    # the MLP returns down_proj's output itself (checked): its matmul adds the stream
+    # (dispatch_linear), and where down_proj was not called the add happens here
+    down.__dict__["pending_residual"] = hidden
+    try:
+        out = self.mlp(normed)
+    finally:
+        left = down.__dict__.pop("pending_residual", None)
+    return out if left is None else hidden + out
 
 
 class _Probe(nn.Module):
@@ -224,7 +238,7 @@ def _adds_around_norm(layer: nn.Module) -> dict | None:
     attn, mlp = layer.self_attn, layer.mlp
     probes = _Probe(1.5, pair=True), _Probe(-0.75, pair=False)
     layer._modules["self_attn"], layer._modules["mlp"] = probes
-    layer.fused_residual_defaults = defaults
+    layer.fused_residual_defaults, layer.fused_residual_mlp = defaults, False
     try:
         with torch.no_grad():
             want = type(layer).forward(layer, x, **kwargs)
@@ -233,7 +247,7 @@ def _adds_around_norm(layer: nn.Module) -> dict | None:
         return None
     finally:
         layer._modules["self_attn"], layer._modules["mlp"] = attn, mlp
-        del layer.fused_residual_defaults
+        del layer.fused_residual_defaults, layer.fused_residual_mlp
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
         return None
     for probe in probes:   # called once in each run, with the same arguments (by identity)
@@ -246,6 +260,31 @@ def _adds_around_norm(layer: nn.Module) -> dict | None:
     if not torch.allclose(want.float(), got.float(), rtol=1e-2, atol=1e-2):
         return None
     return defaults
+
+
+def _returns_down_proj(mlp: nn.Module, norm: nn.Module) -> bool:
+    """Is mlp's output its down_proj's output itself, nothing applied after it (Llama, Qwen,
+    Mistral)? Then a compressed down_proj can add the residual stream in its matmul's epilogue.
+    Run once on a random row, down_proj's output caught by a forward hook."""
+    down = getattr(mlp, "down_proj", None)
+    like = next((t for t in norm.state_dict().values() if t.is_floating_point()), None)
+    like = like if like is not None else next(
+        (t for t in mlp.state_dict().values() if t.is_floating_point()), None)
+    width = getattr(down, "out_features", None)
+    if not isinstance(down, nn.Module) or like is None or not isinstance(width, int):
+        return False
+    caught = []
+    hook = down.register_forward_hook(lambda module, args, out: caught.append(out))
+    x = torch.randn(1, 1, width, generator=torch.Generator().manual_seed(0)).to(like.device,
+                                                                               like.dtype)
+    try:
+        with torch.no_grad():
+            out = mlp(x)
+    except (RuntimeError, TypeError, ValueError, AttributeError):
+        return False
+    finally:
+        hook.remove()
+    return len(caught) == 1 and out is caught[0]
 
 
 def _norm_arguments(norm: nn.Module) -> tuple[torch.Tensor | None, float, int | None]:

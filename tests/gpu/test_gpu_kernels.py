@@ -239,3 +239,32 @@ def test_residual_add_in_the_norm_kernel_on_gpu(family):
         assert fuse_residual_norms(model) == 3
         got = run()
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("name", ["int4", "nvfp4"])
+def test_mlp_residual_in_down_projs_epilogue_on_gpu(name):
+    """A bf16 model with compressed linears on the GPU: after fuse_residual_norms the MLP's
+    residual add of a decode step is the bias of down_proj's M = 1 kernel; greedy decode logits
+    match the model without it up to that one bf16 rounding."""
+    from test_kernel_fused_projections import FORMATS, quantized_llama
+
+    from compress.runtime.fused import fuse_projections
+    from compress.runtime.norms import fuse_residual_norms, fuse_rmsnorms
+
+    model = quantized_llama(FORMATS[name]).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 8), device="cuda")
+
+    def decode():
+        steps = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True, pad_token_id=0)
+        return torch.stack(steps.logits).float()
+
+    with torch.no_grad():
+        fuse_rmsnorms(model)
+        fuse_projections(model)
+        want = decode()
+        assert fuse_residual_norms(model) == 2
+        got = decode()
+    down = model.model.layers[0].mlp.down_proj
+    assert any(path.endswith("+residual") for path in down.kernel_calls), down.kernel_calls
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())

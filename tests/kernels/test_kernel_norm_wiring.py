@@ -193,3 +193,70 @@ def test_llama_rope_runs_fused_with_the_same_logits(monkeypatch):
         assert len(calls) == 2                       # not fused: transformers' RoPE
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert fuse_rope(model) == 0
+
+
+@pytest.mark.parametrize("name", ["int4", "nvfp4"])
+def test_mlp_residual_add_runs_in_down_projs_epilogue(name, monkeypatch):
+    """With compressed linears, the MLP's residual add moves into down_proj's matmul: at one
+    row (greedy decode steps) as the kernel's bias, at more rows (the prompt) added after the
+    kernel; the logits and tokens are the unfused model's up to that one rounding. An MLP
+    that stops calling down_proj after fusion (here: patched to return zeros) still gets the
+    stream added by the layer."""
+    from test_kernel_fused_projections import FORMATS, quantized_llama
+
+    from compress.runtime.fused import fuse_projections
+    from compress.runtime.norms import fuse_residual_norms
+
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    model = quantized_llama(FORMATS[name])
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        steps = model.generate(ids[:1], max_new_tokens=3, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True, pad_token_id=0)
+        return model(ids).logits, steps.sequences, torch.stack(steps.logits)
+
+    with torch.no_grad():
+        fuse_rmsnorms(model)
+        fuse_projections(model)
+        want = run()
+        assert fuse_residual_norms(model) == 2
+        assert all(layer.fused_residual_mlp for layer in model.model.layers)
+        got = run()
+        down = model.model.layers[1].mlp.down_proj
+        assert any(path.endswith("/decode +residual") for path in down.kernel_calls)
+        assert "pending_residual" not in down.__dict__
+        for layer in model.model.layers:
+            layer.mlp.forward = lambda x: torch.zeros_like(x)
+        zeroed = model(ids).logits
+        for layer in model.model.layers:
+            del layer.fused_residual, layer.forward    # transformers' own layer again
+        zeroed_want = model(ids).logits
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(zeroed, zeroed_want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_mlp_that_changes_down_projs_output_adds_the_stream_itself(monkeypatch):
+    """An MLP whose output is not down_proj's own (here scaled after it) keeps the add in the
+    layer: no residual reaches down_proj, logits as before."""
+    from test_kernel_fused_projections import FORMATS, quantized_llama
+
+    from compress.runtime.norms import fuse_residual_norms
+
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    model = quantized_llama(FORMATS["int4"])
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        mlp.forward = lambda x, mlp=mlp: 0.5 * type(mlp).forward(mlp, x)
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fuse_rmsnorms(model)
+        want = model(ids).logits
+        assert fuse_residual_norms(model) == 2
+        assert not any(layer.fused_residual_mlp for layer in model.model.layers)
+        got = model(ids).logits
+    assert not any("+residual" in path for layer in model.model.layers
+                   for path in layer.mlp.down_proj.kernel_calls)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
