@@ -204,6 +204,9 @@ def main() -> None:
                         help="keep the attention's residual add a kernel of its own in the "
                              "compressed rows (compress.load runs it in the post-attention "
                              "norm's kernel, compress/runtime/norms.py fuse_residual_norms)")
+    parser.add_argument("--no-fuse-cache", dest="fuse_cache", action="store_false",
+                        help="keep transformers' static cache update (five kernels a layer) in "
+                             "the compressed rows (compress.load runs one, runtime/kv_cache.py)")
     parser.add_argument("--no-pack-gqa", dest="pack_gqa", action="store_false",
                         help="keep transformers' repeat_kv in single-token attention of our "
                              "rows (compress.load packs the heads where transformers does not)")
@@ -254,6 +257,11 @@ def main() -> None:
         from compress.runtime.attention import pack_gqa_decode
 
         print(f"GQA heads packed after the bf16 row: {pack_gqa_decode(model)}", file=sys.stderr)
+    if args.fuse_cache:   # the same: compress.load updates a static cache in one launch a layer
+        from compress.runtime.kv_cache import fuse_static_cache
+
+        print(f"static cache update in one kernel after the bf16 row: "
+              f"{fuse_static_cache(model)}", file=sys.stderr)
     for name in args.formats.split(","):
         if name == "tinygemm":
             if device.type != "cuda":

@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from compress.kernels import _common as C  # noqa: E402
-from compress.kernels import decode, rmsnorm, rope_gather, sparse24, tc  # noqa: E402
+from compress.kernels import decode, kv_cache, rmsnorm, rope_gather, sparse24, tc  # noqa: E402
 
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 MATMUL_INTS = ["M", "N", "K", "KW", "G", "GROUP", "stride_xm", "stride_split", "K_PER_SPLIT"]
@@ -240,6 +240,11 @@ def variants(all_configs: bool = False):
            {"ids_ptr": "*i64", "pos_ptr": "*i64", "table_ptr": "*bf16", "cos_ptr": "*fp32",
             "sin_ptr": "*fp32", "out_ptr": "*bf16", "W": "i32", "off0": "i32", "end0": "i32",
             "off1": "i32", "end1": "i32"}, dict(HEAD_DIM=128, BLOCK_W=1024), 4, 1)
+    yield ("static_cache_write hd128 bf16", kv_cache._static_cache_write_kernel,
+           {"k_ptr": "*bf16", "v_ptr": "*bf16", "keys_ptr": "*bf16", "values_ptr": "*bf16",
+            "length_ptr": "*i64", "arrivals_ptr": "*i32",
+            **dict.fromkeys(["H", "T", "S", "sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t"],
+                            "i32")}, dict(DK=128, DV=128, BLOCK_DK=128, BLOCK_DV=128), 1, 1)
 
 
 def ptxas_info(kernel, arch: int) -> str:

@@ -156,6 +156,7 @@ def load_artifact(path: str | Path, device=None, dtype=None, verify: bool = True
     pack_gqa_decode(model)   # single-token GQA attention without repeat_kv's K/V copies
     if any(p.is_cuda for p in model.parameters()):
         from compress.runtime.fused import fuse_projections
+        from compress.runtime.kv_cache import fuse_static_cache
         from compress.runtime.norms import fuse_residual_norms, fuse_rmsnorms
         from compress.runtime.rope import fuse_rope
 
@@ -163,6 +164,7 @@ def load_artifact(path: str | Path, device=None, dtype=None, verify: bool = True
         fuse_residual_norms(model)   # and the attention's residual add in that kernel
         fuse_rope(model)   # and per RoPE of q and k
         fuse_projections(model)   # q/k/v and gate/up: one matmul each (same memory)
+        fuse_static_cache(model)   # a static cache's update: one launch a layer, not five
     return model
 
 

@@ -268,3 +268,63 @@ def test_mlp_residual_in_down_projs_epilogue_on_gpu(name):
     down = model.model.layers[0].mlp.down_proj
     assert any(path.endswith("+residual") for path in down.kernel_calls), down.kernel_calls
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
+def test_static_cache_update_in_one_launch_on_gpu():
+    """fuse_static_cache on a bf16 model on the GPU: greedy decode through a static cache gives
+    transformers' tokens and logits bit for bit, eagerly and with the step replayed from a
+    CUDA graph (the kernel reads the cache's length at replay, as index_copy_ does)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    from compress.evaluation.bench import _as_cuda_graph
+    from compress.runtime.kv_cache import fuse_static_cache
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=256, hidden_size=512,
+                                  intermediate_size=1024, num_hidden_layers=3,
+                                  num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 256, (1, 12), device="cuda")
+
+    def generate():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0,
+                             cache_implementation="static")
+        return out.sequences, torch.stack(out.logits)
+
+    original = StaticLayer.update
+    try:
+        with torch.no_grad():
+            want = generate()
+            assert fuse_static_cache(model)
+            got = generate()
+            cache = StaticCache(config=model.config, max_cache_len=40)
+            tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+            pos = torch.zeros(1, dtype=torch.long, device="cuda")
+
+            def prefill():
+                cache.reset()
+                out = model(ids, past_key_values=cache, use_cache=True,
+                            cache_position=torch.arange(12, device="cuda"))
+                tok.copy_(out.logits[:, -1:].argmax(-1))
+                pos.fill_(12)
+
+            def step():
+                logits = model(tok, past_key_values=cache, cache_position=pos,
+                               use_cache=True).logits
+                tok.copy_(logits[:, -1:].argmax(-1))
+
+            prefill()
+            method, replay = _as_cuda_graph(step)
+            assert method == "cuda graph + static cache", method
+            prefill()
+            tokens = [tok.item()]
+            for _ in range(7):
+                replay()
+                pos.add_(1)
+                tokens.append(tok.item())
+    finally:
+        StaticLayer.update = original
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert tokens == want[0][0, 12:].tolist()
