@@ -201,16 +201,18 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     speed-up is the one kernels/bench_e2e.py reports against its bf16 row."""
     import copy
 
+    from compress.runtime import scope
     from compress.runtime.modules import QuantizedLinear, set_module
 
     dense = copy.deepcopy(model)
+    scope.leave_scope(dense)   # RoPE, GQA attention and the static cache: transformers' again
     for module in dense.modules():
-        if getattr(module, "fused_rmsnorm", False):   # see compress.runtime.norms.fuse_rmsnorms
-            del module.forward
-            module.fused_rmsnorm = False
-        if getattr(module, "fused_residual", False):   # and fuse_residual_norms
-            del module.forward
-            module.fused_residual = False
+        # the forwards compress.load patches per instance (runtime/norms.py, runtime/fused.py);
+        # a copied one would still be bound to the artifact's module
+        for flag in ("fused_rmsnorm", "fused_residual", "fused_gated_mlp"):
+            if getattr(module, flag, False):
+                del module.forward
+                setattr(module, flag, False)
     dtype = next(p.dtype for p in dense.parameters() if p.is_floating_point())
     for name, module in list(dense.named_modules()):
         if isinstance(module, QuantizedLinear) or hasattr(module, "weight_meta"):

@@ -138,6 +138,7 @@ def fuse_projections(model: nn.Module) -> int:
                 member.forward = (lambda x, i=index, g=group: g.forward(i, x))
             if GATED_MLP and names == ("gate_proj", "up_proj") and _silu_gated(parent, group):
                 parent.forward = (lambda x, p=parent, g=group: _gated_forward(p, g, x))
+                parent.fused_gated_mlp = True
             fused += 1
     return fused
 

@@ -140,17 +140,19 @@ def fuse_residual_norms(model: nn.Module) -> int:
     layer loop and output_hidden_states read.) Patches the layers' forward; weights and state
     dict unchanged. Returns how many layers now run it."""
     fused = 0
+    # the model's device and activation dtype (its embedding's): what the probes run in
+    like = next((p for p in model.parameters() if p.is_floating_point()), None)
     for layer in model.modules():
         norm = getattr(layer, "post_attention_layernorm", None)
         if (not getattr(norm, "fused_rmsnorm", False) or "forward" in layer.__dict__
                 or not all(isinstance(getattr(layer, n, None), nn.Module)
                            for n in ("input_layernorm", "self_attn", "mlp"))):
             continue
-        defaults = _adds_around_norm(layer)
+        defaults = _adds_around_norm(layer, like)
         if defaults is None:
             continue
         layer.fused_residual_defaults = defaults
-        layer.fused_residual_mlp = _returns_down_proj(layer.mlp, norm)
+        layer.fused_residual_mlp = _returns_down_proj(layer.mlp, like)
         layer.forward = _residual_fused_forward.__get__(layer)
         layer.fused_residual = True
         fused += 1
@@ -203,18 +205,16 @@ class _Probe(nn.Module):
         return (out, None) if self.pair else out
 
 
-def _adds_around_norm(layer: nn.Module) -> dict | None:
+def _adds_around_norm(layer: nn.Module, like: torch.Tensor | None) -> dict | None:
     """The defaults of layer's named forward arguments if its forward computes
     h + mlp(post(h + attn(inp(h)))) and hands the attention those arguments unchanged, else
     None. Run with probes in place of attn and mlp, a distinct marker object for every
     argument, once as the layer's class runs it and once fused, on a random input in the
-    norm's device and dtype."""
+    model's device and activation dtype (like)."""
     from compress.runtime.modules import kernel_unavailable
 
     norm = layer.post_attention_layernorm
     weight, _, crms_dim = _norm_arguments(norm)
-    like = weight if weight is not None else next(
-        (t for t in layer.state_dict().values() if t.is_floating_point()), None)
     width = (weight.numel() if weight is not None else crms_dim - 1 if crms_dim
              else getattr(norm, "normalized_shape", (None,))[0])
     try:
@@ -262,14 +262,12 @@ def _adds_around_norm(layer: nn.Module) -> dict | None:
     return defaults
 
 
-def _returns_down_proj(mlp: nn.Module, norm: nn.Module) -> bool:
+def _returns_down_proj(mlp: nn.Module, like: torch.Tensor) -> bool:
     """Is mlp's output its down_proj's output itself, nothing applied after it (Llama, Qwen,
     Mistral)? Then a compressed down_proj can add the residual stream in its matmul's epilogue.
-    Run once on a random row, down_proj's output caught by a forward hook."""
+    Run once on a random row in like's device and dtype, down_proj's output caught by a
+    forward hook."""
     down = getattr(mlp, "down_proj", None)
-    like = next((t for t in norm.state_dict().values() if t.is_floating_point()), None)
-    like = like if like is not None else next(
-        (t for t in mlp.state_dict().values() if t.is_floating_point()), None)
     width = getattr(down, "out_features", None)
     if not isinstance(down, nn.Module) or like is None or not isinstance(width, int):
         return False

@@ -24,13 +24,15 @@ def fuse_rope(model: nn.Module) -> int:
     if getattr(model, "compress_fused_rope", False):
         return 0
     layers = 0
+    # the model's device and activation dtype: its first floating parameter (the embedding; a
+    # compressed attention layer holds only buffers, some of them integer)
+    like = next((p for p in model.parameters() if p.is_floating_point()), None)
     for module in model.modules():
         modeling = sys.modules.get(type(module).__module__)
         function = getattr(modeling, "apply_rotary_pos_emb", None)
         if not type(module).__name__.endswith("Attention") or function is None:
             continue
         original = getattr(function, "compress_original", function)
-        like = next(module.parameters(), None)
         if like is None or not _agrees(original, like.device, like.dtype):
             continue
         if function is original:

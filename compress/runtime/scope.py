@@ -22,6 +22,18 @@ def enter_scope(model: nn.Module) -> None:
     model.compress_scoped = True
 
 
+def leave_scope(model: nn.Module) -> None:
+    """Undo enter_scope on model: compress bench's dequantized baseline, a deep copy of a loaded
+    artifact (hooks and all), runs transformers' code as the uncompressed model does. Hooks are
+    found by function (a copied handle would still point at the original's hook table)."""
+    for table in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, hook in table.items() if hook in (_enter, _leave)]:
+            del table[key]
+            model._forward_hooks_always_called.pop(key, None)
+    model.compress_scoped = False
+    model.__dict__.pop("compress_fused_rope", None)
+
+
 def _enter(module, args):
     module.compress_scope_token = RUNNING.set(True)
 

@@ -260,3 +260,48 @@ def test_an_mlp_that_changes_down_projs_output_adds_the_stream_itself(monkeypatc
     assert not any("+residual" in path for layer in model.model.layers
                    for path in layer.mlp.down_proj.kernel_calls)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_dequantized_baseline_runs_transformers_code(monkeypatch):
+    """compress bench's default baseline (dequantized_copy of a loaded artifact, a deep copy)
+    after every run-time fusion compress.load makes on CUDA: none of them in the copy (no
+    patched forward, outside the scope in its forward, transformers' cache update), all still
+    in the artifact's model, and the same logits."""
+    from test_kernel_fused_projections import FORMATS, quantized_llama
+
+    from compress.evaluation.bench import dequantized_copy
+    from compress.runtime import fused, scope
+    from compress.runtime.fused import fuse_projections
+    from compress.runtime.kv_cache import fuse_static_cache
+    from compress.runtime.norms import fuse_residual_norms
+    from compress.runtime.rope import fuse_rope
+    from transformers.cache_utils import StaticLayer
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(StaticLayer, "update", StaticLayer.update)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb",
+                        modeling_llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(fused, "GATED_MLP", True)
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    model = quantized_llama(FORMATS["int4"])
+    fuse_rmsnorms(model)
+    assert fuse_residual_norms(model) == 2 and fuse_rope(model) == 2
+    assert fuse_projections(model) == 4 and fuse_static_cache(model)
+    assert "forward" in vars(model.model.layers[0].mlp)          # the gated epilogue
+    dense = dequantized_copy(model)
+    patched = [name for name, m in dense.named_modules() if "forward" in vars(m)]
+    assert not patched
+    seen = {}
+
+    def note(name):
+        def hook(*args):   # returns None: the output stays the layer's
+            seen.setdefault(name, scope.RUNNING.get())
+        return hook
+
+    for name, m in (("artifact", model), ("baseline", dense)):
+        m.model.layers[0].register_forward_hook(note(name))
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(ids).logits, dense(ids).logits
+    assert seen == {"artifact": True, "baseline": False}
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
