@@ -4,11 +4,11 @@
 # full logs stay under $OUT. On this machine first: `bash kernels/gpu_wheels.sh`; then the
 # device call, with carry [".whl"]:
 #   bash kernels/h200_next.sh a     # GPU suite; M = 1 INT4 x-load A/B (decode.X8_LOADS)
-#   bash kernels/h200_next.sh b     # 2:4 M = 1 probe; bench_e2e A/B of the fusions
-#   bash kernels/h200_next.sh c     # bench_e2e with the peers, prefill 2048, both lm_heads
+#   bash kernels/h200_next.sh b     # bench_e2e A/B of the run-time fusions, one at a time
+#   bash kernels/h200_next.sh c     # 2:4 M = 1 probe; bench_e2e with the peers, both lm_heads
 # A switch flips only on its measured win: decode.X8_LOADS, sparse24.TRANSPOSED_M1,
-# fused.GATED_MLP (off); pack_gqa_decode and fuse_residual_norms (on, exact) are turned off by
-# their bench_e2e flags for the "before" rows.
+# fused.GATED_MLP (off); pack_gqa_decode, fuse_residual_norms and fuse_static_cache (on: exact
+# or one rounding) are turned off by their bench_e2e flags for the "before" rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
@@ -38,27 +38,31 @@ a)
     tail -4 "$OUT/gpu_suite.txt"; grep -E "^\|" "$OUT/x8.txt"
     ;;
 b)
-    timeout 110 $PY kernels/probe_sparse24_m1.py --reps 30 >"$OUT/sparse24_m1.txt" 2>&1
-    stamp "2:4 M = 1 probe rc=$?"
-    # one process a row set: the fusions apply to every row after bf16 in a process
-    timeout 120 $PY $E2E --formats int4 --no-pack-gqa --no-fuse-residual \
-        --log "$OUT/e2e_before.jsonl" >"$OUT/e2e_before.txt" 2>&1
-    stamp "e2e before rc=$?"
-    timeout 120 $PY $E2E --formats int4 --log "$OUT/e2e_on.jsonl" >"$OUT/e2e_on.txt" 2>&1
-    stamp "e2e pack-gqa + residual rc=$?"
-    timeout 120 $PY $E2E --formats int4 --gated-mlp --log "$OUT/e2e_gated.jsonl" \
-        >"$OUT/e2e_gated.txt" 2>&1
-    stamp "e2e + gated MLP rc=$?"
-    grep -E "^\|" "$OUT/sparse24_m1.txt" | tail -12
-    for f in before on gated; do echo "== $f"; grep -E "^\| (bf16|int4) " "$OUT/e2e_$f.txt"; done
+    # the fusions one at a time, each process's bf16 row the reference (they apply to every
+    # row after bf16 in a process): all off, then packed GQA, the residual adds, the cache
+    # update (= compress.load's default), and the gated MLP epilogue on top
+    off="--no-pack-gqa --no-fuse-residual --no-fuse-cache"
+    for step in "off:$off" "gqa:--no-fuse-residual --no-fuse-cache" "residual:--no-fuse-cache" \
+                "default:" "gated:--gated-mlp"; do
+        name=${step%%:*}
+        timeout 110 $PY $E2E --formats int4 ${step#*:} --log "$OUT/e2e_$name.jsonl" \
+            >"$OUT/e2e_$name.txt" 2>&1
+        stamp "e2e $name rc=$?"
+    done
+    for name in off gqa residual default gated; do
+        echo "== $name"; grep -E "^\| (bf16|int4) " "$OUT/e2e_$name.txt"
+    done
     ;;
 c)
-    timeout 200 $PY kernels/bench_e2e.py --formats tinygemm,int4,nvfp4 --prefill-len 2048 \
+    timeout 110 $PY kernels/probe_sparse24_m1.py --reps 30 >"$OUT/sparse24_m1.txt" 2>&1
+    stamp "2:4 M = 1 probe rc=$?"
+    timeout 190 $PY kernels/bench_e2e.py --formats tinygemm,int4,nvfp4 --prefill-len 2048 \
         --repeats 2 --log "$OUT/e2e_full.jsonl" >"$OUT/e2e_full.txt" 2>&1
     stamp "e2e full (lm_head bf16) rc=$?"
-    timeout 200 $PY $E2E --formats tinygemm,int4,nvfp4 --profile "$OUT/profile.txt" \
+    timeout 190 $PY $E2E --formats tinygemm,int4,nvfp4 --profile "$OUT/profile.txt" \
         --log "$OUT/e2e_full_q.jsonl" >"$OUT/e2e_full_q.txt" 2>&1
     stamp "e2e full (lm_head quantized) rc=$?"
+    grep -E "^\|" "$OUT/sparse24_m1.txt" | tail -12
     grep -E "^\|" "$OUT/e2e_full.txt"; grep -E "^\|" "$OUT/e2e_full_q.txt"
     ;;
 esac
