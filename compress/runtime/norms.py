@@ -164,8 +164,8 @@ def _residual_fused_forward(self: nn.Module, hidden_states: torch.Tensor, *args,
     from compress.runtime.modules import kernel_unavailable
 
     norm = self.post_attention_layernorm
-    if (args or not getattr(norm, "fused_rmsnorm", False)
-            or kernel_unavailable(hidden_states) is not None):
+    if (args or self.training or not getattr(norm, "fused_rmsnorm", False)
+            or kernel_unavailable(hidden_states) is not None):   # (training: dropout, Phi-3's)
         return type(self).forward(self, hidden_states, *args, **kwargs)
     # the attention gets every named argument of the layer's forward, defaults included, as
     # transformers' layers pass them (checked by _adds_around_norm)

@@ -104,6 +104,11 @@ def test_attention_residual_add_runs_in_the_norm_kernel(family, monkeypatch):
         # one call a norm (Qwen3's q/k norms too); the post-attention ones with the residual
         assert len(calls) == norms and calls.count(True) == 2
         got = run()
+        model.train()                                # training (dropout): the layer's own
+        calls.clear()
+        model(ids)
+        assert calls.count(True) == 0
+        model.eval()
     # the same float32 add, rounded as torch rounds it, then the same norm kernel: bit for bit
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert fuse_residual_norms(model) == 0
