@@ -6,13 +6,14 @@
 #   bash kernels/h200_next.sh a     # GPU suite; M = 1 INT4 x-load A/B (decode.X8_LOADS)
 #   bash kernels/h200_next.sh b     # bench_e2e A/B of the run-time fusions, one at a time
 #   bash kernels/h200_next.sh c     # 2:4 M = 1 probe; bench_e2e with the peers, both lm_heads
+#   bash kernels/h200_next.sh d     # `compress bench` on a 4-layer GPTQ artifact vs bench_e2e
 # A switch flips only on its measured win: decode.X8_LOADS, sparse24.TRANSPOSED_M1,
 # fused.GATED_MLP (off); pack_gqa_decode, fuse_residual_norms and fuse_static_cache (on: exact
 # or one rounding) are turned off by their bench_e2e flags for the "before" rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in a|b|c) ;; *) echo "h200_next.sh: part must be a, b or c, got '$PART'" >&2; exit 2;; esac
+case $PART in a|b|c|d) ;; *) echo "h200_next.sh: part must be a, b, c or d, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -64,5 +65,19 @@ c)
     stamp "e2e full (lm_head quantized) rc=$?"
     grep -E "^\|" "$OUT/sparse24_m1.txt" | tail -12
     grep -E "^\|" "$OUT/e2e_full.txt"; grep -E "^\|" "$OUT/e2e_full_q.txt"
+    ;;
+d)
+    # parity of `compress bench` with bench_e2e, again: loaded artifacts now run the fused RoPE
+    # and the dequantized baseline no longer does (kernels/NOTES.md, eleventh session)
+    timeout 200 $PY evaluate/gptq_gpu_speed.py --out "$OUT/gs" --work /tmp/gswork --layers 4 \
+        --only-big --skip-peer --budget 180 >"$OUT/gptq4.txt" 2>&1
+    stamp "4-layer GPTQ artifact rc=$?"
+    timeout 150 $PY -m compress bench /tmp/gswork/artifact-ours-gptq-4l --device cuda \
+        --new-tokens 128 --repeats 3 >"$OUT/bench4.txt" 2>&1
+    stamp "compress bench rc=$?"
+    timeout 150 $PY kernels/bench_e2e.py --layers 4 --formats int4 --repeats 3 \
+        --log "$OUT/e2e4.jsonl" >"$OUT/e2e4.txt" 2>&1
+    stamp "bench_e2e 4 layers rc=$?"
+    tail -14 "$OUT/bench4.txt"; grep -E "^\|" "$OUT/e2e4.txt"
     ;;
 esac
