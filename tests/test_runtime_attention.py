@@ -39,6 +39,34 @@ def test_packed_heads_compute_the_repeat_kv_attention(mask_kind):
     assert (wrong - want).abs().max() > 1e-2
 
 
+def test_a_steps_boolean_mask_is_converted_once():
+    """additive_mask: the 0 / -inf mask SDPA would make of a boolean one, made once for the
+    mask object all layers of a step share (a new mask or dtype makes it again); SDPA gives
+    the boolean mask's result with it, bit for bit; float masks pass through."""
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.rand(1, 1, 1, 9, generator=gen) > 0.4
+    keep[..., 0] = True
+    first = attention.additive_mask(keep, torch.bfloat16)
+    assert attention.additive_mask(keep, torch.bfloat16) is first
+    assert first.dtype == torch.bfloat16
+    assert torch.equal(first.float(), torch.where(keep, 0.0, float("-inf")))
+    keep[..., 1] = ~keep[..., 1]                  # written in place: made again
+    second = attention.additive_mask(keep, torch.bfloat16)
+    assert second is not first and torch.equal(second.float(),
+                                               torch.where(keep, 0.0, float("-inf")))
+    again = keep.clone()
+    assert attention.additive_mask(again, torch.bfloat16) is not second
+    assert attention.additive_mask(again, torch.float32).dtype == torch.float32
+    floating = torch.zeros(1, 1, 1, 9)
+    assert attention.additive_mask(floating, torch.float32) is floating
+    assert attention.additive_mask(None, torch.float32) is None
+    query, key = torch.randn(1, 4, 1, 8, generator=gen), torch.randn(1, 4, 9, 8, generator=gen)
+    want = F.scaled_dot_product_attention(query, key, key, attn_mask=keep)
+    got = F.scaled_dot_product_attention(query, key, key,
+                                         attn_mask=attention.additive_mask(keep, torch.float32))
+    assert torch.equal(got, want)
+
+
 def tiny_llama():
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -6,7 +6,8 @@ H200 (kernels/NOTES.md, ninth session). With one query token, the n_rep query he
 key/value head are instead laid along the query-length axis ([B, H, 1, D] -> [B, H / n_rep,
 n_rep, D]) and attend to that head's K and V once, the mask broadcast over them: the same
 products and the same softmax, no copy. transformers 5.24 does exactly this (its `pack_gqa`);
-there this module changes nothing."""
+there this module changes nothing. The step's boolean mask is also turned into SDPA's additive
+form once a step instead of once a layer (additive_mask)."""
 
 from __future__ import annotations
 
@@ -52,8 +53,29 @@ def packed_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     b, h, _, d = query.shape
     n_rep = h // key.shape[1]
     out = F.scaled_dot_product_attention(query.reshape(b, h // n_rep, n_rep, d), key, value,
-                                         attn_mask=mask, scale=scaling)
+                                         attn_mask=additive_mask(mask, query.dtype),
+                                         scale=scaling)
     return out.reshape(b, h, 1, -1).transpose(1, 2).contiguous()
+
+
+_LAST_MASK: list = [None, -1, None]   # the current step's boolean mask, its version, its
+                                     # additive form
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask as the 0 / -inf mask SDPA turns it into (torch's
+    convert_boolean_attn_mask: two scalar tensors on the mask's device and a where, three
+    launches), made once for all layers of a step: transformers hands every layer the same mask
+    object (made again if the mask was written in place since). Other masks as they are."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    last, version, additive = _LAST_MASK
+    if last is mask and version == mask._version and additive.dtype == dtype:
+        return additive
+    zero, minus_inf = (torch.full((), v, dtype=dtype, device=mask.device)
+                       for v in (0.0, float("-inf")))
+    _LAST_MASK[:] = mask, mask._version, torch.where(mask, zero, minus_inf)
+    return _LAST_MASK[2]
 
 
 def _packed(original):
