@@ -86,10 +86,12 @@ def test_static_cache_decode_packs_only_in_its_model(monkeypatch):
     # as under transformers 5.17 (no pack_gqa of its own); the wrapper is removed afterwards
     monkeypatch.setattr(attention, "transformers_packs_gqa", lambda: False)
     monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"])
-    calls = []
+    calls, made = [], []
     real = attention.packed_decode_attention
     monkeypatch.setattr(attention, "packed_decode_attention",
                         lambda *a: calls.append(1) or real(*a))
+    where = torch.where   # additive masks made (attention.additive_mask's one torch.where)
+    monkeypatch.setattr(torch, "where", lambda *a, **k: made.append(1) or where(*a, **k))
     model, other = tiny_llama(), tiny_llama()
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
@@ -101,8 +103,10 @@ def test_static_cache_decode_packs_only_in_its_model(monkeypatch):
     want = decode(model)
     assert attention.pack_gqa_decode(model)
     assert not calls
+    made.clear()
     got = decode(model)
     assert len(calls) == 4 * 2              # the 4 single-token steps, 2 layers each
+    assert len(made) <= 4 + 1               # the mask made additive once a step (+ prefill's)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     calls.clear()
     decode(other)

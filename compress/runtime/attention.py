@@ -82,8 +82,6 @@ def _packed(original):
     def sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
                                scaling=None, **kwargs):
         mask = attention_mask
-        if mask is not None and mask.ndim == 4:   # transformers 4.x's masks may run longer
-            mask = mask[:, :, :, :key.shape[-2]]
         heads, kv_heads = query.shape[1], key.shape[1]
         if (scope.RUNNING.get() and heads > kv_heads and heads % kv_heads == 0
                 and query.shape[2] == 1 and dropout == 0.0
@@ -91,6 +89,9 @@ def _packed(original):
                 and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
                 and not kwargs.get("output_attentions", False)
                 and not torch.compiler.is_compiling()):   # as transformers' own pack_gqa
+            if mask is not None:   # made additive before the slice: the object every layer gets
+                # (transformers 4.x's masks may run longer than the keys)
+                mask = additive_mask(mask, query.dtype)[:, :, :, :key.shape[-2]]
             return packed_decode_attention(query, key, value, mask, scaling), None
         return original(module, query, key, value, attention_mask, dropout=dropout,
                         scaling=scaling, **kwargs)
