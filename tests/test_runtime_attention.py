@@ -116,7 +116,34 @@ def test_static_cache_decode_packs_only_in_its_model(monkeypatch):
                        None)
 
 
-def test_nothing_to_do_without_grouped_heads_or_with_transformers_own(monkeypatch):
+@pytest.mark.skipif(not attention.transformers_packs_gqa(),
+                    reason="transformers < 5.24: the heads are packed by attention.py (above)")
+def test_with_transformers_own_packing_the_mask_is_made_additive_once(monkeypatch):
+    """transformers >= 5.24 packs the heads itself: the wrapper hands it the step's mask made
+    additive once; greedy static-cache decode logits bit for bit transformers' own."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"])
+    made, packed = [], []
+    real = attention.additive_mask
+    monkeypatch.setattr(attention, "additive_mask", lambda *a: made.append(1) or real(*a))
+    monkeypatch.setattr(attention, "packed_decode_attention", lambda *a: packed.append(1))
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def decode():
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, output_logits=True,
+                             cache_implementation="static", return_dict_in_generate=True)
+        return torch.stack(out.logits)
+
+    want = decode()
+    assert attention.pack_gqa_decode(model)
+    got = decode()
+    assert len(made) == 4 * 2 and not packed   # every decode layer, transformers' packing
+    assert torch.equal(got, want)
+
+
+def test_nothing_to_do_without_grouped_heads(monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=48,
@@ -125,5 +152,6 @@ def test_nothing_to_do_without_grouped_heads_or_with_transformers_own(monkeypatc
     config._attn_implementation = "sdpa"
     monkeypatch.setattr(attention, "transformers_packs_gqa", lambda: False)
     assert not attention.pack_gqa_decode(AutoModelForCausalLM.from_config(config))
-    monkeypatch.setattr(attention, "transformers_packs_gqa", lambda: True)
-    assert not attention.pack_gqa_decode(tiny_llama())
+    eager = tiny_llama()
+    eager.config._attn_implementation = "eager"
+    assert not attention.pack_gqa_decode(eager)

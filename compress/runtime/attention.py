@@ -26,14 +26,14 @@ def transformers_packs_gqa() -> bool:
 
 def pack_gqa_decode(model: nn.Module) -> bool:
     """Run the single-token SDPA attention of model's grouped-query layers on the packed heads
-    (module docstring), where the installed transformers does not already. The process-wide
-    "sdpa" attention function is wrapped once; the wrapper packs only inside the forward of a
-    model given here (scope.py) and otherwise calls transformers' function. Returns whether
-    model now runs it."""
+    (module docstring) with the step's mask made additive once (where the installed
+    transformers packs the heads itself, only the latter). The process-wide "sdpa" attention
+    function is wrapped once; the wrapper acts only inside the forward of a model given here
+    (scope.py) and otherwise calls transformers' function. Returns whether model now runs it."""
     config = getattr(model, "config", None)
     heads, kv_heads = (getattr(config, key, None) for key in
                        ("num_attention_heads", "num_key_value_heads"))
-    if (transformers_packs_gqa() or getattr(config, "_attn_implementation", None) != "sdpa"
+    if (getattr(config, "_attn_implementation", None) != "sdpa"
             or not heads or not kv_heads or heads == kv_heads):
         return False
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -92,6 +92,9 @@ def _packed(original):
             if mask is not None:   # made additive before the slice: the object every layer gets
                 # (transformers 4.x's masks may run longer than the keys)
                 mask = additive_mask(mask, query.dtype)[:, :, :, :key.shape[-2]]
+            if transformers_packs_gqa():   # 5.24 on: it packs the heads, given the mask made once
+                return original(module, query, key, value, mask, dropout=dropout,
+                                scaling=scaling, **kwargs)
             return packed_decode_attention(query, key, value, mask, scaling), None
         return original(module, query, key, value, attention_mask, dropout=dropout,
                         scaling=scaling, **kwargs)
