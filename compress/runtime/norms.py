@@ -257,7 +257,10 @@ def _adds_around_norm(layer: nn.Module, like: torch.Tensor | None) -> dict | Non
         if args_a or args_b or kw_a.keys() != kw_b.keys() or any(
                 kw_a[k] is not kw_b[k] for k in kw_a):
             return None
-    if not torch.allclose(want.float(), got.float(), rtol=1e-2, atol=1e-2):
+    # the formula, not the rounding: the kernel's float32 -> 16-bit conversion may differ from
+    # torch's by an ulp (Triton's interpreter truncates); a wrong formula is off by O(1)
+    scale = want.abs().max().item()
+    if not torch.allclose(want.float(), got.float(), rtol=2e-2, atol=2e-2 * scale):
         return None
     return defaults
 
