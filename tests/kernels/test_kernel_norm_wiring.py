@@ -114,6 +114,28 @@ def test_attention_residual_add_runs_in_the_norm_kernel(family, monkeypatch):
     assert fuse_residual_norms(model) == 0
 
 
+def test_bf16_layers_are_fused_too(monkeypatch):
+    """In bf16 the kernel's rounding of the sum may differ from torch's by an ulp (here: the
+    interpreter truncates): the layer check is about the formula, so bf16 layers fuse, with
+    the unfused model's greedy tokens."""
+    from compress.runtime.norms import fuse_residual_norms
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    torch.manual_seed(0)   # wide enough for outputs of ~4, where a bf16 ulp is 1/32
+    config = AutoConfig.for_model("llama", vocab_size=256, hidden_size=512,
+                                  intermediate_size=1024, num_hidden_layers=2,
+                                  num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fuse_rmsnorms(model)
+        want = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert fuse_residual_norms(model) == 2
+        got = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
 def test_a_layer_of_another_formula_keeps_its_forward(monkeypatch):
     """The probe check reads what a layer's forward does, not its class name: a layer that
     norms the attention output before adding it (Gemma's order) or that does not hand the
