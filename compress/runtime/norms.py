@@ -221,9 +221,9 @@ def _adds_around_norm(layer: nn.Module, like: torch.Tensor | None) -> dict | Non
         params = list(inspect.signature(type(layer).forward).parameters.values())[2:]
     except (TypeError, ValueError):
         return None
-    if like is None or not isinstance(width, int) or any(
+    if like is None or layer.training or not isinstance(width, int) or any(
             p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL) for p in params):
-        return None
+        return None   # (training: the fused forward would defer to the layer's, unchecked)
     named = [p for p in params if p.kind != p.VAR_KEYWORD]
     if any(p.default is p.empty for p in named):
         return None
