@@ -201,15 +201,17 @@ def main() -> None:
                              "always runs it; the others run the fused kernel by default, as "
                              "a model loaded by compress.load on CUDA does)")
     parser.add_argument("--no-fuse-residual", dest="fuse_residual", action="store_false",
-                        help="keep the attention's residual add a kernel of its own in the "
-                             "compressed rows (compress.load runs it in the post-attention "
-                             "norm's kernel, compress/runtime/norms.py fuse_residual_norms)")
+                        help="keep the residual adds kernels of their own in the compressed "
+                             "rows (compress.load runs the attention's in the post-attention "
+                             "norm's kernel and the MLP's in down_proj's matmul, "
+                             "compress/runtime/norms.py fuse_residual_norms)")
     parser.add_argument("--no-fuse-cache", dest="fuse_cache", action="store_false",
                         help="keep transformers' static cache update (five kernels a layer) in "
                              "the compressed rows (compress.load runs one, runtime/kv_cache.py)")
     parser.add_argument("--no-pack-gqa", dest="pack_gqa", action="store_false",
-                        help="keep transformers' repeat_kv in single-token attention of our "
-                             "rows (compress.load packs the heads where transformers does not)")
+                        help="keep transformers' single-token attention in our rows "
+                             "(compress.load packs the heads where transformers does not and "
+                             "makes the step's mask additive once, runtime/attention.py)")
     parser.add_argument("--gated-mlp", action="store_true",
                         help="SiLU and the product in the fused gate/up matmul's epilogue "
                              "(compress/runtime/fused.py GATED_MLP, off by default until "
@@ -243,11 +245,10 @@ def main() -> None:
         from compress.runtime.norms import fuse_rmsnorms
 
         print(f"{fuse_rmsnorms(model)} RMSNorms fused after the bf16 row", file=sys.stderr)
-        if args.fuse_residual:   # compress.load too: the attention's add in the norm kernel
+        if args.fuse_residual:   # compress.load too: the residual adds in the norm and matmul
             from compress.runtime.norms import fuse_residual_norms
 
-            print(f"attention residual add in the norm kernel in {fuse_residual_norms(model)} "
-                  "layers", file=sys.stderr)
+            print(f"residual adds fused in {fuse_residual_norms(model)} layers", file=sys.stderr)
     if args.fuse_rope:    # the same: compress.load runs RoPE as one kernel a layer on CUDA
         from compress.runtime.rope import fuse_rope
 
