@@ -80,20 +80,20 @@ def step_launches(layers: int, fusions: list[str]) -> Counter:
     from transformers import StaticCache
 
     from compress.runtime import fused
+    from compress.runtime.attention import pack_gqa_decode
+    from compress.runtime.kv_cache import fuse_static_cache
+    from compress.runtime.norms import fuse_residual_norms, fuse_rmsnorms
+    from compress.runtime.rope import fuse_rope
 
     model = build(TINY, layers, "cpu")
     compress_linears(model, FORMATS["int4"])
-    fused.GATED_MLP = "gated" in fusions
-    apply = {"norms": "compress.runtime.norms:fuse_rmsnorms",
-             "rope": "compress.runtime.rope:fuse_rope",
-             "gqa": "compress.runtime.attention:pack_gqa_decode",
-             "qkv": "compress.runtime.fused:fuse_projections",
-             "residual": "compress.runtime.norms:fuse_residual_norms",
-             "cache": "compress.runtime.kv_cache:fuse_static_cache"}
+    fused.GATED_MLP = "gated" in fusions   # "gated" acts through fuse_projections ("qkv")
+    apply = {"norms": fuse_rmsnorms, "rope": fuse_rope, "gqa": pack_gqa_decode,
+             "qkv": fused.fuse_projections, "residual": fuse_residual_norms,
+             "cache": fuse_static_cache}
     for name in fusions:
         if name in apply:
-            module, function = apply[name].split(":")
-            getattr(__import__(module, fromlist=[function]), function)(model)
+            apply[name](model)
     cache = StaticCache(config=model.config, max_cache_len=8)
     ids = torch.randint(0, TINY["vocab_size"], (1, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

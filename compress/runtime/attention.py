@@ -53,8 +53,7 @@ def packed_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     b, h, _, d = query.shape
     n_rep = h // key.shape[1]
     out = F.scaled_dot_product_attention(query.reshape(b, h // n_rep, n_rep, d), key, value,
-                                         attn_mask=additive_mask(mask, query.dtype),
-                                         scale=scaling)
+                                         attn_mask=mask, scale=scaling)
     return out.reshape(b, h, 1, -1).transpose(1, 2).contiguous()
 
 

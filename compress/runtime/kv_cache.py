@@ -25,7 +25,9 @@ def fuse_static_cache(model: nn.Module) -> bool:
         from transformers.cache_utils import StaticLayer
     except ImportError:   # transformers 4.x: no cache layers
         return False
-    like = next((p for p in model.parameters() if p.is_floating_point()), None)
+    from compress.runtime.modules import activation_like
+
+    like = activation_like(model)
     original = getattr(StaticLayer.update, "compress_original", StaticLayer.update)
     if like is None or not _agrees(StaticLayer, original, like.device, like.dtype):
         return False

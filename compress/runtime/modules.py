@@ -151,6 +151,13 @@ def decoded_once(layer: nn.Module):
 KERNELS_ENV = "COMPRESS_KERNELS"
 
 
+def activation_like(model: nn.Module) -> torch.Tensor | None:
+    """The model's first floating parameter (its embedding): the device and activation dtype
+    the run-time fusions check themselves in. Not a layer's own parameters: a compressed layer
+    holds only buffers, some of them integer or float32 scales."""
+    return next((p for p in model.parameters() if p.is_floating_point()), None)
+
+
 def kernel_unavailable(x: torch.Tensor) -> str | None:
     """Why the reference must run for input x, or None when the Triton kernel can. Called for
     every linear of every step: cheap checks first (at CPU batch-1 decode the per-call Python

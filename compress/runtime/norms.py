@@ -9,7 +9,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from compress.runtime.modules import QuantizedLinear, Sparse24Linear, get_module, set_module
+from compress.runtime.modules import (
+    QuantizedLinear,
+    Sparse24Linear,
+    activation_like,
+    get_module,
+    set_module,
+)
 
 
 def crms_norm(x: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
@@ -83,7 +89,7 @@ def fuse_rmsnorms(model: nn.Module) -> int:
     from compress.kernels.rmsnorm import add_rmsnorm
     from compress.runtime.modules import kernel_unavailable
 
-    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    reference = activation_like(model)
     fused = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -140,8 +146,7 @@ def fuse_residual_norms(model: nn.Module) -> int:
     layer loop and output_hidden_states read.) Patches the layers' forward; weights and state
     dict unchanged. Returns how many layers now run it."""
     fused = 0
-    # the model's device and activation dtype (its embedding's): what the probes run in
-    like = next((p for p in model.parameters() if p.is_floating_point()), None)
+    like = activation_like(model)   # what the probes run in
     for layer in model.modules():
         norm = getattr(layer, "post_attention_layernorm", None)
         if (not getattr(norm, "fused_rmsnorm", False) or "forward" in layer.__dict__

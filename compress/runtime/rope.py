@@ -23,10 +23,9 @@ def fuse_rope(model: nn.Module) -> int:
     Returns how many attention layers now run it (0 when called again)."""
     if getattr(model, "compress_fused_rope", False):
         return 0
-    layers = 0
-    # the model's device and activation dtype: its first floating parameter (the embedding; a
-    # compressed attention layer holds only buffers, some of them integer)
-    like = next((p for p in model.parameters() if p.is_floating_point()), None)
+    from compress.runtime.modules import activation_like
+
+    layers, like = 0, activation_like(model)
     for module in model.modules():
         modeling = sys.modules.get(type(module).__module__)
         function = getattr(modeling, "apply_rotary_pos_emb", None)
