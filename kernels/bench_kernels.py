@@ -162,7 +162,7 @@ def make_variants(n: int, k: int, device) -> dict:
             for path in ("tc", "dequant"):
                 v[f"{name}@{path}"] = (functools.partial(_forced, fn_ref[0], path), fn_ref[1])
             v[f"{name}@tc-plain"] = (functools.partial(_plain_tc, fn_ref[0]), fn_ref[1])
-            v[f"{name}@x8"] = (functools.partial(_x8, fn_ref[0]), fn_ref[1])
+            v[f"{name}@no-x8"] = (functools.partial(_no_x8, fn_ref[0]), fn_ref[1])
     if device.type == "cuda":
         tiny = tinygemm_int4(codes, scale)
         if tiny is not None:
@@ -198,9 +198,10 @@ def _without(fn, x: torch.Tensor, *, path: str, module: str, name: str, off) -> 
         setattr(owner, name, kept)
 
 
-# "@tc-plain": the tc kernel without INT4's packed decode (tc._int4_packed); "@x8": the M = 1
-# kernel reading x of a word column in one load (decode._int4_x8_dot, off by default)
-_x8 = functools.partial(_without, path="decode", module="decode", name="X8_LOADS", off=True)
+# "@tc-plain": the tc kernel without INT4's packed decode (tc._int4_packed);
+# "@no-x8": the M = 1 INT4 kernel with 8 scalar loads of x a word column, as before
+# decode._int4_x8_dot (on by default since its H200 A/B)
+_no_x8 = functools.partial(_without, path="decode", module="decode", name="X8_LOADS", off=False)
 _plain_tc = functools.partial(_without, path="tc", module="tc", name="packed_int4",
                               off=lambda *args: False)
 

@@ -7,13 +7,17 @@
 #   bash kernels/h200_next.sh b     # bench_e2e A/B of the run-time fusions, one at a time
 #   bash kernels/h200_next.sh c     # 2:4 M = 1 probe; bench_e2e with the peers, both lm_heads
 #   bash kernels/h200_next.sh d     # `compress bench` on a 4-layer GPTQ artifact vs bench_e2e
+#   bash kernels/h200_next.sh e     # one call: the headline rows (peers, fusions off/on), the
+#                                   # x8 A/B, then the GPU suite in the time left
+#   bash kernels/h200_next.sh f     # the fusions one at a time, the peers with either lm_head
+#                                   # and prefill 2048, then the GPU suite in the time left
 # A switch flips only on its measured win: decode.X8_LOADS, sparse24.TRANSPOSED_M1,
 # fused.GATED_MLP (off); pack_gqa_decode, fuse_residual_norms and fuse_static_cache (on: exact
 # or one rounding) are turned off by their bench_e2e flags for the "before" rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in a|b|c|d) ;; *) echo "h200_next.sh: part must be a, b, c or d, got '$PART'" >&2; exit 2;; esac
+case $PART in a|b|c|d|e|f) ;; *) echo "h200_next.sh: part must be a, b, c, d, e or f, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -80,4 +84,49 @@ d)
     stamp "bench_e2e 4 layers rc=$?"
     tail -14 "$OUT/bench4.txt"; grep -E "^\|" "$OUT/e2e4.txt"
     ;;
+e)
+    timeout 200 $PY $E2E --formats tinygemm,int4,nvfp4 --profile "$OUT/profile.txt" \
+        --log "$OUT/e2e_default.jsonl" >"$OUT/e2e_default.txt" 2>&1
+    stamp "e2e default, peers rc=$?"
+    timeout 110 $PY $E2E --formats int4 --no-pack-gqa --no-fuse-residual --no-fuse-cache \
+        --log "$OUT/e2e_off.jsonl" >"$OUT/e2e_off.txt" 2>&1
+    stamp "e2e fusions off rc=$?"
+    timeout 90 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/x8.jsonl" \
+        --variants bf16,tinygemm,int4-g128,int4-g128@x8,int4-g128-asym,int4-g128-asym@x8 \
+        >"$OUT/x8.txt" 2>&1
+    stamp "x8 A/B rc=$?"
+    left=$(( 575 - ($(date +%s) - T0) ))
+    timeout $left $PY -m pytest -q -n 8 -rs tests/gpu >"$OUT/gpu_suite.txt" 2>&1
+    stamp "GPU suite (${left} s allowed) rc=$?"
+    tail -4 "$OUT/gpu_suite.txt"; grep -E "^\|" "$OUT/x8.txt"
+    grep -E "^\|" "$OUT/e2e_default.txt"; grep -E "^\| (bf16|int4|ours) " "$OUT/e2e_off.txt"
+    ;;
+f)
+    W=/tmp/next_f && mkdir -p $W   # at most 8 files come back from $OUT: joined at the end
+    off="--no-pack-gqa --no-fuse-residual --no-fuse-cache"
+    for step in "off:$off" "gqa:--no-fuse-residual --no-fuse-cache" "residual:--no-fuse-cache" \
+                "default:" "gated:--gated-mlp"; do
+        name=${step%%:*}
+        timeout 90 $PY $E2E --formats int4 ${step#*:} --log "$W/e2e.jsonl" \
+            >"$W/e2e_$name.txt" 2>&1
+        stamp "e2e $name rc=$?"
+    done
+    timeout 120 $PY $E2E --formats tinygemm,int4,nvfp4 --profile "$OUT/profile.txt" \
+        --log "$W/e2e.jsonl" >"$W/e2e_peers_q.txt" 2>&1
+    stamp "e2e peers, lm_head quantized rc=$?"
+    timeout 120 $PY kernels/bench_e2e.py --formats tinygemm,int4,nvfp4 --prefill-len 2048 \
+        --repeats 2 --log "$W/e2e.jsonl" >"$W/e2e_peers.txt" 2>&1
+    stamp "e2e peers, lm_head bf16, prefill 2048 rc=$?"
+    left=$(( 580 - ($(date +%s) - T0) ))
+    timeout $left $PY -m pytest -q -n 8 -rs tests/gpu >"$OUT/gpu_suite.txt" 2>&1
+    stamp "GPU suite (${left} s allowed) rc=$?"
+    for name in off gqa residual default gated; do
+        echo "== $name"; grep -E "^\| (bf16|int4) " "$W/e2e_$name.txt"
+    done
+    grep -E "^\|" "$W/e2e_peers_q.txt"; grep -E "^\|" "$W/e2e_peers.txt"
+    tail -3 "$OUT/gpu_suite.txt"; grep -E "^FAILED" "$OUT/gpu_suite.txt"
+    for f in "$W"/e2e_*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/e2e_all.txt"
+    cp "$W/e2e.jsonl" "$OUT/"
+    ;;
 esac
+

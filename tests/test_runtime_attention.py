@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.runtime import attention
+from compress.runtime import attention, scope
 
 
 def repeat_kv_attention(query, key, value, mask, scaling):
@@ -57,6 +57,17 @@ def test_a_steps_boolean_mask_is_converted_once():
     again = keep.clone()
     assert attention.additive_mask(again, torch.bfloat16) is not second
     assert attention.additive_mask(again, torch.float32).dtype == torch.float32
+    with torch.inference_mode():   # no version counter: reused within one scoped forward only
+        frozen = keep.clone()
+        forward = scope.RUNNING.set(object())
+        made = attention.additive_mask(frozen, torch.bfloat16)
+        assert attention.additive_mask(frozen, torch.bfloat16) is made
+        scope.RUNNING.reset(forward)
+        forward = scope.RUNNING.set(object())   # the next forward
+        assert attention.additive_mask(frozen, torch.bfloat16) is not made
+        scope.RUNNING.reset(forward)
+        outside = attention.additive_mask(frozen, torch.bfloat16)
+        assert attention.additive_mask(frozen, torch.bfloat16) is not outside
     floating = torch.zeros(1, 1, 1, 9)
     assert attention.additive_mask(floating, torch.float32) is floating
     assert attention.additive_mask(None, torch.float32) is None
@@ -108,6 +119,10 @@ def test_static_cache_decode_packs_only_in_its_model(monkeypatch):
     assert len(calls) == 4 * 2              # the 4 single-token steps, 2 layers each
     assert len(made) <= 4 + 1               # the mask made additive once a step (+ prefill's)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():            # as compress bench and bench_e2e run: masks
+        made.clear()                        # without a version counter
+        torch.testing.assert_close(decode(model), want, rtol=1e-5, atol=1e-5)
+        assert len(made) <= 4 + 1
     calls.clear()
     decode(other)
     assert not calls                        # another model keeps transformers' attention

@@ -57,23 +57,28 @@ def packed_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return out.reshape(b, h, 1, -1).transpose(1, 2).contiguous()
 
 
-_LAST_MASK: list = [None, -1, None]   # the current step's boolean mask, its version, its
-                                     # additive form
+_LAST_MASK: list = [None, None, None]   # the boolean mask last made additive, what it was
+                                       # made for (below), its additive form
 
 
 def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A boolean mask as the 0 / -inf mask SDPA turns it into (torch's
     convert_boolean_attn_mask: two scalar tensors on the mask's device and a where, three
-    launches), made once for all layers of a step: transformers hands every layer the same mask
-    object (made again if the mask was written in place since). Other masks as they are."""
+    launches), made once for all layers of a step: transformers hands every layer of a forward
+    the same mask object. The form made is reused only within the same scoped forward
+    (scope.RUNNING's object), for the same dtype, and, where the mask has a version counter,
+    if it was not written in place since (tensors made under torch.inference_mode have none,
+    so the forward is what bounds the reuse). Other masks as they are."""
     if mask is None or mask.dtype != torch.bool:
         return mask
-    last, version, additive = _LAST_MASK
-    if last is mask and version == mask._version and additive.dtype == dtype:
+    made_for = (scope.RUNNING.get(), None if mask.is_inference() else mask._version, dtype)
+    last, last_made_for, additive = _LAST_MASK
+    if (last is mask and last_made_for[0] is made_for[0] and last_made_for[1:] == made_for[1:]
+            and (made_for[0] or made_for[1] is not None)):   # outside a forward: versions only
         return additive
     zero, minus_inf = (torch.full((), v, dtype=dtype, device=mask.device)
                        for v in (0.0, float("-inf")))
-    _LAST_MASK[:] = mask, mask._version, torch.where(mask, zero, minus_inf)
+    _LAST_MASK[:] = mask, made_for, torch.where(mask, zero, minus_inf)
     return _LAST_MASK[2]
 
 

@@ -10,11 +10,14 @@ import contextvars
 
 from torch import nn
 
+# False outside; inside, a fresh object for each forward of a scoped model: true, and an
+# identity that caches may key on to live for one forward (attention.additive_mask)
 RUNNING = contextvars.ContextVar("compress_runtime_model", default=False)
 
 
 def enter_scope(model: nn.Module) -> None:
-    """Set RUNNING for the duration of every forward of model (hooks added once a model)."""
+    """Set RUNNING for the duration of every forward of model (hooks added once a model), to a
+    new object each forward."""
     if getattr(model, "compress_scoped", False):
         return
     model.register_forward_pre_hook(_enter)
@@ -35,7 +38,7 @@ def leave_scope(model: nn.Module) -> None:
 
 
 def _enter(module, args):
-    module.compress_scope_token = RUNNING.set(True)
+    module.compress_scope_token = RUNNING.set(object())
 
 
 def _leave(module, args, output):

@@ -128,8 +128,10 @@ def test_gated_decode_on_gpu(fmt, half, dtype, rng):
                                                    torch.bfloat16))
         args = (packed, scale, zero, (2 * half, k), 4)
         y, w = int_matmul(x, *args, gated=True), int_dequantize_ref(*args)
-    else:   # MXFP4's random scales reach 2^8: x / 64 keeps the product in float16's range
-        x = x / 64 if fmt == "mxfp4" else x
+    else:   # MXFP4's random scales reach 2^7: gate and up then reach ~500 for x / 64, and their
+        # product (~8e4) overflows float16 in 1-4 of 14336 outputs (the reference's too); x / 256
+        # keeps it below ~6e3
+        x = x / 256 if fmt == "mxfp4" else x
         _, packed, scale, gs = cuda(make_fp4_weight(fmt, 2 * half, k, rng))
         args = (fmt, packed, scale, gs, (2 * half, k))
         y, w = fp4_matmul(x, *args, gated=True), fp4_dequantize_ref(*args)

@@ -322,7 +322,7 @@ def test_the_dequantized_baseline_runs_transformers_code(monkeypatch):
 
     def note(name):
         def hook(*args):   # returns None: the output stays the layer's
-            seen.setdefault(name, scope.RUNNING.get())
+            seen.setdefault(name, bool(scope.RUNNING.get()))
         return hook
 
     for name, m in (("artifact", model), ("baseline", dense)):
