@@ -57,9 +57,11 @@ def decode_variants():
                  (C.Config(1, 8, 1024, 2, 2), 4096, True), (C.Config(1, 8, 2048, 4, 2), 4096, True),
                  (C.Config(1, 4, 1024, 2, 1, 2), 14336, True),
                  (C.Config(1, 8, 512, 1, 1, 3), 1000, False)]
-    for (fmt, bits, zero), act, (cfg, k, even) in itertools.product(
-            [(0, 4, False), (0, 4, True), (0, 8, False), (1, 4, False), (2, 4, False)], ACT,
-            gemv_cfgs):
+    # x of a word column in one load (X8): on for INT4 (decode.X8_LOADS), either for FP4
+    # (decode.X8_LOADS_FP4, off until measured), never for INT8
+    for (fmt, bits, zero, x8), act, (cfg, k, even) in itertools.product(
+            [(0, 4, False, True), (0, 4, True, True), (0, 8, False, False), (1, 4, False, False),
+             (1, 4, False, True), (2, 4, False, False), (2, 4, False, True)], ACT, gemv_cfgs):
         split, k_per_split = C.split_of(k, cfg)
         per = 32 // bits
         group = {0: 128 if bits == 4 else k, 1: 16, 2: 32}[fmt]
@@ -71,11 +73,11 @@ def decode_variants():
                   "K_PER_SPLIT": k_per_split, "FMT": fmt, "BITS": bits, "PER": per,
                   "HAS_ZERO": zero, "HAS_BIAS": True, "ATOMIC": split > 1,
                   "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "EVEN_N": even,
-                  "PREFETCH": cfg.num_stages > 1, "X8": fmt == 0 and bits == 4}
-        yield (f"gemv fmt={fmt} int{bits} zero={zero} {act} K={k} {cfg}",
+                  "PREFETCH": cfg.num_stages > 1, "X8": x8, "GATED": False, "HALF": 0}
+        yield (f"gemv fmt={fmt} int{bits} zero={zero}{' x8' if x8 else ''} {act} K={k} {cfg}",
                decode._gemv_kernel, types, consts, cfg.num_warps, 1)
         if split == 1 and act != "fp32":   # the SiLU-gated epilogue (gate/up, one K-slice)
-            yield (f"gemv gated fmt={fmt} int{bits} zero={zero} {act} K={k} {cfg}",
+            yield (f"gemv gated fmt={fmt} int{bits} zero={zero}{' x8' if x8 else ''} {act} K={k} {cfg}",
                    decode._gemv_kernel, types,
                    {**consts, "GATED": True, "HALF": 14336 if even else 1001}, cfg.num_warps, 1)
     for (fmt, bits, zero), act, cfg in itertools.product(

@@ -11,13 +11,15 @@
 #                                   # x8 A/B, then the GPU suite in the time left
 #   bash kernels/h200_next.sh f     # the fusions one at a time, the peers with either lm_head
 #                                   # and prefill 2048, then the GPU suite in the time left
+#   bash kernels/h200_next.sh g     # FP4 x8 A/B (kernels, GPU tests, end to end), prefill 2048
+#                                   # with 10 repeats
 # A switch flips only on its measured win: decode.X8_LOADS, sparse24.TRANSPOSED_M1,
 # fused.GATED_MLP (off); pack_gqa_decode, fuse_residual_norms and fuse_static_cache (on: exact
 # or one rounding) are turned off by their bench_e2e flags for the "before" rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in a|b|c|d|e|f) ;; *) echo "h200_next.sh: part must be a, b, c, d, e or f, got '$PART'" >&2; exit 2;; esac
+case $PART in a|b|c|d|e|f|g) ;; *) echo "h200_next.sh: part must be one of a-g, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -127,6 +129,30 @@ f)
     tail -3 "$OUT/gpu_suite.txt"; grep -E "^FAILED" "$OUT/gpu_suite.txt"
     for f in "$W"/e2e_*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/e2e_all.txt"
     cp "$W/e2e.jsonl" "$OUT/"
+    ;;
+g)
+    timeout 90 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/fp4x8.jsonl" \
+        --variants bf16,int4-g128,nvfp4,nvfp4@fp4-x8,mxfp4,mxfp4@fp4-x8 >"$OUT/fp4x8.txt" 2>&1
+    stamp "FP4 x8 kernels rc=$?"
+    timeout 150 $PY -m pytest -q -n 8 -rs tests/gpu/test_gpu_kernels.py -k "fp4 or gated" \
+        >"$OUT/gpu_fp4.txt" 2>&1
+    stamp "GPU tests of FP4 and the gated epilogue rc=$?"
+    FP4X8="import runpy, sys; from compress.kernels import decode; decode.X8_LOADS_FP4 = True
+sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    timeout 120 $PY $E2E --formats int4,nvfp4 --prefill-len 2048 --log "$OUT/e2e.jsonl" \
+        >"$OUT/e2e_g.txt" 2>&1
+    stamp "e2e int4, nvfp4, prefill 2048 rc=$?"
+    timeout 120 $PY -c "$FP4X8" $E2E --formats nvfp4 --prefill-len 2048 --log "$OUT/e2e.jsonl" \
+        >>"$OUT/e2e_g.txt" 2>&1
+    stamp "e2e nvfp4 with FP4 x8 rc=$?"
+    for flags in "--gated-mlp" "" "--gated-mlp"; do   # the gated epilogue again (f: +1%)
+        [ $(( $(date +%s) - T0 )) -lt 420 ] || break
+        timeout 60 $PY $E2E --formats int4 $flags --log "$OUT/e2e.jsonl" 2>&1 \
+            | grep -E "^\| int4 " | sed "s/^/[gated A\/B: ${flags:-default}] /" >>"$OUT/gated.txt"
+        stamp "e2e int4 ${flags:-default} rc=$?"
+    done
+    grep -E "^\|" "$OUT/fp4x8.txt"; tail -2 "$OUT/gpu_fp4.txt"; grep -E "^\|" "$OUT/e2e_g.txt"
+    cat "$OUT/gated.txt"
     ;;
 esac
 

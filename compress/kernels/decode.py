@@ -41,6 +41,9 @@ FMT_INT, FMT_NVFP4, FMT_MXFP4 = 0, 1, 2
 # its H200 A/B (2026-12-04, kernels/BENCHMARKS.md; bench_kernels.py variant "@no-x8" is the old
 # loads): as fast or faster on all four Llama shapes, down_proj 19.2 -> 17.9 us, asym 2-13%.
 X8_LOADS = True
+# The same for FP4 (NVFP4, MXFP4: _fp4_x8_dot). Off until its own H200 A/B has run
+# (bench_kernels.py variant "@fp4-x8"); tested on the CPU.
+X8_LOADS_FP4 = False
 
 
 @triton.jit
@@ -162,11 +165,11 @@ def _int4_pair_dot(t, words, j: tl.constexpr, xa, xb, one):
 
 
 @triton.jit
-def _int4_x8_dot(t, words, x_at, k_at, K, one, EVEN_K: tl.constexpr):
-    """_int_slot_dot for all 8 slots of INT4 words [W, BN] at once, x of each word column read as
-    one [W, 8] tile (a 16-byte load a thread where x is aligned) and split into its slots in
-    registers, instead of 8 scalar loads: the M = 1 kernel is limited by L1 load instructions
-    (H200 ncu: L1/TEX 71% busy, kernels/NOTES.md). Returns t, corr, xsum as _int_slot_dot."""
+def _x8_slots(x_at, k_at, K, EVEN_K: tl.constexpr):
+    """x at the 8 code slots of each word column (x_at, k_at [W, 1]: slot 0's pointer and
+    input), read as one [W, 8] tile (a 16-byte load a thread where x is aligned) and split into
+    8 float32 vectors [W] in registers, instead of 8 scalar loads: the M = 1 kernel is limited
+    by L1 load instructions (H200 ncu: L1/TEX 71% busy, kernels/NOTES.md)."""
     r8 = tl.arange(0, 8)[None, :]
     if EVEN_K:
         x8 = tl.load(x_at + r8)
@@ -180,6 +183,14 @@ def _int4_x8_dot(t, words, x_at, k_at, K, one, EVEN_K: tl.constexpr):
     x2, x6 = tl.split(e26)
     x1, x5 = tl.split(o15)
     x3, x7 = tl.split(o37)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _int4_x8_dot(t, words, x_at, k_at, K, one, EVEN_K: tl.constexpr):
+    """_int_slot_dot for all 8 slots of INT4 words [W, BN] at once, x by _x8_slots. Returns t,
+    corr, xsum as _int_slot_dot."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x8_slots(x_at, k_at, K, EVEN_K)
     t = _int4_pair_dot(t, words, 0, x0, x1, one)
     t = _int4_pair_dot(t, words, 2, x2, x3, one)
     t = _int4_pair_dot(t, words, 4, x4, x5, one)
@@ -187,6 +198,22 @@ def _int4_x8_dot(t, words, x_at, k_at, K, one, EVEN_K: tl.constexpr):
     xa = x0 + x2 + x4 + x6      # the lower code of each shift (see _int_slot_dot's corr)
     xb = x1 + x3 + x5 + x7
     return t, (xa * 264.0 + xb * 24.0)[:, None], (xa + xb)[:, None]
+
+
+@triton.jit
+def _fp4_x8_dot(t, words, x_at, k_at, K, EVEN_K: tl.constexpr):
+    """t += x_j v_j over the 8 E2M1 slots of words [W, BN] (_fp4_as_f32; x times 2^64 as in
+    the scalar loop), x by _x8_slots. One statement a slot (the compiler then emits FFMAs)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x8_slots(x_at, k_at, K, EVEN_K)
+    t += (x0 * 18446744073709551616.0)[:, None] * _fp4_as_f32(words, 0)
+    t += (x1 * 18446744073709551616.0)[:, None] * _fp4_as_f32(words, 1)
+    t += (x2 * 18446744073709551616.0)[:, None] * _fp4_as_f32(words, 2)
+    t += (x3 * 18446744073709551616.0)[:, None] * _fp4_as_f32(words, 3)
+    t += (x4 * 18446744073709551616.0)[:, None] * _fp4_as_f32(words, 4)
+    t += (x5 * 18446744073709551616.0)[:, None] * _fp4_as_f32(words, 5)
+    t += (x6 * 18446744073709551616.0)[:, None] * _fp4_as_f32(words, 6)
+    t += (x7 * 18446744073709551616.0)[:, None] * _fp4_as_f32(words, 7)
+    return t
 
 
 @triton.jit
@@ -364,9 +391,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
             else:
                 acc += s * (t * (1 << BITS) - corr)
         else:          # FP4: see _fp4_as_f32; 2^48 = 2^(126-64) / 2^14 in s
-            for j in tl.static_range(PER):
-                xj = _load_x(x_at + j, k_at + j, K, EVEN_K)
-                t += (xj * 18446744073709551616.0) * _fp4_as_f32(words, j)
+            if X8:
+                t = _fp4_x8_dot(t, words, x_at, k_at, K, EVEN_K)
+            else:
+                for j in tl.static_range(PER):
+                    xj = _load_x(x_at + j, k_at + j, K, EVEN_K)
+                    t += (xj * 18446744073709551616.0) * _fp4_as_f32(words, j)
             acc += (t * 281474976710656.0) * s
     y = tl.sum(acc, axis=0)
     if GATED:   # (no split-K: the host launches one K-slice)
@@ -429,7 +459,8 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
             *pointers, half or n, x2.stride(0),
             0x3F800000,   # float32 1.0 as a runtime value: kept in a register (_code_mantissas)
             K=k, KW=words.shape[1], G=groups, GROUP=group, K_PER_SPLIT=k_per_split,
-            PREFETCH=cfg.num_stages > 1, X8=X8_LOADS and fmt == FMT_INT and bits == 4,
+            PREFETCH=cfg.num_stages > 1,
+            X8=X8_LOADS_FP4 if fmt != FMT_INT else X8_LOADS and bits == 4,
             GATED=gated, HALF=half,
             num_stages=1, **common)   # not Triton's pipeline (through shared memory): registers
     else:

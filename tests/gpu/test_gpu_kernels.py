@@ -18,6 +18,7 @@ from test_kernel_w4a16 import CASES as INT_CASES
 from test_kernel_w4a16 import PATHS, assert_gated_close, make_int_weight
 
 from compress.kernels import _common as C
+from compress.kernels import decode
 from compress.kernels.fp4 import fp4_dequantize_ref, fp4_matmul, fp4_matmul_ref
 from compress.kernels.sparse24 import sparse24_matmul, sparse24_matmul_ref
 from compress.kernels.w4a16 import int_dequantize_ref, int_matmul, int_matmul_ref
@@ -55,7 +56,11 @@ def test_int_kernel_on_gpu(case, dtype, rng):
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("case", FP4_CASES + LLAMA_SHAPES[:2], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fp4_kernel_on_gpu(fmt, case, dtype, rng):
+@pytest.mark.parametrize("x8", [False, True], ids=["x-slots", "x8"])
+def test_fp4_kernel_on_gpu(fmt, case, dtype, x8, rng, monkeypatch):
+    """Every path; x8: the M = 1 kernel reads x of a word column in one load
+    (decode.X8_LOADS_FP4)."""
+    monkeypatch.setattr(decode, "X8_LOADS_FP4", x8)
     m, n, k = case
     _, packed, scale, gs = make_fp4_weight(fmt, n, k, rng)
     packed, scale, gs = cuda(packed), cuda(scale), cuda(gs)
@@ -118,9 +123,12 @@ def test_sparse24_kernel_on_gpu(kind, case, dtype, rng):
 @pytest.mark.parametrize("fmt", ["int4", "int4-asym", "nvfp4", "mxfp4"])
 @pytest.mark.parametrize("half", [1001, 14336])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gated_decode_on_gpu(fmt, half, dtype, rng):
+@pytest.mark.parametrize("x8", [False, True], ids=["x-slots", "x8"])
+def test_gated_decode_on_gpu(fmt, half, dtype, x8, rng, monkeypatch):
     """The M = 1 kernel's SiLU-gated epilogue (gate and up stacked, Llama's 14336 and an odd
-    half) with the shipped config of the shape."""
+    half) with the shipped config of the shape; x read by slot or in one load a word column
+    (decode.X8_LOADS, X8_LOADS_FP4)."""
+    monkeypatch.setattr(decode, "X8_LOADS" if fmt.startswith("int4") else "X8_LOADS_FP4", x8)
     k = 4096
     x = torch.randn(1, k, generator=rng).to(dtype).cuda()
     if fmt.startswith("int4"):

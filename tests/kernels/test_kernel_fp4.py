@@ -11,6 +11,7 @@ from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8, unpa
 from kernel_checks import DTYPES, assert_matmul_close
 
 from compress.kernels import _common as C
+from compress.kernels import decode
 from compress.kernels.fp4 import (
     E2M1_VALUES,
     FORMATS,
@@ -46,7 +47,10 @@ CASES = [(1, 37, 96), (3, 45, 160), (17, 29, 224)]  # K % 64 != 0, N odd
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "m{}-n{}-k{}".format(*c))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fp4_matmul_matches_reference_on_every_path(fmt, case, dtype, rng):
+@pytest.mark.parametrize("x8", [False, True], ids=["x-slots", "x8"])
+def test_fp4_matmul_matches_reference_on_every_path(fmt, case, dtype, x8, rng, monkeypatch):
+    """x8: the M = 1 kernel reads x of a word column in one load (decode._fp4_x8_dot)."""
+    monkeypatch.setattr(decode, "X8_LOADS_FP4", x8)
     m, n, k = case
     _, packed, scale, gs = make_fp4_weight(fmt, n, k, rng)
     bias = torch.randn(n, generator=rng).to(dtype)
@@ -62,9 +66,12 @@ def test_fp4_matmul_matches_reference_on_every_path(fmt, case, dtype, rng):
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("cfg", [C.Config(1, 16, 256, 1), C.Config(1, 32, 512, 2, 3, 2)], ids=str)
 @pytest.mark.parametrize("scale_x", [1.0, 1e-6], ids=["x~1", "x~1e-6"])
-def test_m1_decode_inside_the_matrix(fmt, cfg, scale_x, rng):
+@pytest.mark.parametrize("x8", [False, True], ids=["x-slots", "x8"])
+def test_m1_decode_inside_the_matrix(fmt, cfg, scale_x, x8, rng, monkeypatch):
     """N, K multiples of the blocks (no bounds masks): E2M1 decoded as float32 denormal bits
-    (decode._fp4_as_f32) times 2^64 x; tiny activations must not lose their products."""
+    (decode._fp4_as_f32) times 2^64 x; tiny activations must not lose their products; x read
+    by slot or in one load a word column (decode.X8_LOADS_FP4)."""
+    monkeypatch.setattr(decode, "X8_LOADS_FP4", x8)
     n, k = 64, 1024
     _, packed, scale, gs = make_fp4_weight(fmt, n, k, rng)
     x = torch.randn(1, k, generator=rng) * scale_x
