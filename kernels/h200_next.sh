@@ -139,10 +139,10 @@ g)
     stamp "GPU tests of FP4 and the gated epilogue rc=$?"
     FP4X8="import runpy, sys; from compress.kernels import decode; decode.X8_LOADS_FP4 = True
 sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    timeout 120 $PY $E2E --formats int4,nvfp4 --prefill-len 2048 --log "$OUT/e2e.jsonl" \
+    timeout 120 $PY kernels/bench_e2e.py --repeats 3 --formats int4,nvfp4 --prefill-len 2048 --log "$OUT/e2e.jsonl" \
         >"$OUT/e2e_g.txt" 2>&1
     stamp "e2e int4, nvfp4, prefill 2048 rc=$?"
-    timeout 120 $PY -c "$FP4X8" $E2E --formats nvfp4 --prefill-len 2048 --log "$OUT/e2e.jsonl" \
+    timeout 120 $PY -c "$FP4X8" kernels/bench_e2e.py --repeats 3 --formats nvfp4 --prefill-len 2048 --log "$OUT/e2e.jsonl" \
         >>"$OUT/e2e_g.txt" 2>&1
     stamp "e2e nvfp4 with FP4 x8 rc=$?"
     for flags in "--gated-mlp" "" "--gated-mlp"; do   # the gated epilogue again (f: +1%)
