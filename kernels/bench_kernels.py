@@ -163,7 +163,7 @@ def make_variants(n: int, k: int, device) -> dict:
                 v[f"{name}@{path}"] = (functools.partial(_forced, fn_ref[0], path), fn_ref[1])
             v[f"{name}@tc-plain"] = (functools.partial(_plain_tc, fn_ref[0]), fn_ref[1])
             v[f"{name}@no-x8"] = (functools.partial(_no_x8, fn_ref[0]), fn_ref[1])
-            v[f"{name}@fp4-x8"] = (functools.partial(_fp4_x8, fn_ref[0]), fn_ref[1])
+            v[f"{name}@no-fp4-x8"] = (functools.partial(_no_fp4_x8, fn_ref[0]), fn_ref[1])
     if device.type == "cuda":
         tiny = tinygemm_int4(codes, scale)
         if tiny is not None:
@@ -203,9 +203,9 @@ def _without(fn, x: torch.Tensor, *, path: str, module: str, name: str, off) -> 
 # "@no-x8": the M = 1 INT4 kernel with 8 scalar loads of x a word column, as before
 # decode._int4_x8_dot (on by default since its H200 A/B)
 _no_x8 = functools.partial(_without, path="decode", module="decode", name="X8_LOADS", off=False)
-# "@fp4-x8": the same one-load x for FP4 (decode._fp4_x8_dot, off by default until measured)
-_fp4_x8 = functools.partial(_without, path="decode", module="decode", name="X8_LOADS_FP4",
-                            off=True)
+# "@no-fp4-x8": FP4's M = 1 kernel with 8 scalar loads of x, as before decode._fp4_x8_dot
+_no_fp4_x8 = functools.partial(_without, path="decode", module="decode", name="X8_LOADS_FP4",
+                               off=False)
 _plain_tc = functools.partial(_without, path="tc", module="tc", name="packed_int4",
                               off=lambda *args: False)
 
