@@ -212,10 +212,10 @@ def main() -> None:
                         help="keep transformers' single-token attention in our rows "
                              "(compress.load packs the heads where transformers does not and "
                              "makes the step's mask additive once, runtime/attention.py)")
-    parser.add_argument("--gated-mlp", action="store_true",
-                        help="SiLU and the product in the fused gate/up matmul's epilogue "
-                             "(compress/runtime/fused.py GATED_MLP, off by default until "
-                             "measured), not after it as transformers runs them")
+    parser.add_argument("--no-gated-mlp", dest="gated_mlp", action="store_false",
+                        help="SiLU and the product after the fused gate/up matmul, as "
+                             "transformers runs them: turns off the epilogue that compress.load "
+                             "runs by default (compress/runtime/fused.py GATED_MLP)")
     parser.add_argument("--profile", default=None,
                         help="append a torch.profiler kernel table of eager decode steps of "
                              "every row to this file")

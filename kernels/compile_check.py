@@ -58,7 +58,7 @@ def decode_variants():
                  (C.Config(1, 4, 1024, 2, 1, 2), 14336, True),
                  (C.Config(1, 8, 512, 1, 1, 3), 1000, False)]
     # x of a word column in one load (X8): on for INT4 (decode.X8_LOADS), either for FP4
-    # (decode.X8_LOADS_FP4, off until measured), never for INT8
+    # (decode.X8_LOADS_FP4, on since its A/B: the old loop still compiles), never for INT8
     for (fmt, bits, zero, x8), act, (cfg, k, even) in itertools.product(
             [(0, 4, False, True), (0, 4, True, True), (0, 8, False, False), (1, 4, False, False),
              (1, 4, False, True), (2, 4, False, False), (2, 4, False, True)], ACT, gemv_cfgs):

@@ -120,7 +120,7 @@ def main() -> None:
              ("+ q/k/v, gate/up fused", ["norms", "rope", "gqa", "qkv"]),
              ("+ residual adds", ["norms", "rope", "gqa", "qkv", "residual"]),
              ("+ static cache update", ["norms", "rope", "gqa", "qkv", "residual", "cache"]),
-             ("+ gated MLP epilogue (off by default)",
+             ("+ gated MLP epilogue (= compress.load on CUDA)",
               ["norms", "rope", "gqa", "qkv", "residual", "cache", "gated"])]
     print(f"transformers {transformers.__version__}, torch {torch.__version__}: launches of "
           "one decode step (batch 1), TINY Llama shape, INT4 linears", file=sys.stderr)

@@ -13,9 +13,10 @@
 #                                   # and prefill 2048, then the GPU suite in the time left
 #   bash kernels/h200_next.sh g     # FP4 x8 A/B (kernels, GPU tests, end to end), prefill 2048
 #                                   # with 10 repeats
-# A switch flips only on its measured win: decode.X8_LOADS, sparse24.TRANSPOSED_M1,
-# fused.GATED_MLP (off); pack_gqa_decode, fuse_residual_norms and fuse_static_cache (on: exact
-# or one rounding) are turned off by their bench_e2e flags for the "before" rows.
+# A switch flips only on its measured win: sparse24.TRANSPOSED_M1 (off, part c measures it);
+# decode.X8_LOADS, X8_LOADS_FP4 and fused.GATED_MLP (on since their A/B, 2026-12-04);
+# pack_gqa_decode, fuse_residual_norms, fuse_static_cache and the gated epilogue are turned off
+# by their bench_e2e flags for the "before" rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
@@ -39,7 +40,7 @@ a)
     timeout 380 $PY -m pytest -q -n 8 -rs tests/gpu >"$OUT/gpu_suite.txt" 2>&1
     stamp "GPU suite rc=$?"
     timeout 100 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/x8.jsonl" \
-        --variants bf16,tinygemm,int4-g128,int4-g128@x8,int4-g128-asym,int4-g128-asym@x8 \
+        --variants bf16,tinygemm,int4-g128,int4-g128@no-x8,int4-g128-asym,int4-g128-asym@no-x8 \
         >"$OUT/x8.txt" 2>&1
     stamp "x8 A/B rc=$?"
     tail -4 "$OUT/gpu_suite.txt"; grep -E "^\|" "$OUT/x8.txt"
@@ -47,16 +48,16 @@ a)
 b)
     # the fusions one at a time, each process's bf16 row the reference (they apply to every
     # row after bf16 in a process): all off, then packed GQA, the residual adds, the cache
-    # update (= compress.load's default), and the gated MLP epilogue on top
-    off="--no-pack-gqa --no-fuse-residual --no-fuse-cache"
-    for step in "off:$off" "gqa:--no-fuse-residual --no-fuse-cache" "residual:--no-fuse-cache" \
-                "default:" "gated:--gated-mlp"; do
+    # update, and the gated MLP epilogue on top (= compress.load's default)
+    off="--no-pack-gqa --no-fuse-residual --no-fuse-cache --no-gated-mlp"
+    for step in "off:$off" "gqa:--no-fuse-residual --no-fuse-cache --no-gated-mlp" \
+                "residual:--no-fuse-cache --no-gated-mlp" "cache:--no-gated-mlp" "default:"; do
         name=${step%%:*}
         timeout 110 $PY $E2E --formats int4 ${step#*:} --log "$OUT/e2e_$name.jsonl" \
             >"$OUT/e2e_$name.txt" 2>&1
         stamp "e2e $name rc=$?"
     done
-    for name in off gqa residual default gated; do
+    for name in off gqa residual cache default; do
         echo "== $name"; grep -E "^\| (bf16|int4) " "$OUT/e2e_$name.txt"
     done
     ;;
@@ -94,7 +95,7 @@ e)
         --log "$OUT/e2e_off.jsonl" >"$OUT/e2e_off.txt" 2>&1
     stamp "e2e fusions off rc=$?"
     timeout 90 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/x8.jsonl" \
-        --variants bf16,tinygemm,int4-g128,int4-g128@x8,int4-g128-asym,int4-g128-asym@x8 \
+        --variants bf16,tinygemm,int4-g128,int4-g128@no-x8,int4-g128-asym,int4-g128-asym@no-x8 \
         >"$OUT/x8.txt" 2>&1
     stamp "x8 A/B rc=$?"
     left=$(( 575 - ($(date +%s) - T0) ))
@@ -105,9 +106,9 @@ e)
     ;;
 f)
     W=/tmp/next_f && mkdir -p $W   # at most 8 files come back from $OUT: joined at the end
-    off="--no-pack-gqa --no-fuse-residual --no-fuse-cache"
-    for step in "off:$off" "gqa:--no-fuse-residual --no-fuse-cache" "residual:--no-fuse-cache" \
-                "default:" "gated:--gated-mlp"; do
+    off="--no-pack-gqa --no-fuse-residual --no-fuse-cache --no-gated-mlp"
+    for step in "off:$off" "gqa:--no-fuse-residual --no-fuse-cache --no-gated-mlp" \
+                "residual:--no-fuse-cache --no-gated-mlp" "cache:--no-gated-mlp" "default:"; do
         name=${step%%:*}
         timeout 90 $PY $E2E --formats int4 ${step#*:} --log "$W/e2e.jsonl" \
             >"$W/e2e_$name.txt" 2>&1
@@ -122,7 +123,7 @@ f)
     left=$(( 580 - ($(date +%s) - T0) ))
     timeout $left $PY -m pytest -q -n 8 -rs tests/gpu >"$OUT/gpu_suite.txt" 2>&1
     stamp "GPU suite (${left} s allowed) rc=$?"
-    for name in off gqa residual default gated; do
+    for name in off gqa residual cache default; do
         echo "== $name"; grep -E "^\| (bf16|int4) " "$W/e2e_$name.txt"
     done
     grep -E "^\|" "$W/e2e_peers_q.txt"; grep -E "^\|" "$W/e2e_peers.txt"
@@ -132,24 +133,25 @@ f)
     ;;
 g)
     timeout 90 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/fp4x8.jsonl" \
-        --variants bf16,int4-g128,nvfp4,nvfp4@fp4-x8,mxfp4,mxfp4@fp4-x8 >"$OUT/fp4x8.txt" 2>&1
+        --variants bf16,int4-g128,nvfp4,nvfp4@no-fp4-x8,mxfp4,mxfp4@no-fp4-x8 \
+        >"$OUT/fp4x8.txt" 2>&1
     stamp "FP4 x8 kernels rc=$?"
     timeout 150 $PY -m pytest -q -n 8 -rs tests/gpu/test_gpu_kernels.py -k "fp4 or gated" \
         >"$OUT/gpu_fp4.txt" 2>&1
     stamp "GPU tests of FP4 and the gated epilogue rc=$?"
-    FP4X8="import runpy, sys; from compress.kernels import decode; decode.X8_LOADS_FP4 = True
+    NO_FP4X8="import runpy, sys; from compress.kernels import decode; decode.X8_LOADS_FP4 = False
 sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    timeout 120 $PY kernels/bench_e2e.py --repeats 3 --formats int4,nvfp4 --prefill-len 2048 --log "$OUT/e2e.jsonl" \
-        >"$OUT/e2e_g.txt" 2>&1
+    timeout 120 $PY kernels/bench_e2e.py --repeats 3 --formats int4,nvfp4 --prefill-len 2048 \
+        --log "$OUT/e2e.jsonl" >"$OUT/e2e_g.txt" 2>&1
     stamp "e2e int4, nvfp4, prefill 2048 rc=$?"
-    timeout 120 $PY -c "$FP4X8" kernels/bench_e2e.py --repeats 3 --formats nvfp4 --prefill-len 2048 --log "$OUT/e2e.jsonl" \
-        >>"$OUT/e2e_g.txt" 2>&1
-    stamp "e2e nvfp4 with FP4 x8 rc=$?"
-    for flags in "--gated-mlp" "" "--gated-mlp"; do   # the gated epilogue again (f: +1%)
+    timeout 120 $PY -c "$NO_FP4X8" kernels/bench_e2e.py --repeats 3 --formats nvfp4 \
+        --prefill-len 2048 --log "$OUT/e2e.jsonl" >>"$OUT/e2e_g.txt" 2>&1
+    stamp "e2e nvfp4 with FP4 x loaded by slot (before x8) rc=$?"
+    for flags in "" "--no-gated-mlp" ""; do   # the gated epilogue again (f: +1%)
         [ $(( $(date +%s) - T0 )) -lt 420 ] || break
         timeout 60 $PY $E2E --formats int4 $flags --log "$OUT/e2e.jsonl" 2>&1 \
-            | grep -E "^\| int4 " | sed "s/^/[gated A\/B: ${flags:-default}] /" >>"$OUT/gated.txt"
-        stamp "e2e int4 ${flags:-default} rc=$?"
+            | grep -E "^\| int4 " | sed "s/^/[gated A\/B: ${flags:-gated}] /" >>"$OUT/gated.txt"
+        stamp "e2e int4 ${flags:-gated} rc=$?"
     done
     grep -E "^\|" "$OUT/fp4x8.txt"; tail -2 "$OUT/gpu_fp4.txt"; grep -E "^\|" "$OUT/e2e_g.txt"
     cat "$OUT/gated.txt"

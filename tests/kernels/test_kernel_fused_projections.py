@@ -56,9 +56,23 @@ def test_fused_groups_give_the_separate_logits_in_the_same_memory(name, monkeypa
     assert attn.k_proj.weight_packed.untyped_storage().data_ptr() == \
         stack.untyped_storage().data_ptr()
     assert "(fused)" in attn.v_proj.kernel_path and attn.v_proj.fused_group.cache is None
-    # the gated MLP epilogue is opt-in (fused.GATED_MLP) until measured on the H200
-    assert not any("forward" in layer.mlp.__dict__ for layer in model.model.layers)
+    # the gated MLP epilogue is on by default (fused.GATED_MLP, since its H200 A/B)
+    assert all("forward" in layer.mlp.__dict__ for layer in model.model.layers)
     assert fuse_projections(model) == 0                 # already fused
+
+
+def test_without_the_gated_epilogue_the_mlp_keeps_its_forward(monkeypatch):
+    """fused.GATED_MLP off (bench_e2e --no-gated-mlp): gate/up fused, the MLP's forward
+    transformers' own."""
+    from compress.runtime import fused
+
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    monkeypatch.setattr(fused, "GATED_MLP", False)
+    model = quantized_llama(FORMATS["int4"])
+    assert fuse_projections(model) == 2 * 2
+    assert not any("forward" in layer.mlp.__dict__ for layer in model.model.layers)
+    mlp = model.model.layers[0].mlp
+    assert mlp.up_proj.fused_group is mlp.gate_proj.fused_group
 
 
 @pytest.mark.parametrize("name", ["int4-asym", "nvfp4"])

@@ -129,7 +129,7 @@ def _applies(cfg, case):
                          "m{}-n{}-k{}-g{}-{}-int{}".format(*v))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_kernel_every_config_shape(cfg, case, x8, dtype, rng, monkeypatch):
-    """x8: M = 1 INT4 reads x of a word column in one load (decode._int4_x8_dot, opt-in)."""
+    """x8: M = 1 INT4 reads x of a word column in one load (decode._int4_x8_dot, the default)."""
     monkeypatch.setattr(decode, "X8_LOADS", x8)
     m, n, k, group, symmetric, bits = case
     packed, scale, zero = make_int_weight(n, k, group, symmetric, bits, rng, torch.bfloat16)
