@@ -289,11 +289,12 @@ def loop_sass(kernel) -> str:
     _, start, end = max(loops)
     body = [line for line in lines[start:end + 1] if re.match(r"\s+/\*[0-9a-f]{4}\*/\s", line)]
     # shared-memory traffic and barriers in the loop: Triton's layout conversions (the M = 1
-    # loop converts its x operand through shared memory once per code slot)
-    smem = {op: sum(1 for line in body if re.search(rf"\s{op}[.\s]", line))
-            for op in ("STS", "LDS", "BAR")}
-    return (f", {len(body)} SASS in the main loop (STS {smem['STS']}, LDS {smem['LDS']}, "
-            f"BAR {smem['BAR']})")
+    # loop converts its x operand through shared memory once per code slot); global loads: the
+    # M = 1 kernel is limited by L1 load instructions (H200 ncu, kernels/NOTES.md)
+    ops = {op: sum(1 for line in body if re.search(rf"\s{op}[.\s]", line))
+           for op in ("LDG", "STS", "LDS", "BAR")}
+    return (f", {len(body)} SASS in the main loop (LDG {ops['LDG']}, STS {ops['STS']}, "
+            f"LDS {ops['LDS']}, BAR {ops['BAR']})")
 
 
 def main() -> None:
