@@ -34,6 +34,22 @@ nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv >"$OUT/gpu.t
 git log -1 --format=%h >"$OUT/commit.txt" 2>/dev/null || true
 E2E="kernels/bench_e2e.py --quantize-lm-head --repeats 3"
 
+# INT4 bench_e2e with the run-time fusions added one at a time, each process's bf16 row the
+# reference (they apply to every row after bf16 in a process): all off, then packed GQA, the
+# residual adds, the cache update, and the gated MLP epilogue (= compress.load's default).
+# Writes DIR/e2e_<step>.txt and DIR/e2e.jsonl; TIMEOUT seconds a step.
+fusion_steps() {
+    local dir=$1 limit=$2 step name
+    for step in "off:--no-pack-gqa --no-fuse-residual --no-fuse-cache --no-gated-mlp" \
+                "gqa:--no-fuse-residual --no-fuse-cache --no-gated-mlp" \
+                "residual:--no-fuse-cache --no-gated-mlp" "cache:--no-gated-mlp" "default:"; do
+        name=${step%%:*}
+        timeout "$limit" $PY $E2E --formats int4 ${step#*:} --log "$dir/e2e.jsonl" \
+            >"$dir/e2e_$name.txt" 2>&1
+        stamp "e2e $name rc=$?"
+    done
+}
+
 case $PART in
 a)
     stamp "GPU suite"
@@ -46,17 +62,7 @@ a)
     tail -4 "$OUT/gpu_suite.txt"; grep -E "^\|" "$OUT/x8.txt"
     ;;
 b)
-    # the fusions one at a time, each process's bf16 row the reference (they apply to every
-    # row after bf16 in a process): all off, then packed GQA, the residual adds, the cache
-    # update, and the gated MLP epilogue on top (= compress.load's default)
-    off="--no-pack-gqa --no-fuse-residual --no-fuse-cache --no-gated-mlp"
-    for step in "off:$off" "gqa:--no-fuse-residual --no-fuse-cache --no-gated-mlp" \
-                "residual:--no-fuse-cache --no-gated-mlp" "cache:--no-gated-mlp" "default:"; do
-        name=${step%%:*}
-        timeout 110 $PY $E2E --formats int4 ${step#*:} --log "$OUT/e2e_$name.jsonl" \
-            >"$OUT/e2e_$name.txt" 2>&1
-        stamp "e2e $name rc=$?"
-    done
+    fusion_steps "$OUT" 110
     for name in off gqa residual cache default; do
         echo "== $name"; grep -E "^\| (bf16|int4) " "$OUT/e2e_$name.txt"
     done
@@ -106,14 +112,7 @@ e)
     ;;
 f)
     W=/tmp/next_f && mkdir -p $W   # at most 8 files come back from $OUT: joined at the end
-    off="--no-pack-gqa --no-fuse-residual --no-fuse-cache --no-gated-mlp"
-    for step in "off:$off" "gqa:--no-fuse-residual --no-fuse-cache --no-gated-mlp" \
-                "residual:--no-fuse-cache --no-gated-mlp" "cache:--no-gated-mlp" "default:"; do
-        name=${step%%:*}
-        timeout 90 $PY $E2E --formats int4 ${step#*:} --log "$W/e2e.jsonl" \
-            >"$W/e2e_$name.txt" 2>&1
-        stamp "e2e $name rc=$?"
-    done
+    fusion_steps "$W" 90
     timeout 120 $PY $E2E --formats tinygemm,int4,nvfp4 --profile "$OUT/profile.txt" \
         --log "$W/e2e.jsonl" >"$W/e2e_peers_q.txt" 2>&1
     stamp "e2e peers, lm_head quantized rc=$?"
