@@ -73,9 +73,13 @@ def decode_variants():
                   "K_PER_SPLIT": k_per_split, "FMT": fmt, "BITS": bits, "PER": per,
                   "HAS_ZERO": zero, "HAS_BIAS": True, "ATOMIC": split > 1,
                   "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "EVEN_N": even,
-                  "PREFETCH": cfg.num_stages > 1, "X8": x8, "GATED": False, "HALF": 0}
+                  "PREFETCH": cfg.num_stages > 1, "X8": x8, "GATED": False, "HALF": 0,
+                  "PAIR": False}
         yield (f"gemv fmt={fmt} int{bits} zero={zero}{' x8' if x8 else ''} {act} K={k} {cfg}",
                decode._gemv_kernel, types, consts, cfg.num_warps, 1)
+        if x8 and decode._pairs_in_groups(cfg, k_per_split, per, group):   # PAIR_WORDS
+            yield (f"gemv pair fmt={fmt} int{bits} zero={zero} x8 {act} K={k} {cfg}",
+                   decode._gemv_kernel, types, {**consts, "PAIR": True}, cfg.num_warps, 1)
         if split == 1 and act != "fp32":   # the SiLU-gated epilogue (gate/up, one K-slice)
             yield (f"gemv gated fmt={fmt} int{bits} zero={zero}{' x8' if x8 else ''} {act} K={k} {cfg}",
                    decode._gemv_kernel, types,

@@ -13,6 +13,7 @@
 #                                   # and prefill 2048, then the GPU suite in the time left
 #   bash kernels/h200_next.sh g     # FP4 x8 A/B (kernels, GPU tests, end to end), prefill 2048
 #                                   # with 10 repeats
+#   bash kernels/h200_next.sh h     # decode.PAIR_WORDS A/B: GPU test, M = 1 kernels, end to end
 # A switch flips only on its measured win: sparse24.TRANSPOSED_M1 (off, part c measures it);
 # decode.X8_LOADS, X8_LOADS_FP4 and fused.GATED_MLP (on since their A/B, 2026-12-04);
 # pack_gqa_decode, fuse_residual_norms, fuse_static_cache and the gated epilogue are turned off
@@ -20,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in a|b|c|d|e|f|g) ;; *) echo "h200_next.sh: part must be one of a-g, got '$PART'" >&2; exit 2;; esac
+case $PART in a|b|c|d|e|f|g|h) ;; *) echo "h200_next.sh: part must be one of a-h, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -154,6 +155,26 @@ sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     done
     grep -E "^\|" "$OUT/fp4x8.txt"; tail -2 "$OUT/gpu_fp4.txt"; grep -E "^\|" "$OUT/e2e_g.txt"
     cat "$OUT/gated.txt"
+    ;;
+h)
+    # PAIR_WORDS (kernels/NOTES.md, twelfth session): LDG 34 -> 26 a K-tile, checked on the CPU
+    timeout 120 $PY -m pytest -q -n 8 tests/gpu/test_gpu_kernels.py -k pair_words \
+        >"$OUT/gpu_pair.txt" 2>&1
+    stamp "GPU test of PAIR_WORDS rc=$?"
+    timeout 120 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/pair.jsonl" \
+        --variants bf16,tinygemm,int4-g128,int4-g128@pair,int4-g128-asym,int4-g128-asym@pair,nvfp4,nvfp4@pair,mxfp4,mxfp4@pair \
+        >"$OUT/pair.txt" 2>&1
+    stamp "PAIR_WORDS kernels rc=$?"
+    PAIR="import runpy, sys; from compress.kernels import decode; decode.PAIR_WORDS = True
+sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    timeout 120 $PY $E2E --formats tinygemm,int4,nvfp4 --log "$OUT/e2e.jsonl" \
+        >"$OUT/e2e_plain.txt" 2>&1
+    stamp "e2e rc=$?"
+    timeout 120 $PY -c "$PAIR" $E2E --formats int4,nvfp4 --log "$OUT/e2e.jsonl" \
+        >"$OUT/e2e_pair.txt" 2>&1
+    stamp "e2e with PAIR_WORDS rc=$?"
+    tail -2 "$OUT/gpu_pair.txt"; grep -E "^\|" "$OUT/pair.txt"
+    grep -E "^\|" "$OUT/e2e_plain.txt" "$OUT/e2e_pair.txt"
     ;;
 esac
 

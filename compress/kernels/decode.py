@@ -44,6 +44,13 @@ X8_LOADS = True
 # The same for FP4 (NVFP4, MXFP4: _fp4_x8_dot). On since its H200 A/B (2026-12-04: NVFP4 M = 1
 # 2-9% faster on the four Llama shapes, MXFP4 0-3%; bench_kernels.py "@no-fp4-x8" is the old).
 X8_LOADS_FP4 = True
+# M = 1, 4-bit: a thread's two word columns are words 2p and 2p + 1 instead of p and
+# p + WORDS / 2 (a thread holds elements p and p + WORDS / 2 of the tile where the tile has twice
+# as many words as the program has threads), so both lie in one scale group and the compiler
+# loads their scale (and zero point) once: INT4 g128's loads a K-tile 34 -> 26 (compile_check
+# --sass). Word loads stay scalar, now strided by 2 across a warp (the second load of the pair
+# hits the lines the first brought). Off until its H200 A/B.
+PAIR_WORDS = False
 
 
 @triton.jit
@@ -311,7 +318,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
                  ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_N: tl.constexpr, PREFETCH: tl.constexpr = False,
                  X8: tl.constexpr = False, GATED: tl.constexpr = False,
-                 HALF: tl.constexpr = 0):
+                 HALF: tl.constexpr = 0, PAIR: tl.constexpr = False):
     """One activation row (program axis 2) times BLOCK_N rows of W, over one K-slice (axis 1).
 
     The tile is [WORDS, BLOCK_N], transposed: a thread owns word columns, and all BLOCK_N rows
@@ -343,6 +350,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
         row0 = pid_n * BLOCK_N
         n_in = row0 + rows < N
     ri = tl.arange(0, WORDS)
+    if PAIR:   # element p holds word 2p, element p + WORDS / 2 word 2p + 1 (see PAIR_WORDS)
+        HALF_W: tl.constexpr = WORDS // 2
+        pair = ri % HALF_W
+        ri = 2 * pair + ri // HALF_W
     # Scalar (64-bit) pointers to this program's first row and K-slice; the per-element offsets
     # from them are then small: the compiler folds a row's offset into the load's immediate
     # instead of sign-extending a 32-bit offset per element (LEA + LEA.HI.X each: 65 of 580
@@ -368,7 +379,11 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
                             mask=((rw + WORDS) < stop)[:, None] & n_in[None, :], other=0)
         else:
             words = _load_or_zero(w_prog + kk // PER + offs, inside, MASKED)
-        s, z = _group_scale(s_ptr, z_ptr, gs, rows[None, :], ((rw * PER) // GROUP)[:, None],
+        if PAIR:   # a pair's two words share a group: one expression, so one load of both
+            cols = (k_first + kk) // GROUP + pair // (GROUP // (2 * PER))
+        else:
+            cols = (rw * PER) // GROUP
+        s, z = _group_scale(s_ptr, z_ptr, gs, rows[None, :], cols[:, None],
                             inside, G, FMT, BITS, PER, HAS_ZERO, MASKED, True, row0)
         k_off = tl.max_contiguous((kk + ri * PER)[:, None], [1, 1])   # slot 0 of each column
         x_at = x_prog + k_off
@@ -410,6 +425,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
         rm = row + tl.arange(0, 1)
         C.finish_tile(tl.reshape(y, (1, BLOCK_N)), b_ptr, out_ptr, rm, row0 + rows, rm >= 0,
                       n_in, N, pid_k, HAS_BIAS, ATOMIC)
+
+
+def _pairs_in_groups(cfg: C.Config, k_per_split: int, per: int, group: int) -> bool:
+    """PAIR_WORDS applies: every K-tile starts on a group, and a group holds whole pairs."""
+    return (per == 8 and group % (2 * per) == 0 and cfg.block_k % group == 0
+            and k_per_split % group == 0 and cfg.block_k // per >= 2)
 
 
 def group_shift(group: int) -> int:
@@ -462,6 +483,7 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
             PREFETCH=cfg.num_stages > 1,
             X8=X8_LOADS_FP4 if fmt != FMT_INT else X8_LOADS and bits == 4,
             GATED=gated, HALF=half,
+            PAIR=PAIR_WORDS and _pairs_in_groups(cfg, k_per_split, per, group),
             num_stages=1, **common)   # not Triton's pipeline (through shared memory): registers
     else:
         _words_matmul_kernel[(grid_m, grid_n, split)](

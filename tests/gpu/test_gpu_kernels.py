@@ -53,6 +53,28 @@ def test_int_kernel_on_gpu(case, dtype, rng):
         assert_matmul_close(y, ref, x, w, (path, case))
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int4-asym", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
+                         ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pair_words_on_gpu(fmt, n, k, dtype, rng, monkeypatch):
+    """decode.PAIR_WORDS (a thread's words 2p and 2p + 1, one scale load a pair) on the Llama
+    shapes with their shipped M = 1 configs, against the reference."""
+    monkeypatch.setattr(decode, "PAIR_WORDS", True)
+    x = torch.randn(1, k, generator=rng).to(dtype).cuda()
+    if fmt.startswith("int4"):
+        packed, scale, zero = cuda(make_int_weight(n, k, 128, fmt == "int4", 4, rng))
+        y = int_matmul(x, packed, scale, zero, (n, k), 4, path="decode")
+        ref = int_matmul_ref(x, packed, scale, zero, (n, k), 4)
+        w = int_dequantize_ref(packed, scale, zero, (n, k), 4)
+    else:
+        _, packed, scale, gs = cuda(make_fp4_weight(fmt, n, k, rng))
+        y = fp4_matmul(x, fmt, packed, scale, gs, (n, k), path="decode")
+        ref = fp4_matmul_ref(x, fmt, packed, scale, gs, (n, k))
+        w = fp4_dequantize_ref(fmt, packed, scale, gs, (n, k))
+    assert_matmul_close(y, ref, x, w, (fmt, n, k))
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("case", FP4_CASES + LLAMA_SHAPES[:2], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -49,8 +49,10 @@ CASES = [(1, 37, 96), (3, 45, 160), (17, 29, 224)]  # K % 64 != 0, N odd
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("x8", [False, True], ids=["x-slots", "x8"])
 def test_fp4_matmul_matches_reference_on_every_path(fmt, case, dtype, x8, rng, monkeypatch):
-    """x8: the M = 1 kernel reads x of a word column in one load (decode._fp4_x8_dot)."""
+    """x8: the M = 1 kernel reads x of a word column in one load (decode._fp4_x8_dot), and
+    pairs its words (decode.PAIR_WORDS; K masked here)."""
     monkeypatch.setattr(decode, "X8_LOADS_FP4", x8)
+    monkeypatch.setattr(decode, "PAIR_WORDS", x8)
     m, n, k = case
     _, packed, scale, gs = make_fp4_weight(fmt, n, k, rng)
     bias = torch.randn(n, generator=rng).to(dtype)
@@ -67,11 +69,14 @@ def test_fp4_matmul_matches_reference_on_every_path(fmt, case, dtype, x8, rng, m
 @pytest.mark.parametrize("cfg", [C.Config(1, 16, 256, 1), C.Config(1, 32, 512, 2, 3, 2)], ids=str)
 @pytest.mark.parametrize("scale_x", [1.0, 1e-6], ids=["x~1", "x~1e-6"])
 @pytest.mark.parametrize("x8", [False, True], ids=["x-slots", "x8"])
-def test_m1_decode_inside_the_matrix(fmt, cfg, scale_x, x8, rng, monkeypatch):
+@pytest.mark.parametrize("pair", [False, True], ids=["words-p-and-p+W/2", "pair-words"])
+def test_m1_decode_inside_the_matrix(fmt, cfg, scale_x, x8, pair, rng, monkeypatch):
     """N, K multiples of the blocks (no bounds masks): E2M1 decoded as float32 denormal bits
     (decode._fp4_as_f32) times 2^64 x; tiny activations must not lose their products; x read
-    by slot or in one load a word column (decode.X8_LOADS_FP4)."""
+    by slot or in one load a word column (decode.X8_LOADS_FP4); a thread's words 2p and 2p + 1
+    (decode.PAIR_WORDS: one scale a pair) or p and p + W / 2."""
     monkeypatch.setattr(decode, "X8_LOADS_FP4", x8)
+    monkeypatch.setattr(decode, "PAIR_WORDS", pair)
     n, k = 64, 1024
     _, packed, scale, gs = make_fp4_weight(fmt, n, k, rng)
     x = torch.randn(1, k, generator=rng) * scale_x
