@@ -207,7 +207,7 @@ _no_x8 = functools.partial(_without, path="decode", module="decode", name="X8_LO
 # "@no-fp4-x8": FP4's M = 1 kernel with 8 scalar loads of x, as before decode._fp4_x8_dot
 _no_fp4_x8 = functools.partial(_without, path="decode", module="decode", name="X8_LOADS_FP4",
                                off=False)
-# "@pair": the M = 1 4-bit kernel with a thread's words 2p and 2p + 1 (decode.PAIR_WORDS, off)
+# "@pair": the M = 1 kernel reading words 2p and 2p + 1 as one int64 (decode.PAIR_WORDS, off)
 _pair = functools.partial(_without, path="decode", module="decode", name="PAIR_WORDS", off=True)
 _plain_tc = functools.partial(_without, path="tc", module="tc", name="packed_int4",
                               off=lambda *args: False)

@@ -77,9 +77,10 @@ def decode_variants():
                   "PAIR": False}
         yield (f"gemv fmt={fmt} int{bits} zero={zero}{' x8' if x8 else ''} {act} K={k} {cfg}",
                decode._gemv_kernel, types, consts, cfg.num_warps, 1)
-        if x8 and decode._pairs_in_groups(cfg, k_per_split, per, group):   # PAIR_WORDS
-            yield (f"gemv pair fmt={fmt} int{bits} zero={zero} x8 {act} K={k} {cfg}",
-                   decode._gemv_kernel, types, {**consts, "PAIR": True}, cfg.num_warps, 1)
+        if (x8 or bits == 8) and group % (2 * per) == 0 and k % (2 * per) == 0:   # PAIR_WORDS
+            yield (f"gemv pair fmt={fmt} int{bits} zero={zero}{' x8' if x8 else ''} {act} K={k} "
+                   f"{cfg}", decode._gemv_kernel, {**types, "w_ptr": "*i64"},
+                   {**consts, "PAIR": True}, cfg.num_warps, 1)
         if split == 1 and act != "fp32":   # the SiLU-gated epilogue (gate/up, one K-slice)
             yield (f"gemv gated fmt={fmt} int{bits} zero={zero}{' x8' if x8 else ''} {act} K={k} {cfg}",
                    decode._gemv_kernel, types,

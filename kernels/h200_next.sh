@@ -157,24 +157,37 @@ sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     cat "$OUT/gated.txt"
     ;;
 h)
-    # PAIR_WORDS (kernels/NOTES.md, twelfth session): LDG 34 -> 26 a K-tile, checked on the CPU
+    # PAIR_WORDS (kernels/NOTES.md, twelfth session: words 2p and 2p + 1 as one int64, LDG 34 ->
+    # 18 a K-tile, checked on the CPU): the GPU test, then the kernels with the shipped table,
+    # a retune of the M = 1 configs with it on, the kernels and bench_e2e on that table
+    W=/tmp/next_h && mkdir -p $W   # at most 8 files come back from $OUT: joined at the end
     timeout 120 $PY -m pytest -q -n 8 tests/gpu/test_gpu_kernels.py -k pair_words \
-        >"$OUT/gpu_pair.txt" 2>&1
+        >"$W/gpu_pair.txt" 2>&1
     stamp "GPU test of PAIR_WORDS rc=$?"
-    timeout 120 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/pair.jsonl" \
-        --variants bf16,tinygemm,int4-g128,int4-g128@pair,int4-g128-asym,int4-g128-asym@pair,nvfp4,nvfp4@pair,mxfp4,mxfp4@pair \
-        >"$OUT/pair.txt" 2>&1
-    stamp "PAIR_WORDS kernels rc=$?"
+    V=bf16,tinygemm,int4-g128,int4-g128@pair,int4-g128-asym,int4-g128-asym@pair,nvfp4,nvfp4@pair
+    timeout 90 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/pair.jsonl" \
+        --variants $V,mxfp4,mxfp4@pair,int8-channel,int8-channel@pair >"$W/pair.txt" 2>&1
+    stamp "PAIR_WORDS kernels, shipped table rc=$?"
     PAIR="import runpy, sys; from compress.kernels import decode; decode.PAIR_WORDS = True
 sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    timeout 120 $PY $E2E --formats tinygemm,int4,nvfp4 --log "$OUT/e2e.jsonl" \
-        >"$OUT/e2e_plain.txt" 2>&1
-    stamp "e2e rc=$?"
-    timeout 120 $PY -c "$PAIR" $E2E --formats int4,nvfp4 --log "$OUT/e2e.jsonl" \
-        >"$OUT/e2e_pair.txt" 2>&1
-    stamp "e2e with PAIR_WORDS rc=$?"
-    tail -2 "$OUT/gpu_pair.txt"; grep -E "^\|" "$OUT/pair.txt"
-    grep -E "^\|" "$OUT/e2e_plain.txt" "$OUT/e2e_pair.txt"
+    timeout 150 $PY -c "$PAIR" kernels/autotune.py --path decode --formats int4,nvfp4,int8 \
+        --buckets 1 --budget-s 120 --reps 10 --base compress/kernels/configs/nvidia_h200.json \
+        --out "$OUT/tuned_pair.json" >"$W/tune_pair.txt" 2>&1
+    stamp "retune with PAIR_WORDS rc=$?"
+    export COMPRESS_KERNEL_CONFIGS=$OUT/tuned_pair.json
+    timeout 90 $PY -c "$PAIR" kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/pair.jsonl" \
+        --variants bf16,tinygemm,int4-g128,int4-g128-asym,nvfp4,mxfp4,int8-channel \
+        >"$W/pair_tuned.txt" 2>&1
+    stamp "PAIR_WORDS kernels, retuned rc=$?"
+    timeout 120 $PY -c "$PAIR" $E2E --formats tinygemm,int4,nvfp4 --log "$OUT/e2e.jsonl" \
+        >"$W/e2e_pair.txt" 2>&1
+    stamp "e2e with PAIR_WORDS, retuned rc=$?"
+    unset COMPRESS_KERNEL_CONFIGS
+    timeout 120 $PY $E2E --formats int4,nvfp4 --log "$OUT/e2e.jsonl" >"$W/e2e_plain.txt" 2>&1
+    stamp "e2e as shipped rc=$?"
+    tail -2 "$W/gpu_pair.txt"; grep -E "^\|" "$W/pair.txt" "$W/pair_tuned.txt"
+    grep -E "^\|" "$W/e2e_pair.txt" "$W/e2e_plain.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/h_all.txt"
     ;;
 esac
 

@@ -44,12 +44,10 @@ X8_LOADS = True
 # The same for FP4 (NVFP4, MXFP4: _fp4_x8_dot). On since its H200 A/B (2026-12-04: NVFP4 M = 1
 # 2-9% faster on the four Llama shapes, MXFP4 0-3%; bench_kernels.py "@no-fp4-x8" is the old).
 X8_LOADS_FP4 = True
-# M = 1, 4-bit: a thread's two word columns are words 2p and 2p + 1 instead of p and
-# p + WORDS / 2 (a thread holds elements p and p + WORDS / 2 of the tile where the tile has twice
-# as many words as the program has threads), so both lie in one scale group and the compiler
-# loads their scale (and zero point) once: INT4 g128's loads a K-tile 34 -> 26 (compile_check
-# --sass). Word loads stay scalar, now strided by 2 across a warp (the second load of the pair
-# hits the lines the first brought). Off until its H200 A/B.
+# M = 1: words 2p and 2p + 1 of a row read as one 64-bit element (the words viewed as int64):
+# one load for both, and, as both lie in one scale group, one scale (and zero point) for both.
+# The loop's loads a K-tile, INT4 8 x 1024 tile: 34 -> 18 (compile_check --sass), in the same
+# layout (no shared memory). Off until its H200 A/B (bench_kernels "@pair").
 PAIR_WORDS = False
 
 
@@ -311,6 +309,30 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
 
 
 @triton.jit
+def _word_dot(t, corr, xsum, words, x_at, k_at, K, one, FMT: tl.constexpr, BITS: tl.constexpr,
+              PER: tl.constexpr, X8: tl.constexpr, EVEN_K: tl.constexpr,
+              HAS_ZERO: tl.constexpr):
+    """Every code slot of words [C, BN] (one word a tile column) against x from x_at / k_at
+    (slot 0's pointers and inputs, [C, 1]): INT adds into t, corr, xsum (_int_slot_dot), FP4
+    into t (_fp4_as_f32: x times 2^64); X8: x of the word in one load (_x8_slots)."""
+    if FMT == 0 and X8:
+        t, c, xs = _int4_x8_dot(t, words, x_at, k_at, K, one, EVEN_K)
+        corr += c
+        xsum += xs
+    elif FMT == 0:
+        for j in tl.static_range(0, PER, 1 if BITS == 8 else 2):
+            t, corr, xsum = _int_slot_dot(t, corr, xsum, words, x_at, k_at, K, one, j, BITS,
+                                          EVEN_K, HAS_ZERO)
+    elif X8:
+        t = _fp4_x8_dot(t, words, x_at, k_at, K, EVEN_K)
+    else:
+        for j in tl.static_range(PER):
+            xj = _load_x(x_at + j, k_at + j, K, EVEN_K)
+            t += (xj * 18446744073709551616.0) * _fp4_as_f32(words, j)
+    return t, corr, xsum
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_xm, one_bits,
                  K: tl.constexpr, KW: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr,
                  K_PER_SPLIT: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr,
@@ -334,7 +356,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
     GATED: W stacks gate (rows 0 .. HALF-1) and up (rows HALF .. 2 HALF-1) of a SiLU-gated MLP;
     a program takes BLOCK_N / 2 rows of each, and stores silu(gate) * up for its BLOCK_N / 2
     outputs (out [M, HALF]): the activation and product of the MLP in the epilogue, not in two
-    more launches a layer. N is then HALF (the output rows)."""
+    more launches a layer. N is then HALF (the output rows).
+
+    PAIR: w_ptr holds the words as int64, words 2p and 2p + 1 of a row in one element (PAIR_WORDS):
+    a tile column is then a pair, one load and one scale for both words."""
     WORDS: tl.constexpr = BLOCK_K // PER
     EVEN_K: tl.constexpr = K % K_PER_SPLIT == 0 and KW * PER == K
     MASKED: tl.constexpr = not (EVEN_K and EVEN_N)
@@ -349,69 +374,59 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
         OUTS: tl.constexpr = BLOCK_N
         row0 = pid_n * BLOCK_N
         n_in = row0 + rows < N
-    ri = tl.arange(0, WORDS)
-    if PAIR:   # element p holds word 2p, element p + WORDS / 2 word 2p + 1 (see PAIR_WORDS)
-        HALF_W: tl.constexpr = WORDS // 2
-        pair = ri % HALF_W
-        ri = 2 * pair + ri // HALF_W
+    # a tile column: one word, or with PAIR two (an int64: PAIR_WORDS), of CW codes; KC a row's
+    COLS: tl.constexpr = WORDS // 2 if PAIR else WORDS
+    CW: tl.constexpr = 2 * PER if PAIR else PER
+    KC: tl.constexpr = KW // 2 if PAIR else KW
+    ri = tl.arange(0, COLS)
     # Scalar (64-bit) pointers to this program's first row and K-slice; the per-element offsets
     # from them are then small: the compiler folds a row's offset into the load's immediate
     # instead of sign-extending a 32-bit offset per element (LEA + LEA.HI.X each: 65 of 580
     # SASS in the loop).
     k_first = pid_k * K_PER_SPLIT
-    w_prog = w_ptr + row0 * KW + k_first // PER
+    w_prog = w_ptr + row0 * KC + k_first // CW
     x_prog = x_ptr + row * stride_xm + k_first
     gs = 1.0
     if FMT == 1:  # NVFP4: w = e2m1 * scale / global_scale; 2^14 undoes the float16 decode
         gs = 16384.0 / tl.load(gs_ptr).to(tl.float32)
-    acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-    offs = tl.max_contiguous(ri[:, None] + rows[None, :] * KW, [1, 1])
+    acc = tl.zeros((COLS, BLOCK_N), dtype=tl.float32)
+    offs = tl.max_contiguous(ri[:, None] + rows[None, :] * KC, [1, 1])
     if PREFETCH:
-        ahead = _load_or_zero(w_prog + offs, ((k_first // PER + ri)[:, None] < KW)
+        ahead = _load_or_zero(w_prog + offs, ((k_first // CW + ri)[:, None] < KC)
                               & n_in[None, :], MASKED)
-        stop = tl.minimum(KW, (k_first + K_PER_SPLIT) // PER)   # this slice's last word + 1
+        stop = tl.minimum(KC, (k_first + K_PER_SPLIT) // CW)   # this slice's last column + 1
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        rw = (k_first + kk) // PER + ri                        # word columns
-        inside = (rw[:, None] < KW) & n_in[None, :]
+        rw = (k_first + kk) // CW + ri                         # tile columns
+        inside = (rw[:, None] < KC) & n_in[None, :]
         if PREFETCH:   # this tile's words came one iteration early; ask for the next ones now
             words = ahead
-            ahead = tl.load(w_prog + (kk + BLOCK_K) // PER + offs,
-                            mask=((rw + WORDS) < stop)[:, None] & n_in[None, :], other=0)
+            ahead = tl.load(w_prog + (kk + BLOCK_K) // CW + offs,
+                            mask=((rw + COLS) < stop)[:, None] & n_in[None, :], other=0)
         else:
-            words = _load_or_zero(w_prog + kk // PER + offs, inside, MASKED)
-        if PAIR:   # a pair's two words share a group: one expression, so one load of both
-            cols = (k_first + kk) // GROUP + pair // (GROUP // (2 * PER))
-        else:
-            cols = (rw * PER) // GROUP
-        s, z = _group_scale(s_ptr, z_ptr, gs, rows[None, :], cols[:, None],
+            words = _load_or_zero(w_prog + kk // CW + offs, inside, MASKED)
+        s, z = _group_scale(s_ptr, z_ptr, gs, rows[None, :], ((rw * CW) // GROUP)[:, None],
                             inside, G, FMT, BITS, PER, HAS_ZERO, MASKED, True, row0)
-        k_off = tl.max_contiguous((kk + ri * PER)[:, None], [1, 1])   # slot 0 of each column
+        k_off = tl.max_contiguous((kk + ri * CW)[:, None], [1, 1])   # slot 0 of each column
         x_at = x_prog + k_off
         k_at = k_first + k_off
-        t = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-        if FMT == 0 and X8:   # INT4, x of a column in one load: see _int4_x8_dot
-            t, corr, xsum = _int4_x8_dot(t, words, x_at, k_at, K, one_bits, EVEN_K)
-            if HAS_ZERO:
-                acc += s * (t * 16 - corr - z * xsum)
-            else:
-                acc += s * (t * 16 - corr)
-        elif FMT == 0:        # see _int_slot_dot
-            corr = tl.zeros((WORDS, 1), dtype=tl.float32)
-            xsum = tl.zeros((WORDS, 1), dtype=tl.float32)
-            for j in tl.static_range(0, PER, 1 if BITS == 8 else 2):
-                t, corr, xsum = _int_slot_dot(t, corr, xsum, words, x_at, k_at, K, one_bits, j,
-                                              BITS, EVEN_K, HAS_ZERO)
+        t = tl.zeros((COLS, BLOCK_N), dtype=tl.float32)
+        corr = tl.zeros((COLS, 1), dtype=tl.float32)
+        xsum = tl.zeros((COLS, 1), dtype=tl.float32)
+        if PAIR:   # the low half is word 2p (little-endian), the high half word 2p + 1
+            t, corr, xsum = _word_dot(t, corr, xsum, words.to(tl.int32), x_at, k_at, K,
+                                      one_bits, FMT, BITS, PER, X8, EVEN_K, HAS_ZERO)
+            t, corr, xsum = _word_dot(t, corr, xsum, (words >> 32).to(tl.int32), x_at + PER,
+                                      k_at + PER, K, one_bits, FMT, BITS, PER, X8, EVEN_K,
+                                      HAS_ZERO)
+        else:
+            t, corr, xsum = _word_dot(t, corr, xsum, words, x_at, k_at, K, one_bits, FMT, BITS,
+                                      PER, X8, EVEN_K, HAS_ZERO)
+        if FMT == 0:   # see _int_slot_dot
             if HAS_ZERO:
                 acc += s * (t * (1 << BITS) - corr - z * xsum)
             else:
                 acc += s * (t * (1 << BITS) - corr)
         else:          # FP4: see _fp4_as_f32; 2^48 = 2^(126-64) / 2^14 in s
-            if X8:
-                t = _fp4_x8_dot(t, words, x_at, k_at, K, EVEN_K)
-            else:
-                for j in tl.static_range(PER):
-                    xj = _load_x(x_at + j, k_at + j, K, EVEN_K)
-                    t += (xj * 18446744073709551616.0) * _fp4_as_f32(words, j)
             acc += (t * 281474976710656.0) * s
     y = tl.sum(acc, axis=0)
     if GATED:   # (no split-K: the host launches one K-slice)
@@ -427,10 +442,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
                       n_in, N, pid_k, HAS_BIAS, ATOMIC)
 
 
-def _pairs_in_groups(cfg: C.Config, k_per_split: int, per: int, group: int) -> bool:
-    """PAIR_WORDS applies: every K-tile starts on a group, and a group holds whole pairs."""
-    return (per == 8 and group % (2 * per) == 0 and cfg.block_k % group == 0
-            and k_per_split % group == 0 and cfg.block_k // per >= 2)
+def pairs_apply(words: torch.Tensor, per: int, group: int, block_k: int) -> bool:
+    """PAIR_WORDS can read these words: whole pairs a row, 8-byte aligned, a scale group and a
+    K-tile holding whole pairs."""
+    return (words.shape[1] % 2 == 0 and words.stride(1) == 1 and words.stride(0) % 2 == 0
+            and words.data_ptr() % 8 == 0 and group % (2 * per) == 0
+            and block_k % (2 * per) == 0)
 
 
 def group_shift(group: int) -> int:
@@ -476,14 +493,16 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
     pointers = (x2, words, scale, zero if zero is not None else words,
                 bias if bias is not None else x2, out, gs)
     if not use_dot:
+        pair = PAIR_WORDS and pairs_apply(words, per, group, cfg.block_k)
+        if pair:   # words 2p and 2p + 1 of a row as one int64 (little-endian: 2p the low half)
+            pointers = (x2, words.view(torch.int64)) + pointers[2:]
         _gemv_kernel[(grid_n, split, m)](
             *pointers, half or n, x2.stride(0),
             0x3F800000,   # float32 1.0 as a runtime value: kept in a register (_code_mantissas)
             K=k, KW=words.shape[1], G=groups, GROUP=group, K_PER_SPLIT=k_per_split,
             PREFETCH=cfg.num_stages > 1,
             X8=X8_LOADS_FP4 if fmt != FMT_INT else X8_LOADS and bits == 4,
-            GATED=gated, HALF=half,
-            PAIR=PAIR_WORDS and _pairs_in_groups(cfg, k_per_split, per, group),
+            GATED=gated, HALF=half, PAIR=pair,
             num_stages=1, **common)   # not Triton's pipeline (through shared memory): registers
     else:
         _words_matmul_kernel[(grid_m, grid_n, split)](

@@ -58,8 +58,8 @@ def test_int_kernel_on_gpu(case, dtype, rng):
                          ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_pair_words_on_gpu(fmt, n, k, dtype, rng, monkeypatch):
-    """decode.PAIR_WORDS (a thread's words 2p and 2p + 1, one scale load a pair) on the Llama
-    shapes with their shipped M = 1 configs, against the reference."""
+    """decode.PAIR_WORDS (words 2p and 2p + 1 read as one int64, one scale load a pair) on the
+    Llama shapes with their shipped M = 1 configs, against the reference."""
     monkeypatch.setattr(decode, "PAIR_WORDS", True)
     x = torch.randn(1, k, generator=rng).to(dtype).cuda()
     if fmt.startswith("int4"):

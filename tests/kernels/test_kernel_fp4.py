@@ -50,7 +50,7 @@ CASES = [(1, 37, 96), (3, 45, 160), (17, 29, 224)]  # K % 64 != 0, N odd
 @pytest.mark.parametrize("x8", [False, True], ids=["x-slots", "x8"])
 def test_fp4_matmul_matches_reference_on_every_path(fmt, case, dtype, x8, rng, monkeypatch):
     """x8: the M = 1 kernel reads x of a word column in one load (decode._fp4_x8_dot), and
-    pairs its words (decode.PAIR_WORDS; K masked here)."""
+    words two at a time as one int64 (decode.PAIR_WORDS; K masked here)."""
     monkeypatch.setattr(decode, "X8_LOADS_FP4", x8)
     monkeypatch.setattr(decode, "PAIR_WORDS", x8)
     m, n, k = case
@@ -69,12 +69,12 @@ def test_fp4_matmul_matches_reference_on_every_path(fmt, case, dtype, x8, rng, m
 @pytest.mark.parametrize("cfg", [C.Config(1, 16, 256, 1), C.Config(1, 32, 512, 2, 3, 2)], ids=str)
 @pytest.mark.parametrize("scale_x", [1.0, 1e-6], ids=["x~1", "x~1e-6"])
 @pytest.mark.parametrize("x8", [False, True], ids=["x-slots", "x8"])
-@pytest.mark.parametrize("pair", [False, True], ids=["words-p-and-p+W/2", "pair-words"])
+@pytest.mark.parametrize("pair", [False, True], ids=["int32-words", "int64-pairs"])
 def test_m1_decode_inside_the_matrix(fmt, cfg, scale_x, x8, pair, rng, monkeypatch):
     """N, K multiples of the blocks (no bounds masks): E2M1 decoded as float32 denormal bits
     (decode._fp4_as_f32) times 2^64 x; tiny activations must not lose their products; x read
-    by slot or in one load a word column (decode.X8_LOADS_FP4); a thread's words 2p and 2p + 1
-    (decode.PAIR_WORDS: one scale a pair) or p and p + W / 2."""
+    by slot or in one load a word column (decode.X8_LOADS_FP4); words read one by one or two
+    at a time as one int64 (decode.PAIR_WORDS: one scale a pair)."""
     monkeypatch.setattr(decode, "X8_LOADS_FP4", x8)
     monkeypatch.setattr(decode, "PAIR_WORDS", pair)
     n, k = 64, 1024

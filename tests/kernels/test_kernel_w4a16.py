@@ -142,27 +142,28 @@ def test_decode_kernel_every_config_shape(cfg, case, x8, dtype, rng, monkeypatch
 
 
 
-# decode.PAIR_WORDS: a thread's two word columns are words 2p and 2p + 1 of one scale group
-# (the scale column computed from the pair, not the word); N odd, K with a masked tail, group
-# 128 and 32, zero points, split-K, the next tile's words loaded ahead.
-PAIR_CASES = [(37, 512, 128, True), (29, 512, 128, False), (23, 992, 32, False),
-              (31, 384, 32, True)]                       # (n, k, group, symmetric)
-PAIR_CONFIGS = [C.Config(1, 8, 256), C.Config(1, 4, 128, 1, 1, 2), C.Config(1, 8, 256, 2, 2, 3)]
+# decode.PAIR_WORDS: words 2p and 2p + 1 of a row read as one int64 (one scale for both); N odd,
+# K with a masked tail, group 128 and 32, zero points, split-K, the next tile's words loaded
+# ahead, INT8 too (per-channel scales).
+PAIR_CASES = [(37, 512, 128, True, 4), (29, 512, 128, False, 4), (23, 992, 32, False, 4),
+              (31, 384, 32, True, 4), (19, 264, None, True, 8), (17, 200, 8, False, 8)]
+PAIR_CONFIGS = [C.Config(1, 8, 256), C.Config(1, 4, 128, 1, 1, 2), C.Config(1, 8, 256, 2, 2, 3),
+                C.Config(1, 8, 64, 4, 3, 2)]
 
 
 @pytest.mark.parametrize("cfg", PAIR_CONFIGS, ids=str)
-@pytest.mark.parametrize("case", PAIR_CASES, ids=lambda c: "n{}-k{}-g{}-sym{}".format(*c))
+@pytest.mark.parametrize("case", PAIR_CASES, ids=lambda c: "n{}-k{}-g{}-sym{}-int{}".format(*c))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_pair_words_match_the_reference(cfg, case, dtype, rng, monkeypatch):
     monkeypatch.setattr(decode, "PAIR_WORDS", True)
-    n, k, group, symmetric = case
-    assert decode._pairs_in_groups(cfg, C.split_of(k, cfg)[1], 8, group)
-    packed, scale, zero = make_int_weight(n, k, group, symmetric, 4, rng, torch.bfloat16)
+    n, k, group, symmetric, bits = case
+    packed, scale, zero = make_int_weight(n, k, group, symmetric, bits, rng, torch.bfloat16)
+    assert decode.pairs_apply(packed, 32 // bits, group or k, cfg.block_k)   # int32 words
     bias = torch.randn(n, generator=rng)
     x = torch.randn(1, k, generator=rng).to(dtype)
-    y = int_matmul(x, packed, scale, zero, (n, k), 4, bias=bias, path="decode", config=cfg)
-    ref = int_matmul_ref(x, packed, scale, zero, (n, k), 4, bias=bias)
-    w = int_dequantize_ref(packed, scale, zero, (n, k), 4)
+    y = int_matmul(x, packed, scale, zero, (n, k), bits, bias=bias, path="decode", config=cfg)
+    ref = int_matmul_ref(x, packed, scale, zero, (n, k), bits, bias=bias)
+    w = int_dequantize_ref(packed, scale, zero, (n, k), bits)
     assert_matmul_close(y, ref, x, w, rng.initial_seed(), bias)
 
 
