@@ -146,11 +146,13 @@ def test_sparse24_kernel_on_gpu(kind, case, dtype, rng):
 @pytest.mark.parametrize("half", [1001, 14336])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("x8", [False, True], ids=["x-slots", "x8"])
-def test_gated_decode_on_gpu(fmt, half, dtype, x8, rng, monkeypatch):
+@pytest.mark.parametrize("pair", [False, True], ids=["int32-words", "int64-pairs"])
+def test_gated_decode_on_gpu(fmt, half, dtype, x8, pair, rng, monkeypatch):
     """The M = 1 kernel's SiLU-gated epilogue (gate and up stacked, Llama's 14336 and an odd
     half) with the shipped config of the shape; x read by slot or in one load a word column
-    (decode.X8_LOADS, X8_LOADS_FP4)."""
+    (decode.X8_LOADS, X8_LOADS_FP4); words one at a time or two as one int64 (PAIR_WORDS)."""
     monkeypatch.setattr(decode, "X8_LOADS" if fmt.startswith("int4") else "X8_LOADS_FP4", x8)
+    monkeypatch.setattr(decode, "PAIR_WORDS", pair)
     k = 4096
     x = torch.randn(1, k, generator=rng).to(dtype).cuda()
     if fmt.startswith("int4"):

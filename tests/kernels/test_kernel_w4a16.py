@@ -266,7 +266,10 @@ GATED_CONFIGS = [C.Config(1, 8, 64), C.Config(1, 16, 256, split_k=3), C.Config(1
 @pytest.mark.parametrize("half, k, group, symmetric, bits",
                          [(37, 512, 128, False, 4), (16, 256, 32, True, 4), (21, 264, 8, False, 8)],
                          ids=["f37-asym-int4", "f16-sym-int4", "f21-asym-int8-k264"])
-def test_gated_decode_is_silu_of_gate_times_up(cfg, half, k, group, symmetric, bits, rng):
+@pytest.mark.parametrize("pair", [False, True], ids=["int32-words", "int64-pairs"])
+def test_gated_decode_is_silu_of_gate_times_up(cfg, half, k, group, symmetric, bits, pair, rng,
+                                               monkeypatch):
+    monkeypatch.setattr(decode, "PAIR_WORDS", pair)   # words read one or two at a time
     packed, scale, zero = make_int_weight(2 * half, k, group, symmetric, bits, rng,
                                           torch.bfloat16)
     bias = torch.randn(2 * half, generator=rng)
