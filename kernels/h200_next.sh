@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 calls prepared for the switches built without device time (kernels/NOTES.md, tenth
-# and eleventh sessions). Each part fits one device call (< 600 s); short tables come last,
+# to twelfth sessions; a to g have run, 2026-12-04, kernels/BENCHMARKS.md; h is next). Each part fits one device call (< 600 s); short tables come last,
 # full logs stay under $OUT. On this machine first: `bash kernels/gpu_wheels.sh`; then the
 # device call, with carry [".whl"]:
 #   bash kernels/h200_next.sh a     # GPU suite; M = 1 INT4 x-load A/B (decode.X8_LOADS)
@@ -14,7 +14,8 @@
 #   bash kernels/h200_next.sh g     # FP4 x8 A/B (kernels, GPU tests, end to end), prefill 2048
 #                                   # with 10 repeats
 #   bash kernels/h200_next.sh h     # decode.PAIR_WORDS A/B: GPU test, M = 1 kernels, end to end
-# A switch flips only on its measured win: sparse24.TRANSPOSED_M1 (off, part c measures it);
+# A switch flips only on its measured win: sparse24.TRANSPOSED_M1 (off, part c measures it),
+# decode.PAIR_WORDS (off, part h);
 # decode.X8_LOADS, X8_LOADS_FP4 and fused.GATED_MLP (on since their A/B, 2026-12-04);
 # pack_gqa_decode, fuse_residual_norms, fuse_static_cache and the gated epilogue are turned off
 # by their bench_e2e flags for the "before" rows.
