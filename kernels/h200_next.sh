@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The H200 calls prepared for the switches built without device time (kernels/NOTES.md, tenth
-# to twelfth sessions; a to g have run, 2026-12-04, kernels/BENCHMARKS.md; h is next). Each part fits one device call (< 600 s); short tables come last,
+# to twelfth sessions; d to g ran on 2026-12-04, e and f covering a and b, kernels/BENCHMARKS.md;
+# c and h have not run). Each part fits one device call (< 600 s); short tables come last,
 # full logs stay under $OUT. On this machine first: `bash kernels/gpu_wheels.sh`; then the
 # device call, with carry [".whl"]:
 #   bash kernels/h200_next.sh a     # GPU suite; M = 1 INT4 x-load A/B (decode.X8_LOADS)
