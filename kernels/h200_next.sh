@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # The H200 calls prepared for the switches built without device time (kernels/NOTES.md, tenth
-# to twelfth sessions; d to g ran on 2026-12-04, e and f covering a and b, kernels/BENCHMARKS.md;
-# c and h have not run). Each part fits one device call (< 600 s); short tables come last,
+# to twelfth sessions; d to g ran on 2026-12-04, kernels/BENCHMARKS.md; c and h have not run;
+# the first parts a and b were folded into e and f). Each part fits one device call (< 600 s); short tables come last,
 # full logs stay under $OUT. On this machine first: `bash kernels/gpu_wheels.sh`; then the
 # device call, with carry [".whl"]:
-#   bash kernels/h200_next.sh a     # GPU suite; M = 1 INT4 x-load A/B (decode.X8_LOADS)
-#   bash kernels/h200_next.sh b     # bench_e2e A/B of the run-time fusions, one at a time
 #   bash kernels/h200_next.sh c     # 2:4 M = 1 probe; bench_e2e with the peers, both lm_heads
 #   bash kernels/h200_next.sh d     # `compress bench` on a 4-layer GPTQ artifact vs bench_e2e
 #   bash kernels/h200_next.sh e     # one call: the headline rows (peers, fusions off/on), the
@@ -23,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in a|b|c|d|e|f|g|h) ;; *) echo "h200_next.sh: part must be one of a-h, got '$PART'" >&2; exit 2;; esac
+case $PART in c|d|e|f|g|h) ;; *) echo "h200_next.sh: part must be one of c-h, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -37,39 +35,7 @@ nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv >"$OUT/gpu.t
 git log -1 --format=%h >"$OUT/commit.txt" 2>/dev/null || true
 E2E="kernels/bench_e2e.py --quantize-lm-head --repeats 3"
 
-# INT4 bench_e2e with the run-time fusions added one at a time, each process's bf16 row the
-# reference (they apply to every row after bf16 in a process): all off, then packed GQA, the
-# residual adds, the cache update, and the gated MLP epilogue (= compress.load's default).
-# Writes DIR/e2e_<step>.txt and DIR/e2e.jsonl; TIMEOUT seconds a step.
-fusion_steps() {
-    local dir=$1 limit=$2 step name
-    for step in "off:--no-pack-gqa --no-fuse-residual --no-fuse-cache --no-gated-mlp" \
-                "gqa:--no-fuse-residual --no-fuse-cache --no-gated-mlp" \
-                "residual:--no-fuse-cache --no-gated-mlp" "cache:--no-gated-mlp" "default:"; do
-        name=${step%%:*}
-        timeout "$limit" $PY $E2E --formats int4 ${step#*:} --log "$dir/e2e.jsonl" \
-            >"$dir/e2e_$name.txt" 2>&1
-        stamp "e2e $name rc=$?"
-    done
-}
-
 case $PART in
-a)
-    stamp "GPU suite"
-    timeout 380 $PY -m pytest -q -n 8 -rs tests/gpu >"$OUT/gpu_suite.txt" 2>&1
-    stamp "GPU suite rc=$?"
-    timeout 100 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/x8.jsonl" \
-        --variants bf16,tinygemm,int4-g128,int4-g128@no-x8,int4-g128-asym,int4-g128-asym@no-x8 \
-        >"$OUT/x8.txt" 2>&1
-    stamp "x8 A/B rc=$?"
-    tail -4 "$OUT/gpu_suite.txt"; grep -E "^\|" "$OUT/x8.txt"
-    ;;
-b)
-    fusion_steps "$OUT" 110
-    for name in off gqa residual cache default; do
-        echo "== $name"; grep -E "^\| (bf16|int4) " "$OUT/e2e_$name.txt"
-    done
-    ;;
 c)
     timeout 110 $PY kernels/probe_sparse24_m1.py --reps 30 >"$OUT/sparse24_m1.txt" 2>&1
     stamp "2:4 M = 1 probe rc=$?"
@@ -115,7 +81,17 @@ e)
     ;;
 f)
     W=/tmp/next_f && mkdir -p $W   # at most 8 files come back from $OUT: joined at the end
-    fusion_steps "$W" 90
+    # INT4 with the run-time fusions added one at a time, each process's bf16 row the reference
+    # (they apply to every row after bf16 in a process): all off, then packed GQA, the residual
+    # adds, the cache update, and the gated MLP epilogue (= compress.load's default)
+    for step in "off:--no-pack-gqa --no-fuse-residual --no-fuse-cache --no-gated-mlp" \
+                "gqa:--no-fuse-residual --no-fuse-cache --no-gated-mlp" \
+                "residual:--no-fuse-cache --no-gated-mlp" "cache:--no-gated-mlp" "default:"; do
+        name=${step%%:*}
+        timeout 90 $PY $E2E --formats int4 ${step#*:} --log "$W/e2e.jsonl" \
+            >"$W/e2e_$name.txt" 2>&1
+        stamp "e2e $name rc=$?"
+    done
     timeout 120 $PY $E2E --formats tinygemm,int4,nvfp4 --profile "$OUT/profile.txt" \
         --log "$W/e2e.jsonl" >"$W/e2e_peers_q.txt" 2>&1
     stamp "e2e peers, lm_head quantized rc=$?"
