@@ -13,6 +13,11 @@
 #   bash kernels/h200_next.sh g     # FP4 x8 A/B (kernels, GPU tests, end to end), prefill 2048
 #                                   # with 10 repeats
 #   bash kernels/h200_next.sh h     # decode.PAIR_WORDS A/B: GPU test, M = 1 kernels, end to end
+#   bash kernels/h200_next.sh i     # h split in two calls, first half: the whole GPU suite (the
+#                                   # M = 1 loop changed after the last one), PAIR_WORDS kernels on
+#                                   # the shipped table, the M = 1 retune with it on, kernels on that
+#   bash kernels/h200_next.sh j     # second half: end to end with PAIR_WORDS on the table i wrote
+#                                   # (TUNED=path), as shipped, then M = 16..8192 kernels
 # A switch flips only on its measured win: sparse24.TRANSPOSED_M1 (off, part c measures it),
 # decode.PAIR_WORDS (off, part h);
 # decode.X8_LOADS, X8_LOADS_FP4 and fused.GATED_MLP (on since their A/B, 2026-12-04);
@@ -21,7 +26,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in c|d|e|f|g|h) ;; *) echo "h200_next.sh: part must be one of c-h, got '$PART'" >&2; exit 2;; esac
+case $PART in c|d|e|f|g|h|i|j) ;; *) echo "h200_next.sh: part must be one of c-j, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -167,5 +172,49 @@ sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     grep -E "^\|" "$W/e2e_pair.txt" "$W/e2e_plain.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/h_all.txt"
     ;;
+i)
+    W=/tmp/next_i && mkdir -p $W
+    timeout 260 $PY -m pytest -q -n 8 -rs tests/gpu >"$OUT/gpu_suite.txt" 2>&1
+    stamp "GPU suite rc=$?"
+    V=bf16,tinygemm,int4-g128,int4-g128@pair,int4-g128-asym,int4-g128-asym@pair,nvfp4,nvfp4@pair
+    timeout 90 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/pair.jsonl" \
+        --variants $V,mxfp4,mxfp4@pair,int8-channel,int8-channel@pair >"$W/pair.txt" 2>&1
+    stamp "PAIR_WORDS kernels, shipped table rc=$?"
+    PAIR="import runpy, sys; from compress.kernels import decode; decode.PAIR_WORDS = True
+sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    left=$(( 480 - ($(date +%s) - T0) ))
+    timeout $(( left + 10 )) $PY -c "$PAIR" kernels/autotune.py --path decode --formats int4,nvfp4,int8 \
+        --buckets 1 --budget-s $(( left > 150 ? 140 : left - 10 )) --reps 10 \
+        --base compress/kernels/configs/nvidia_h200.json \
+        --out "$OUT/tuned_pair.json" >"$W/tune_pair.txt" 2>&1
+    stamp "retune with PAIR_WORDS rc=$?"
+    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_pair.json timeout 90 $PY -c "$PAIR" \
+        kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/pair.jsonl" \
+        --variants bf16,tinygemm,int4-g128,int4-g128-asym,nvfp4,mxfp4,int8-channel \
+        >"$W/pair_tuned.txt" 2>&1
+    stamp "PAIR_WORDS kernels, retuned rc=$?"
+    tail -3 "$OUT/gpu_suite.txt"; grep -E "^FAILED" "$OUT/gpu_suite.txt" | head
+    grep -E "^\|" "$W/pair.txt" "$W/pair_tuned.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/i_all.txt"
+    ;;
+j)
+    W=/tmp/next_j && mkdir -p $W
+    PAIR="import runpy, sys; from compress.kernels import decode; decode.PAIR_WORDS = True
+sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    COMPRESS_KERNEL_CONFIGS=${TUNED:-compress/kernels/configs/nvidia_h200.json} timeout 120 \
+        $PY -c "$PAIR" $E2E --formats tinygemm,int4,nvfp4 --log "$OUT/e2e.jsonl" \
+        >"$W/e2e_pair.txt" 2>&1
+    stamp "e2e with PAIR_WORDS rc=$?"
+    timeout 120 $PY $E2E --formats tinygemm,int4,nvfp4 --log "$OUT/e2e.jsonl" >"$W/e2e_plain.txt" 2>&1
+    stamp "e2e as shipped rc=$?"
+    timeout 110 $PY kernels/probe_sparse24_m1.py --reps 30 >"$W/sparse24_m1.txt" 2>&1
+    stamp "2:4 M = 1 probe rc=$?"
+    left=$(( 575 - ($(date +%s) - T0) ))
+    timeout $left $PY kernels/bench_kernels.py --ms 16,64,128,256,512,2048,8192 --reps 20 \
+        --variants bf16,tinygemm,int4-g128,int4-g128-asym,int8-channel,nvfp4,mxfp4,2:4-bf16,2:4-int4-g128,torch-2:4-bf16 \
+        --log "$OUT/ms.jsonl" >"$W/ms.txt" 2>&1
+    stamp "M = 16..8192 kernels (${left} s allowed) rc=$?"
+    grep -E "^\|" "$W/e2e_pair.txt" "$W/e2e_plain.txt"; grep -E "^\|" "$W/sparse24_m1.txt" | tail -12
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/j_all.txt"
+    ;;
 esac
-
