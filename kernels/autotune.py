@@ -14,8 +14,9 @@ with the smallest summed slowdown over the shapes as that bucket's "default" (ot
 the same model size). "*/m<bucket>" gets int4's defaults (the fallback for untuned formats).
 --path picks the kernel (decode: compress/kernels/decode.py, tc: compress/kernels/tc.py) and
 so the table written ("decode" or "tc"); the other table is kept from --base / the shipped one.
---budget-s bounds the sweep: once spent, remaining candidates are skipped (the default config,
-always first, is always measured); the budget is shared evenly by the formats, so a tight one
+--budget-s bounds the sweep: once spent, remaining candidates are skipped (the configs --base
+uses for the format and bucket come first, then the list's default; the first is always
+measured); the budget is shared evenly by the formats, so a tight one
 still tunes every format (later formats get what earlier ones left). Use the file with COMPRESS_KERNEL_CONFIGS=path or commit
 it as compress/kernels/configs/<gpu>.json (the name is printed).
 """
@@ -43,8 +44,13 @@ FAMILIES = ["int4", "int4-asym", "int8", "nvfp4", "mxfp4"]
 BUCKET_M = {1: 1, 16: 16, 64: 64, 128: 128, 256: 256}   # bucket -> the M it is timed at
 
 
-def cfg(bm, bn, bk, warps=4, stages=2, split=1, swap=None):
-    return C.Config(bm, bn, bk, warps, stages, split, swap)
+def cfg(bm, bn, bk, warps=4, stages=2, split=1, swap=None, pair=False):
+    return C.Config(bm, bn, bk, warps, stages, split, swap, pair)
+
+
+def pair(bm, bn, bk, warps=4, stages=2, split=1):
+    """An M = 1 config reading words two at a time (Config.pair, decode.PAIR_WORDS)."""
+    return cfg(bm, bn, bk, warps, stages, split, None, True)
 
 
 # Candidates per bucket (the shipped default first). M=1: rows per program x K per iteration
@@ -54,7 +60,12 @@ DECODE_CANDIDATES = {
     # all block_n rows (block_k / 8 >= 32 warps, else threads repeat work). More rows a program
     # share x's loads and conversions; more K a tile, fewer loop trips; split-K where N alone
     # gives too few programs. num_stages 1: loads go straight to registers, 2: one tile ahead.
-    1: [cfg(1, 8, 1024, 2, 1), cfg(1, 8, 2048, 4, 1), cfg(1, 8, 1024, 4, 1), cfg(1, 8, 512, 1, 1),
+    # pair(...): words two at a time, one int64 load (48 -> 62 registers for INT4, so fewer
+    # rows or warps may suit it): early in the list, so a tight budget still times them
+    1: [cfg(1, 8, 1024, 2, 1), pair(1, 8, 1024, 4, 2), pair(1, 8, 2048, 4, 1),
+        pair(1, 4, 2048, 4, 1), pair(1, 8, 1024, 2, 1), pair(1, 4, 1024, 2, 1),
+        pair(1, 8, 2048, 4, 2), pair(1, 4, 2048, 4, 2), pair(1, 16, 1024, 4, 1),
+        cfg(1, 8, 2048, 4, 1), cfg(1, 8, 1024, 4, 1), cfg(1, 8, 512, 1, 1),
         cfg(1, 8, 512, 2, 1), cfg(1, 4, 1024, 2, 1), cfg(1, 4, 2048, 4, 1), cfg(1, 4, 512, 1, 1),
         cfg(1, 16, 1024, 2, 1), cfg(1, 16, 512, 1, 1), cfg(1, 16, 512, 2, 1), cfg(1, 16, 2048, 4, 1),
         cfg(1, 8, 1024, 2, 1, 2), cfg(1, 4, 1024, 2, 1, 2), cfg(1, 16, 512, 2, 1, 4),
@@ -81,18 +92,29 @@ TC_CANDIDATES = {
     1: [cfg(16, 64, 256, 4, 3, 4), cfg(16, 64, 128, 4, 4, 4), cfg(16, 64, 128, 4, 3, 8),
         cfg(16, 64, 64, 4, 5, 4), cfg(16, 128, 128, 8, 4, 4), cfg(16, 128, 64, 8, 5, 8),
         cfg(16, 64, 128, 4, 4, 2), cfg(16, 64, 64, 4, 5, 8)],
-    16: [cfg(16, 64, 128, 4, 4, 4), cfg(16, 64, 128, 4, 4, 2), cfg(16, 64, 256, 4, 3, 4),
+    # (twelfth session) fewer stages, so more programs share an SM and hide each other's
+    # decode (GemLite's tuned H100 tiles all use 1), wider N tiles, so x is read fewer times,
+    # with split-K to keep 132 SMs busy; early in the lists, so a tight budget still times them
+    16: [cfg(16, 64, 128, 4, 4, 4), cfg(16, 64, 64, 4, 1, 8), cfg(16, 128, 64, 8, 1, 8),
+         cfg(16, 64, 128, 4, 2, 4), cfg(16, 128, 128, 8, 2, 4), cfg(16, 256, 64, 8, 2, 8),
+         cfg(16, 64, 64, 4, 2, 16),
+         cfg(16, 64, 128, 4, 4, 2), cfg(16, 64, 256, 4, 3, 4),
          cfg(16, 64, 64, 4, 5, 4), cfg(16, 64, 128, 4, 3, 8), cfg(16, 128, 128, 8, 4, 4),
          cfg(16, 64, 256, 4, 3, 2), cfg(16, 128, 64, 8, 5, 8), cfg(16, 64, 32, 4, 5, 4),
          cfg(16, 64, 128, 4, 2, 1), cfg(16, 256, 64, 8, 4, 8), cfg(32, 64, 128, 4, 4, 4),
          cfg(16, 64, 128, 4, 4, 4, False), cfg(16, 128, 128, 4, 3, 2, False),
          cfg(16, 64, 256, 4, 3, 4, False)],
-    64: [cfg(64, 64, 128, 4, 3, 2), cfg(64, 64, 128, 4, 4, 1), cfg(64, 64, 64, 4, 4, 2),
+    64: [cfg(64, 64, 128, 4, 3, 2), cfg(64, 64, 64, 4, 1, 4), cfg(64, 128, 64, 8, 2, 2),
+         cfg(64, 128, 64, 8, 1, 4), cfg(64, 64, 128, 4, 2, 2), cfg(64, 256, 64, 8, 2, 2),
+         cfg(64, 128, 128, 8, 2, 2), cfg(64, 64, 128, 4, 4, 1), cfg(64, 64, 64, 4, 4, 2),
          cfg(32, 64, 128, 4, 4, 2), cfg(64, 128, 64, 8, 3, 2), cfg(64, 64, 256, 4, 3, 2),
          cfg(64, 128, 128, 8, 3, 1), cfg(64, 64, 128, 4, 3, 4), cfg(16, 64, 128, 4, 4, 2),
          cfg(64, 256, 64, 8, 3, 1), cfg(64, 64, 32, 4, 5, 2), cfg(128, 64, 64, 4, 3, 2),
          cfg(64, 64, 128, 4, 3, 2, True), cfg(32, 64, 128, 4, 4, 2, False)],
-    128: [cfg(64, 64, 128, 4, 3, 1), cfg(128, 64, 128, 4, 3, 1), cfg(128, 64, 64, 4, 4, 2),
+    128: [cfg(64, 64, 128, 4, 3, 1), cfg(128, 128, 64, 8, 2, 1), cfg(128, 128, 64, 8, 2, 2),
+          cfg(128, 256, 64, 8, 2, 1), cfg(128, 64, 64, 8, 1, 1), cfg(128, 128, 64, 8, 1, 2),
+          cfg(64, 128, 64, 8, 2, 2), cfg(128, 64, 64, 4, 2, 2),
+          cfg(128, 64, 128, 4, 3, 1), cfg(128, 64, 64, 4, 4, 2),
           cfg(64, 128, 64, 8, 3, 1), cfg(128, 128, 64, 8, 3, 1), cfg(64, 64, 128, 4, 4, 2),
           cfg(128, 128, 128, 8, 2, 1), cfg(64, 256, 64, 8, 3, 1), cfg(32, 64, 128, 4, 4, 1),
           cfg(128, 64, 32, 4, 5, 1), cfg(128, 256, 64, 8, 3, 1), cfg(64, 64, 128, 4, 3, 1, True)],
@@ -184,13 +206,19 @@ def main() -> None:
     families = args.formats.split(",")
     runs = [(family, bucket) for family in families for bucket in buckets]
     weights = {}   # (family, shape) -> (fn, ref): made once, on first use
+    base = json.loads(Path(args.base).read_text()) if args.base else {}
     for r_index, (family, bucket) in enumerate(runs):
+        # the configs --base uses now for this format and bucket go first: a retune whose
+        # budget runs out before the list's end cannot end slower than what it replaces
+        seeds = next((list(e.values()) for fam in (family, family.split("-")[0], "*")
+                      if (e := base.get(args.path, {}).get(f"{fam}/m{bucket}"))), [])
+        run_cands = list(dict.fromkeys([C.Config(**d) for d in seeds] + cands[bucket]))
         # this (format, bucket)'s share of what is left of the budget; each candidate is timed
         # on every shape before the next one starts, so a cut-off leaves whole columns
         deadline = time.time() + (args.budget_s - (time.time() - start)) / (len(runs) - r_index)
         m = BUCKET_M[bucket]
         times: dict[int, dict[str, float]] = {}   # candidate index -> shape -> seconds
-        for i, c in enumerate(cands[bucket]):
+        for i, c in enumerate(run_cands):
             if not applies(c, family, m, args.path):
                 continue
             if i > 0 and time.time() > deadline:
@@ -217,12 +245,12 @@ def main() -> None:
         entry = {}
         for s in keys:
             best = min((i for i in times if s in times[i]), key=lambda i: times[i][s])
-            entry[s] = cands[bucket][best].to_dict()
+            entry[s] = run_cands[best].to_dict()
         full = [i for i in times if len(times[i]) == len(keys)]
         best_all = min(full, key=lambda i: sum(times[i][s] / min(times[j][s] for j in times
                                                                if s in times[j])
                                                for s in keys))
-        entry["default"] = cands[bucket][best_all].to_dict()
+        entry["default"] = run_cands[best_all].to_dict()
         table[args.path][f"{family}/m{bucket}"] = entry
         print(f"{args.path} {family} m{bucket}: " + ", ".join(
             f"{s} {min(times[i][s] for i in times if s in times[i]) * 1e6:.1f} us"
@@ -233,7 +261,6 @@ def main() -> None:
             table[args.path][f"*/m{bucket}"] = {"default": src["default"]}
     if args.path == "tc" and "*/m16" in table["tc"] and "*/m1" not in table["tc"]:
         table["tc"]["*/m1"] = table["tc"]["*/m16"]   # M=1 on the tc path: only when forced
-    base = json.loads(Path(args.base).read_text()) if args.base else {}
     if "paths" in base:   # the M limits between paths (measured by bench_kernels) stay
         table["paths"] = base["paths"]
     shipped = json.loads((C.CONFIG_DIR / "default.json").read_text())

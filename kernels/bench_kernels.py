@@ -165,6 +165,7 @@ def make_variants(n: int, k: int, device) -> dict:
             v[f"{name}@no-x8"] = (functools.partial(_no_x8, fn_ref[0]), fn_ref[1])
             v[f"{name}@no-fp4-x8"] = (functools.partial(_no_fp4_x8, fn_ref[0]), fn_ref[1])
             v[f"{name}@pair"] = (functools.partial(_pair, fn_ref[0]), fn_ref[1])
+            v[f"{name}@no-pair"] = (functools.partial(_no_pair, fn_ref[0]), fn_ref[1])
     if device.type == "cuda":
         tiny = tinygemm_int4(codes, scale)
         if tiny is not None:
@@ -209,6 +210,8 @@ _no_fp4_x8 = functools.partial(_without, path="decode", module="decode", name="X
                                off=False)
 # "@pair": the M = 1 kernel reading words 2p and 2p + 1 as one int64 (decode.PAIR_WORDS, off)
 _pair = functools.partial(_without, path="decode", module="decode", name="PAIR_WORDS", off=True)
+_no_pair = functools.partial(_without, path="decode", module="decode", name="PAIR_WORDS",
+                             off=False)
 _plain_tc = functools.partial(_without, path="tc", module="tc", name="packed_int4",
                               off=lambda *args: False)
 

@@ -16,6 +16,10 @@
 #   bash kernels/h200_next.sh i     # h split in two calls, first half: the whole GPU suite (the
 #                                   # M = 1 loop changed after the last one), PAIR_WORDS kernels on
 #                                   # the shipped table, the M = 1 retune with it on, kernels on that
+#   bash kernels/h200_next.sh k     # M = 1 retune of every format with Config.pair candidates
+#                                   # (the shipped configs first), kernels and end to end on it
+#   bash kernels/h200_next.sh l     # tc retune (M = 16, 64, 128; wider tiles, fewer stages) on
+#                                   # BASE, the kernels on it and on BASE
 #   bash kernels/h200_next.sh j     # second half: end to end with PAIR_WORDS on the table i wrote
 #                                   # (TUNED=path), as shipped, then M = 16..8192 kernels
 # A switch flips only on its measured win: sparse24.TRANSPOSED_M1 (off, part c measures it),
@@ -26,7 +30,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in c|d|e|f|g|h|i|j) ;; *) echo "h200_next.sh: part must be one of c-j, got '$PART'" >&2; exit 2;; esac
+case $PART in c|d|e|f|g|h|i|j|k|l) ;; *) echo "h200_next.sh: part must be one of c-l, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -196,6 +200,50 @@ sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     tail -3 "$OUT/gpu_suite.txt"; grep -E "^FAILED" "$OUT/gpu_suite.txt" | head
     grep -E "^\|" "$W/pair.txt" "$W/pair_tuned.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/i_all.txt"
+    ;;
+k)
+    W=/tmp/next_k && mkdir -p $W
+    timeout 240 $PY kernels/autotune.py --path decode --formats int4,int4-asym,nvfp4,mxfp4,int8 \
+        --buckets 1 --budget-s 210 --reps 10 --base compress/kernels/configs/nvidia_h200.json \
+        --log "$W/tune.jsonl" --out "$OUT/tuned_m1.json" >"$W/tune.txt" 2>&1
+    stamp "M = 1 retune with pair candidates rc=$?"
+    V=bf16,tinygemm,int4-g128,int4-g128@no-pair,int4-g128-asym,int4-g128-asym@no-pair,nvfp4
+    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m1.json timeout 90 $PY kernels/bench_kernels.py --ms 1 \
+        --reps 30 --log "$W/k.jsonl" \
+        --variants $V,nvfp4@no-pair,mxfp4,mxfp4@no-pair,int8-channel,int8-channel@no-pair \
+        >"$W/m1_tuned.txt" 2>&1
+    stamp "M = 1 kernels on the retuned table rc=$?"
+    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m1.json timeout 120 $PY $E2E --formats tinygemm,int4,nvfp4 \
+        --log "$W/k.jsonl" >"$W/e2e_tuned.txt" 2>&1
+    stamp "e2e on the retuned table rc=$?"
+    timeout 100 $PY $E2E --formats int4,nvfp4 --log "$W/k.jsonl" >"$W/e2e_shipped.txt" 2>&1
+    stamp "e2e on the shipped table rc=$?"
+    left=$(( 585 - ($(date +%s) - T0) ))
+    [ $left -gt 40 ] && timeout $left $PY kernels/probe_sparse24_m1.py --reps 30 >"$W/sparse24_m1.txt" 2>&1
+    stamp "2:4 M = 1 probe (${left} s allowed) rc=$?"
+    grep -E "^(decode|wrote)" "$W/tune.txt"; grep -E "^\|" "$W/m1_tuned.txt"
+    grep -E "^\|" "$W/e2e_tuned.txt" "$W/e2e_shipped.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/k_all.txt"
+    cp "$W"/*.jsonl "$OUT/"
+    ;;
+l)
+    W=/tmp/next_l && mkdir -p $W
+    BASE=${BASE:-compress/kernels/configs/nvidia_h200.json}
+    timeout 290 $PY kernels/autotune.py --path tc --formats int4,nvfp4 --buckets 16,64,128 \
+        --budget-s 260 --reps 10 --base "$BASE" --log "$W/tune.jsonl" \
+        --out "$OUT/tuned_tc.json" >"$W/tune.txt" 2>&1
+    stamp "tc retune rc=$?"
+    V=bf16,tinygemm,int4-g128,int4-g128-asym,int8-channel,nvfp4,mxfp4
+    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_tc.json timeout 120 $PY kernels/bench_kernels.py \
+        --ms 16,64,128 --reps 20 --variants $V --log "$W/l.jsonl" >"$W/tc_tuned.txt" 2>&1
+    stamp "M = 16..128 kernels on the retuned table rc=$?"
+    left=$(( 585 - ($(date +%s) - T0) ))
+    COMPRESS_KERNEL_CONFIGS=$BASE timeout $left $PY kernels/bench_kernels.py --ms 16,64,128 \
+        --reps 20 --variants $V --log "$W/l.jsonl" >"$W/tc_base.txt" 2>&1
+    stamp "M = 16..128 kernels on BASE (${left} s allowed) rc=$?"
+    grep -E "^(tc|wrote)" "$W/tune.txt"; grep -E "^\|" "$W/tc_tuned.txt" "$W/tc_base.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/l_all.txt"
+    cp "$W"/*.jsonl "$OUT/"
     ;;
 j)
     W=/tmp/next_j && mkdir -p $W

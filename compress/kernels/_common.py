@@ -48,6 +48,9 @@ class Config:
     num_stages: int = 2  # tensor-core tiles: Triton's pipeline; M = 1 (_gemv_kernel): > 1 prefetches
     split_k: int = 1   # decode, tc: > 1 adds K-slices into a float32 output with atomics
     swap: bool | None = None   # tc: y^T = W x^T (None: when block_m < 64, see tc.swap)
+    # M = 1 (_gemv_kernel): words 2p and 2p + 1 read as one int64 (decode.PAIR_WORDS): fewer
+    # loads, more registers, so the autotuner picks it per format and shape
+    pair: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

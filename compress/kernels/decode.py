@@ -47,8 +47,11 @@ X8_LOADS_FP4 = True
 # M = 1: words 2p and 2p + 1 of a row read as one 64-bit element (the words viewed as int64):
 # one load for both, and, as both lie in one scale group, one scale (and zero point) for both.
 # The loop's loads a K-tile, INT4 8 x 1024 tile: 34 -> 18 (compile_check --sass), in the same
-# layout (no shared memory). Off until its H200 A/B (bench_kernels "@pair").
-PAIR_WORDS = False
+# layout (no shared memory), but 48 -> 62 registers. Its H200 A/B on the configs tuned without
+# it (2026-12-04, kernels/BENCHMARKS.md) went either way by format and shape (NVFP4 +5-10%, INT4
+# asym up to -18%), so the launch config says (Config.pair, tuned); None follows the config,
+# True / False force it (bench_kernels "@pair" / "@no-pair").
+PAIR_WORDS: bool | None = None
 
 
 @triton.jit
@@ -493,7 +496,8 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
     pointers = (x2, words, scale, zero if zero is not None else words,
                 bias if bias is not None else x2, out, gs)
     if not use_dot:
-        pair = PAIR_WORDS and pairs_apply(words, per, group, cfg.block_k)
+        pair = (cfg.pair if PAIR_WORDS is None else PAIR_WORDS) and pairs_apply(
+            words, per, group, cfg.block_k)
         if pair:   # words 2p and 2p + 1 of a row as one int64 (little-endian: 2p the low half)
             pointers = (x2, words.view(torch.int64)) + pointers[2:]
         _gemv_kernel[(grid_n, split, m)](

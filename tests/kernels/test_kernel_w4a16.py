@@ -167,6 +167,34 @@ def test_decode_pair_words_match_the_reference(cfg, case, dtype, rng, monkeypatc
     assert_matmul_close(y, ref, x, w, rng.initial_seed(), bias)
 
 
+@pytest.mark.parametrize("forced", [None, True, False])
+@pytest.mark.parametrize("cfg_pair", [True, False])
+def test_decode_pair_words_follow_the_config_unless_forced(cfg_pair, forced, rng, monkeypatch):
+    """PAIR_WORDS None (the default): the launch config's `pair` (tuned per format and shape)
+    decides; True / False override it (bench_kernels "@pair" / "@no-pair")."""
+    monkeypatch.setattr(decode, "PAIR_WORDS", forced)
+    launched = []
+    kernel = decode._gemv_kernel
+
+    class Spy:   # records the PAIR the M = 1 kernel was launched with
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["PAIR"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(decode, "_gemv_kernel", Spy())
+    n, k = 24, 512
+    packed, scale, zero = make_int_weight(n, k, 128, False, 4, rng, torch.bfloat16)
+    x = torch.randn(1, k, generator=rng)
+    cfg = C.Config(1, 8, 256, 2, 1, 1, None, cfg_pair)
+    y = int_matmul(x, packed, scale, zero, (n, k), 4, path="decode", config=cfg)
+    assert launched == [cfg_pair if forced is None else forced]
+    ref = int_matmul_ref(x, packed, scale, zero, (n, k), 4)
+    w = int_dequantize_ref(packed, scale, zero, (n, k), 4)
+    assert_matmul_close(y, ref, x, w, rng.initial_seed(), None)
+
+
 # N and K multiples of the blocks: the M=1 kernel (decode._gemv_kernel) reads without bounds
 # checks and decodes codes as float mantissas (decode._int_slot_dot): every code slot, zero
 # points, groups longer and shorter than a tile, split-K in 2 and 3 slices, with and without
