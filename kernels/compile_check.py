@@ -187,7 +187,7 @@ def variants(all_configs: bool = False):
     for (kind, act, zero, group), (cfg, k, even) in itertools.product(
             (("16bit", "bf16", False, 1), ("16bit", "fp16", False, 1), ("int", "bf16", False, 128),
              ("int", "bf16", True, 128), ("int", "fp16", True, 8)),
-            ((C.CONFIGS["sparse24_gemv"], 4096, True),
+            ((C.kernel_config("sparse24", "int", 1, 4096, 4096, "cpu"), 4096, True),
              (C.Config(1, 8, 1024, 2, split_k=2), 14336, True),
              (C.Config(1, 4, 512, 1), 1008, False))):
         ipe = 8 if kind == "16bit" else 16

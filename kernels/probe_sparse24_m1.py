@@ -5,12 +5,13 @@ permute) in several launch configs against the gather kernel it would replace
 semi-structured 2:4 in the same run (Llama-3-8B shapes, CUDA graph, L2 flushed: bench_kernels'
 timing). Every kernel is checked against the reference first.
 
-    python kernels/probe_sparse24_m1.py [--reps 30]     # GPU
+    python kernels/probe_sparse24_m1.py [--reps 30] [--out $OUT/nvidia_h200.json]    # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from compress.kernels import _common as C
 from compress.kernels import sparse24
 
 # transposed-kernel candidates: decode._gemv_kernel's INT4 shapes, fewer and more rows, split-K
-TRANSPOSED = [C.CONFIGS["sparse24_gemv"], C.Config(1, 8, 1024, 4), C.Config(1, 4, 1024, 2),
+TRANSPOSED = [C.Config(1, 8, 1024, 2), C.Config(1, 8, 1024, 4), C.Config(1, 4, 1024, 2),
               C.Config(1, 16, 1024, 4), C.Config(1, 8, 2048, 4), C.Config(1, 8, 512, 1),
               C.Config(1, 8, 1024, 2, split_k=2), C.Config(1, 4, 512, 1)]
 
@@ -33,10 +34,15 @@ TRANSPOSED = [C.CONFIGS["sparse24_gemv"], C.Config(1, 8, 1024, 4), C.Config(1, 4
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--out", default=None,
+                        help="write the device's config file with the \"sparse24\" table "
+                             "measured here (each shape's fastest, the default: the smallest "
+                             "summed slowdown), as kernels/autotune.py writes the others")
     args = parser.parse_args()
     device = torch.device("cuda")
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
     rows = {}
+    best: dict[str, dict[str, dict]] = {}   # value kind -> "NxK" -> config -> seconds
     for label, (n, k) in SHAPES.items():
         v = make_variants(n, k, device)
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
@@ -44,29 +50,49 @@ def main() -> None:
         row["bf16"] = time_call(v["bf16"][0], x, device, args.reps, flush)
         if "torch-2:4-bf16" in v:
             row["torch 2:4"] = time_call(v["torch-2:4-bf16"][0], x, device, args.reps, flush)
-        for name in ("2:4-bf16", "2:4-int4-g128"):
+        for name, kind in (("2:4-bf16", "16bit"), ("2:4-int4-g128", "int")):
             fn, ref = v[name]
+            sparse24.TRANSPOSED_M1 = False
             check(name, fn, ref, x)
             row[f"{name} gather"] = time_call(fn, x, device, args.reps, flush)
-            shipped = C.CONFIGS["sparse24_gemv"]
             sparse24.TRANSPOSED_M1 = True
             for cfg in TRANSPOSED:
-                C.CONFIGS["sparse24_gemv"] = cfg
+                sparse24.GEMV_CONFIG = cfg
                 try:
                     check(name, fn, ref, x)
-                    row[f"{name} T {cfg.block_n}x{cfg.block_k}/{cfg.num_warps}w"
-                        + (f"/s{cfg.split_k}" if cfg.split_k > 1 else "")] = time_call(
-                        fn, x, device, args.reps, flush)
+                    t = time_call(fn, x, device, args.reps, flush)
                 finally:
-                    C.CONFIGS["sparse24_gemv"] = shipped
-            sparse24.TRANSPOSED_M1 = False
+                    sparse24.GEMV_CONFIG = None
+                row[f"{name} T {cfg.block_n}x{cfg.block_k}/{cfg.num_warps}w"
+                    + (f"/s{cfg.split_k}" if cfg.split_k > 1 else "")] = t
+                best.setdefault(kind, {}).setdefault(f"{n}x{k}", {})[cfg] = t
         print(label, {c: round(t * 1e6, 1) for c, t in row.items()}, flush=True)
+    if args.out:
+        write_table(best, args.out, device)
     cols = list(next(iter(rows.values())))
     print("\n| kernel (us, speed-up over cuBLAS bf16) | " + " | ".join(rows) + " |")
     print("|---" * (len(rows) + 1) + "|")
     for c in cols:
         print(f"| {c} | " + " | ".join(f"{r[c] * 1e6:.1f} ({r['bf16'] / r[c]:.2f}x)"
                                       if c in r else "-" for r in rows.values()) + " |")
+
+
+def write_table(best: dict, out: str, device) -> None:
+    """configs/<gpu>.json (the shipped one, else default.json) with its "sparse24" table
+    replaced: per value kind, each shape's fastest config and the default."""
+    own = C.CONFIG_DIR / f"{C.gpu_config_name(device)}.json"
+    table = json.loads((own if own.exists() else C.CONFIG_DIR / "default.json").read_text())
+    entries = {}
+    for kind, shapes in best.items():
+        entry = {s: min(times, key=times.get).to_dict() for s, times in shapes.items()}
+        slowdown = {c: sum(times[c] / min(times.values()) for times in shapes.values())
+                    for c in TRANSPOSED}
+        entry["default"] = min(slowdown, key=slowdown.get).to_dict()
+        entries[f"{kind}/m1"] = entry
+    entries["*/m1"] = {"default": entries["int/m1"]["default"]}
+    table["sparse24"] = entries
+    Path(out).write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {out}: commit it as compress/kernels/configs/{own.name}")
 
 
 if __name__ == "__main__":

@@ -67,8 +67,6 @@ CONFIGS: dict[str, Config] = {
     # 1024: the fastest of kernels/probe_sparse24_m1.py's seven on all four Llama-3-8B shapes,
     # 16-bit and INT4 alike (H200, kernels/BENCHMARKS.md, 2026-12-03 14:51 UTC)
     "sparse24_m1": Config(1, 4, 1024, num_warps=4),
-    # its transposed kernel (sparse24.TRANSPOSED_M1): decode._gemv_kernel's INT4 shape, untuned
-    "sparse24_gemv": Config(1, 8, 1024, num_warps=2),
     # tc.py's dequantize of INT/FP4 words: 8 codes a thread along K (16-byte stores)
     "dequant_words": Config(1, 32, 256, num_warps=4),
 }
@@ -80,7 +78,7 @@ DECODE_MAX_M = 1   # H200: the tc kernel wins from M=2 (kernels/BENCHMARKS.md, 2
 M_BUCKETS = (1, 16, 64, 128, 256)
 # the config tables: one per kernel with tuned configs ("moe": compress/kernels/moe.py, M = 1
 # bucket only, keyed by the per-expert shape)
-TABLES = ("decode", "tc", "moe")
+TABLES = ("decode", "tc", "moe", "sparse24")
 CONFIG_DIR = Path(__file__).parent / "configs"
 CONFIG_ENV = "COMPRESS_KERNEL_CONFIGS"   # a JSON file that replaces the per-GPU one
 

@@ -41,10 +41,14 @@ from compress.kernels.fp4 import (
 from compress.kernels.w4a16 import _unpack_ref
 
 VALUE_KINDS = {"16bit": 0, "int": 1, "nvfp4": 2, "mxfp4": 3}
-# M = 1 on the transposed tile (_sparse24_gemv_kernel) instead of the gather kernel: built
-# without device time (kernels/NOTES.md, tenth session), so off until an H200 A/B
-# (kernels/probe_sparse24_m1.py) shows it faster; the gather kernel is the measured one.
-TRANSPOSED_M1 = False
+# M = 1 on the transposed tile (_sparse24_gemv_kernel) instead of the gather kernel: on since
+# its H200 A/B (kernels/probe_sparse24_m1.py, 2026-12-04, kernels/BENCHMARKS.md): 16-bit
+# 1.08-1.32x -> 1.47-1.55x cuBLAS bf16, INT4 1.42-1.57x -> 1.76-2.00x with each shape's config.
+TRANSPOSED_M1 = True
+# The transposed kernel's launch config: None takes the device's "sparse24" table
+# (configs/<gpu>.json, per value kind and shape; written by probe_sparse24_m1.py --out);
+# a Config forces one (the probe, tests).
+GEMV_CONFIG: C.Config | None = None
 
 
 @triton.jit
@@ -497,7 +501,7 @@ def _m1_matmul(x2: torch.Tensor, kind: str, t: dict[str, torch.Tensor], n: int, 
 def _gemv_matmul(x2, kind, t, v, meta, s, z, groups, group, ipe, n, k, bias):
     """_m1_matmul on the transposed kernel (_sparse24_gemv_kernel), split-K slices added into a
     float32 output (C.atomic_split_plan)."""
-    cfg = C.CONFIGS["sparse24_gemv"]
+    cfg = GEMV_CONFIG or C.kernel_config("sparse24", kind, 1, n, k, x2.device)
     m = x2.shape[0]
     C.check(cfg.block_k % ipe == 0 and m <= 65535,
             f"config {cfg}: block_k must be a multiple of {ipe} and at most 65535 rows, got {m}")

@@ -175,8 +175,9 @@ def test_gated_decode_on_gpu(fmt, half, dtype, x8, pair, rng, monkeypatch):
 @pytest.mark.parametrize("case", SPARSE_CASES + LLAMA_SHAPES[:2], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sparse24_transposed_m1_kernel_on_gpu(kind, case, dtype, rng, monkeypatch):
-    """The transposed M = 1 kernel (sparse24.TRANSPOSED_M1, off by default until measured):
-    the byte-permute pick of 16-bit activations runs as PTX only here."""
+    """The transposed M = 1 kernel (sparse24.TRANSPOSED_M1, on since its H200 A/B; forced
+    here so the test holds if it is turned off): the byte-permute pick of 16-bit activations
+    runs as PTX only here."""
     from compress.kernels import sparse24
 
     monkeypatch.setattr(sparse24, "TRANSPOSED_M1", True)

@@ -147,7 +147,7 @@ def test_m1_transposed_kernel_picks_x_at_the_kept_positions(variant, config, m, 
     from compress.kernels import sparse24
 
     if config != "shipped":
-        monkeypatch.setitem(C.CONFIGS, "sparse24_gemv", TRANSPOSED_CONFIGS[config])
+        monkeypatch.setattr(sparse24, "GEMV_CONFIG", TRANSPOSED_CONFIGS[config])
     monkeypatch.setattr(sparse24, "TRANSPOSED_M1", True)
     check_m1_path(variant, m, k, rng, dtype)
 

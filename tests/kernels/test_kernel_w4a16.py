@@ -252,6 +252,29 @@ def test_decode_config_table_lookup(tmp_path, monkeypatch):
     assert C.kernel_config("tc", "int4", 100, 64, 128, cpu) == C.Config(**tc["*/m128"]["default"])
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in C.CONFIG_DIR.glob("*.json")))
+def test_every_shipped_config_file_holds_valid_configs(name, monkeypatch):
+    """Each configs/*.json entry of every kernel table is a Config a kernel accepts (block_k a
+    power of two, at least 32), and lookups through the file find them: the exact shape where
+    tuned, the format's bucket default elsewhere (2:4's table keyed by value kind)."""
+    data = json.loads((C.CONFIG_DIR / name).read_text())
+    monkeypatch.setenv(C.CONFIG_ENV, str(C.CONFIG_DIR / name))
+    cpu = torch.device("cpu")
+    for table in C.TABLES:
+        for key, entry in data.get(table, {}).items():
+            family, bucket = key.split("/m")
+            for shape, fields in entry.items():
+                cfg = C.Config(**fields)
+                assert cfg.block_k >= 32 and cfg.block_k & (cfg.block_k - 1) == 0, (key, cfg)
+                assert cfg.block_m >= 1 and cfg.block_n >= 1 and cfg.split_k >= 1, (key, cfg)
+                if family != "*" and shape != "default":
+                    n, k = map(int, shape.split("x"))
+                    assert C.kernel_config(table, family, int(bucket), n, k, cpu) == cfg
+    assert C.kernel_config("sparse24", "16bit", 1, 96, 96, cpu) == C.Config(
+        **(data.get("sparse24", {}).get("16bit/m1") or json.loads(
+            (C.CONFIG_DIR / "default.json").read_text())["sparse24"]["*/m1"])["default"])
+
+
 def test_a_config_table_moves_the_path_limits(tmp_path, monkeypatch):
     """configs/<gpu>.json may name where the decode kernel stops, where dequantize + matmul
     starts (the tc kernel in between), and where 2:4 starts dequantizing (the H200's does);
