@@ -20,6 +20,9 @@
 #                                   # (the shipped configs first), kernels and end to end on it
 #   bash kernels/h200_next.sh l     # tc retune (M = 16, 64, 128; wider tiles, fewer stages) on
 #                                   # BASE, the kernels on it and on BASE
+#   bash kernels/h200_next.sh m     # tc.PACKED_K_ORDER A/B at M = 64, 128, a tc retune with it on
+#                                   # (int4, int8, mxfp4), M = 1 and 2:4 on the shipped table, end
+#                                   # to end, then the GPU suite in the time left
 #   bash kernels/h200_next.sh j     # second half: end to end with PAIR_WORDS on the table i wrote
 #                                   # (TUNED=path), as shipped, then M = 16..8192 kernels
 # A switch flips only on its measured win: sparse24.TRANSPOSED_M1 (off, part c measures it),
@@ -30,7 +33,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in c|d|e|f|g|h|i|j|k|l) ;; *) echo "h200_next.sh: part must be one of c-l, got '$PART'" >&2; exit 2;; esac
+case $PART in c|d|e|f|g|h|i|j|k|l|m) ;; *) echo "h200_next.sh: part must be one of c-m, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -243,6 +246,42 @@ l)
     stamp "M = 16..128 kernels on BASE (${left} s allowed) rc=$?"
     grep -E "^(tc|wrote)" "$W/tune.txt"; grep -E "^\|" "$W/tc_tuned.txt" "$W/tc_base.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/l_all.txt"
+    cp "$W"/*.jsonl "$OUT/"
+    ;;
+m)
+    W=/tmp/next_m && mkdir -p $W
+    KORD="import os, runpy, sys; sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
+from compress.kernels import tc; tc.PACKED_K_ORDER = True
+sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    timeout 80 $PY kernels/bench_kernels.py --ms 64,128 --reps 20 --log "$W/m.jsonl" \
+        --variants bf16,int4-g128,int4-g128@k-order,int4-g128-asym,int4-g128-asym@k-order \
+        >"$W/korder_ab.txt" 2>&1
+    stamp "K-order A/B, shipped table rc=$?"
+    timeout 90 $PY -c "$KORD" kernels/autotune.py --path tc --formats int4,int8,mxfp4 \
+        --buckets 16,64,128 --budget-s 80 --reps 10 --base compress/kernels/configs/nvidia_h200.json \
+        --log "$W/tune.jsonl" --out "$OUT/tuned_korder.json" >"$W/tune.txt" 2>&1
+    stamp "tc retune with K order rc=$?"
+    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_korder.json timeout 80 $PY -c "$KORD" \
+        kernels/bench_kernels.py --ms 16,64,128 --reps 20 --log "$W/m.jsonl" \
+        --variants bf16,tinygemm,int4-g128,int4-g128-asym,int8-channel,nvfp4,mxfp4 \
+        >"$W/tc_korder.txt" 2>&1
+    stamp "M = 16..128 on the K-order table rc=$?"
+    timeout 80 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$W/m.jsonl" \
+        --variants bf16,tinygemm,int4-g128,int4-g128-asym,int8-channel,nvfp4,mxfp4,2:4-bf16,2:4-int4-g128,torch-2:4-bf16 \
+        >"$W/m1_final.txt" 2>&1
+    stamp "M = 1 and 2:4 on the shipped table rc=$?"
+    timeout 120 $PY $E2E --formats tinygemm,int4,nvfp4 --log "$W/m.jsonl" >"$W/e2e_final.txt" 2>&1
+    stamp "e2e on the shipped table rc=$?"
+    timeout 60 $PY kernels/probe_sparse24_m1.py --reps 30 --out "$OUT/tuned_sparse24.json" \
+        >"$W/sparse24_m1.txt" 2>&1
+    stamp "2:4 M = 1 probe, its table written rc=$?"
+    left=$(( 585 - ($(date +%s) - T0) ))
+    timeout $left $PY -m pytest -q -n 8 -rs tests/gpu >"$OUT/gpu_suite.txt" 2>&1
+    stamp "GPU suite (${left} s allowed) rc=$?"
+    tail -3 "$OUT/gpu_suite.txt"; grep -E "^FAILED" "$OUT/gpu_suite.txt" | head
+    grep -E "^\|" "$W/korder_ab.txt"; grep -E "^(tc|wrote)" "$W/tune.txt"
+    grep -E "^\|" "$W/tc_korder.txt" "$W/m1_final.txt" "$W/e2e_final.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/m_all.txt"
     cp "$W"/*.jsonl "$OUT/"
     ;;
 j)
