@@ -260,7 +260,9 @@ INT4_K_ORDER_F16: tl.constexpr = tl.constexpr(_INT4_K_ORDER_ASM.format(magic="0x
 # (thirteenth session); compile_check --sass, triton 3.6, sm_90, a K-tile of 64 x 128 x 64 on
 # 8 warps: SASS 256 -> 167, LDS 42 -> 12, BAR 32 -> 3 (the split x tile's round trip through
 # shared memory is gone); swapped tiles (M <= 16) got slower (215 -> 230, BAR 2 -> 5), so they
-# keep the two dots. Off until its H200 A/B (bench_kernels "@k-order").
+# keep the two dots. Off: its H200 A/B (2026-12-04, kernels/BENCHMARKS.md, bench_kernels
+# "@k-order") was no faster at M = 64 and 128 (within 2% on most shapes, gate/up M = 128 51.6
+# -> 73.6 us), nor after a retune with it on; fewer instructions do not move this kernel.
 PACKED_K_ORDER = False
 
 
