@@ -56,7 +56,8 @@ def decode_variants():
     gemv_cfgs = [(C.Config(1, 8, 1024, 2, 1), 4096, True), (C.Config(1, 8, 2048, 4, 1), 4096, True),
                  (C.Config(1, 8, 1024, 2, 2), 4096, True), (C.Config(1, 8, 2048, 4, 2), 4096, True),
                  (C.Config(1, 4, 1024, 2, 1, 2), 14336, True),
-                 (C.Config(1, 8, 512, 1, 1, 3), 1000, False)]
+                 (C.Config(1, 8, 512, 1, 1, 3), 1000, False),
+                 (C.Config(1, 4, 4096, 4, 1), 4096, True)]   # one tile a row set: no loop
     # x of a word column in one load (X8): on for INT4 (decode.X8_LOADS), either for FP4
     # (decode.X8_LOADS_FP4, on since its A/B: the old loop still compiles), never for INT8
     for (fmt, bits, zero, x8), act, (cfg, k, even) in itertools.product(
@@ -143,17 +144,14 @@ def tc_variants(all_configs: bool):
                  "ws_ptr": "*fp32", "cnt_ptr": "*i32",
                  **dict.fromkeys(["M", "N", "K", "KW", "G", "GROUP", "GROUP_SHIFT", "stride_xm",
                                   "K_PER_SPLIT", "one_bits"], "i32")}
-        # the packed decode: even/odd tiles (1), and on x W^T tiles K order (2, tc.PACKED_K_ORDER)
-        swapped = tc.swap(cfg, act == "fp32", mode)
-        for packing in ((1,) if swapped else (1, 2)) if packed else (0,):
-            consts = dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, HAS_BIAS=True,
-                          SCALES=mode, WPG=2, POW2_GROUP=mode != 2, IEEE=act == "fp32",
-                          SPLIT=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                          BLOCK_K=cfg.block_k, EVEN_K=even, EVEN_N=even,
-                          SWAP=swapped, PACKED=packing)
-            yield ((f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}"
-                    f"{' packed' if packing == 1 else ' k-order' if packing else ''}"),
-                   tc._tc_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)
+        consts = dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, HAS_BIAS=True,
+                      SCALES=mode, WPG=2, POW2_GROUP=mode != 2, IEEE=act == "fp32",
+                      SPLIT=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      BLOCK_K=cfg.block_k, EVEN_K=even, EVEN_N=even,
+                      SWAP=tc.swap(cfg, act == "fp32", mode), PACKED=packed)
+        yield ((f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}"
+                f"{' packed' if packed else ''}"),
+               tc._tc_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)
 
 
 def variants(all_configs: bool = False):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 calls prepared for the switches built without device time (kernels/NOTES.md, tenth
-# to thirteenth sessions; d to g, i, k, l and m ran on 2026-12-04, kernels/BENCHMARKS.md; j has
-# not run; a, b, c and h were dropped: e, f, i, k and m did their work). Each part fits one device call (< 600 s); short tables come last,
+# to thirteenth sessions; d to g, i, k, l and m ran on 2026-12-04, kernels/BENCHMARKS.md; j and n
+# have not run; a, b, c, h and m were dropped: e, f, i and k did their work, m's switch is gone). Each part fits one device call (< 600 s); short tables come last,
 # full logs stay under $OUT. On this machine first: `bash kernels/gpu_wheels.sh`; then the
 # device call, with carry [".whl"]:
 #   bash kernels/h200_next.sh d     # `compress bench` on a 4-layer GPTQ artifact vs bench_e2e
@@ -18,21 +18,20 @@
 #                                   # (the shipped configs first), kernels and end to end on it
 #   bash kernels/h200_next.sh l     # tc retune (M = 16, 64, 128; wider tiles, fewer stages) on
 #                                   # BASE, the kernels on it and on BASE
-#   bash kernels/h200_next.sh m     # tc.PACKED_K_ORDER A/B at M = 64, 128, a tc retune with it on
-#                                   # (int4, int8, mxfp4), M = 1 and 2:4 on the shipped table, end
-#                                   # to end, then the GPU suite in the time left
 #   bash kernels/h200_next.sh j     # Nsight Compute of the tc kernel at M = 128 (INT4, o), then
 #                                   # the issue's M = 16..8192 table
+#   bash kernels/h200_next.sh n     # M = 1 retune with the one-tile (block_k 4096) and paired
+#                                   # split-K candidates, kernels and end to end on it
 # A switch flips only on its measured win: sparse24.TRANSPOSED_M1 (on since part k),
 # pairing (Config.pair, tuned per format and shape since part k; decode.PAIR_WORDS forces it),
-# tc.PACKED_K_ORDER (off: part m);
+# tc.PACKED_K_ORDER (no faster in part m, which ran at 1f70b37 and was dropped with it);
 # decode.X8_LOADS, X8_LOADS_FP4 and fused.GATED_MLP (on since their A/B, 2026-12-04);
 # pack_gqa_decode, fuse_residual_norms, fuse_static_cache and the gated epilogue are turned off
 # by their bench_e2e flags for the "before" rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in d|e|f|g|i|j|k|l|m) ;; *) echo "h200_next.sh: part must be one of d-g, i-m, got '$PART'" >&2; exit 2;; esac
+case $PART in d|e|f|g|i|j|k|l|n) ;; *) echo "h200_next.sh: part must be one of d-g, i-l, n, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -203,42 +202,6 @@ l)
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/l_all.txt"
     cp "$W"/*.jsonl "$OUT/"
     ;;
-m)
-    W=/tmp/next_m && mkdir -p $W
-    KORD="import os, runpy, sys; sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
-from compress.kernels import tc; tc.PACKED_K_ORDER = True
-sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    timeout 80 $PY kernels/bench_kernels.py --ms 64,128 --reps 20 --log "$W/m.jsonl" \
-        --variants bf16,int4-g128,int4-g128@k-order,int4-g128-asym,int4-g128-asym@k-order \
-        >"$W/korder_ab.txt" 2>&1
-    stamp "K-order A/B, shipped table rc=$?"
-    timeout 90 $PY -c "$KORD" kernels/autotune.py --path tc --formats int4,int8,mxfp4 \
-        --buckets 16,64,128 --budget-s 80 --reps 10 --base compress/kernels/configs/nvidia_h200.json \
-        --log "$W/tune.jsonl" --out "$OUT/tuned_korder.json" >"$W/tune.txt" 2>&1
-    stamp "tc retune with K order rc=$?"
-    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_korder.json timeout 80 $PY -c "$KORD" \
-        kernels/bench_kernels.py --ms 16,64,128 --reps 20 --log "$W/m.jsonl" \
-        --variants bf16,tinygemm,int4-g128,int4-g128-asym,int8-channel,nvfp4,mxfp4 \
-        >"$W/tc_korder.txt" 2>&1
-    stamp "M = 16..128 on the K-order table rc=$?"
-    timeout 80 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$W/m.jsonl" \
-        --variants bf16,tinygemm,int4-g128,int4-g128-asym,int8-channel,nvfp4,mxfp4,2:4-bf16,2:4-int4-g128,torch-2:4-bf16 \
-        >"$W/m1_final.txt" 2>&1
-    stamp "M = 1 and 2:4 on the shipped table rc=$?"
-    timeout 120 $PY $E2E --formats tinygemm,int4,nvfp4 --log "$W/m.jsonl" >"$W/e2e_final.txt" 2>&1
-    stamp "e2e on the shipped table rc=$?"
-    timeout 60 $PY kernels/probe_sparse24_m1.py --reps 30 --out "$OUT/tuned_sparse24.json" \
-        >"$W/sparse24_m1.txt" 2>&1
-    stamp "2:4 M = 1 probe, its table written rc=$?"
-    left=$(( 585 - ($(date +%s) - T0) ))
-    timeout $left $PY -m pytest -q -n 8 -rs tests/gpu >"$OUT/gpu_suite.txt" 2>&1
-    stamp "GPU suite (${left} s allowed) rc=$?"
-    tail -3 "$OUT/gpu_suite.txt"; grep -E "^FAILED" "$OUT/gpu_suite.txt" | head
-    grep -E "^\|" "$W/korder_ab.txt"; grep -E "^(tc|wrote)" "$W/tune.txt"
-    grep -E "^\|" "$W/tc_korder.txt" "$W/m1_final.txt" "$W/e2e_final.txt"
-    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/m_all.txt"
-    cp "$W"/*.jsonl "$OUT/"
-    ;;
 j)
     # not yet run: what limits the tc kernel at M = 128 (kernels/NOTES.md, thirteenth session),
     # then the issue's whole M table (M >= 256 and 2:4 at M >= 16 unmeasured since the ninth)
@@ -259,5 +222,28 @@ j)
         "$W/ncu_details.txt" | head -20
     grep -E "^\|" "$W/ms.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/j_all.txt"
+    ;;
+n)
+    # not yet run: the M = 1 candidates added after part k (autotune.py: block_k 4096, paired
+    # split-K) on top of the shipped table (its configs timed first), every format
+    W=/tmp/next_n && mkdir -p $W
+    timeout 260 $PY kernels/autotune.py --path decode --formats int4,int4-asym,nvfp4,mxfp4,int8 \
+        --buckets 1 --budget-s 240 --reps 10 --base compress/kernels/configs/nvidia_h200.json \
+        --log "$W/tune.jsonl" --out "$OUT/tuned_m1.json" >"$W/tune.txt" 2>&1
+    stamp "M = 1 retune rc=$?"
+    V=bf16,tinygemm,int4-g128,int4-g128-asym,nvfp4,mxfp4,int8-channel
+    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m1.json timeout 80 $PY kernels/bench_kernels.py --ms 1 \
+        --reps 30 --variants $V --log "$W/n.jsonl" >"$W/m1_tuned.txt" 2>&1
+    stamp "M = 1 kernels, retuned rc=$?"
+    timeout 80 $PY kernels/bench_kernels.py --ms 1 --reps 30 --variants $V --log "$W/n.jsonl" \
+        >"$W/m1_shipped.txt" 2>&1
+    stamp "M = 1 kernels, shipped rc=$?"
+    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m1.json timeout 100 $PY $E2E --formats tinygemm,int4,nvfp4 \
+        --log "$W/n.jsonl" >"$W/e2e_tuned.txt" 2>&1
+    stamp "e2e, retuned rc=$?"
+    grep -E "^(decode|wrote)" "$W/tune.txt"; grep -E "^\|" "$W/m1_tuned.txt" "$W/m1_shipped.txt"
+    grep -E "^\|" "$W/e2e_tuned.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/n_all.txt"
+    cp "$W"/*.jsonl "$OUT/"
     ;;
 esac

@@ -226,45 +226,6 @@ mul.rn.{t}x2 $3, u1, $6;
 INT4_TO_BF16: tl.constexpr = tl.constexpr(_INT4_PACKED_ASM.format(magic="0x43004300", t="bf16"))
 INT4_TO_F16: tl.constexpr = tl.constexpr(_INT4_PACKED_ASM.format(magic="0x64006400", t="f16"))
 
-# The same decode with the codes in K order (_int4_packed_k_order): u = bytes >> 4 puts each
-# byte's high nibble in the low nibble of u's same byte, so PRMT selector 0x4400 (bytes b0, b0,
-# u0, u0) and LOP3 leave (code 0, code 1) in one register's halves, 0x5511 codes 2 and 3, and
-# so on: 17 instructions for 8 codes instead of 16, and one dot a tile instead of two (no split
-# of x). Operands as above; $0-$1 are the codes of bytes 0-1 (first output), $2-$3 of bytes 2-3.
-_INT4_K_ORDER_ASM = """{{
-.reg .b32 u, t0, t1, t2, t3;
-shr.b32 u, $4, 4;
-prmt.b32 t0, $4, u, 0x4400;
-prmt.b32 t1, $4, u, 0x5511;
-prmt.b32 t2, $4, u, 0x6622;
-prmt.b32 t3, $4, u, 0x7733;
-lop3.b32 t0, t0, 0x000F000F, {magic}, 0xEA;
-lop3.b32 t1, t1, 0x000F000F, {magic}, 0xEA;
-lop3.b32 t2, t2, 0x000F000F, {magic}, 0xEA;
-lop3.b32 t3, t3, 0x000F000F, {magic}, 0xEA;
-sub.rn.{t}x2 t0, t0, $7;
-sub.rn.{t}x2 t1, t1, $7;
-sub.rn.{t}x2 t2, t2, $8;
-sub.rn.{t}x2 t3, t3, $8;
-mul.rn.{t}x2 $0, t0, $5;
-mul.rn.{t}x2 $1, t1, $5;
-mul.rn.{t}x2 $2, t2, $6;
-mul.rn.{t}x2 $3, t3, $6;
-}}"""
-INT4_K_ORDER_BF16: tl.constexpr = tl.constexpr(_INT4_K_ORDER_ASM.format(magic="0x43004300",
-                                                                        t="bf16"))
-INT4_K_ORDER_F16: tl.constexpr = tl.constexpr(_INT4_K_ORDER_ASM.format(magic="0x64006400",
-                                                                       t="f16"))
-# tc kernel, PACKED INT4, x @ W^T tiles (block_m >= 64, not swapped): the K-order decode and
-# one dot (above) instead of even and odd tiles and two dots. Built without device time
-# (thirteenth session); compile_check --sass, triton 3.6, sm_90, a K-tile of 64 x 128 x 64 on
-# 8 warps: SASS 256 -> 167, LDS 42 -> 12, BAR 32 -> 3 (the split x tile's round trip through
-# shared memory is gone); swapped tiles (M <= 16) got slower (215 -> 230, BAR 2 -> 5), so they
-# keep the two dots. Off: its H200 A/B (2026-12-04, kernels/BENCHMARKS.md, bench_kernels
-# "@k-order") was no faster at M = 64 and 128 (within 2% on most shapes, gate/up M = 128 51.6
-# -> 73.6 us), nor after a retune with it on; fewer instructions do not move this kernel.
-PACKED_K_ORDER = False
-
 
 @triton.jit
 def _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.constexpr,
@@ -291,33 +252,6 @@ def _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.constexpr,
                                            dtype=(tl.float16, tl.float16), is_pure=True,
                                            pack=4)
     return lo, hi
-
-
-@triton.jit
-def _int4_packed_k_order(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.constexpr,
-                         EVEN: tl.constexpr):
-    """_int4_packed's weights as one [BN, BLOCK_K] tile in K order: each 4 bytes give codes
-    0-3 (first output) and 4-7 (second); joined and permuted back to K order in registers."""
-    rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    ptrs = w_ptr.to(tl.pointer_type(tl.uint8)) + rn[:, None] * (KW * 4) + rb[None, :]
-    if EVEN:
-        b = tl.load(ptrs)
-    else:
-        b = tl.load(ptrs, mask=n_in[:, None] & (rb[None, :] < KW * 4), other=0)
-    if DTYPE == tl.bfloat16:
-        lo, hi = tl.inline_asm_elementwise(INT4_K_ORDER_BF16, "=&r,=&r,=&r,=&r,r,r,r,r,r",
-                                           [b, s.to(tl.bfloat16), (136.0 + z).to(tl.bfloat16)],
-                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
-                                           pack=4)
-    else:
-        lo, hi = tl.inline_asm_elementwise(INT4_K_ORDER_F16, "=&r,=&r,=&r,=&r,r,r,r,r,r",
-                                           [b, s.to(tl.float16), (1032.0 + z).to(tl.float16)],
-                                           dtype=(tl.float16, tl.float16), is_pure=True,
-                                           pack=4)
-    BN: tl.constexpr = lo.shape[0]
-    lo = tl.reshape(lo, (BN, BLOCK_K // 8, 4))
-    hi = tl.reshape(hi, (BN, BLOCK_K // 8, 4))
-    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (BN, BLOCK_K))
 
 
 @triton.jit
@@ -362,8 +296,7 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr
                       WPG: tl.constexpr, POW2_GROUP: tl.constexpr, IEEE: tl.constexpr,
                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr = False,
-                      EVEN_N: tl.constexpr = False, PACKED: tl.constexpr = 0):
-    # PACKED: 0 the decode below, 1 _int4_packed (two dots), 2 _int4_packed_k_order (one dot)
+                      EVEN_N: tl.constexpr = False, PACKED: tl.constexpr = False):
     # M-tiles are grid axis 0, so the programs sharing a weight tile run together (L2 reuse)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -393,14 +326,7 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = k_start + kk
-        if PACKED == 2:   # one dot on the K-order tile
-            w = _int4_packed_k_order(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K,
-                                     EVEN_K and EVEN_N)
-            s, z = _row_scale(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, G, GROUP, GROUP_SHIFT,
-                              FMT, BITS, PER, HAS_ZERO, POW2_GROUP)
-            x = _x_tile(x_ptr, rm, m_in, stride_xm, k0 + tl.arange(0, BLOCK_K), K, EVEN_K)
-            acc = _dot(w, x, acc, SWAP, False)
-        elif PACKED:   # two dots, even and odd inputs (see _int4_packed)
+        if PACKED:   # two dots, even and odd inputs (see _int4_packed)
             w_even, w_odd = _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K,
                                          EVEN_K and EVEN_N)
             s, z = _row_scale(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, G, GROUP, GROUP_SHIFT,
@@ -528,20 +454,17 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
     ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
     counters = C.tile_counters(grid[0] * grid[1], x2.device) if split > 1 else ws
     scale_consts, group_shift = _scale_args(groups, group, k, cfg.block_k, per)
-    swapped = swap(cfg, ieee, scale_consts["SCALES"])
-    packing = 0   # PACKED: the plain decode (0), _int4_packed (1), _int4_packed_k_order (2)
-    if packed_int4(fmt, bits, x2.dtype, scale.dtype, scale_consts["SCALES"]):
-        packing = 2 if PACKED_K_ORDER and not swapped else 1
     _tc_matmul_kernel[grid](
         x2, words, scale, zero if zero is not None else words,
         bias if bias is not None else x2, out,
         global_scale if fmt == FMT_NVFP4 else scale, ws, counters,
         m, n, k, words.shape[1], groups, group, group_shift, x2.stride(0), k_per_split,
         ONE_BITS, FMT=fmt, BITS=bits, PER=per, HAS_ZERO=zero is not None,
-        SWAP=swapped, HAS_BIAS=bias is not None, IEEE=ieee, SPLIT=split > 1,
+        SWAP=swap(cfg, ieee, scale_consts["SCALES"]),
+        HAS_BIAS=bias is not None, IEEE=ieee, SPLIT=split > 1,
         **scale_consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
-        PACKED=packing,
+        PACKED=packed_int4(fmt, bits, x2.dtype, scale.dtype, scale_consts["SCALES"]),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

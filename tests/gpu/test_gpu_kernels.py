@@ -226,21 +226,17 @@ def test_packed_int4_decode_is_the_reference_rounding(dtype, symmetric, group, r
     assert torch.equal(got, want.to(dtype)), (got.float() - want).abs().max()
 
 
-@pytest.mark.parametrize("k_order", [False, True], ids=["even-odd", "k-order"])
 @pytest.mark.parametrize("cfg", [C.Config(64, 64, 64, 4, 3, 1), C.Config(128, 128, 64, 8, 3, 1),
                                  C.Config(64, 128, 64, 8, 2, 2)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("symmetric,group", [(True, 128), (False, 128), (False, 0)])
-def test_tc_packed_decode_in_the_matmul_is_the_reference_rounding(k_order, cfg, dtype,
-                                                                  symmetric, group, rng,
-                                                                  monkeypatch):
-    """The tc kernel's packed INT4 decode, even/odd tiles and two dots or K order and one dot
-    (tc.PACKED_K_ORDER), on x W^T tiles: with x the identity every output is one weight times
-    1 (float32 sums of one product), so y = W^T bit for bit, and a code out of its K place
-    shows up as a wrong weight."""
+def test_tc_packed_decode_in_the_matmul_is_the_reference_rounding(cfg, dtype, symmetric, group,
+                                                                  rng):
+    """The tc kernel's packed INT4 decode (even and odd tiles, two dots) on x W^T tiles, split-K
+    too: with x the identity every output is one weight times 1 (float32 sums of one product),
+    so y = W^T bit for bit, and a code out of its K place shows up as a wrong weight."""
     from compress.kernels import tc
 
-    monkeypatch.setattr(tc, "PACKED_K_ORDER", k_order)
     n, k = 192, 256
     packed, scale, zero = cuda(make_int_weight(n, k, group, symmetric, 4, rng, dtype))
     args = (packed, scale, zero, (n, k), 4)

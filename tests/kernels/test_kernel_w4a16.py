@@ -148,7 +148,8 @@ def test_decode_kernel_every_config_shape(cfg, case, x8, dtype, rng, monkeypatch
 PAIR_CASES = [(37, 512, 128, True, 4), (29, 512, 128, False, 4), (23, 992, 32, False, 4),
               (31, 384, 32, True, 4), (19, 264, None, True, 8), (17, 200, 8, False, 8)]
 PAIR_CONFIGS = [C.Config(1, 8, 256), C.Config(1, 4, 128, 1, 1, 2), C.Config(1, 8, 256, 2, 2, 3),
-                C.Config(1, 8, 64, 4, 3, 2)]
+                C.Config(1, 8, 64, 4, 3, 2),
+                C.Config(1, 4, 4096, 4, 1)]   # one tile longer than every row (masked)
 
 
 @pytest.mark.parametrize("cfg", PAIR_CONFIGS, ids=str)
