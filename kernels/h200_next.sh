@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The H200 calls prepared for the switches built without device time (kernels/NOTES.md, tenth
-# to thirteenth sessions; d to g, i, k, l and m ran on 2026-12-04, kernels/BENCHMARKS.md; j and n
-# have not run; a, b, c, h and m were dropped: e, f, i and k did their work, m's switch is gone). Each part fits one device call (< 600 s); short tables come last,
-# full logs stay under $OUT. On this machine first: `bash kernels/gpu_wheels.sh`; then the
+# to thirteenth sessions; d to g, i, k, l and m ran on 2026-12-04, kernels/BENCHMARKS.md; j has
+# not run; k again times the M = 1 candidates added after it; a, b, c, h and m were dropped:
+# e, f, i and k did their work, m's switch is gone). Each part fits one device call (< 600 s);
+# short tables come last, full logs stay under $OUT. On this machine first: `bash kernels/gpu_wheels.sh`; then the
 # device call, with carry [".whl"]:
 #   bash kernels/h200_next.sh d     # `compress bench` on a 4-layer GPTQ artifact vs bench_e2e
 #   bash kernels/h200_next.sh e     # one call: the headline rows (peers, fusions off/on), the
@@ -11,17 +12,15 @@
 #                                   # and prefill 2048, then the GPU suite in the time left
 #   bash kernels/h200_next.sh g     # FP4 x8 A/B (kernels, GPU tests, end to end), prefill 2048
 #                                   # with 10 repeats
-#   bash kernels/h200_next.sh i     # the whole GPU suite (the
-#                                   # M = 1 loop changed after the last one), PAIR_WORDS kernels on
-#                                   # the shipped table, the M = 1 retune with it on, kernels on that
-#   bash kernels/h200_next.sh k     # M = 1 retune of every format with Config.pair candidates
-#                                   # (the shipped configs first), kernels and end to end on it
+#   bash kernels/h200_next.sh i     # the whole GPU suite, then the M = 1 kernels with pairing
+#                                   # forced on (@pair) on the shipped table
+#   bash kernels/h200_next.sh k     # M = 1 retune of every format with autotune.py's candidates
+#                                   # (the shipped configs first), kernels and end to end on it,
+#                                   # the 2:4 M = 1 probe in the time left
 #   bash kernels/h200_next.sh l     # tc retune (M = 16, 64, 128; wider tiles, fewer stages) on
 #                                   # BASE, the kernels on it and on BASE
 #   bash kernels/h200_next.sh j     # Nsight Compute of the tc kernel at M = 128 (INT4, o), then
 #                                   # the issue's M = 16..8192 table
-#   bash kernels/h200_next.sh n     # M = 1 retune with the one-tile (block_k 4096) and paired
-#                                   # split-K candidates, kernels and end to end on it
 # A switch flips only on its measured win: sparse24.TRANSPOSED_M1 (on since part k),
 # pairing (Config.pair, tuned per format and shape since part k; decode.PAIR_WORDS forces it),
 # tc.PACKED_K_ORDER (no faster in part m, which ran at 1f70b37 and was dropped with it);
@@ -31,7 +30,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in d|e|f|g|i|j|k|l|n) ;; *) echo "h200_next.sh: part must be one of d-g, i-l, n, got '$PART'" >&2; exit 2;; esac
+case $PART in d|e|f|g|i|j|k|l) ;; *) echo "h200_next.sh: part must be one of d-g, i-l, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -140,22 +139,10 @@ i)
     timeout 90 $PY kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/pair.jsonl" \
         --variants $V,mxfp4,mxfp4@pair,int8-channel,int8-channel@pair >"$W/pair.txt" 2>&1
     stamp "PAIR_WORDS kernels, shipped table rc=$?"
-    PAIR="import os, runpy, sys; sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
-from compress.kernels import decode; decode.PAIR_WORDS = True
-sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    left=$(( 480 - ($(date +%s) - T0) ))
-    timeout $(( left + 10 )) $PY -c "$PAIR" kernels/autotune.py --path decode --formats int4,nvfp4,int8 \
-        --buckets 1 --budget-s $(( left > 150 ? 140 : left - 10 )) --reps 10 \
-        --base compress/kernels/configs/nvidia_h200.json \
-        --out "$OUT/tuned_pair.json" >"$W/tune_pair.txt" 2>&1
-    stamp "retune with PAIR_WORDS rc=$?"
-    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_pair.json timeout 90 $PY -c "$PAIR" \
-        kernels/bench_kernels.py --ms 1 --reps 30 --log "$OUT/pair.jsonl" \
-        --variants bf16,tinygemm,int4-g128,int4-g128-asym,nvfp4,mxfp4,int8-channel \
-        >"$W/pair_tuned.txt" 2>&1
-    stamp "PAIR_WORDS kernels, retuned rc=$?"
+    # (its first run then retuned M = 1 with PAIR_WORDS forced; pairing is a tuned config field
+    # since, so part k retunes)
     tail -3 "$OUT/gpu_suite.txt"; grep -E "^FAILED" "$OUT/gpu_suite.txt" | head
-    grep -E "^\|" "$W/pair.txt" "$W/pair_tuned.txt"
+    grep -E "^\|" "$W/pair.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/i_all.txt"
     ;;
 k)
@@ -222,28 +209,5 @@ j)
         "$W/ncu_details.txt" | head -20
     grep -E "^\|" "$W/ms.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/j_all.txt"
-    ;;
-n)
-    # not yet run: the M = 1 candidates added after part k (autotune.py: block_k 4096, paired
-    # split-K) on top of the shipped table (its configs timed first), every format
-    W=/tmp/next_n && mkdir -p $W
-    timeout 260 $PY kernels/autotune.py --path decode --formats int4,int4-asym,nvfp4,mxfp4,int8 \
-        --buckets 1 --budget-s 240 --reps 10 --base compress/kernels/configs/nvidia_h200.json \
-        --log "$W/tune.jsonl" --out "$OUT/tuned_m1.json" >"$W/tune.txt" 2>&1
-    stamp "M = 1 retune rc=$?"
-    V=bf16,tinygemm,int4-g128,int4-g128-asym,nvfp4,mxfp4,int8-channel
-    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m1.json timeout 80 $PY kernels/bench_kernels.py --ms 1 \
-        --reps 30 --variants $V --log "$W/n.jsonl" >"$W/m1_tuned.txt" 2>&1
-    stamp "M = 1 kernels, retuned rc=$?"
-    timeout 80 $PY kernels/bench_kernels.py --ms 1 --reps 30 --variants $V --log "$W/n.jsonl" \
-        >"$W/m1_shipped.txt" 2>&1
-    stamp "M = 1 kernels, shipped rc=$?"
-    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m1.json timeout 100 $PY $E2E --formats tinygemm,int4,nvfp4 \
-        --log "$W/n.jsonl" >"$W/e2e_tuned.txt" 2>&1
-    stamp "e2e, retuned rc=$?"
-    grep -E "^(decode|wrote)" "$W/tune.txt"; grep -E "^\|" "$W/m1_tuned.txt" "$W/m1_shipped.txt"
-    grep -E "^\|" "$W/e2e_tuned.txt"
-    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/n_all.txt"
-    cp "$W"/*.jsonl "$OUT/"
     ;;
 esac
