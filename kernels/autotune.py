@@ -97,7 +97,7 @@ TC_CANDIDATES = {
     1: [cfg(16, 64, 256, 4, 3, 4), cfg(16, 64, 128, 4, 4, 4), cfg(16, 64, 128, 4, 3, 8),
         cfg(16, 64, 64, 4, 5, 4), cfg(16, 128, 128, 8, 4, 4), cfg(16, 128, 64, 8, 5, 8),
         cfg(16, 64, 128, 4, 4, 2), cfg(16, 64, 64, 4, 5, 8)],
-    # (twelfth session) fewer stages, so more programs share an SM and hide each other's
+    # (thirteenth session) fewer stages, so more programs share an SM and hide each other's
     # decode (GemLite's tuned H100 tiles all use 1), wider N tiles, so x is read fewer times,
     # with split-K to keep 132 SMs busy; early in the lists, so a tight budget still times them
     16: [cfg(16, 64, 128, 4, 4, 4), cfg(16, 64, 64, 4, 1, 8), cfg(16, 128, 64, 8, 1, 8),
