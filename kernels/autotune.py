@@ -53,6 +53,14 @@ def pair(bm, bn, bk, warps=4, stages=2, split=1):
     return cfg(bm, bn, bk, warps, stages, split, None, True)
 
 
+def k_order(bm, bn, bk, warps=4, stages=2, split=1, swap=None):
+    """A tc config decoding packed INT4 in K order, one dot a tile (Config.k_order): on swapped
+    tiles the dot then stays asynchronous (kernels/compile_check.py --sass: "wgmma in flight
+    3-7"), so the next tile's decode overlaps its wgmmas; other formats' plain decode is
+    asynchronous on swapped tiles already, so for them the same tile without k_order."""
+    return C.Config(bm, bn, bk, warps, stages, split, swap, False, True)
+
+
 # Candidates per bucket (the shipped default first). M=1: rows per program x K per iteration
 # (bytes in flight), split-K only where N alone gives too few programs. M>1: tensor-core tiles.
 DECODE_CANDIDATES = {
@@ -100,7 +108,14 @@ TC_CANDIDATES = {
     # (thirteenth session) fewer stages, so more programs share an SM and hide each other's
     # decode (GemLite's tuned H100 tiles all use 1), wider N tiles, so x is read fewer times,
     # with split-K to keep 132 SMs busy; early in the lists, so a tight budget still times them
-    16: [cfg(16, 64, 128, 4, 4, 4), cfg(16, 64, 64, 4, 1, 8), cfg(16, 128, 64, 8, 1, 8),
+    # (fourteenth session) asynchronous dots, first: never timed before. INT4 in K order on
+    # swapped tiles (other formats: the same tiles, plain), at every M bucket since the loop's
+    # tl.assume keeps ptxas from serializing the wgmmas of 32-128-row tiles (kernels/NOTES.md)
+    16: [cfg(16, 64, 128, 4, 4, 4), k_order(16, 64, 128, 4, 4, 4), k_order(16, 64, 128, 4, 3, 4),
+         k_order(16, 64, 128, 4, 2, 4), k_order(16, 128, 128, 8, 3, 4),
+         k_order(16, 64, 128, 4, 4, 8), k_order(16, 64, 128, 4, 4, 2),
+         k_order(16, 64, 128, 4, 4, 1),
+         cfg(16, 64, 64, 4, 1, 8), cfg(16, 128, 64, 8, 1, 8),
          cfg(16, 64, 128, 4, 2, 4), cfg(16, 128, 128, 8, 2, 4), cfg(16, 256, 64, 8, 2, 8),
          cfg(16, 64, 64, 4, 2, 16),
          cfg(16, 64, 128, 4, 4, 2), cfg(16, 64, 256, 4, 3, 4),
@@ -109,14 +124,23 @@ TC_CANDIDATES = {
          cfg(16, 64, 128, 4, 2, 1), cfg(16, 256, 64, 8, 4, 8), cfg(32, 64, 128, 4, 4, 4),
          cfg(16, 64, 128, 4, 4, 4, False), cfg(16, 128, 128, 4, 3, 2, False),
          cfg(16, 64, 256, 4, 3, 4, False)],
-    64: [cfg(64, 64, 128, 4, 3, 2), cfg(64, 64, 64, 4, 1, 4), cfg(64, 128, 64, 8, 2, 2),
+    64: [cfg(64, 64, 128, 4, 3, 2), k_order(64, 64, 128, 4, 3, 2, True),
+         k_order(64, 64, 64, 4, 4, 4, True), k_order(64, 128, 64, 8, 3, 2, True),
+         k_order(32, 64, 128, 4, 4, 2, True), k_order(64, 64, 128, 4, 3, 4, True),
+         cfg(64, 64, 64, 4, 4, 4, True), cfg(64, 128, 64, 8, 3, 2, True),
+         cfg(64, 64, 64, 4, 1, 4), cfg(64, 128, 64, 8, 2, 2),
          cfg(64, 128, 64, 8, 1, 4), cfg(64, 64, 128, 4, 2, 2), cfg(64, 256, 64, 8, 2, 2),
          cfg(64, 128, 128, 8, 2, 2), cfg(64, 64, 128, 4, 4, 1), cfg(64, 64, 64, 4, 4, 2),
          cfg(32, 64, 128, 4, 4, 2), cfg(64, 128, 64, 8, 3, 2), cfg(64, 64, 256, 4, 3, 2),
          cfg(64, 128, 128, 8, 3, 1), cfg(64, 64, 128, 4, 3, 4), cfg(16, 64, 128, 4, 4, 2),
          cfg(64, 256, 64, 8, 3, 1), cfg(64, 64, 32, 4, 5, 2), cfg(128, 64, 64, 4, 3, 2),
-         cfg(64, 64, 128, 4, 3, 2, True), cfg(32, 64, 128, 4, 4, 2, False)],
-    128: [cfg(64, 64, 128, 4, 3, 1), cfg(128, 128, 64, 8, 2, 1), cfg(128, 128, 64, 8, 2, 2),
+         cfg(64, 64, 128, 4, 3, 2, True), cfg(32, 64, 128, 4, 4, 2, False),
+         k_order(16, 64, 128, 4, 4, 2), k_order(16, 128, 128, 8, 3, 2)],
+    128: [cfg(64, 64, 128, 4, 3, 1), k_order(128, 64, 64, 4, 3, 1, True),
+          k_order(128, 64, 64, 4, 3, 2, True), k_order(64, 64, 128, 4, 3, 2, True),
+          k_order(128, 128, 64, 8, 3, 1, True), k_order(128, 64, 128, 4, 3, 1, True),
+          cfg(128, 64, 64, 4, 3, 1, True), cfg(128, 128, 64, 8, 3, 1, True),
+          cfg(128, 128, 64, 8, 2, 1), cfg(128, 128, 64, 8, 2, 2),
           cfg(128, 256, 64, 8, 2, 1), cfg(128, 64, 64, 8, 1, 1), cfg(128, 128, 64, 8, 1, 2),
           cfg(64, 128, 64, 8, 2, 2), cfg(128, 64, 64, 4, 2, 2),
           cfg(128, 64, 128, 4, 3, 1), cfg(128, 64, 64, 4, 4, 2),
@@ -167,8 +191,9 @@ def make_weight(family: str, n: int, k: int, device, path: str = "decode"):
 
 def applies(c: C.Config, family: str, m: int, path: str = "decode") -> bool:
     per = 4 if family == "int8" else 8
-    if path == "tc":
-        return c.block_m >= 16 and c.block_n >= 16 and c.block_k >= 32
+    if path == "tc":   # k_order changes only INT4's packed decode: elsewhere a duplicate
+        return (c.block_m >= 16 and c.block_n >= 16 and c.block_k >= 32
+                and (not c.k_order or family.startswith("int4")))
     if c.block_m == 1:
         return m == 1
     return c.block_k // per >= 16 and c.block_k % per == 0

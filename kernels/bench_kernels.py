@@ -166,6 +166,8 @@ def make_variants(n: int, k: int, device) -> dict:
             v[f"{name}@no-fp4-x8"] = (functools.partial(_no_fp4_x8, fn_ref[0]), fn_ref[1])
             v[f"{name}@pair"] = (functools.partial(_pair, fn_ref[0]), fn_ref[1])
             v[f"{name}@no-pair"] = (functools.partial(_no_pair, fn_ref[0]), fn_ref[1])
+            v[f"{name}@k-order"] = (functools.partial(_k_order, fn_ref[0]), fn_ref[1])
+            v[f"{name}@no-k-order"] = (functools.partial(_no_k_order, fn_ref[0]), fn_ref[1])
     if device.type == "cuda":
         tiny = tinygemm_int4(codes, scale)
         if tiny is not None:
@@ -213,6 +215,10 @@ _no_fp4_x8 = functools.partial(_without, path="decode", module="decode", name="X
 _pair = functools.partial(_without, path="decode", module="decode", name="PAIR_WORDS", off=True)
 _no_pair = functools.partial(_without, path="decode", module="decode", name="PAIR_WORDS",
                              off=False)
+# "@k-order" / "@no-k-order": the tc kernel's packed INT4 decode in K order, one dot (tc.K_ORDER)
+# forced on / off, whatever the tuned config says (Config.k_order)
+_k_order = functools.partial(_without, path="tc", module="tc", name="K_ORDER", off=True)
+_no_k_order = functools.partial(_without, path="tc", module="tc", name="K_ORDER", off=False)
 _plain_tc = functools.partial(_without, path="tc", module="tc", name="packed_int4",
                               off=lambda *args: False)
 

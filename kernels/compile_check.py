@@ -130,7 +130,10 @@ def tc_variants(all_configs: bool):
     few = [(C.Config(16, 64, 128, 4, 4, 4), True, 0), (C.Config(64, 64, 64, 4, 3, 1), False, 1),
            (C.Config(128, 128, 64, 8, 3, 1), True, 2),
            (C.Config(16, 64, 128, 4, 4, 4, swap=False), True, 1),
-           (C.Config(64, 64, 64, 4, 3, 1, swap=True), False, 0)]
+           (C.Config(64, 64, 64, 4, 3, 1, swap=True), False, 0),
+           # the packed INT4 decode in K order (Config.k_order): swapped (one async dot) and not
+           (C.Config(16, 64, 128, 4, 4, 4, k_order=True), True, 0),
+           (C.Config(64, 64, 64, 4, 3, 1, k_order=True), False, 0)]
     cases = [(f, a, c, even, mode) for f in WORD_FORMATS for a in ACT for c, even, mode in few]
     if all_configs:
         cases += [(f, "bf16", c, True, 0 if f[0] == 0 else 1)
@@ -138,6 +141,8 @@ def tc_variants(all_configs: bool):
     for (fmt, bits, zero), act, cfg, even, mode in cases:
         # INT4 with 16-bit scales of the activations' dtype: the packed decode (tc.packed_int4)
         packed = fmt == 0 and bits == 4 and act != "fp32" and mode == 0
+        if cfg.k_order and not packed:   # only the packed decode reads it
+            continue
         types = {"x_ptr": ACT[act], "w_ptr": "*i32",
                  "s_ptr": (ACT[act] if packed else "*bf16") if fmt == 0 else "*u8",
                  "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32", "out_ptr": ACT[act],
@@ -148,9 +153,10 @@ def tc_variants(all_configs: bool):
                       SCALES=mode, WPG=2, POW2_GROUP=mode != 2, IEEE=act == "fp32",
                       SPLIT=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       BLOCK_K=cfg.block_k, EVEN_K=even, EVEN_N=even,
-                      SWAP=tc.swap(cfg, act == "fp32", mode), PACKED=packed)
+                      SWAP=tc.swap(cfg, act == "fp32", mode), PACKED=packed,
+                      K_ORDER=cfg.k_order)
         yield ((f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}"
-                f"{' packed' if packed else ''}"),
+                f"{(' packed k-order' if cfg.k_order else ' packed') if packed else ''}"),
                tc._tc_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)
 
 
@@ -269,8 +275,10 @@ def ptxas_info(kernel, arch: int) -> str:
                              capture_output=True, text=True, check=False).stderr
     regs = re.search(r"Used (\d+) registers", err)
     spill = re.search(r"(\d+) bytes spill stores", err)
+    # C7515: ptxas waits on each wgmma before the next instruction (the dots' async lost)
     return (f", {regs.group(1) if regs else '?'} registers, "
-            f"{spill.group(1) if spill else '?'} bytes spilled")
+            f"{spill.group(1) if spill else '?'} bytes spilled"
+            f"{', wgmma serialized (C7515)' if 'C7515' in err else ''}")
 
 
 def loop_sass(kernel) -> str:
@@ -299,8 +307,13 @@ def loop_sass(kernel) -> str:
     # M = 1 kernel is limited by L1 load instructions (H200 ncu, kernels/NOTES.md)
     ops = {op: sum(1 for line in body if re.search(rf"\s{op}[.\s]", line))
            for op in ("LDG", "STS", "LDS", "BAR")}
+    # wgmma left in flight across the loop's back edge (Triton's async dot: the next tile's
+    # decode overlaps it): the largest WARPGROUP.DEPBAR count in the loop, 0 = waits on each
+    waits = [int(m.group(1), 16) for line in body
+             if (m := re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", line))]
+    async_ = f", wgmma in flight {max(waits)}" if waits else ""
     return (f", {len(body)} SASS in the main loop (LDG {ops['LDG']}, STS {ops['STS']}, "
-            f"LDS {ops['LDS']}, BAR {ops['BAR']})")
+            f"LDS {ops['LDS']}, BAR {ops['BAR']}){async_}")
 
 
 def main() -> None:

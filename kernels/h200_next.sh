@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The H200 calls prepared for the switches built without device time (kernels/NOTES.md, tenth
-# to thirteenth sessions; d to g, i, k, l and m ran on 2026-12-04, kernels/BENCHMARKS.md; j has
-# not run; k again times the M = 1 candidates added after it; a, b, c, h and m were dropped:
+# to fourteenth sessions; d to g, i, k, l and m ran on 2026-12-04, kernels/BENCHMARKS.md; j has
+# not run (its one attempt, 21:41 UTC, lost the machine); o is new (fourteenth session); k
+# again times the M = 1 candidates added after it; a, b, c, h and m were dropped:
 # e, f, i and k did their work, m's switch is gone). Each part fits one device call (< 600 s);
 # short tables come last, full logs stay under $OUT. On this machine first: `bash kernels/gpu_wheels.sh`; then the
 # device call, with carry [".whl"]:
@@ -21,6 +22,9 @@
 #                                   # BASE, the kernels on it and on BASE
 #   bash kernels/h200_next.sh j     # Nsight Compute of the tc kernel at M = 128 (INT4, o), then
 #                                   # the issue's M = 16..8192 table
+#   bash kernels/h200_next.sh o     # the tc kernel's asynchronous dots (K order, swapped tiles):
+#                                   # GPU tests, M = 16..128 on the shipped table, a tc retune
+#                                   # with the new candidates, M = 16..128 on the retuned table
 # A switch flips only on its measured win: sparse24.TRANSPOSED_M1 (on since part k),
 # pairing (Config.pair, tuned per format and shape since part k; decode.PAIR_WORDS forces it),
 # tc.PACKED_K_ORDER (no faster in part m, which ran at 1f70b37 and was dropped with it);
@@ -30,7 +34,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in d|e|f|g|i|j|k|l) ;; *) echo "h200_next.sh: part must be one of d-g, i-l, got '$PART'" >&2; exit 2;; esac
+case $PART in d|e|f|g|i|j|k|l|o) ;; *) echo "h200_next.sh: part must be one of d-g, i-l, o, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -189,6 +193,32 @@ l)
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/l_all.txt"
     cp "$W"/*.jsonl "$OUT/"
     ;;
+o)
+    # fourteenth session, built without device time (kernels/NOTES.md): the tc kernel's dots
+    # asynchronous on swapped tiles (the next tile's decode overlaps the wgmmas): INT4 decoded
+    # in K order (Config.k_order), the loop's tl.assume (no more C7515 from 32 rows). The
+    # shipped table has neither K order nor swapped tiles from 64 rows; this part decides
+    W=/tmp/next_o && mkdir -p $W
+    BASE=${BASE:-compress/kernels/configs/nvidia_h200.json}
+    timeout 120 $PY -m pytest -q -n 8 tests/gpu/test_gpu_kernels.py -k "tc" >"$W/gpu_tests.txt" 2>&1
+    stamp "GPU tests of the tc kernel (K order included) rc=$?"
+    V=bf16,tinygemm,int4-g128,int4-g128@k-order,int4-g128-asym,nvfp4,mxfp4,int8-channel
+    timeout 110 $PY kernels/bench_kernels.py --ms 16,64,128 --reps 20 --variants $V \
+        --log "$W/o.jsonl" >"$W/shipped.txt" 2>&1
+    stamp "M = 16..128 on the shipped table, K order forced for INT4 rc=$?"
+    timeout 240 $PY kernels/autotune.py --path tc --formats int4,nvfp4 --buckets 16,64,128 \
+        --budget-s 210 --reps 10 --base "$BASE" --log "$W/tune.jsonl" \
+        --out "$OUT/tuned_async.json" >"$W/tune.txt" 2>&1
+    stamp "tc retune with the asynchronous candidates rc=$?"
+    left=$(( 585 - ($(date +%s) - T0) ))
+    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_async.json timeout $left $PY kernels/bench_kernels.py \
+        --ms 16,64,128 --reps 20 --variants $V --log "$W/o.jsonl" >"$W/tuned.txt" 2>&1
+    stamp "M = 16..128 on the retuned table (${left} s allowed) rc=$?"
+    tail -1 "$W/gpu_tests.txt"; grep -E "^(tc|wrote)" "$W/tune.txt"
+    grep -E "^\|" "$W/shipped.txt" "$W/tuned.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/o_all.txt"
+    cp "$W"/*.jsonl "$OUT/"
+    ;;
 j)
     # not yet run: what limits the tc kernel at M = 128 (kernels/NOTES.md, thirteenth session),
     # then the issue's whole M table (M >= 256 and 2:4 at M >= 16 unmeasured since the ninth)
@@ -200,6 +230,10 @@ j)
         --reps 2 --log "$W/ncu_bench.jsonl" >"$W/ncu.txt" 2>&1
     stamp "ncu of the tc kernel, INT4 M = 128 rc=$?"
     ncu --import "$OUT/tc_m128.ncu-rep" --page details >"$W/ncu_details.txt" 2>&1
+    # per-instruction stall samples: which SASS lines (wgmma waits, decode, loads) the warps sit on
+    timeout 60 ncu --import "$OUT/tc_m128.ncu-rep" --page source --print-source sass --csv \
+        >"$OUT/tc_m128_sass.csv" 2>&1
+    stamp "ncu source page rc=$?"
     left=$(( 575 - ($(date +%s) - T0) ))
     timeout $left $PY kernels/bench_kernels.py --ms 16,64,128,256,512,2048,8192 --reps 20 \
         --variants bf16,tinygemm,int4-g128,int4-g128-asym,int8-channel,nvfp4,mxfp4,2:4-bf16,2:4-int4-g128,torch-2:4-bf16 \

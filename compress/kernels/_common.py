@@ -51,6 +51,10 @@ class Config:
     # M = 1 (_gemv_kernel): words 2p and 2p + 1 read as one int64 (decode.PAIR_WORDS): fewer
     # loads, more registers, so the autotuner picks it per format and shape
     pair: bool = False
+    # tc, packed INT4 (tc._int4_packed): the codes decoded in K order and one dot per tile, not
+    # even/odd halves and two dots: x then goes from its pipelined buffer straight into the
+    # dot, which Triton can then issue asynchronously (the next tile's decode overlaps it)
+    k_order: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,7 +25,14 @@ float32 activations use an exact (IEEE) dot on exactly decoded float32 weights.
 
 INT4 with 16-bit activations and scales of their dtype, a tile inside one group (PACKED): the
 codes are decoded two to a 32-bit register by inline PTX (_int4_packed), ~2 instructions a code
-instead of ~3.5, each weight the reference's own rounding of (code - 8 - zero) * scale.
+instead of ~3.5, each weight the reference's own rounding of (code - 8 - zero) * scale; as even
+and odd halves (two dots on a split x) or, with Config.k_order, in K order (one dot).
+
+Whether the next tile's decode overlaps a tile's wgmmas (compiled for sm_90 on the CPU,
+kernels/compile_check.py --sass: "wgmma in flight N"): Triton issues the dot asynchronously only
+when its shared-memory operand comes straight from a pipelined load, i.e. on swapped tiles whose
+x is not split (the plain decode, or K order); x @ W^T tiles store the decoded tile to shared
+memory inside the loop and always wait (kernels/NOTES.md, fourteenth session).
 """
 
 from __future__ import annotations
@@ -226,6 +233,36 @@ mul.rn.{t}x2 $3, u1, $6;
 INT4_TO_BF16: tl.constexpr = tl.constexpr(_INT4_PACKED_ASM.format(magic="0x43004300", t="bf16"))
 INT4_TO_F16: tl.constexpr = tl.constexpr(_INT4_PACKED_ASM.format(magic="0x64006400", t="f16"))
 
+# The same decode with the codes in K order (_int4_packed_k_order, Config.k_order): u = bytes
+# >> 4 puts each byte's high nibble in the low nibble of u's same byte, so PRMT selector 0x4400
+# (bytes b0, b0, u0, u0) and the LOP3 leave (code 0, code 1) in one register's halves, 0x5511
+# codes 2 and 3, and so on: 17 instructions for 8 codes instead of 16. Operands as above; $0-$1
+# are the codes of bytes 0-1 (first output), $2-$3 of bytes 2-3.
+_INT4_K_ORDER_ASM = """{{
+.reg .b32 u, t0, t1, t2, t3;
+shr.b32 u, $4, 4;
+prmt.b32 t0, $4, u, 0x4400;
+prmt.b32 t1, $4, u, 0x5511;
+prmt.b32 t2, $4, u, 0x6622;
+prmt.b32 t3, $4, u, 0x7733;
+lop3.b32 t0, t0, 0x000F000F, {magic}, 0xEA;
+lop3.b32 t1, t1, 0x000F000F, {magic}, 0xEA;
+lop3.b32 t2, t2, 0x000F000F, {magic}, 0xEA;
+lop3.b32 t3, t3, 0x000F000F, {magic}, 0xEA;
+sub.rn.{t}x2 t0, t0, $7;
+sub.rn.{t}x2 t1, t1, $7;
+sub.rn.{t}x2 t2, t2, $8;
+sub.rn.{t}x2 t3, t3, $8;
+mul.rn.{t}x2 $0, t0, $5;
+mul.rn.{t}x2 $1, t1, $5;
+mul.rn.{t}x2 $2, t2, $6;
+mul.rn.{t}x2 $3, t3, $6;
+}}"""
+INT4_K_ORDER_BF16: tl.constexpr = tl.constexpr(_INT4_K_ORDER_ASM.format(magic="0x43004300",
+                                                                        t="bf16"))
+INT4_K_ORDER_F16: tl.constexpr = tl.constexpr(_INT4_K_ORDER_ASM.format(magic="0x64006400",
+                                                                       t="f16"))
+
 
 @triton.jit
 def _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.constexpr,
@@ -255,6 +292,35 @@ def _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.constexpr,
 
 
 @triton.jit
+def _int4_packed_k_order(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.constexpr,
+                         EVEN: tl.constexpr):
+    """_int4_packed's weights as one [BN, BLOCK_K] tile in K order: each 4 bytes give codes
+    0-3 (first output) and 4-7 (second), joined and permuted back to K order in registers.
+    More instructions than the even/odd halves (the permute; a layout conversion through
+    shared memory), but x needs no split: see Config.k_order."""
+    rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    ptrs = w_ptr.to(tl.pointer_type(tl.uint8)) + rn[:, None] * (KW * 4) + rb[None, :]
+    if EVEN:
+        b = tl.load(ptrs)
+    else:
+        b = tl.load(ptrs, mask=n_in[:, None] & (rb[None, :] < KW * 4), other=0)
+    if DTYPE == tl.bfloat16:
+        lo, hi = tl.inline_asm_elementwise(INT4_K_ORDER_BF16, "=&r,=&r,=&r,=&r,r,r,r,r,r",
+                                           [b, s.to(tl.bfloat16), (136.0 + z).to(tl.bfloat16)],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                                           pack=4)
+    else:
+        lo, hi = tl.inline_asm_elementwise(INT4_K_ORDER_F16, "=&r,=&r,=&r,=&r,r,r,r,r,r",
+                                           [b, s.to(tl.float16), (1032.0 + z).to(tl.float16)],
+                                           dtype=(tl.float16, tl.float16), is_pure=True,
+                                           pack=4)
+    BN: tl.constexpr = lo.shape[0]
+    lo = tl.reshape(lo, (BN, BLOCK_K // 8, 4))
+    hi = tl.reshape(hi, (BN, BLOCK_K // 8, 4))
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (BN, BLOCK_K))
+
+
+@triton.jit
 def _nvfp4_gs(gs_ptr, FMT: tl.constexpr):
     """The factor _group_scale multiplies NVFP4's E4M3 scales by: 2^14 / the global scale,
     read on the device (no host sync: CUDA graphs)."""
@@ -279,7 +345,8 @@ def _dot(w, x, acc, SWAP: tl.constexpr, IEEE: tl.constexpr):
     if SWAP:
         # y^T[BN, BM] += w[BN, BK] @ x^T: the weight rows fill the MMA's 64-row side (a few
         # activation rows are its narrow N side, no padding to 64); on Hopper the decoded
-        # tile is wgmma's register operand A, whose wgmmas ptxas serializes
+        # tile is wgmma's register operand A and x^T, read from its pipelined buffer, lets
+        # the wgmmas run while the next tile is decoded
         acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee" if IEEE else None)
     else:
         # y[BM, BN] += x @ w^T: both wgmma operands in shared memory (BLOCK_M >= 64 on Hopper,
@@ -296,7 +363,8 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr
                       WPG: tl.constexpr, POW2_GROUP: tl.constexpr, IEEE: tl.constexpr,
                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr = False,
-                      EVEN_N: tl.constexpr = False, PACKED: tl.constexpr = False):
+                      EVEN_N: tl.constexpr = False, PACKED: tl.constexpr = False,
+                      K_ORDER: tl.constexpr = False):
     # M-tiles are grid axis 0, so the programs sharing a weight tile run together (L2 reuse)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -324,9 +392,19 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # the loop runs at least once: without this, the zero-trip path's acc = 0 reaches the wait
+    # after the loop, and ptxas serializes every wgmma of the tile (warning C7515) from 32 rows
+    tl.assume(K_PER_SPLIT > 0)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = k_start + kk
-        if PACKED:   # two dots, even and odd inputs (see _int4_packed)
+        if PACKED and K_ORDER:   # one dot, x straight from its buffer (Config.k_order)
+            w = _int4_packed_k_order(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K,
+                                     EVEN_K and EVEN_N)
+            s, z = _row_scale(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, G, GROUP, GROUP_SHIFT,
+                              FMT, BITS, PER, HAS_ZERO, POW2_GROUP)
+            x = _x_tile(x_ptr, rm, m_in, stride_xm, k0 + tl.arange(0, BLOCK_K), K, EVEN_K)
+            acc = _dot(w, x, acc, SWAP, False)
+        elif PACKED:   # two dots, even and odd inputs (see _int4_packed)
             w_even, w_odd = _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K,
                                          EVEN_K and EVEN_N)
             s, z = _row_scale(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, G, GROUP, GROUP_SHIFT,
@@ -390,6 +468,9 @@ def _tc_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, gs_ptr, N, K, KW, G, GROUP,
 # Host wrappers (arguments already checked by the format's wrapper, w4a16.py / fp4.py)
 
 ONE_BITS = 0x3F800000   # float32 1.0 as a runtime value: kept in a register (_code_mantissas)
+# The packed INT4 decode in K order: None follows the launch config (Config.k_order); True /
+# False force it (kernels/bench_kernels.py "@k-order" / "@no-k-order": an A/B in one run)
+K_ORDER: bool | None = None
 
 def check_config(cfg: C.Config, per: int) -> None:
     C.check(cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k >= max(32, per)
@@ -465,7 +546,7 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
         **scale_consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
         PACKED=packed_int4(fmt, bits, x2.dtype, scale.dtype, scale_consts["SCALES"]),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        K_ORDER=cfg.k_order if K_ORDER is None else K_ORDER, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

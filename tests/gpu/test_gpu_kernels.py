@@ -96,10 +96,13 @@ def test_fp4_kernel_on_gpu(fmt, case, dtype, x8, rng, monkeypatch):
 
 # The tc kernel's compiled orientations (the interpreter runs bfloat16 through float32, which
 # always swaps): W x^T on wgmma (16 rows), x W^T on mma.sync (16 rows) and on wgmma (64, 128
-# rows), W x^T on 64 rows; split-K; scales per tile, per group, per word.
+# rows), W x^T on 64 rows; split-K; scales per tile, per group, per word; packed INT4 in K order
+# (Config.k_order: asynchronous wgmmas on W x^T tiles of 16 and 128 rows).
 TC_CONFIGS = [C.Config(16, 64, 128, 4, 4, 4), C.Config(16, 64, 64, 4, 3, 1, swap=False),
               C.Config(64, 64, 64, 4, 3, 2), C.Config(128, 128, 64, 8, 3, 1),
-              C.Config(64, 64, 128, 4, 3, 1, swap=True)]
+              C.Config(64, 64, 128, 4, 3, 1, swap=True),
+              C.Config(16, 64, 128, 4, 4, 1, k_order=True),
+              C.Config(128, 64, 64, 4, 3, 2, swap=True, k_order=True)]
 
 
 @pytest.mark.parametrize("cfg", TC_CONFIGS, ids=str)
@@ -227,20 +230,26 @@ def test_packed_int4_decode_is_the_reference_rounding(dtype, symmetric, group, r
 
 
 @pytest.mark.parametrize("cfg", [C.Config(64, 64, 64, 4, 3, 1), C.Config(128, 128, 64, 8, 3, 1),
-                                 C.Config(64, 128, 64, 8, 2, 2)], ids=str)
+                                 C.Config(64, 128, 64, 8, 2, 2), C.Config(16, 64, 128, 4, 3, 4),
+                                 C.Config(16, 64, 128, 4, 4, 4, k_order=True),
+                                 C.Config(64, 64, 64, 4, 3, 1, k_order=True),
+                                 C.Config(64, 64, 128, 4, 3, 2, swap=True, k_order=True),
+                                 C.Config(128, 64, 64, 4, 3, 1, swap=True, k_order=True)],
+                         ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("symmetric,group", [(True, 128), (False, 128), (False, 0)])
 def test_tc_packed_decode_in_the_matmul_is_the_reference_rounding(cfg, dtype, symmetric, group,
                                                                   rng):
-    """The tc kernel's packed INT4 decode (even and odd tiles, two dots) on x W^T tiles, split-K
-    too: with x the identity every output is one weight times 1 (float32 sums of one product),
-    so y = W^T bit for bit, and a code out of its K place shows up as a wrong weight."""
+    """The tc kernel's packed INT4 decode (even and odd tiles and two dots, or K order and one
+    dot: Config.k_order) in both orientations, split-K too: with x the identity every output
+    is one weight times 1 (float32 sums of one product), so y = W^T bit for bit, and a code
+    out of its K place shows up as a wrong weight."""
     from compress.kernels import tc
 
     n, k = 192, 256
     packed, scale, zero = cuda(make_int_weight(n, k, group, symmetric, 4, rng, dtype))
     args = (packed, scale, zero, (n, k), 4)
-    assert not tc.swap(cfg, False, 0)
+    assert tc.packed_int4(tc.FMT_INT, 4, dtype, scale.dtype, 0)
     y = int_matmul(torch.eye(k, dtype=dtype, device="cuda"), *args, path="tc", config=cfg)
     want = tc.words_dequantize_ref(tc.FMT_INT, packed, scale, zero, None, n, k, 4, group or k)
     assert torch.equal(y.t(), want.to(dtype)), (y.t().float() - want).abs().max()

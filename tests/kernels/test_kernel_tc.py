@@ -129,3 +129,110 @@ def test_split_k_leaves_its_tile_counters_zero(rng):
         assert_matmul_close(y, int_matmul_ref(x, packed, scale, zero, (40, 256), 4), x,
                             int_dequantize_ref(packed, scale, zero, (40, 256), 4), split)
         assert not C.tile_counters(6, x.device)[:6].any()
+
+
+def _run_ptx(asm: str, regs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    """Emulates the packed INT4 decodes' PTX (shr, prmt, lop3 0xEA, sub/mul .rn on 16-bit
+    pairs) on int64 tensors holding 32-bit registers, one element per lane. The interpreter
+    cannot run inline PTX, so this is how the CPU checks what the selectors and magic numbers
+    put where; tests/gpu runs the real instructions."""
+    def halves(r):   # a register's two 16-bit halves as float32 (low half first)
+        pair = torch.stack([r & 0xFFFF, r >> 16], -1).to(torch.int16)
+        return pair.view(dtype).float()
+
+    def pack(f):     # float32 [.., 2] -> one register, each half rounded once to dtype
+        bits = f.to(dtype).view(torch.int16).long() & 0xFFFF
+        return bits[..., 0] | (bits[..., 1] << 16)
+
+    def val(tok):
+        return regs[tok] if tok in regs else torch.tensor(int(tok, 0))   # or an immediate
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}.":
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        a = [val(t) for t in src]
+        if op == "shr.b32":
+            out = a[0] >> a[1]
+        elif op == "prmt.b32":   # bytes of {b, a}, selector nibble i picks output byte i
+            both = a[0] | (a[1] << 32)
+            sel = int(src[2], 16)
+            out = sum(((both >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i)
+                      for i in range(4))
+        elif op == "lop3.b32":
+            assert src[3] == "0xEA", line   # (a & b) | c
+            out = (a[0] & a[1]) | a[2]
+        elif op.startswith(("sub.rn.", "mul.rn.")):
+            x, y = halves(a[0]), halves(a[1])
+            out = pack(x - y if op.startswith("sub") else x * y)
+        else:
+            raise AssertionError(f"no emulation of {op}")
+        regs[dst] = out & 0xFFFFFFFF
+    return regs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("k_order", [False, True], ids=["even-odd", "k-order"])
+def test_packed_int4_ptx_puts_each_code_where_the_dot_reads_it(k_order, dtype, rng):
+    """tc's inline-PTX INT4 decodes on 4 packed bytes (8 codes, pack=4): even/odd gives the
+    low nibbles (inputs 0, 2, 4, 6) then the high ones; K order gives codes 0..7 as
+    _int4_packed_k_order joins them. Each weight is (code - 8 - zero) * scale rounded once to
+    dtype, as the reference."""
+    from compress.kernels import tc
+
+    lanes = 4096
+    b = torch.randint(0, 256, (lanes, 4), generator=rng)
+    zero = torch.randint(0, 16, (lanes, 1), generator=rng).float()
+    scale = (torch.rand(lanes, 1, generator=rng) * 0.1 + 1e-3).to(dtype).float()
+    magic, text = (136.0, "bf16") if dtype == torch.bfloat16 else (1032.0, "f16")
+    asm = (tc._INT4_K_ORDER_ASM if k_order else tc._INT4_PACKED_ASM).format(
+        magic="0x43004300" if dtype == torch.bfloat16 else "0x64006400", t=text)
+
+    def reg(f):   # the same value in both halves (a per-row scale or offset)
+        bits = f.to(dtype).view(torch.int16).long()[:, 0] & 0xFFFF
+        return bits | (bits << 16)
+
+    regs = {"$4": b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24),
+            "$5": reg(scale), "$6": reg(scale), "$7": reg(magic + zero),
+            "$8": reg(magic + zero)}
+    regs = _run_ptx(asm, regs, dtype)
+    out = torch.stack([torch.stack([regs[f"${i}"] & 0xFFFF, regs[f"${i}"] >> 16], -1)
+                       for i in range(4)], 1).reshape(lanes, 8).to(torch.int16).view(dtype)
+    low, high = b & 0xF, b >> 4
+    codes = (torch.stack([low, high], -1).reshape(lanes, 8) if k_order
+             else torch.cat([low, high], 1))
+    want = ((codes - 8 - zero) * scale).to(dtype)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("forced", [None, True, False])
+@pytest.mark.parametrize("cfg_k_order", [True, False])
+def test_tc_k_order_follows_the_config_unless_forced(cfg_k_order, forced, rng, monkeypatch):
+    """tc.K_ORDER None (the default): the launch config's `k_order` (tuned per format and
+    shape) decides; True / False override it (bench_kernels "@k-order" / "@no-k-order"). The
+    interpreter runs the plain decode whatever K_ORDER says (no inline PTX), so the product
+    is checked too."""
+    from compress.kernels import tc
+
+    monkeypatch.setattr(tc, "K_ORDER", forced)
+    launched = []
+    kernel = tc._tc_matmul_kernel
+
+    class Spy:   # records the K_ORDER the tc kernel was launched with
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["K_ORDER"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tc, "_tc_matmul_kernel", Spy())
+    n, k = 24, 256
+    packed, scale, zero = make_int_weight(n, k, 128, True, 4, rng, torch.bfloat16)
+    x = torch.randn(20, k, generator=rng).to(torch.bfloat16)
+    cfg = C.Config(16, 16, 128, k_order=cfg_k_order)
+    y = int_matmul(x, packed, scale, zero, (n, k), 4, path="tc", config=cfg)
+    assert launched == [cfg_k_order if forced is None else forced]
+    assert_matmul_close(y, int_matmul_ref(x, packed, scale, zero, (n, k), 4), x,
+                        int_dequantize_ref(packed, scale, zero, (n, k), 4), rng.initial_seed())
