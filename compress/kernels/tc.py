@@ -266,12 +266,14 @@ INT4_K_ORDER_F16: tl.constexpr = tl.constexpr(_INT4_K_ORDER_ASM.format(magic="0x
 
 @triton.jit
 def _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.constexpr,
-                 EVEN: tl.constexpr):
+                 EVEN: tl.constexpr, K_ORDER: tl.constexpr = False):
     """INT4 weights of rows rn from input k0 on, in DTYPE (bfloat16 or float16): (even, odd)
     [BN, BLOCK_K / 2], the inputs k0 + 2i and k0 + 2i + 1 (byte i of the packed row holds both);
     s, z: the tile's scale and zero point per row [BN, 1] (float32, s exact in DTYPE). Two
     tensors, not one in K order: an interleave would re-pair every register (a PRMT per two
-    codes, SASS counted); the dots take even and odd inputs apart instead."""
+    codes, SASS counted); the dots take even and odd inputs apart instead. K_ORDER: the K-order
+    PTX instead, each 4 bytes giving codes 0-3 (first output) and 4-7 (second), for
+    _int4_packed_k_order."""
     rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     ptrs = w_ptr.to(tl.pointer_type(tl.uint8)) + rn[:, None] * (KW * 4) + rb[None, :]
     if EVEN:
@@ -279,12 +281,14 @@ def _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.constexpr,
     else:
         b = tl.load(ptrs, mask=n_in[:, None] & (rb[None, :] < KW * 4), other=0)
     if DTYPE == tl.bfloat16:
-        lo, hi = tl.inline_asm_elementwise(INT4_TO_BF16, "=&r,=&r,=&r,=&r,r,r,r,r,r",
+        lo, hi = tl.inline_asm_elementwise(INT4_K_ORDER_BF16 if K_ORDER else INT4_TO_BF16,
+                                           "=&r,=&r,=&r,=&r,r,r,r,r,r",
                                            [b, s.to(tl.bfloat16), (136.0 + z).to(tl.bfloat16)],
                                            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
                                            pack=4)
     else:
-        lo, hi = tl.inline_asm_elementwise(INT4_TO_F16, "=&r,=&r,=&r,=&r,r,r,r,r,r",
+        lo, hi = tl.inline_asm_elementwise(INT4_K_ORDER_F16 if K_ORDER else INT4_TO_F16,
+                                           "=&r,=&r,=&r,=&r,r,r,r,r,r",
                                            [b, s.to(tl.float16), (1032.0 + z).to(tl.float16)],
                                            dtype=(tl.float16, tl.float16), is_pure=True,
                                            pack=4)
@@ -294,26 +298,11 @@ def _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.constexpr,
 @triton.jit
 def _int4_packed_k_order(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.constexpr,
                          EVEN: tl.constexpr):
-    """_int4_packed's weights as one [BN, BLOCK_K] tile in K order: each 4 bytes give codes
-    0-3 (first output) and 4-7 (second), joined and permuted back to K order in registers.
-    More instructions than the even/odd halves (the permute; a layout conversion through
-    shared memory), but x needs no split: see Config.k_order."""
-    rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    ptrs = w_ptr.to(tl.pointer_type(tl.uint8)) + rn[:, None] * (KW * 4) + rb[None, :]
-    if EVEN:
-        b = tl.load(ptrs)
-    else:
-        b = tl.load(ptrs, mask=n_in[:, None] & (rb[None, :] < KW * 4), other=0)
-    if DTYPE == tl.bfloat16:
-        lo, hi = tl.inline_asm_elementwise(INT4_K_ORDER_BF16, "=&r,=&r,=&r,=&r,r,r,r,r,r",
-                                           [b, s.to(tl.bfloat16), (136.0 + z).to(tl.bfloat16)],
-                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
-                                           pack=4)
-    else:
-        lo, hi = tl.inline_asm_elementwise(INT4_K_ORDER_F16, "=&r,=&r,=&r,=&r,r,r,r,r,r",
-                                           [b, s.to(tl.float16), (1032.0 + z).to(tl.float16)],
-                                           dtype=(tl.float16, tl.float16), is_pure=True,
-                                           pack=4)
+    """_int4_packed's weights as one [BN, BLOCK_K] tile in K order: codes 0-3 and 4-7 of each
+    4 bytes joined and permuted back to K order in registers. More instructions than the
+    even/odd halves (the permute; a layout conversion through shared memory), but x needs no
+    split: see Config.k_order."""
+    lo, hi = _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K, EVEN, True)
     BN: tl.constexpr = lo.shape[0]
     lo = tl.reshape(lo, (BN, BLOCK_K // 8, 4))
     hi = tl.reshape(hi, (BN, BLOCK_K // 8, 4))

@@ -24,3 +24,20 @@ def assert_matmul_close(y, ref, x, w_dense, seed=None, bias=None):
     limit = TOLERANCE[x.dtype] * bound + 1e-6
     worst = (err - limit).max()
     assert worst <= 0, f"max error {err.max():.3g} exceeds tolerance (seed={seed})"
+
+
+def record_launches(monkeypatch, module, kernel_name: str, constexpr: str) -> list:
+    """Replaces module.<kernel_name> by a launcher that records the value of one constexpr
+    argument of every launch, then launches the real kernel; returns the (growing) list."""
+    launched = []
+    kernel = getattr(module, kernel_name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs[constexpr])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, kernel_name, Spy())
+    return launched

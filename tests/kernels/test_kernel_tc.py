@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from kernel_checks import assert_matmul_close
+from kernel_checks import assert_matmul_close, record_launches
 from test_kernel_fp4 import make_fp4_weight
 from test_kernel_w4a16 import make_int_weight
 
@@ -217,17 +217,7 @@ def test_tc_k_order_follows_the_config_unless_forced(cfg_k_order, forced, rng, m
     from compress.kernels import tc
 
     monkeypatch.setattr(tc, "K_ORDER", forced)
-    launched = []
-    kernel = tc._tc_matmul_kernel
-
-    class Spy:   # records the K_ORDER the tc kernel was launched with
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["K_ORDER"])
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(tc, "_tc_matmul_kernel", Spy())
+    launched = record_launches(monkeypatch, tc, "_tc_matmul_kernel", "K_ORDER")
     n, k = 24, 256
     packed, scale, zero = make_int_weight(n, k, 128, True, 4, rng, torch.bfloat16)
     x = torch.randn(20, k, generator=rng).to(torch.bfloat16)

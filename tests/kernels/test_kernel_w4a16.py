@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-from kernel_checks import DTYPES, TOLERANCE, assert_matmul_close
+from kernel_checks import DTYPES, TOLERANCE, assert_matmul_close, record_launches
 
 from compress.kernels import _common as C
 from compress.kernels import decode
@@ -174,17 +174,7 @@ def test_decode_pair_words_follow_the_config_unless_forced(cfg_pair, forced, rng
     """PAIR_WORDS None (the default): the launch config's `pair` (tuned per format and shape)
     decides; True / False override it (bench_kernels "@pair" / "@no-pair")."""
     monkeypatch.setattr(decode, "PAIR_WORDS", forced)
-    launched = []
-    kernel = decode._gemv_kernel
-
-    class Spy:   # records the PAIR the M = 1 kernel was launched with
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["PAIR"])
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(decode, "_gemv_kernel", Spy())
+    launched = record_launches(monkeypatch, decode, "_gemv_kernel", "PAIR")
     n, k = 24, 512
     packed, scale, zero = make_int_weight(n, k, 128, False, 4, rng, torch.bfloat16)
     x = torch.randn(1, k, generator=rng)
