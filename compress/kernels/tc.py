@@ -458,8 +458,10 @@ def _tc_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, gs_ptr, N, K, KW, G, GROUP,
 
 ONE_BITS = 0x3F800000   # float32 1.0 as a runtime value: kept in a register (_code_mantissas)
 # The packed INT4 decode in K order: None follows the launch config (Config.k_order); True /
-# False force it (kernels/bench_kernels.py "@k-order" / "@no-k-order": an A/B in one run)
-K_ORDER: bool | None = None
+# False force it (kernels/bench_kernels.py "@k-order" / "@no-k-order": an A/B in one run). Not
+# named K_ORDER: the kernel's constexpr is, and Triton checks the globals a kernel reads.
+FORCE_K_ORDER: bool | None = None
+
 
 def check_config(cfg: C.Config, per: int) -> None:
     C.check(cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k >= max(32, per)
@@ -535,7 +537,8 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
         **scale_consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
         PACKED=packed_int4(fmt, bits, x2.dtype, scale.dtype, scale_consts["SCALES"]),
-        K_ORDER=cfg.k_order if K_ORDER is None else K_ORDER, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        K_ORDER=cfg.k_order if FORCE_K_ORDER is None else FORCE_K_ORDER,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

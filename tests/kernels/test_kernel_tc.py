@@ -210,13 +210,13 @@ def test_packed_int4_ptx_puts_each_code_where_the_dot_reads_it(k_order, dtype, r
 @pytest.mark.parametrize("forced", [None, True, False])
 @pytest.mark.parametrize("cfg_k_order", [True, False])
 def test_tc_k_order_follows_the_config_unless_forced(cfg_k_order, forced, rng, monkeypatch):
-    """tc.K_ORDER None (the default): the launch config's `k_order` (tuned per format and
+    """tc.FORCE_K_ORDER None (the default): the launch config's `k_order` (tuned per format and
     shape) decides; True / False override it (bench_kernels "@k-order" / "@no-k-order"). The
-    interpreter runs the plain decode whatever K_ORDER says (no inline PTX), so the product
+    interpreter runs the plain decode whatever FORCE_K_ORDER says (no inline PTX), so the product
     is checked too."""
     from compress.kernels import tc
 
-    monkeypatch.setattr(tc, "K_ORDER", forced)
+    monkeypatch.setattr(tc, "FORCE_K_ORDER", forced)
     launched = record_launches(monkeypatch, tc, "_tc_matmul_kernel", "K_ORDER")
     n, k = 24, 256
     packed, scale, zero = make_int_weight(n, k, 128, True, 4, rng, torch.bfloat16)
