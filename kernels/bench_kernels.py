@@ -215,8 +215,8 @@ _no_fp4_x8 = functools.partial(_without, path="decode", module="decode", name="X
 _pair = functools.partial(_without, path="decode", module="decode", name="PAIR_WORDS", off=True)
 _no_pair = functools.partial(_without, path="decode", module="decode", name="PAIR_WORDS",
                              off=False)
-# "@k-order" / "@no-k-order": the tc kernel's packed INT4 decode in K order, one dot (tc.FORCE_K_ORDER)
-# forced on / off, whatever the tuned config says (Config.k_order)
+# "@k-order" / "@no-k-order": the tc kernel's packed INT4 decode in K order, one dot
+# (tc.FORCE_K_ORDER) forced on / off, whatever the tuned config says (Config.k_order)
 _k_order = functools.partial(_without, path="tc", module="tc", name="FORCE_K_ORDER", off=True)
 _no_k_order = functools.partial(_without, path="tc", module="tc", name="FORCE_K_ORDER", off=False)
 _plain_tc = functools.partial(_without, path="tc", module="tc", name="packed_int4",
