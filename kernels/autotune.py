@@ -53,12 +53,18 @@ def pair(bm, bn, bk, warps=4, stages=2, split=1):
     return cfg(bm, bn, bk, warps, stages, split, None, True)
 
 
-def k_order(bm, bn, bk, warps=4, stages=2, split=1, swap=None):
-    """A tc config decoding packed INT4 in K order, one dot a tile (Config.k_order): on swapped
-    tiles the dot then stays asynchronous (kernels/compile_check.py --sass: "wgmma in flight
-    3-7"), so the next tile's decode overlaps its wgmmas; other formats' plain decode is
-    asynchronous on swapped tiles already, so for them the same tile without k_order."""
-    return C.Config(bm, bn, bk, warps, stages, split, swap, False, True)
+def asynchronous(*tiles):
+    """Both versions of each tile (bm, bn, bk, warps, stages, split) whose dot stays
+    asynchronous when swapped (kernels/compile_check.py --sass: "wgmma in flight 3-7", the next
+    tile's decode overlaps its wgmmas): packed INT4 in K order (Config.k_order; applies() skips
+    it for the other formats), and plain, which is the other formats' decode (for INT4 the
+    even/odd halves, which wait). Swapped: block_m < 64 is by default (tc.swap)."""
+    configs = []
+    for bm, bn, bk, warps, stages, split in tiles:
+        swap = None if bm < 64 else True
+        configs += [C.Config(bm, bn, bk, warps, stages, split, swap, False, True),
+                    C.Config(bm, bn, bk, warps, stages, split, swap)]
+    return configs
 
 
 # Candidates per bucket (the shipped default first). M=1: rows per program x K per iteration
@@ -111,10 +117,10 @@ TC_CANDIDATES = {
     # (fourteenth session) asynchronous dots, first: never timed before. INT4 in K order on
     # swapped tiles (other formats: the same tiles, plain), at every M bucket since the loop's
     # tl.assume keeps ptxas from serializing the wgmmas of 32-128-row tiles (kernels/NOTES.md)
-    16: [cfg(16, 64, 128, 4, 4, 4), k_order(16, 64, 128, 4, 4, 4), k_order(16, 64, 128, 4, 3, 4),
-         k_order(16, 64, 128, 4, 2, 4), k_order(16, 128, 128, 8, 3, 4),
-         k_order(16, 64, 128, 4, 4, 8), k_order(16, 64, 128, 4, 4, 2),
-         k_order(16, 64, 128, 4, 4, 1),
+    16: [cfg(16, 64, 128, 4, 4, 4),
+         *asynchronous((16, 64, 128, 4, 4, 4), (16, 64, 128, 4, 3, 4), (16, 64, 128, 4, 2, 4),
+                       (16, 128, 128, 8, 3, 4), (16, 64, 128, 4, 4, 8), (16, 64, 128, 4, 4, 2),
+                       (16, 64, 128, 4, 4, 1)),
          cfg(16, 64, 64, 4, 1, 8), cfg(16, 128, 64, 8, 1, 8),
          cfg(16, 64, 128, 4, 2, 4), cfg(16, 128, 128, 8, 2, 4), cfg(16, 256, 64, 8, 2, 8),
          cfg(16, 64, 64, 4, 2, 16),
@@ -124,22 +130,20 @@ TC_CANDIDATES = {
          cfg(16, 64, 128, 4, 2, 1), cfg(16, 256, 64, 8, 4, 8), cfg(32, 64, 128, 4, 4, 4),
          cfg(16, 64, 128, 4, 4, 4, False), cfg(16, 128, 128, 4, 3, 2, False),
          cfg(16, 64, 256, 4, 3, 4, False)],
-    64: [cfg(64, 64, 128, 4, 3, 2), k_order(64, 64, 128, 4, 3, 2, True),
-         k_order(64, 64, 64, 4, 4, 4, True), k_order(64, 128, 64, 8, 3, 2, True),
-         k_order(32, 64, 128, 4, 4, 2, True), k_order(64, 64, 128, 4, 3, 4, True),
-         cfg(64, 64, 64, 4, 4, 4, True), cfg(64, 128, 64, 8, 3, 2, True),
+    64: [cfg(64, 64, 128, 4, 3, 2),
+         *asynchronous((64, 64, 128, 4, 3, 2), (64, 64, 64, 4, 4, 4), (64, 128, 64, 8, 3, 2),
+                       (32, 64, 128, 4, 4, 2), (64, 64, 128, 4, 3, 4)),
          cfg(64, 64, 64, 4, 1, 4), cfg(64, 128, 64, 8, 2, 2),
          cfg(64, 128, 64, 8, 1, 4), cfg(64, 64, 128, 4, 2, 2), cfg(64, 256, 64, 8, 2, 2),
          cfg(64, 128, 128, 8, 2, 2), cfg(64, 64, 128, 4, 4, 1), cfg(64, 64, 64, 4, 4, 2),
          cfg(32, 64, 128, 4, 4, 2), cfg(64, 128, 64, 8, 3, 2), cfg(64, 64, 256, 4, 3, 2),
          cfg(64, 128, 128, 8, 3, 1), cfg(64, 64, 128, 4, 3, 4), cfg(16, 64, 128, 4, 4, 2),
          cfg(64, 256, 64, 8, 3, 1), cfg(64, 64, 32, 4, 5, 2), cfg(128, 64, 64, 4, 3, 2),
-         cfg(64, 64, 128, 4, 3, 2, True), cfg(32, 64, 128, 4, 4, 2, False),
-         k_order(16, 64, 128, 4, 4, 2), k_order(16, 128, 128, 8, 3, 2)],
-    128: [cfg(64, 64, 128, 4, 3, 1), k_order(128, 64, 64, 4, 3, 1, True),
-          k_order(128, 64, 64, 4, 3, 2, True), k_order(64, 64, 128, 4, 3, 2, True),
-          k_order(128, 128, 64, 8, 3, 1, True), k_order(128, 64, 128, 4, 3, 1, True),
-          cfg(128, 64, 64, 4, 3, 1, True), cfg(128, 128, 64, 8, 3, 1, True),
+         cfg(32, 64, 128, 4, 4, 2, False),
+         *asynchronous((16, 64, 128, 4, 4, 2), (16, 128, 128, 8, 3, 2))],
+    128: [cfg(64, 64, 128, 4, 3, 1),
+          *asynchronous((128, 64, 64, 4, 3, 1), (128, 64, 64, 4, 3, 2), (64, 64, 128, 4, 3, 2),
+                        (128, 128, 64, 8, 3, 1), (128, 64, 128, 4, 3, 1)),
           cfg(128, 128, 64, 8, 2, 1), cfg(128, 128, 64, 8, 2, 2),
           cfg(128, 256, 64, 8, 2, 1), cfg(128, 64, 64, 8, 1, 1), cfg(128, 128, 64, 8, 1, 2),
           cfg(64, 128, 64, 8, 2, 2), cfg(128, 64, 64, 4, 2, 2),
@@ -147,13 +151,15 @@ TC_CANDIDATES = {
           cfg(64, 128, 64, 8, 3, 1), cfg(128, 128, 64, 8, 3, 1), cfg(64, 64, 128, 4, 4, 2),
           cfg(128, 128, 128, 8, 2, 1), cfg(64, 256, 64, 8, 3, 1), cfg(32, 64, 128, 4, 4, 1),
           cfg(128, 64, 32, 4, 5, 1), cfg(128, 256, 64, 8, 3, 1), cfg(64, 64, 128, 4, 3, 1, True)],
-    256: [cfg(64, 64, 128, 4, 3, 1), k_order(128, 64, 64, 4, 3, 1, True),
-          k_order(128, 128, 64, 8, 3, 1, True), cfg(128, 64, 64, 4, 3, 1, True),
-          cfg(128, 128, 64, 8, 3, 1, True), cfg(128, 64, 128, 4, 3, 1), cfg(128, 128, 64, 8, 3, 1),
+    256: [cfg(64, 64, 128, 4, 3, 1),
+          *asynchronous((128, 64, 64, 4, 3, 1), (128, 128, 64, 8, 3, 1)),
+          cfg(128, 64, 128, 4, 3, 1), cfg(128, 128, 64, 8, 3, 1),
           cfg(128, 128, 128, 8, 2, 1), cfg(64, 128, 64, 8, 4, 1), cfg(128, 256, 64, 8, 3, 1),
           cfg(128, 64, 64, 4, 4, 1), cfg(64, 256, 64, 8, 3, 1), cfg(128, 64, 32, 4, 5, 1),
           cfg(64, 64, 64, 4, 5, 1)],
 }
+# a tile listed twice (asynchronous() adds plain tiles a list may name again) is timed once
+TC_CANDIDATES = {bucket: list(dict.fromkeys(c)) for bucket, c in TC_CANDIDATES.items()}
 CANDIDATES = {"decode": DECODE_CANDIDATES, "tc": TC_CANDIDATES}
 
 
