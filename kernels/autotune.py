@@ -81,9 +81,12 @@ DECODE_CANDIDATES = {
         pair(1, 8, 2048, 4, 2), pair(1, 4, 2048, 4, 2), pair(1, 16, 1024, 4, 1),
         # (thirteenth session, not yet timed) a whole K = 4096 row set in one tile: every byte
         # of a program in flight at once (qkv and o run only 2 tiles a program, 2.06-2.14x);
-        # and K-splits of paired tiles: more programs, shorter chains, but a zero fill and cast
+        # and K-splits of paired tiles: more programs, shorter chains (since the fifteenth
+        # session in one launch: no zero fill, no cast; _common.split_total)
         pair(1, 4, 4096, 4, 1), pair(1, 4, 4096, 8, 1), pair(1, 8, 4096, 8, 1),
         pair(1, 2, 4096, 4, 1), pair(1, 4, 1024, 2, 1, 2), pair(1, 4, 2048, 4, 2, 2),
+        pair(1, 4, 1024, 2, 2, 2), pair(1, 8, 1024, 2, 2, 2), pair(1, 4, 1024, 2, 2, 4),
+        pair(1, 8, 2048, 4, 2, 2),
         cfg(1, 8, 2048, 4, 1), cfg(1, 8, 1024, 4, 1), cfg(1, 8, 512, 1, 1),
         cfg(1, 8, 512, 2, 1), cfg(1, 4, 1024, 2, 1), cfg(1, 4, 2048, 4, 1), cfg(1, 4, 512, 1, 1),
         cfg(1, 16, 1024, 2, 1), cfg(1, 16, 512, 1, 1), cfg(1, 16, 512, 2, 1), cfg(1, 16, 2048, 4, 1),

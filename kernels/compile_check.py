@@ -28,7 +28,9 @@ from compress.kernels import _common as C  # noqa: E402
 from compress.kernels import decode, kv_cache, rmsnorm, rope_gather, sparse24, tc  # noqa: E402
 
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-MATMUL_INTS = ["M", "N", "K", "KW", "G", "GROUP", "stride_xm", "stride_split", "K_PER_SPLIT"]
+MATMUL_INTS = ["M", "N", "K", "KW", "G", "GROUP", "stride_xm", "K_PER_SPLIT"]
+# split-K in one launch: the workspace of partials and the tile counters (_common.split_total)
+SPLIT_PTRS = {"ws_ptr": "*fp32", "cnt_ptr": "*i32"}
 
 
 # Integer arguments the JIT sees divisible by 16 on Llama-3-8B shapes (it specializes such
@@ -67,12 +69,11 @@ def decode_variants():
         per = 32 // bits
         group = {0: 128 if bits == 4 else k, 1: 16, 2: 32}[fmt]
         types = {"x_ptr": ACT[act], "w_ptr": "*i32", "s_ptr": "*bf16" if fmt == 0 else "*u8",
-                 "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32",
-                 "out_ptr": "*fp32" if split > 1 else ACT[act],
-                 **dict.fromkeys(["N", "stride_xm", "one_bits"], "i32")}
+                 "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32", "out_ptr": ACT[act],
+                 **SPLIT_PTRS, **dict.fromkeys(["N", "stride_xm", "one_bits"], "i32")}
         consts = {"K": k, "KW": -(-k // per), "G": -(-k // group), "GROUP": group,
                   "K_PER_SPLIT": k_per_split, "FMT": fmt, "BITS": bits, "PER": per,
-                  "HAS_ZERO": zero, "HAS_BIAS": True, "ATOMIC": split > 1,
+                  "HAS_ZERO": zero, "HAS_BIAS": True, "SPLIT": split > 1,
                   "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "EVEN_N": even,
                   "PREFETCH": cfg.num_stages > 1, "X8": x8, "GATED": False, "HALF": 0,
                   "PAIR": False}
@@ -82,22 +83,19 @@ def decode_variants():
             yield (f"gemv pair fmt={fmt} int{bits} zero={zero}{' x8' if x8 else ''} {act} K={k} "
                    f"{cfg}", decode._gemv_kernel, {**types, "w_ptr": "*i64"},
                    {**consts, "PAIR": True}, cfg.num_warps, 1)
-        if split == 1 and act != "fp32":   # the SiLU-gated epilogue (gate/up, one K-slice)
+        if act != "fp32":   # the SiLU-gated epilogue (gate/up)
             yield (f"gemv gated fmt={fmt} int{bits} zero={zero}{' x8' if x8 else ''} {act} K={k} {cfg}",
                    decode._gemv_kernel, types,
                    {**consts, "GATED": True, "HALF": 14336 if even else 1001}, cfg.num_warps, 1)
     for (fmt, bits, zero), act, cfg in itertools.product(
             [(0, 4, False), (0, 4, True), (0, 8, False), (1, 4, False), (2, 4, False)], ACT,
             [C.Config(16, 16, 256), C.Config(64, 64, 128, 8, 3, 2)]):
-        atomic = cfg.split_k > 1
         types = {"x_ptr": ACT[act], "w_ptr": "*i32", "s_ptr": "*bf16" if fmt == 0 else "*u8",
-                 "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32",
-                 "out_ptr": "*fp32" if atomic else ACT[act],
-                 **dict.fromkeys(["M", "N", "K", "KW", "G", "GROUP", "stride_xm",
-                                  "K_PER_SPLIT"], "i32")}
+                 "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32", "out_ptr": ACT[act],
+                 **SPLIT_PTRS, **dict.fromkeys(MATMUL_INTS, "i32")}
         consts = dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, HAS_BIAS=True,
                       TILE_SCALE=fmt == 0 and cfg.block_k <= 128, IEEE=act == "fp32",
-                      ATOMIC=atomic, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      SPLIT=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       BLOCK_K=cfg.block_k, EVEN_K=False, EVEN_N=False,
                       GROUP_SHIFT=-1 if zero else 7)
         yield (f"decode fmt={fmt} int{bits} zero={zero} {act} {cfg}",
@@ -146,7 +144,7 @@ def tc_variants(all_configs: bool):
         types = {"x_ptr": ACT[act], "w_ptr": "*i32",
                  "s_ptr": (ACT[act] if packed else "*bf16") if fmt == 0 else "*u8",
                  "z_ptr": "*i32", "b_ptr": ACT[act], "gs_ptr": "*fp32", "out_ptr": ACT[act],
-                 "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+                 **SPLIT_PTRS,
                  **dict.fromkeys(["M", "N", "K", "KW", "G", "GROUP", "GROUP_SHIFT", "stride_xm",
                                   "K_PER_SPLIT", "one_bits"], "i32")}
         consts = dict(FMT=fmt, BITS=bits, PER=32 // bits, HAS_ZERO=zero, HAS_BIAS=True,
@@ -170,10 +168,10 @@ def variants(all_configs: bool = False):
         types = {"x_ptr": "*bf16", "v_ptr": vals, "m_ptr": "*u8",
                  "s_ptr": "*bf16" if kind == "int" else "*u8", "z_ptr": "*i32",
                  "lut_ptr": "*fp32", "gs_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16",
-                 **dict.fromkeys(MATMUL_INTS, "i32")}
+                 **SPLIT_PTRS, **dict.fromkeys(MATMUL_INTS, "i32")}
         del types["KW"]
         consts = dict(KIND=sparse24.VALUE_KINDS[kind], BITS=4, PER=8, HAS_ZERO=kind == "int",
-                      HAS_BIAS=False, USE_DOT=path != "gemv", IEEE=False, BLOCK_M=cfg.block_m,
+                      HAS_BIAS=False, SPLIT=path != "tile", USE_DOT=path != "gemv", IEEE=False, BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
         yield (f"2:4-{kind} {path}", sparse24._sparse24_matmul_kernel, types, consts,
                cfg.num_warps, cfg.num_stages)
@@ -204,11 +202,11 @@ def variants(all_configs: bool = False):
         yield (label, sparse24._sparse24_gemv_kernel,
                {"x_ptr": ACT[act], "v_ptr": "*i64" if kind == "16bit" else "*i32",
                 "m_ptr": "*u8" if kind == "16bit" else "*i16", "s_ptr": ACT[act],
-                "z_ptr": "*i32", "b_ptr": ACT[act], "out_ptr": "*fp32" if split > 1 else ACT[act],
+                "z_ptr": "*i32", "b_ptr": ACT[act], "out_ptr": ACT[act], **SPLIT_PTRS,
                 "N": "i32", "stride_xm": "i32"},
                {"K": k, "G": k // group, "GROUP": group, "E_PER_SPLIT": k_per_split // ipe,
                 "KIND": int(kind == "int"), "FP16": act == "fp16", "HAS_ZERO": zero,
-                "HAS_BIAS": False, "ATOMIC": split > 1, "BLOCK_N": cfg.block_n,
+                "HAS_BIAS": False, "SPLIT": split > 1, "BLOCK_N": cfg.block_n,
                 "BLOCK_E": cfg.block_k // ipe, "EVEN_N": even, "X16": True,
                 "X_FP16": act == "fp16", "ASM": True}, cfg.num_warps, 1)
     cfg = C.CONFIGS["dequant_words"]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The H200 calls prepared for the switches built without device time (kernels/NOTES.md, tenth
-# to fourteenth sessions; d to g, i, k, l and m ran on 2026-12-04, kernels/BENCHMARKS.md; j has
-# not run (its one attempt, 21:41 UTC, lost the machine); o is new (fourteenth session); k
-# again times the M = 1 candidates added after it; a, b, c, h and m were dropped:
+# to fifteenth sessions; d to g, i, k, l and m ran on 2026-12-04, kernels/BENCHMARKS.md; j has
+# not run (its one attempt, 21:41 UTC, lost the machine); o is new (fourteenth session; since
+# the fifteenth it also runs the GPU tests of the one-launch split-K); k again times the M = 1
+# candidates added after it (split-K now without a zero fill and a cast); a, b, c, h and m were dropped:
 # e, f, i and k did their work, m's switch is gone). Each part fits one device call (< 600 s);
 # short tables come last, full logs stay under $OUT. On this machine first: `bash kernels/gpu_wheels.sh`; then the
 # device call, with carry [".whl"]:
@@ -202,19 +203,23 @@ o)
     BASE=${BASE:-compress/kernels/configs/nvidia_h200.json}
     timeout 150 $PY -m pytest -q -n 8 tests/gpu/test_gpu_kernels.py -k "tc" >"$W/gpu_tests.txt" 2>&1
     stamp "GPU tests of the tc kernel (K order included) rc=$?"
+    # fifteenth session: split-K in one launch for the M = 1, few-row and 2:4 kernels too
+    timeout 60 $PY -m pytest -q -n 8 tests/gpu/test_gpu_kernels.py -k "split_k_in_one_launch" \
+        >"$W/gpu_split_tests.txt" 2>&1
+    stamp "GPU tests of the one-launch split-K rc=$?"
     V=bf16,tinygemm,int4-g128,int4-g128@k-order,int4-g128-asym,nvfp4,mxfp4,int8-channel
     timeout 110 $PY kernels/bench_kernels.py --ms 16,64,128 --reps 20 --variants $V \
         --log "$W/o.jsonl" >"$W/shipped.txt" 2>&1
     stamp "M = 16..128 on the shipped table, K order forced for INT4 rc=$?"
-    timeout 215 $PY kernels/autotune.py --path tc --formats int4,nvfp4 --buckets 16,64,128 \
-        --budget-s 185 --reps 10 --base "$BASE" --log "$W/tune.jsonl" \
+    timeout 195 $PY kernels/autotune.py --path tc --formats int4,nvfp4 --buckets 16,64,128 \
+        --budget-s 165 --reps 10 --base "$BASE" --log "$W/tune.jsonl" \
         --out "$OUT/tuned_async.json" >"$W/tune.txt" 2>&1
     stamp "tc retune with the asynchronous candidates rc=$?"
     left=$(( 585 - ($(date +%s) - T0) ))
     COMPRESS_KERNEL_CONFIGS=$OUT/tuned_async.json timeout $left $PY kernels/bench_kernels.py \
         --ms 16,64,128 --reps 20 --variants $V --log "$W/o.jsonl" >"$W/tuned.txt" 2>&1
     stamp "M = 16..128 on the retuned table (${left} s allowed) rc=$?"
-    tail -1 "$W/gpu_tests.txt"; grep -E "^(tc|wrote)" "$W/tune.txt"
+    tail -1 "$W/gpu_tests.txt" "$W/gpu_split_tests.txt"; grep -E "^(tc|wrote)" "$W/tune.txt"
     grep -E "^\|" "$W/shipped.txt" "$W/tuned.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/o_all.txt"
     cp "$W"/*.jsonl "$OUT/"

@@ -26,9 +26,11 @@ from compress.kernels import _common as C
 from compress.kernels import sparse24
 
 # transposed-kernel candidates: decode._gemv_kernel's INT4 shapes, fewer and more rows, split-K
+# (in one launch since the fifteenth session: _common.split_total, no zero fill, no cast)
 TRANSPOSED = [C.Config(1, 8, 1024, 2), C.Config(1, 8, 1024, 4), C.Config(1, 4, 1024, 2),
               C.Config(1, 16, 1024, 4), C.Config(1, 8, 2048, 4), C.Config(1, 8, 512, 1),
-              C.Config(1, 8, 1024, 2, split_k=2), C.Config(1, 4, 512, 1)]
+              C.Config(1, 8, 1024, 2, split_k=2), C.Config(1, 4, 512, 1),
+              C.Config(1, 4, 1024, 2, split_k=2), C.Config(1, 8, 2048, 4, split_k=2)]
 
 
 def main() -> None:

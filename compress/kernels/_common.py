@@ -46,7 +46,7 @@ class Config:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2  # tensor-core tiles: Triton's pipeline; M = 1 (_gemv_kernel): > 1 prefetches
-    split_k: int = 1   # decode, tc: > 1 adds K-slices into a float32 output with atomics
+    split_k: int = 1   # > 1: K-slices in one launch, summed by each tile's last (finish_split)
     swap: bool | None = None   # tc: y^T = W x^T (None: when block_m < 64, see tc.swap)
     # M = 1 (_gemv_kernel): words 2p and 2p + 1 read as one int64 (decode.PAIR_WORDS): fewer
     # loads, more registers, so the autotuner picks it per format and shape
@@ -217,26 +217,11 @@ def activation_2d(x: torch.Tensor, k: int) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def split_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[S, M, N] float32 partial sums of a split-K launch -> [M, N] in dtype."""
-    return partial[0].to(dtype) if partial.shape[0] == 1 else partial.sum(0).to(dtype)
-
-
 def split_of(k: int, cfg: Config) -> tuple[int, int]:
     """(split, K per split): cfg.split_k K-slices of whole blocks (fewer where K is short)."""
     split = max(1, min(cfg.split_k, -(-k // cfg.block_k)))
     k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
     return -(-k // k_per_split), k_per_split
-
-
-def atomic_split_plan(m: int, n: int, k: int, cfg: Config, dtype: torch.dtype, device):
-    """(split, K per split, output) of a launch whose K-slices add into one output: cfg.split_k
-    slices of whole blocks; more than one adds into a zeroed float32 [m, n] with atomics (no
-    [S, M, N] partial buffer, no reduction kernel), so that buffer cannot be poisoned."""
-    split, k_per_split = split_of(k, cfg)
-    if split > 1:
-        return split, k_per_split, torch.zeros((m, n), dtype=torch.float32, device=device)
-    return split, k_per_split, alloc((m, n), dtype, device)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -254,18 +239,26 @@ def tile_counters(tiles: int, device) -> torch.Tensor:
     return have
 
 
-def launch_plan(path: str, m: int, n: int, k: int, split_k: int | None, dtype: torch.dtype,
-                device) -> tuple[Config, tuple[int, int, int], int, torch.Tensor]:
-    """Tiles, grid (m, n, split-K), K per split and the output of a matmul launch: [m, n] in
-    the activation dtype, or float32 partials [split, m, n] that split_sum reduces."""
+def split_buffers(split: int, size: int, tiles: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace, counters) of a launch in `split` K-slices (finish_split / split_total):
+    float32 [split * size] for the slices' partials (torch.empty: from the caching allocator,
+    no kernel) and tile_counters(tiles). One launch: no zero fill, no reduction, no cast. With
+    one slice, a placeholder pair the kernel does not read."""
+    if split == 1:
+        ws = torch.empty(1, dtype=torch.float32, device=device)
+        return ws, ws
+    return (torch.empty(split * size, dtype=torch.float32, device=device),
+            tile_counters(tiles, device))
+
+
+def launch_plan(path: str, m: int, n: int, k: int, split_k: int | None,
+                device) -> tuple[Config, tuple[int, int, int], int]:
+    """Tiles, grid (m tiles, n tiles, K-slices) and K per slice of a 2:4 tile-kernel launch."""
     cfg = config_for(path, m)
     grid_m, grid_n = -(-m // cfg.block_m), -(-n // cfg.block_n)
     split = split_k or split_k_for(path, grid_m * grid_n, k, cfg.block_k, device)
     k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
-    split = -(-k // k_per_split)
-    out = alloc((split, m, n) if split > 1 else (m, n),
-                torch.float32 if split > 1 else dtype, device)
-    return cfg, (grid_m, grid_n, split), k_per_split, out
+    return cfg, (grid_m, grid_n, -(-k // k_per_split)), k_per_split
 
 
 @triton.jit
@@ -301,54 +294,49 @@ def mac_tile(acc, x_ptr, w, rm, rk, M, K, stride_xm, USE_DOT: tl.constexpr,
 
 
 @triton.jit
-def store_tile(acc, b_ptr, out_ptr, rm, rn, M, N, pid_k, stride_split, HAS_BIAS: tl.constexpr):
-    """Add the bias (once, in split 0) and store this split's [BM, BN] partial result."""
+def finish_tile(acc, b_ptr, out_ptr, rm, rn, m_in, n_in, N, HAS_BIAS: tl.constexpr):
+    """Add the bias and store the [BM, BN] tile in out_ptr's dtype (one K-slice)."""
     if HAS_BIAS:
-        b = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        acc += b[None, :] * (pid_k == 0).to(tl.float32)
-    out = out_ptr + pid_k * stride_split + rm[:, None] * N + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+        acc += tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_in[:, None] & n_in[None, :])
 
 
 @triton.jit
-def finish_tile(acc, b_ptr, out_ptr, rm, rn, m_in, n_in, N, pid_k, HAS_BIAS: tl.constexpr,
-                ATOMIC: tl.constexpr):
-    """Add the bias (once, in K-slice 0) and store the [BM, BN] tile, or add it atomically
-    into the float32 output of a split-K launch (atomic_split_plan)."""
-    if HAS_BIAS:
-        b = tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)
-        acc += b[None, :] * (pid_k == 0).to(tl.float32)
-    out = out_ptr + rm[:, None] * N + rn[None, :]
-    mask = m_in[:, None] & n_in[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=mask)
-    else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+def split_total(part, ws_ptr, cnt_ptr, offs, mask, tile, pid_k, splits, stride_split):
+    """Split-K in one launch, the sum: this K-slice's float32 partial `part` goes to the
+    workspace at ws_ptr + pid_k * stride_split + offs; the last of the tile's `splits` programs
+    to arrive (a counter per tile, acq_rel at GPU scope after a CTA barrier, as CUTLASS's
+    serial split-K semaphore) gets (True, the sum of every slice's partial, read from L2:
+    .cg), the others (False, part). The last one also resets the counter (tile_counters), so
+    no launch clears them. No spin-wait: no program waits for another, so any number of
+    programs may be resident. The sum runs over the slices in order, its own partial read back
+    too: the result does not depend on which slice finished last (atomic adds into the output
+    did), so a split-K launch is deterministic."""
+    tl.store(ws_ptr + pid_k * stride_split + offs, part, mask=mask)
+    tl.debug_barrier()   # every thread's partial is written before the counter moves
+    last = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == splits - 1
+    total = part
+    if last:
+        total = tl.zeros_like(part)
+        for s in range(0, splits):
+            total += tl.load(ws_ptr + s * stride_split + offs, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + tile, 0)
+    return last, total
 
 
 @triton.jit
 def finish_split(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, m_in, n_in, M, N, pid_k,
                  HAS_BIAS: tl.constexpr):
-    """Split-K without atomics on the output: each K-slice stores its float32 partial in the
-    workspace [S, M, N]; the last program of the tile to finish (a counter per tile, acq_rel at
-    GPU scope after a CTA barrier) sums the S partials (read from L2: .cg), adds the bias,
-    stores the tile in out_ptr's dtype and resets the counter (tile_counters). One launch: no
-    zero fill of the output and no cast afterwards."""
+    """finish_tile for a launch on grid (M tiles, N tiles, K-slices): the last K-slice of each
+    tile to finish (split_total) adds the bias and stores the sum; workspace [S, M, N]."""
     mask = m_in[:, None] & n_in[None, :]
-    offs = rm[:, None] * N + rn[None, :]
-    tl.store(ws_ptr + pid_k * M * N + offs, acc, mask=mask)
-    tl.debug_barrier()   # every thread's partial is written before the counter moves
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    splits = tl.num_programs(2)
-    if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == splits - 1:
-        total = tl.zeros_like(acc)
-        for s in range(0, splits):
-            total += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0,
-                             cache_modifier=".cg")
-        if HAS_BIAS:
-            total += tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(cnt_ptr + tile, 0)
+    last, total = split_total(acc, ws_ptr, cnt_ptr, rm[:, None] * N + rn[None, :], mask, tile,
+                              pid_k, tl.num_programs(2), M * N)
+    if last:
+        finish_tile(total, b_ptr, out_ptr, rm, rn, m_in, n_in, N, HAS_BIAS)
 
 
 # ---------------------------------------------------------------------------------------------

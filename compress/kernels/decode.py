@@ -20,15 +20,14 @@ Why this shape (kernels/NOTES.md has the byte/FLOP floors):
     transposed [WORDS, BLOCK_N] tile (a thread owns word columns of all rows, so x is loaded
     once for BLOCK_N rows and nothing goes through shared memory), a float32 accumulator
     reduced across K only once at the end; M > 1 uses tensor-core tl.dot on [BLOCK_M, WORDS];
-  * split-K, when a config asks for it, adds into a zeroed float32 output with atomics (no
-    partial buffer and no separate reduction kernel over [S, M, N]).
+  * split-K, when a config asks for it, in one launch: each K-slice stores its float32
+    partial, the last slice of a tile to finish sums them and runs the epilogue
+    (_common.split_total): no zero fill, no reduction kernel, no cast afterwards.
 No repack: rows of packed words are contiguous along K; a warp reads 32 consecutive words of a
 row per load (coalesced). Launch configs come from compress/kernels/configs/*.json (see _common).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import triton
@@ -255,12 +254,12 @@ def _load_words(w_ptr, rn, n_in, rw, KW, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
+def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr, cnt_ptr,
                          M, N, K, KW, G, GROUP, stride_xm, K_PER_SPLIT,
                          FMT: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                          HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                          TILE_SCALE: tl.constexpr, IEEE: tl.constexpr,
-                         ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr = False,
                          EVEN_N: tl.constexpr = False, GROUP_SHIFT: tl.constexpr = -1):
     """A few rows (BLOCK_M >= 16): tensor-core dots of x's slot-j columns against the j-th
@@ -308,7 +307,11 @@ def _words_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr,
             acc += part * tl.reshape(s, (1, BLOCK_N))
         else:
             acc += part
-    C.finish_tile(acc, b_ptr, out_ptr, rm, rn, rm < M, n_in, N, pid_k, HAS_BIAS, ATOMIC)
+    if SPLIT:
+        C.finish_split(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, rm < M, n_in, M, N, pid_k,
+                       HAS_BIAS)
+    else:
+        C.finish_tile(acc, b_ptr, out_ptr, rm, rn, rm < M, n_in, N, HAS_BIAS)
 
 
 @triton.jit
@@ -336,11 +339,12 @@ def _word_dot(t, corr, xsum, words, x_at, k_at, K, one, FMT: tl.constexpr, BITS:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_xm, one_bits,
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr, cnt_ptr, N,
+                 stride_xm, one_bits,
                  K: tl.constexpr, KW: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr,
                  K_PER_SPLIT: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr,
                  PER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_N: tl.constexpr, PREFETCH: tl.constexpr = False,
                  X8: tl.constexpr = False, GATED: tl.constexpr = False,
                  HALF: tl.constexpr = 0, PAIR: tl.constexpr = False):
@@ -360,6 +364,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
     a program takes BLOCK_N / 2 rows of each, and stores silu(gate) * up for its BLOCK_N / 2
     outputs (out [M, HALF]): the activation and product of the MLP in the epilogue, not in two
     more launches a layer. N is then HALF (the output rows).
+
+    SPLIT: the K-slices (program axis 1) store their partial sums of the BLOCK_N rows in a
+    workspace [S, M, grid_n * BLOCK_N]; the last slice of each (row, pid_n) to finish adds them
+    up and runs the epilogue (bias, the gated product, the store): _common.split_total.
 
     PAIR: w_ptr holds the words as int64, words 2p and 2p + 1 of a row in one element (PAIR_WORDS):
     a tile column is then a pair, one load and one scale for both words."""
@@ -432,17 +440,31 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, N, stride_x
         else:          # FP4: see _fp4_as_f32; 2^48 = 2^(126-64) / 2^14 in s
             acc += (t * 281474976710656.0) * s
     y = tl.sum(acc, axis=0)
-    if GATED:   # (no split-K: the host launches one K-slice)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + row0 + rows, mask=n_in, other=0.0).to(tl.float32)
+    last = True
+    if SPLIT:
+        grid_n = tl.num_programs(0)
+        tile = row * grid_n + pid_n
+        offs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        last, y = C.split_total(y, ws_ptr, cnt_ptr, offs, offs >= 0, tile, pid_k,
+                                tl.num_programs(1), tl.num_programs(2) * grid_n * BLOCK_N)
+    if last:
+        _gemv_epilogue(y, b_ptr, out_ptr, row, row0, rows, n_in, N, OUTS, HAS_BIAS, GATED)
+
+
+@triton.jit
+def _gemv_epilogue(y, b_ptr, out_ptr, row, row0, rows, n_in, N, OUTS: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+    """Bias and store of one activation row's BLOCK_N sums y (GATED: silu(gate) * up of its
+    OUTS outputs)."""
+    if HAS_BIAS:
+        y += tl.load(b_ptr + row0 + rows, mask=n_in, other=0.0).to(tl.float32)
+    if GATED:
         gate, up = tl.split(tl.trans(tl.reshape(y, (2, OUTS))))
         ro = row0 + tl.arange(0, OUTS)
         tl.store(out_ptr + row * N + ro, (gate * tl.sigmoid(gate) * up).to(
             out_ptr.dtype.element_ty), mask=ro < N)
     else:
-        rm = row + tl.arange(0, 1)
-        C.finish_tile(tl.reshape(y, (1, BLOCK_N)), b_ptr, out_ptr, rm, row0 + rows, rm >= 0,
-                      n_in, N, pid_k, HAS_BIAS, ATOMIC)
+        tl.store(out_ptr + row * N + row0 + rows, y.to(out_ptr.dtype.element_ty), mask=n_in)
 
 
 def pairs_apply(words: torch.Tensor, per: int, group: int, block_k: int) -> bool:
@@ -483,18 +505,22 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
     C.check(use_dot or m <= 65535, f"config {cfg}: block_m 1 runs one program per row, at most "
             f"65535 rows (CUDA's grid), got {m}; use a config with block_m >= 16")
     groups = scale.shape[1]
-    if gated:   # one K-slice (the epilogue is not linear); programs of block_n / 2 outputs
-        cfg = dataclasses.replace(cfg, split_k=1)
-    split, k_per_split, out = C.atomic_split_plan(m, half or n, k, cfg, out_dtype, x2.device)
+    split, k_per_split = C.split_of(k, cfg)
+    out = C.alloc((m, half or n), out_dtype, x2.device)
     outs = cfg.block_n // 2 if gated else cfg.block_n   # outputs a program
     grid_m, grid_n = -(-m // cfg.block_m), -(-(half or n) // outs)
+    # split-K: float32 partials, summed by the last K-slice of each tile (C.split_total); the
+    # M = 1 kernel keeps a program's BLOCK_N sums (gate and up rows when gated) per row
+    ws, counters = (C.split_buffers(split, m * grid_n * cfg.block_n, m * grid_n, x2.device)
+                    if not use_dot else
+                    C.split_buffers(split, m * n, grid_m * grid_n, x2.device))
     # NVFP4's global scale stays a device tensor read in the kernel (no host sync: CUDA graphs)
     gs = global_scale if fmt == FMT_NVFP4 else scale
     common = {"FMT": fmt, "BITS": bits, "PER": per, "HAS_ZERO": zero is not None,
-              "HAS_BIAS": bias is not None, "ATOMIC": split > 1, "BLOCK_N": cfg.block_n,
+              "HAS_BIAS": bias is not None, "SPLIT": split > 1, "BLOCK_N": cfg.block_n,
               "BLOCK_K": cfg.block_k, "EVEN_N": (half or n) % outs == 0, "num_warps": cfg.num_warps}
     pointers = (x2, words, scale, zero if zero is not None else words,
-                bias if bias is not None else x2, out, gs)
+                bias if bias is not None else x2, out, gs, ws, counters)
     if not use_dot:
         pair = (cfg.pair if PAIR_WORDS is None else PAIR_WORDS) and pairs_apply(
             words, per, group, cfg.block_k)
@@ -514,4 +540,4 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
             TILE_SCALE=groups == 1 or group % cfg.block_k == 0, IEEE=C.dot_in_f32(x2.dtype),
             BLOCK_M=cfg.block_m, EVEN_K=k % k_per_split == 0, GROUP_SHIFT=group_shift(group),
             num_stages=cfg.num_stages, **common)
-    return out.to(out_dtype) if split > 1 else out
+    return out

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from compress.kernels import _common as C
-from compress.kernels._common import apply_int_scale, mac_tile, store_tile
+from compress.kernels._common import apply_int_scale, mac_tile
 from compress.kernels.decode import _group_scale, _load_or_zero, _load_x
 from compress.kernels.fp4 import FORMATS as FP4_GROUPS
 from compress.kernels.fp4 import (
@@ -133,9 +133,9 @@ def _dense_tile(kept, m_ptr, rn, k0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.co
 
 @triton.jit
 def _sparse24_matmul_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, lut_ptr, gs_ptr, b_ptr, out_ptr,
-                            M, N, K, G, GROUP, stride_xm, stride_split, K_PER_SPLIT,
+                            ws_ptr, cnt_ptr, M, N, K, G, GROUP, stride_xm, K_PER_SPLIT,
                             KIND: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
-                            HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                             USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -152,7 +152,11 @@ def _sparse24_matmul_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, lut_ptr, gs_ptr, 
                             KIND, BITS, PER, HAS_ZERO, BLOCK_N, BLOCK_K)
         w = _dense_tile(kept, m_ptr, rn, k0, N, K, BLOCK_N, BLOCK_K)
         acc = mac_tile(acc, x_ptr, w, rm, rk, M, K, stride_xm, USE_DOT, IEEE)
-    store_tile(acc, b_ptr, out_ptr, rm, rn, M, N, pid_k, stride_split, HAS_BIAS)
+    if SPLIT:
+        C.finish_split(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, rm < M, rn < N, M, N, pid_k,
+                       HAS_BIAS)
+    else:
+        C.finish_tile(acc, b_ptr, out_ptr, rm, rn, rm < M, rn < N, N, HAS_BIAS)
 
 
 @triton.jit
@@ -282,10 +286,10 @@ def _pick_pair16(x01, x23, nib, X_FP16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _sparse24_gemv_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, stride_xm,
-                          K: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr,
+def _sparse24_gemv_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N,
+                          stride_xm, K: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr,
                           E_PER_SPLIT: tl.constexpr, KIND: tl.constexpr, FP16: tl.constexpr,
-                          HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                          HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, EVEN_N: tl.constexpr,
                           X16: tl.constexpr = False, X_FP16: tl.constexpr = False,
                           ASM: tl.constexpr = True):
@@ -357,9 +361,18 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, 
                     acc += s * (qa * xa + qb * xb)
         if KIND == 1 and PER_ELEMENT:
             acc += s * t
-    rm = row + tl.arange(0, 1)
-    C.finish_tile(tl.reshape(tl.sum(acc, axis=0), (1, BLOCK_N)), b_ptr, out_ptr, rm, rn,
-                  rm >= 0, n_in, N, pid_k, HAS_BIAS, ATOMIC)
+    y = tl.sum(acc, axis=0)
+    last = True
+    if SPLIT:   # the K-slices' sums added by the last to finish (as decode._gemv_kernel)
+        tile = row * tl.num_programs(0) + pid_n
+        offs = tile * BLOCK_N + rows
+        last, y = C.split_total(y, ws_ptr, cnt_ptr, offs, offs >= 0, tile, pid_k,
+                                tl.num_programs(1), tl.num_programs(2) * tl.num_programs(0)
+                                * BLOCK_N)
+    if last:
+        rm = row + tl.arange(0, 1)
+        C.finish_tile(tl.reshape(y, (1, BLOCK_N)), b_ptr, out_ptr, rm, rn, rm >= 0, n_in, N,
+                      HAS_BIAS)
 
 
 @triton.jit
@@ -446,18 +459,18 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
     if path == "gemv" and m1_serves(kind, bits):
         return _m1_matmul(x2, kind, tensors, n, k, bias).reshape(*x.shape[:-1], n)
     v, s, z, lut, gs, groups = _launch_args(kind, tensors, bits, x.device)
-    cfg, grid, k_per_split, out = C.launch_plan(path, m, n, k, split_k, x.dtype, x.device)
-    split = grid[2]
+    cfg, grid, k_per_split = C.launch_plan(path, m, n, k, split_k, x.device)
+    out = C.alloc((m, n), x.dtype, x.device)
+    ws, counters = C.split_buffers(grid[2], m * n, grid[0] * grid[1], x.device)
     _sparse24_matmul_kernel[grid](
         x2, v, tensors["weight_meta"], s, z, lut, gs, bias if bias is not None else x2, out,
-        m, n, k, groups, k // groups, x2.stride(0), m * n, k_per_split,
+        ws, counters, m, n, k, groups, k // groups, x2.stride(0), k_per_split,
         KIND=VALUE_KINDS[kind], BITS=bits, PER=32 // bits,
-        HAS_ZERO="weight_zero_point" in tensors, HAS_BIAS=bias is not None,
+        HAS_ZERO="weight_zero_point" in tensors, HAS_BIAS=bias is not None, SPLIT=grid[2] > 1,
         USE_DOT=path != "gemv", IEEE=C.dot_in_f32(x.dtype), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
-    y = C.split_sum(out, x.dtype) if split > 1 else out
-    return y.reshape(*x.shape[:-1], n)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def m1_serves(kind: str, bits: int) -> bool:
@@ -499,27 +512,31 @@ def _m1_matmul(x2: torch.Tensor, kind: str, t: dict[str, torch.Tensor], n: int, 
 
 
 def _gemv_matmul(x2, kind, t, v, meta, s, z, groups, group, ipe, n, k, bias):
-    """_m1_matmul on the transposed kernel (_sparse24_gemv_kernel), split-K slices added into a
-    float32 output (C.atomic_split_plan)."""
+    """_m1_matmul on the transposed kernel (_sparse24_gemv_kernel); split-K in one launch (the
+    last K-slice of each program's rows sums the slices' partials: C.split_total)."""
     cfg = GEMV_CONFIG or C.kernel_config("sparse24", kind, 1, n, k, x2.device)
     m = x2.shape[0]
     C.check(cfg.block_k % ipe == 0 and m <= 65535,
             f"config {cfg}: block_k must be a multiple of {ipe} and at most 65535 rows, got {m}")
-    split, k_per_split, out = C.atomic_split_plan(m, n, k, cfg, x2.dtype, x2.device)
+    split, k_per_split = C.split_of(k, cfg)
+    grid_n = -(-n // cfg.block_n)
+    out = C.alloc((m, n), x2.dtype, x2.device)
+    ws, counters = C.split_buffers(split, m * grid_n * cfg.block_n, m * grid_n, x2.device)
     if m:
-        _sparse24_gemv_kernel[(-(-n // cfg.block_n), split, m)](
-            x2, v, meta, s, z, bias if bias is not None else x2, out, n, x2.stride(0),
+        _sparse24_gemv_kernel[(grid_n, split, m)](
+            x2, v, meta, s, z, bias if bias is not None else x2, out, ws, counters, n,
+            x2.stride(0),
             K=k, G=groups, GROUP=group, E_PER_SPLIT=k_per_split // ipe,
             KIND=0 if kind == "16bit" else 1,
             FP16=kind == "16bit" and t["weight_values"].dtype == torch.float16,
-            HAS_ZERO="weight_zero_point" in t, HAS_BIAS=bias is not None, ATOMIC=split > 1,
+            HAS_ZERO="weight_zero_point" in t, HAS_BIAS=bias is not None, SPLIT=split > 1,
             BLOCK_N=cfg.block_n, BLOCK_E=cfg.block_k // ipe, EVEN_N=n % cfg.block_n == 0,
             # pairs of 16-bit activations as int32: rows 4-byte aligned
             X16=(x2.dtype in (torch.float16, torch.bfloat16) and x2.stride(0) % 2 == 0
                  and x2.data_ptr() % 4 == 0),
             X_FP16=x2.dtype == torch.float16, ASM=os.environ.get("TRITON_INTERPRET") != "1",
             num_warps=cfg.num_warps, num_stages=1)
-    return out.to(x2.dtype) if split > 1 else out
+    return out
 
 
 def sparse24_dequantize(kind: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int],

@@ -420,7 +420,7 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr
         C.finish_split(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, m_in, n_in, M, N, pid_k,
                        HAS_BIAS)
     else:
-        C.finish_tile(acc, b_ptr, out_ptr, rm, rn, m_in, n_in, N, pid_k, HAS_BIAS, False)
+        C.finish_tile(acc, b_ptr, out_ptr, rm, rn, m_in, n_in, N, HAS_BIAS)
 
 
 @triton.jit
@@ -523,8 +523,7 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
     grid = (-(-m // cfg.block_m), -(-n // cfg.block_n), split)
     out = C.alloc((m, n), out_dtype, x2.device)
     # split-K: float32 partials, summed by the last program of each tile (C.finish_split)
-    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
-    counters = C.tile_counters(grid[0] * grid[1], x2.device) if split > 1 else ws
+    ws, counters = C.split_buffers(split, m * n, grid[0] * grid[1], x2.device)
     scale_consts, group_shift = _scale_args(groups, group, k, cfg.block_k, per)
     _tc_matmul_kernel[grid](
         x2, words, scale, zero if zero is not None else words,

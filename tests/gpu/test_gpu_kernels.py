@@ -255,6 +255,56 @@ def test_tc_packed_decode_in_the_matmul_is_the_reference_rounding(cfg, dtype, sy
     assert torch.equal(y.t(), want.to(dtype)), (y.t().float() - want).abs().max()
 
 
+@pytest.mark.parametrize("kind", ["int4", "int4-gated", "nvfp4", "nvfp4-gated", "2:4-int4",
+                                  "int4-m16"])
+@pytest.mark.parametrize("split", [2, 7])
+def test_split_k_in_one_launch_on_gpu(kind, split, rng, monkeypatch):
+    """Split-K without a zero fill or a cast (_common.split_total: partials in a workspace, the
+    last K-slice of a tile sums them after an acq_rel counter) on Llama's stacked gate/up shape,
+    thousands of programs a slice in flight: the M = 1 kernel plain and gated, FP4, the 2:4
+    transposed kernel, the few-row tensor-core kernel. Against the reference, then bit for bit
+    the same over two more calls and a CUDA graph replay (the slices are summed in a fixed
+    order, and every launch leaves the counters zero)."""
+    from compress.kernels import sparse24
+
+    n, k, gated = 28672, 4096, kind.endswith("gated")
+    m = 16 if kind.endswith("m16") else 1
+    cfg = C.Config(16, 64, 256, 4, 3, split) if m == 16 else C.Config(1, 8, 1024, 2, 1, split)
+    x = torch.randn(m, k, generator=rng).to(torch.bfloat16).cuda()
+    if kind.startswith("2:4"):
+        monkeypatch.setattr(sparse24, "GEMV_CONFIG", cfg)
+        t, w = make_sparse("int", n, k, rng)
+        t, w = cuda(t), w.cuda()
+        def run():
+            return sparse24_matmul(x, "int", t, (n, k), path="gemv")
+        ref = sparse24_matmul_ref(x, "int", t, (n, k))
+    elif kind.startswith("int4"):
+        args = cuda(make_int_weight(n, k, 128, True, 4, rng, torch.bfloat16)) + ((n, k), 4)
+        def run():   # m = 16 on the decode path: its tensor-core kernel (_words_matmul_kernel)
+            return int_matmul(x, *args, path="decode", config=cfg, gated=gated)
+        ref, w = int_matmul_ref(x, *args), int_dequantize_ref(*args)
+    else:
+        _, packed, scale, gs = cuda(make_fp4_weight("nvfp4", n, k, rng))
+        args = ("nvfp4", packed, scale, gs, (n, k))
+        def run():
+            return fp4_matmul(x, *args, path="decode", config=cfg, gated=gated)
+        ref, w = fp4_matmul_ref(x, *args), fp4_dequantize_ref(*args)
+    y = run()
+    if gated:
+        assert_gated_close(y, x, w, None, (kind, split))
+    else:
+        assert_matmul_close(y, ref, x, w, (kind, split))
+    for _ in range(2):
+        assert torch.equal(run(), y)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, y)
+    assert not C.tile_counters(1, x.device).any()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_rope_qk_on_gpu(dtype, rng):
     """The one-launch RoPE of q and k (runtime/rope.py wires it into every attention layer) on

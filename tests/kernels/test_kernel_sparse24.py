@@ -171,3 +171,23 @@ def check_m1_path(variant, m, k, rng, dtype=torch.float32):
         assert_matmul_close(y, ref, x, sparse24_dequantize_ref(kind, t, (n, k)),
                             rng.initial_seed(), bias)
 
+
+
+@pytest.mark.parametrize("path", ["gemv", "splitk"])
+def test_split_k_leaves_its_tile_counters_zero(path, rng, monkeypatch):
+    """The transposed M = 1 kernel and the tile kernel in 2, 3 and 5 K-slices a launch: the last
+    slice of a tile sums the partials (_common.split_total) and resets the tile's counter, so
+    the next launch starts from zero; the output is fully written (poisoned)."""
+    from compress.kernels import sparse24
+
+    monkeypatch.setattr(sparse24, "TRANSPOSED_M1", True)
+    n, k, m = 40, 512, 1 if path == "gemv" else 5
+    t, _ = make_sparse("int", n, k, rng, group=128, symmetric=False)
+    x = torch.randn(m, k, generator=rng)
+    bias = torch.randn(n, generator=rng)
+    for split in (2, 3, 5):
+        monkeypatch.setattr(sparse24, "GEMV_CONFIG", C.Config(1, 8, 64, 2, split_k=split))
+        y = sparse24_matmul(x, "int", t, (n, k), bias=bias, path=path, split_k=split)
+        torch.testing.assert_close(y, sparse24_matmul_ref(x, "int", t, (n, k), bias=bias),
+                                   rtol=1e-5, atol=1e-4)
+        assert not C.tile_counters(1, x.device).any()

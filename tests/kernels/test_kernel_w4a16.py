@@ -103,7 +103,7 @@ def test_path_choice_by_m():
 
 
 # Decode-kernel configs the autotuner may pick: CUDA-core M=1 (words loaded a tile ahead or not),
-# tensor-core tiles, split-K by atomics, block_k spanning several groups or part of one.
+# tensor-core tiles, split-K, block_k spanning several groups or part of one.
 DECODE_CONFIGS = [C.Config(1, 8, 64), C.Config(1, 16, 256, split_k=3), C.Config(1, 8, 64, 4, 3, 2),
                   C.Config(1, 8, 64, 2, 1), C.Config(1, 4, 128, 1, 1, 2),
                   C.Config(16, 16, 128), C.Config(32, 32, 256, split_k=2)]
@@ -298,8 +298,8 @@ def test_bad_shapes_raise_one_clear_error(rng):
 
 
 # The M = 1 kernel's SiLU-gated epilogue (decode._gemv_kernel GATED): W stacks gate and up;
-# configs with and without the next tile loaded ahead, split-K asked for (the gated launch
-# takes one K-slice), 2 rows a program (one output); odd and even halves, zero points.
+# configs with and without the next tile loaded ahead, split-K (the last K-slice runs the
+# epilogue), 2 rows a program (one output); odd and even halves, zero points.
 GATED_CONFIGS = [C.Config(1, 8, 64), C.Config(1, 16, 256, split_k=3), C.Config(1, 8, 64, 4, 3, 2),
                  C.Config(1, 4, 128, 1, 1, 2), C.Config(1, 2, 64, 1)]
 
@@ -320,6 +320,33 @@ def test_gated_decode_is_silu_of_gate_times_up(cfg, half, k, group, symmetric, b
     y = int_matmul(x, *args, bias=bias, path="decode", config=cfg, gated=True)
     assert y.shape == (1, half)
     assert_gated_close(y, x, int_dequantize_ref(*args), bias, rng.initial_seed())
+
+
+# Split-K in one launch (_common.split_total): the M = 1 kernel plain and gated (its epilogue
+# runs in the last K-slice), and the few-row tensor-core kernel; 2, 3 and 5 slices in a row.
+@pytest.mark.parametrize("cfg,gated", [(C.Config(1, 8, 64, 2, 1, 1), False),
+                                       (C.Config(1, 8, 64, 2, 1, 1), True),
+                                       (C.Config(16, 16, 128, 4, 2, 1), False)],
+                         ids=["m1", "m1-gated", "tensor-core-tiles"])
+def test_decode_split_k_sums_in_the_last_slice_and_leaves_counters_zero(cfg, gated, rng):
+    """Each launch's last K-slice of a tile sums the partials, runs the epilogue (bias, the gated
+    product) and resets the tile's counter: the next launch, with another split, starts from
+    zero counters (the host never clears them) and the output is fully written (poisoned)."""
+    n, k, m = 42, 640, 1 if cfg.block_m == 1 else 18
+    packed, scale, zero = make_int_weight(n, k, 64, False, 4, rng, torch.bfloat16)
+    bias = torch.randn(n, generator=rng)
+    x = torch.randn(m, k, generator=rng)
+    args = (packed, scale, zero, (n, k), 4)
+    w = int_dequantize_ref(*args)
+    for split in (2, 3, 5):
+        y = int_matmul(x, *args, bias=bias, path="decode", config=cfg, split_k=split,
+                       gated=gated)
+        if gated:
+            assert_gated_close(y, x, w, bias, (rng.initial_seed(), split))
+        else:
+            assert_matmul_close(y, int_matmul_ref(x, *args, bias=bias), x, w,
+                                (rng.initial_seed(), split), bias)
+        assert not C.tile_counters(1, x.device).any()
 
 
 def assert_gated_close(y, x, w, bias, seed):
