@@ -164,10 +164,15 @@ TC_CANDIDATES = {
 # a tile listed twice (asynchronous() adds plain tiles a list may name again) is timed once
 TC_CANDIDATES = {bucket: list(dict.fromkeys(c)) for bucket, c in TC_CANDIDATES.items()}
 CANDIDATES = {"decode": DECODE_CANDIDATES, "tc": TC_CANDIDATES}
+# M = 1 also tunes the gate/up launch of a SiLU-gated MLP as the runtime makes it (gate and up
+# stacked, silu(gate) * up in the kernel's epilogue: runtime/fused.py), under its own shape key:
+# untuned, the stacked 28672 rows took the family's default config. Tuned with gate/up.
+GATED_SHAPES = {"gate/up 14336x4096": ("gate+up gated 28672x4096", (28672, 4096))}
 
 
-def make_weight(family: str, n: int, k: int, device, path: str = "decode"):
-    """(fn(x, config), ref(x)) for a random weight of the family in its stored layout."""
+def make_weight(family: str, n: int, k: int, device, path: str = "decode", gated: bool = False):
+    """(fn(x, config), ref(x)) for a random weight of the family in its stored layout; gated:
+    the weight stacks gate and up, fn and ref return silu(gate) * up."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -184,8 +189,8 @@ def make_weight(family: str, n: int, k: int, device, path: str = "decode"):
                                  packed_dim=0)
         packed = pack_to_int32(codes, bits)
         args = (packed, scale, zero, (n, k), bits)
-        return (lambda x, c: int_matmul(x, *args, path=path, config=c),
-                lambda x: int_matmul_ref(x, *args))
+        return (lambda x, c: int_matmul(x, *args, path=path, config=c, gated=gated),
+                lambda x: _gate(int_matmul_ref(x, *args), gated))
     packed = torch.randint(0, 256, (n, k // 2), device=device, generator=gen, dtype=torch.uint8)
     if family == "nvfp4":
         scale = (torch.rand(n, k // 16, device=device, generator=gen) * 100 + 1).to(
@@ -196,8 +201,12 @@ def make_weight(family: str, n: int, k: int, device, path: str = "decode"):
                               dtype=torch.uint8)
         gs = None
     return (lambda x, c: fp4_matmul(x, family, packed, scale, gs, (n, k), path=path,
-                                    config=c),
-            lambda x: fp4_matmul_ref(x, family, packed, scale, gs, (n, k)))
+                                    config=c, gated=gated),
+            lambda x: _gate(fp4_matmul_ref(x, family, packed, scale, gs, (n, k)), gated))
+
+
+def _gate(y: torch.Tensor, gated: bool) -> torch.Tensor:
+    return C.silu_mul(y.float()).to(y.dtype) if gated else y
 
 
 def applies(c: C.Config, family: str, m: int, path: str = "decode") -> bool:
@@ -234,9 +243,12 @@ def main() -> None:
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--dry-run on the CPU needs TRITON_INTERPRET=1")
         shapes, args.reps = {"tiny 96x1024": (96, 1024)}, 1
+        gated_shapes = {"tiny 96x1024": ("tiny gated 192x1024", (192, 1024))}
         cands = {b: c[:2] for b, c in cands.items()}   # the interpreter is slow
     elif device.type != "cuda":
         raise SystemExit("autotune needs a CUDA GPU (or --dry-run with TRITON_INTERPRET=1)")
+    else:
+        gated_shapes = GATED_SHAPES
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) \
         if device.type == "cuda" else None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
@@ -258,15 +270,19 @@ def main() -> None:
         # on every shape before the next one starts, so a cut-off leaves whole columns
         deadline = time.time() + (args.budget_s - (time.time() - start)) / (len(runs) - r_index)
         m = BUCKET_M[bucket]
+        run_shapes = {label: (n, k, False) for label, (n, k) in shapes.items()}
+        if args.path == "decode" and m == 1:   # (the gated epilogue is the M = 1 kernel's)
+            run_shapes.update({g: (n, k, True) for label, (g, (n, k)) in gated_shapes.items()
+                               if label in shapes})
         times: dict[int, dict[str, float]] = {}   # candidate index -> shape -> seconds
         for i, c in enumerate(run_cands):
             if not applies(c, family, m, args.path):
                 continue
             if i > 0 and time.time() > deadline:
                 break
-            for label, (n, k) in shapes.items():
+            for label, (n, k, gated) in run_shapes.items():
                 if (family, label) not in weights:
-                    weights[family, label] = make_weight(family, n, k, device, args.path)
+                    weights[family, label] = make_weight(family, n, k, device, args.path, gated)
                 fn, ref = weights[family, label]
                 x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
                 try:
@@ -278,7 +294,8 @@ def main() -> None:
                 times.setdefault(i, {})[f"{n}x{k}"] = t
                 if log:
                     log.write(json.dumps({"path": args.path, "family": family, "m": m,
-                                          "shape": f"{n}x{k}", "config": c.to_dict(),
+                                          "shape": f"{n}x{k}", "gated": gated,
+                                          "config": c.to_dict(),
                                           "us": t * 1e6}) + "\n")
         if not times:
             continue

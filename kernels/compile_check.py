@@ -175,20 +175,6 @@ def variants(all_configs: bool = False):
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
         yield (f"2:4-{kind} {path}", sparse24._sparse24_matmul_kernel, types, consts,
                cfg.num_warps, cfg.num_stages)
-    cfg = C.CONFIGS["sparse24_m1"]
-    for kind, act, zero, per_element in (("16bit", "bf16", False, True), ("16bit", "fp16", False, True),
-                                         ("int", "bf16", False, True), ("int", "bf16", True, True),
-                                         ("int", "fp16", True, False)):
-        ipe = 8 if kind == "16bit" else 16
-        yield (f"2:4-{kind} m1 {act} zero={zero} scale_per_element={per_element}",
-               sparse24._sparse24_m1_kernel,
-               {"x_ptr": ACT[act], "v_ptr": "*i64" if kind == "16bit" else "*i32",
-                "m_ptr": "*u8" if kind == "16bit" else "*i16", "s_ptr": ACT[act],
-                "z_ptr": "*i32", "b_ptr": ACT[act], "out_ptr": ACT[act],
-                **dict.fromkeys(["N", "K", "G", "GROUP", "stride_xm"], "i32")},
-               dict(KIND=int(kind == "int"), FP16=act == "fp16", HAS_ZERO=zero, HAS_BIAS=False,
-                    SCALE_PER_ELEMENT=per_element, BLOCK_N=cfg.block_n,
-                    BLOCK_E=cfg.block_k // ipe, EVEN_K=True, EVEN_N=True), cfg.num_warps, 1)
     for (kind, act, zero, group), (cfg, k, even) in itertools.product(
             (("16bit", "bf16", False, 1), ("16bit", "fp16", False, 1), ("int", "bf16", False, 128),
              ("int", "bf16", True, 128), ("int", "fp16", True, 8)),

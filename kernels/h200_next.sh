@@ -26,7 +26,8 @@
 #   bash kernels/h200_next.sh o     # the tc kernel's asynchronous dots (K order, swapped tiles):
 #                                   # GPU tests, M = 16..128 on the shipped table, a tc retune
 #                                   # with the new candidates, M = 16..128 on the retuned table
-# A switch flips only on its measured win: sparse24.TRANSPOSED_M1 (on since part k),
+# A switch flips only on its measured win: sparse24.TRANSPOSED_M1 (on since part k, and the
+# gather kernel it replaced removed in the fifteenth session),
 # pairing (Config.pair, tuned per format and shape since part k; decode.PAIR_WORDS forces it),
 # tc.PACKED_K_ORDER (no faster in part m, which ran at 1f70b37 and was dropped with it);
 # decode.X8_LOADS, X8_LOADS_FP4 and fused.GATED_MLP (on since their A/B, 2026-12-04);
@@ -155,7 +156,7 @@ k)
     timeout 240 $PY kernels/autotune.py --path decode --formats int4,int4-asym,nvfp4,mxfp4,int8 \
         --buckets 1 --budget-s 210 --reps 10 --base compress/kernels/configs/nvidia_h200.json \
         --log "$W/tune.jsonl" --out "$OUT/tuned_m1.json" >"$W/tune.txt" 2>&1
-    stamp "M = 1 retune with pair candidates rc=$?"
+    stamp "M = 1 retune (pair and one-launch split candidates, the gated gate+up shape) rc=$?"
     V=bf16,tinygemm,int4-g128,int4-g128@no-pair,int4-g128-asym,int4-g128-asym@no-pair,nvfp4
     COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m1.json timeout 90 $PY kernels/bench_kernels.py --ms 1 \
         --reps 30 --log "$W/k.jsonl" \

@@ -1,8 +1,7 @@
-"""2:4 at M = 1 on the H200: the transposed kernel (compress/kernels/sparse24.py
+"""2:4 at M = 1 on the H200: the M = 1 kernel (compress/kernels/sparse24.py
 _sparse24_gemv_kernel, x loaded once for a tile's rows, kept positions picked by a byte
-permute) in several launch configs against the gather kernel it would replace
-(_sparse24_m1_kernel, x read at the kept positions, its shipped config), cuBLAS bf16 and torch's
-semi-structured 2:4 in the same run (Llama-3-8B shapes, CUDA graph, L2 flushed: bench_kernels'
+permute) in several launch configs against its shipped config (the "sparse24" table), cuBLAS
+bf16 and torch's semi-structured 2:4 in the same run (Llama-3-8B shapes, CUDA graph, L2 flushed: bench_kernels'
 timing). Every kernel is checked against the reference first.
 
     python kernels/probe_sparse24_m1.py [--reps 30] [--out $OUT/nvidia_h200.json]    # GPU
@@ -54,10 +53,8 @@ def main() -> None:
             row["torch 2:4"] = time_call(v["torch-2:4-bf16"][0], x, device, args.reps, flush)
         for name, kind in (("2:4-bf16", "16bit"), ("2:4-int4-g128", "int")):
             fn, ref = v[name]
-            sparse24.TRANSPOSED_M1 = False
             check(name, fn, ref, x)
-            row[f"{name} gather"] = time_call(fn, x, device, args.reps, flush)
-            sparse24.TRANSPOSED_M1 = True
+            row[f"{name} shipped"] = time_call(fn, x, device, args.reps, flush)
             for cfg in TRANSPOSED:
                 sparse24.GEMV_CONFIG = cfg
                 try:

@@ -67,10 +67,6 @@ CONFIGS: dict[str, Config] = {
     "splitk": Config(16, 64, 64, num_warps=4),
     "tile": Config(64, 64, 64, num_warps=4, num_stages=3),
     "dequant": Config(1, 32, 64, num_warps=4),
-    # 2:4 at M = 1 (sparse24._sparse24_m1_kernel): block_k inputs a row per step. 4 rows x
-    # 1024: the fastest of kernels/probe_sparse24_m1.py's seven on all four Llama-3-8B shapes,
-    # 16-bit and INT4 alike (H200, kernels/BENCHMARKS.md, 2026-12-03 14:51 UTC)
-    "sparse24_m1": Config(1, 4, 1024, num_warps=4),
     # tc.py's dequantize of INT/FP4 words: 8 codes a thread along K (16-byte stores)
     "dequant_words": Config(1, 32, 256, num_warps=4),
 }
@@ -324,6 +320,17 @@ def split_total(part, ws_ptr, cnt_ptr, offs, mask, tile, pid_k, splits, stride_s
                              cache_modifier=".cg")
         tl.atomic_xchg(cnt_ptr + tile, 0)
     return last, total
+
+
+@triton.jit
+def row_split_total(y, ws_ptr, cnt_ptr, pid_n, pid_k, row, BLOCK_N: tl.constexpr):
+    """split_total for the M = 1 kernels' grid (N tiles, K-slices, activation rows) and a
+    program's BLOCK_N sums y; workspace [S, rows, N tiles * BLOCK_N]."""
+    grid_n = tl.num_programs(0)
+    tile = row * grid_n + pid_n
+    offs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    return split_total(y, ws_ptr, cnt_ptr, offs, offs >= 0, tile, pid_k, tl.num_programs(1),
+                       tl.num_programs(2) * grid_n * BLOCK_N)
 
 
 @triton.jit

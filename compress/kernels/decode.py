@@ -442,11 +442,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr, cnt
     y = tl.sum(acc, axis=0)
     last = True
     if SPLIT:
-        grid_n = tl.num_programs(0)
-        tile = row * grid_n + pid_n
-        offs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        last, y = C.split_total(y, ws_ptr, cnt_ptr, offs, offs >= 0, tile, pid_k,
-                                tl.num_programs(1), tl.num_programs(2) * grid_n * BLOCK_N)
+        last, y = C.row_split_total(y, ws_ptr, cnt_ptr, pid_n, pid_k, row, BLOCK_N)
     if last:
         _gemv_epilogue(y, b_ptr, out_ptr, row, row0, rows, n_in, N, OUTS, HAS_BIAS, GATED)
 

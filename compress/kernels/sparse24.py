@@ -12,10 +12,10 @@ K % 8 == 0):
 Scales are indexed by ORIGINAL input position (g counts original inputs, a multiple of 4), so a
 kept value in group i uses scale column (4 i) // g.
 
-At M = 1 (the "gemv" path) of 16-bit and INT4 kept values, x is gathered at the kept positions
-(_sparse24_m1_kernel): the pruned half costs nothing. (_sparse24_gemv_kernel, behind
-TRANSPOSED_M1, does the same on decode.py's transposed tile: x loaded once for all the rows of
-a tile, each kept value's x picked in registers.) Otherwise each tile of kept values is
+At M = 1 (the "gemv" path) of 16-bit and INT4 kept values, each kept value is multiplied by x at
+its position (_sparse24_gemv_kernel, on decode.py's transposed tile: x loaded once for all the
+rows of a tile, each kept value's x picked in registers): the pruned half costs nothing.
+Otherwise each tile of kept values is
 expanded to a dense [BLOCK_N, BLOCK_K] tile in registers and multiplied as in the dense kernels:
 the bytes read are the compressed ones (values + meta), the arithmetic is dense (Triton exposes
 no sparse tensor-core instruction).
@@ -41,11 +41,7 @@ from compress.kernels.fp4 import (
 from compress.kernels.w4a16 import _unpack_ref
 
 VALUE_KINDS = {"16bit": 0, "int": 1, "nvfp4": 2, "mxfp4": 3}
-# M = 1 on the transposed tile (_sparse24_gemv_kernel) instead of the gather kernel: on since
-# its H200 A/B (kernels/probe_sparse24_m1.py, 2026-12-04, kernels/BENCHMARKS.md): 16-bit
-# 1.08-1.32x -> 1.47-1.55x cuBLAS bf16, INT4 1.42-1.57x -> 1.76-2.00x with each shape's config.
-TRANSPOSED_M1 = True
-# The transposed kernel's launch config: None takes the device's "sparse24" table
+# The M = 1 kernel's launch config: None takes the device's "sparse24" table
 # (configs/<gpu>.json, per value kind and shape; written by probe_sparse24_m1.py --out);
 # a Config forces one (the probe, tests).
 GEMV_CONFIG: C.Config | None = None
@@ -160,93 +156,11 @@ def _sparse24_matmul_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, lut_ptr, gs_ptr, 
 
 
 @triton.jit
-def _gathered_x(x_ptr, base, nib, EVEN_K: tl.constexpr, inside):
-    """x at the two kept positions of a group of 4 whose first input is `base` [BN, E]; nib:
-    its meta nibble p0 | p1 << 2. float32, 0 where not `inside`."""
-    if EVEN_K:
-        x0 = tl.load(x_ptr + base + (nib & 3))
-        x1 = tl.load(x_ptr + base + ((nib >> 2) & 3))
-    else:
-        x0 = tl.load(x_ptr + base + (nib & 3), mask=inside, other=0.0)
-        x1 = tl.load(x_ptr + base + ((nib >> 2) & 3), mask=inside, other=0.0)
-    return x0.to(tl.float32), x1.to(tl.float32)
-
-
-@triton.jit
 def _half_as_f32(bits16, FP16: tl.constexpr):
     """The 16-bit float in the low half of int32 `bits16` (the high half zero) as float32."""
     if FP16:
         return bits16.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return (bits16 << 16).to(tl.float32, bitcast=True)   # bfloat16: float32's top half
-
-
-@triton.jit
-def _sparse24_m1_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, G, GROUP,
-                        stride_xm, KIND: tl.constexpr, FP16: tl.constexpr, HAS_ZERO: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, SCALE_PER_ELEMENT: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, EVEN_K: tl.constexpr,
-                        EVEN_N: tl.constexpr):
-    """y [N] = W x for activation row program_id(1), 16-bit (KIND 0) or INT4 (KIND 1) kept
-    values.
-    x is gathered at the kept positions instead of W scattered to a dense tile: a kept value
-    costs its decode, two meta bits, one x load (L1) and one FMA, the pruned half nothing.
-    An "element" of a row is what one thread takes per step: 16-bit, an int64 of 4 kept values
-    (2 groups, 8 inputs) and the meta byte of those groups; INT4, an int32 word of 8 kept codes
-    (4 groups, 16 inputs) and its 16 meta bits."""
-    GPE: tl.constexpr = 2 if KIND == 0 else 4          # groups of 4 inputs per element
-    IPE: tl.constexpr = 4 * GPE
-    ew = K // IPE                                       # elements per row
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_in = rn < N
-    x_ptr += tl.program_id(1) * stride_xm
-    out_ptr += tl.program_id(1) * N
-    acc = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
-    for e0 in range(0, ew, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
-        inside = n_in[:, None] & (e[None, :] < ew)
-        # one element a thread along E for the values and the meta alike: vectorizing the
-        # loads gives the two tensors different layouts, and every op combining them then
-        # goes through shared memory (SASS counted: STS/LDS/BAR in the loop)
-        offs = tl.max_contiguous(rn[:, None] * ew + e[None, :], [1, 1])
-        if EVEN_K and EVEN_N:
-            v = tl.load(v_ptr + offs)
-            meta = tl.load(m_ptr + offs).to(tl.int32) & ((1 << (4 * GPE)) - 1)
-        else:
-            v = tl.load(v_ptr + offs, mask=inside, other=0)
-            meta = (tl.load(m_ptr + offs, mask=inside, other=0).to(tl.int32)
-                    & ((1 << (4 * GPE)) - 1))
-        base = e[None, :] * IPE
-        if KIND == 0:
-            for gi in tl.static_range(GPE):
-                word = (v >> (32 * gi)).to(tl.int32)    # kept values 2 gi, 2 gi + 1
-                x0, x1 = _gathered_x(x_ptr, base + 4 * gi, meta >> (4 * gi), EVEN_K, inside)
-                acc += _half_as_f32(word & 0xFFFF, FP16) * x0
-                acc += _half_as_f32((word >> 16) & 0xFFFF, FP16) * x1
-        else:
-            if SCALE_PER_ELEMENT:   # the element's 16 inputs lie in one group
-                s, z = _group_scale(s_ptr, z_ptr, 1.0, rn[:, None], base // GROUP, inside, G,
-                                    0, 4, 8, HAS_ZERO)
-                t = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
-            for gi in tl.static_range(GPE):
-                if not SCALE_PER_ELEMENT:   # groups of 4 or 8 inputs: a scale per group
-                    s, z = _group_scale(s_ptr, z_ptr, 1.0, rn[:, None], (base + 4 * gi) // GROUP,
-                                        inside, G, 0, 4, 8, HAS_ZERO)
-                x0, x1 = _gathered_x(x_ptr, base + 4 * gi, meta >> (4 * gi), EVEN_K, inside)
-                # a code as a float without a conversion: (c | 0x4B000000) is 2^23 + c; the
-                # subtraction of 2^23 + 8 + zero is exact, so q is the integer code - 8 - zero
-                off = 8388616.0 + z
-                q0 = (((v >> (8 * gi)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - off
-                q1 = (((v >> (8 * gi + 4)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - off
-                if SCALE_PER_ELEMENT:
-                    t += q0 * x0 + q1 * x1
-                else:
-                    acc += s * (q0 * x0 + q1 * x1)
-            if SCALE_PER_ELEMENT:
-                acc += s * t
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=n_in)
 
 
 @triton.jit
@@ -293,13 +207,20 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_
                           BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, EVEN_N: tl.constexpr,
                           X16: tl.constexpr = False, X_FP16: tl.constexpr = False,
                           ASM: tl.constexpr = True):
-    """_sparse24_m1_kernel's product on a transposed tile (as decode._gemv_kernel's): [BLOCK_E,
-    BLOCK_N], a thread owns element columns with all BLOCK_N rows of each in registers. x of a
-    column's inputs is loaded once for all its rows (the gather kernel loads x per kept value
-    and row: 8 of its 11 loads an INT4 element, and the 64-bit address of each), and each kept
-    value takes x at its position: X16 (16-bit activations, 4-byte aligned rows) two at a time
-    by a byte permute (_pick_pair16), else by three selects (_pick). Elements as in
-    _sparse24_m1_kernel; program axes: rows, K-slices (E_PER_SPLIT elements), activation row."""
+    """y [N] = W x for activation row program_id(2), 16-bit (KIND 0) or INT4 (KIND 1) kept values:
+    each kept value costs its decode, two meta bits, its pick of x and one FMA; the pruned half
+    nothing. An "element" of a row is what one thread takes per step: 16-bit, an int64 of 4 kept
+    values (2 groups, 8 inputs) and the meta byte of those groups; INT4, an int32 word of 8 kept
+    codes (4 groups, 16 inputs) and its 16 meta bits.
+
+    The tile is transposed (as decode._gemv_kernel's): [BLOCK_E, BLOCK_N], a thread owns element
+    columns with all BLOCK_N rows of each in registers. x of a column's inputs is loaded once for
+    all its rows (the gather kernel this replaced loaded x per kept value and row: 8 of its 11
+    loads an INT4 element, and the 64-bit address of each; H200, 2026-12-04: 16-bit 1.08-1.32x
+    -> 1.47-1.55x cuBLAS bf16, INT4 1.42-1.57x -> 1.76-2.00x), and each kept value takes x at
+    its position: X16 (16-bit activations, 4-byte aligned rows) two at a time
+    by a byte permute (_pick_pair16), else by three selects (_pick). Program axes: rows,
+    K-slices (E_PER_SPLIT elements), activation row."""
     GPE: tl.constexpr = 2 if KIND == 0 else 4          # groups of 4 inputs per element
     IPE: tl.constexpr = 4 * GPE
     EW: tl.constexpr = K // IPE                         # elements per row
@@ -351,7 +272,9 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_
                     s, z = _group_scale(s_ptr, z_ptr, 1.0, rows[None, :],
                                         ((e * IPE + 4 * gi) // GROUP)[:, None], inside, G, 0,
                                         4, 8, HAS_ZERO, MASKED, True, pid_n * BLOCK_N)
-                off = 8388616.0 + z   # the code as a float: see _sparse24_m1_kernel
+                # a code as a float without a conversion: (c | 0x4B000000) is 2^23 + c; the
+                # subtraction of 2^23 + 8 + zero is exact, so q is the integer code - 8 - zero
+                off = 8388616.0 + z
                 qa = (((v >> (8 * gi)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - off
                 qb = (((v >> (8 * gi + 4)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - off
                 if PER_ELEMENT:
@@ -364,11 +287,7 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_
     y = tl.sum(acc, axis=0)
     last = True
     if SPLIT:   # the K-slices' sums added by the last to finish (as decode._gemv_kernel)
-        tile = row * tl.num_programs(0) + pid_n
-        offs = tile * BLOCK_N + rows
-        last, y = C.split_total(y, ws_ptr, cnt_ptr, offs, offs >= 0, tile, pid_k,
-                                tl.num_programs(1), tl.num_programs(2) * tl.num_programs(0)
-                                * BLOCK_N)
+        last, y = C.row_split_total(y, ws_ptr, cnt_ptr, pid_n, pid_k, row, BLOCK_N)
     if last:
         rm = row + tl.arange(0, 1)
         C.finish_tile(tl.reshape(y, (1, BLOCK_N)), b_ptr, out_ptr, rm, rn, rm >= 0, n_in, N,
@@ -474,16 +393,17 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
 
 
 def m1_serves(kind: str, bits: int) -> bool:
-    """Does the gather kernel (_sparse24_m1_kernel) run the "gemv" path of this value kind?
+    """Does the M = 1 kernel (_sparse24_gemv_kernel) run the "gemv" path of this value kind?
     (FP4 and INT8 kept values still take the dense-tile kernel.)"""
     return kind == "16bit" or (kind == "int" and bits == 4)
 
 
 def _m1_matmul(x2: torch.Tensor, kind: str, t: dict[str, torch.Tensor], n: int, k: int,
                bias: torch.Tensor | None) -> torch.Tensor:
-    """x2 [M, K] @ W^T, one program row per activation row (_sparse24_m1_kernel): the 16-bit
-    values read as int64 (4 a load), INT4's meta as int16 (the 4 groups of a code word)."""
-    cfg = C.CONFIGS["sparse24_m1"]
+    """x2 [M, K] @ W^T, one program axis per activation row (_sparse24_gemv_kernel): the 16-bit
+    values read as int64 (4 a load), INT4's meta as int16 (the 4 groups of a code word); split-K
+    in one launch (the last K-slice of each program's rows sums the slices' partials:
+    C.split_total)."""
     meta = t["weight_meta"]
     if kind == "16bit":
         v, ipe = t["weight_values"].view(torch.int64), 8
@@ -494,26 +414,6 @@ def _m1_matmul(x2: torch.Tensor, kind: str, t: dict[str, torch.Tensor], n: int, 
         s, z = t["weight_scale"], t.get("weight_zero_point", t["weight_packed"])
         groups = s.shape[1]
         group = k // groups
-    m = x2.shape[0]
-    if TRANSPOSED_M1:
-        return _gemv_matmul(x2, kind, t, v, meta, s, z, groups, group, ipe, n, k, bias)
-    block_e = max(1, cfg.block_k // ipe)
-    out = C.alloc((m, n), x2.dtype, x2.device)
-    if m:
-        _sparse24_m1_kernel[(-(-n // cfg.block_n), m)](
-            x2, v, meta, s, z, bias if bias is not None else x2, out, n, k, groups, group,
-            x2.stride(0), KIND=0 if kind == "16bit" else 1,
-            FP16=kind == "16bit" and t["weight_values"].dtype == torch.float16,
-            HAS_ZERO="weight_zero_point" in t, HAS_BIAS=bias is not None,
-            SCALE_PER_ELEMENT=group % 16 == 0, BLOCK_N=cfg.block_n, BLOCK_E=block_e,
-            EVEN_K=(k // ipe) % block_e == 0, EVEN_N=n % cfg.block_n == 0,
-            num_warps=cfg.num_warps)
-    return out
-
-
-def _gemv_matmul(x2, kind, t, v, meta, s, z, groups, group, ipe, n, k, bias):
-    """_m1_matmul on the transposed kernel (_sparse24_gemv_kernel); split-K in one launch (the
-    last K-slice of each program's rows sums the slices' partials: C.split_total)."""
     cfg = GEMV_CONFIG or C.kernel_config("sparse24", kind, 1, n, k, x2.device)
     m = x2.shape[0]
     C.check(cfg.block_k % ipe == 0 and m <= 65535,

@@ -177,13 +177,9 @@ def test_gated_decode_on_gpu(fmt, half, dtype, x8, pair, rng, monkeypatch):
 @pytest.mark.parametrize("kind", ["16bit", "int"])
 @pytest.mark.parametrize("case", SPARSE_CASES + LLAMA_SHAPES[:2], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sparse24_transposed_m1_kernel_on_gpu(kind, case, dtype, rng, monkeypatch):
-    """The transposed M = 1 kernel (sparse24.TRANSPOSED_M1, on since its H200 A/B; forced
-    here so the test holds if it is turned off): the byte-permute pick of 16-bit activations
-    runs as PTX only here."""
-    from compress.kernels import sparse24
-
-    monkeypatch.setattr(sparse24, "TRANSPOSED_M1", True)
+def test_sparse24_transposed_m1_kernel_on_gpu(kind, case, dtype, rng):
+    """The transposed M = 1 kernel (sparse24._sparse24_gemv_kernel): the byte-permute pick of
+    16-bit activations runs as PTX only here."""
     m, n, k = case
     t, dense = make_sparse(kind, n, k, rng)
     t, dense = cuda(t), dense.cuda()

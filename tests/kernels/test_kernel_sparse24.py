@@ -117,16 +117,6 @@ def test_views_are_refused_not_misread(rng):
         sparse24_matmul(torch.randn(1, 160), "int", t, (21, 160))
 
 
-@pytest.mark.parametrize("variant", ["16bit-bf16", "16bit-fp16", "int-g4", "int-g8-sym",
-                                     "int-g16", "int-g128-sym"])
-@pytest.mark.parametrize("m", [1, 2])
-def test_m1_kernel_gathers_x_at_the_kept_positions(variant, m, rng):
-    """The M = 1 kernel (path "gemv": x gathered at the kept positions) on every value kind it
-    serves: float16 values, INT4 with a scale per group of 4 or 8 inputs (several in one code
-    word), per 16 and per 128, with and without zero points; a row per program row (m)."""
-    check_m1_path(variant, m, 256, rng)
-
-
 M1_VARIANTS = ["16bit-bf16", "16bit-fp16", "int-g4", "int-g8-sym", "int-g16", "int-g128-sym"]
 TRANSPOSED_CONFIGS = {   # the shipped one; whole tiles (no masks); split-K; N not a tile multiple
     "shipped": None, "even": C.Config(1, 8, 64, 2), "split3": C.Config(1, 4, 64, 1, split_k=3),
@@ -135,20 +125,19 @@ TRANSPOSED_CONFIGS = {   # the shipped one; whole tiles (no masks); split-K; N n
 
 @pytest.mark.parametrize("variant", M1_VARIANTS)
 @pytest.mark.parametrize("config", list(TRANSPOSED_CONFIGS))
-@pytest.mark.parametrize("m, k, dtype", [(1, 256, torch.float32), (2, 384, torch.bfloat16),
-                                         (1, 384, torch.float16)],
-                         ids=["m1-k256-fp32", "m2-k384-bf16", "m1-k384-fp16"])
+@pytest.mark.parametrize("m, k, dtype", [(1, 256, torch.float32), (2, 256, torch.float32),
+                                         (2, 384, torch.bfloat16), (1, 384, torch.float16)],
+                         ids=["m1-k256-fp32", "m2-k256-fp32", "m2-k384-bf16", "m1-k384-fp16"])
 def test_m1_transposed_kernel_picks_x_at_the_kept_positions(variant, config, m, k, dtype, rng,
                                                            monkeypatch):
     """The transposed M = 1 kernel (_sparse24_gemv_kernel: x loaded once for a tile's rows, the
-    kept positions picked by selects) on every value kind and scale group the gather kernel
-    serves, every config shape, K a multiple of the tile or of a K-slice or neither, one and
+    kept positions picked by selects) on every value kind and scale group it serves, every
+    config shape, K a multiple of the tile or of a K-slice or neither, one and
     two rows; float32 activations (selects), 16-bit ones (pairs and a byte permute)."""
     from compress.kernels import sparse24
 
     if config != "shipped":
         monkeypatch.setattr(sparse24, "GEMV_CONFIG", TRANSPOSED_CONFIGS[config])
-    monkeypatch.setattr(sparse24, "TRANSPOSED_M1", True)
     check_m1_path(variant, m, k, rng, dtype)
 
 
@@ -180,7 +169,6 @@ def test_split_k_leaves_its_tile_counters_zero(path, rng, monkeypatch):
     the next launch starts from zero; the output is fully written (poisoned)."""
     from compress.kernels import sparse24
 
-    monkeypatch.setattr(sparse24, "TRANSPOSED_M1", True)
     n, k, m = 40, 512, 1 if path == "gemv" else 5
     t, _ = make_sparse("int", n, k, rng, group=128, symmetric=False)
     x = torch.randn(m, k, generator=rng)
