@@ -220,19 +220,20 @@ def split_of(k: int, cfg: Config) -> tuple[int, int]:
     return -(-k // k_per_split), k_per_split
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def tile_counters(tiles: int, device) -> torch.Tensor:
     """int32 [>= tiles] zeros kept per device for finish_split: each launch leaves them zero
     again (the last program of a tile resets its counter), so no launch has to clear them.
-    Launches that share them must be stream-ordered (one stream, or a CUDA graph)."""
+    Launches that share them must be stream-ordered (one stream, or a CUDA graph). Outgrown
+    buffers stay allocated: a CUDA graph captured with one keeps its address, and replays."""
     device = torch.device(device)
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < tiles:
-        _COUNTERS[device] = have = torch.zeros(max(tiles, 4096), dtype=torch.int32,
-                                               device=device)
-    return have
+    held = _COUNTERS.setdefault(device, [])
+    if not held or held[-1].numel() < tiles:
+        size = max(tiles, 2 * held[-1].numel() if held else 4096)
+        held.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return held[-1]
 
 
 def split_buffers(split: int, size: int, tiles: int, device) -> tuple[torch.Tensor, torch.Tensor]:

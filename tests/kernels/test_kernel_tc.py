@@ -131,6 +131,20 @@ def test_split_k_leaves_its_tile_counters_zero(rng):
         assert not C.tile_counters(6, x.device)[:6].any()
 
 
+def test_tile_counters_grow_without_freeing_what_a_graph_may_hold():
+    """A launch needing more tile counters gets a larger zeroed buffer; the outgrown one stays
+    allocated (a CUDA graph captured with it replays at its address) and zero."""
+    small = C.tile_counters(8, "cpu")
+    address = small.data_ptr()
+    del small
+    large = C.tile_counters(C.tile_counters(8, "cpu").numel() + 1, "cpu")
+    assert large.numel() > 8 and not large.any()
+    held = C._COUNTERS[torch.device("cpu")]
+    assert any(t.data_ptr() == address for t in held[:-1])
+    assert not any(t.any() for t in held)
+    assert C.tile_counters(8, "cpu") is large   # the largest serves every later launch
+
+
 def _run_ptx(asm: str, regs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
     """Emulates the packed INT4 decodes' PTX (shr, prmt, lop3 0xEA, sub/mul .rn on 16-bit
     pairs) on int64 tensors holding 32-bit registers, one element per lane. The interpreter
