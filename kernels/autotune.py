@@ -164,10 +164,13 @@ TC_CANDIDATES = {
 # a tile listed twice (asynchronous() adds plain tiles a list may name again) is timed once
 TC_CANDIDATES = {bucket: list(dict.fromkeys(c)) for bucket, c in TC_CANDIDATES.items()}
 CANDIDATES = {"decode": DECODE_CANDIDATES, "tc": TC_CANDIDATES}
-# M = 1 also tunes the gate/up launch of a SiLU-gated MLP as the runtime makes it (gate and up
-# stacked, silu(gate) * up in the kernel's epilogue: runtime/fused.py), under its own shape key:
-# untuned, the stacked 28672 rows took the family's default config. Tuned with gate/up.
-GATED_SHAPES = {"gate/up 14336x4096": ("gate+up gated 28672x4096", (28672, 4096))}
+# With the four Llama-3-8B shapes, M = 1 also tunes two more launches of its decode step, under
+# their own shape keys (untuned, both took the family's default config): the gate/up launch of
+# a SiLU-gated MLP as the runtime makes it (gate and up stacked, silu(gate) * up in the kernel's
+# epilogue: runtime/fused.py), and a quantized lm_head (bench_e2e --quantize-lm-head; 7% of an
+# INT4 step's bytes). label -> (N, K, gated)
+DECODE_STEP_SHAPES = {"gate+up gated 28672x4096": (28672, 4096, True),
+                      "lm_head 128256x4096": (128256, 4096, False)}
 
 
 def make_weight(family: str, n: int, k: int, device, path: str = "decode", gated: bool = False):
@@ -243,12 +246,12 @@ def main() -> None:
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--dry-run on the CPU needs TRITON_INTERPRET=1")
         shapes, args.reps = {"tiny 96x1024": (96, 1024)}, 1
-        gated_shapes = {"tiny 96x1024": ("tiny gated 192x1024", (192, 1024))}
+        step_shapes = {"tiny gated 192x1024": (192, 1024, True)}
         cands = {b: c[:2] for b, c in cands.items()}   # the interpreter is slow
     elif device.type != "cuda":
         raise SystemExit("autotune needs a CUDA GPU (or --dry-run with TRITON_INTERPRET=1)")
     else:
-        gated_shapes = GATED_SHAPES
+        step_shapes = DECODE_STEP_SHAPES if set(SHAPES) <= set(shapes) else {}
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) \
         if device.type == "cuda" else None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
@@ -272,8 +275,7 @@ def main() -> None:
         m = BUCKET_M[bucket]
         run_shapes = {label: (n, k, False) for label, (n, k) in shapes.items()}
         if args.path == "decode" and m == 1:   # (the gated epilogue is the M = 1 kernel's)
-            run_shapes.update({g: (n, k, True) for label, (g, (n, k)) in gated_shapes.items()
-                               if label in shapes})
+            run_shapes.update(step_shapes)
         times: dict[int, dict[str, float]] = {}   # candidate index -> shape -> seconds
         for i, c in enumerate(run_cands):
             if not applies(c, family, m, args.path):
