@@ -15,10 +15,9 @@ kept value in group i uses scale column (4 i) // g.
 At M = 1 (the "gemv" path) of 16-bit and INT4 kept values, each kept value is multiplied by x at
 its position (_sparse24_gemv_kernel, on decode.py's transposed tile: x loaded once for all the
 rows of a tile, each kept value's x picked in registers): the pruned half costs nothing.
-Otherwise each tile of kept values is
-expanded to a dense [BLOCK_N, BLOCK_K] tile in registers and multiplied as in the dense kernels:
-the bytes read are the compressed ones (values + meta), the arithmetic is dense (Triton exposes
-no sparse tensor-core instruction).
+Otherwise each tile of kept values is expanded to a dense [BLOCK_N, BLOCK_K] tile in registers
+and multiplied as in the dense kernels: the bytes read are the compressed ones (values + meta),
+the arithmetic is dense (Triton exposes no sparse tensor-core instruction).
 """
 
 from __future__ import annotations
@@ -218,9 +217,9 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_
     all its rows (the gather kernel this replaced loaded x per kept value and row: 8 of its 11
     loads an INT4 element, and the 64-bit address of each; H200, 2026-12-04: 16-bit 1.08-1.32x
     -> 1.47-1.55x cuBLAS bf16, INT4 1.42-1.57x -> 1.76-2.00x), and each kept value takes x at
-    its position: X16 (16-bit activations, 4-byte aligned rows) two at a time
-    by a byte permute (_pick_pair16), else by three selects (_pick). Program axes: rows,
-    K-slices (E_PER_SPLIT elements), activation row."""
+    its position: X16 (16-bit activations, 4-byte aligned rows) two at a time by a byte permute
+    (_pick_pair16), else by three selects (_pick). Program axes: rows, K-slices (E_PER_SPLIT
+    elements), activation row."""
     GPE: tl.constexpr = 2 if KIND == 0 else 4          # groups of 4 inputs per element
     IPE: tl.constexpr = 4 * GPE
     EW: tl.constexpr = K // IPE                         # elements per row
