@@ -252,15 +252,16 @@ def test_tc_packed_decode_in_the_matmul_is_the_reference_rounding(cfg, dtype, sy
 
 
 @pytest.mark.parametrize("kind", ["int4", "int4-gated", "nvfp4", "nvfp4-gated", "2:4-int4",
-                                  "int4-m16"])
+                                  "int4-m16", "2:4-int4-m16"])
 @pytest.mark.parametrize("split", [2, 7])
 def test_split_k_in_one_launch_on_gpu(kind, split, rng, monkeypatch):
     """Split-K without a zero fill or a cast (_common.split_total: partials in a workspace, the
     last K-slice of a tile sums them after an acq_rel counter) on Llama's stacked gate/up shape,
     thousands of programs a slice in flight: the M = 1 kernel plain and gated, FP4, the 2:4
-    transposed kernel, the few-row tensor-core kernel. Against the reference, then bit for bit
-    the same over two more calls and a CUDA graph replay (the slices are summed in a fixed
-    order, and every launch leaves the counters zero)."""
+    transposed kernel, the few-row tensor-core kernels (decode's and 2:4's "splitk" path).
+    Against the reference, then bit for bit the same over two more calls and a CUDA graph
+    replay (the slices are summed in a fixed order, and every launch leaves the counters
+    zero)."""
     from compress.kernels import sparse24
 
     n, k, gated = 28672, 4096, kind.endswith("gated")
@@ -272,7 +273,8 @@ def test_split_k_in_one_launch_on_gpu(kind, split, rng, monkeypatch):
         t, w = make_sparse("int", n, k, rng)
         t, w = cuda(t), w.cuda()
         def run():
-            return sparse24_matmul(x, "int", t, (n, k), path="gemv")
+            return sparse24_matmul(x, "int", t, (n, k), path="splitk" if m == 16 else "gemv",
+                                   split_k=split)
         ref = sparse24_matmul_ref(x, "int", t, (n, k))
     elif kind.startswith("int4"):
         args = cuda(make_int_weight(n, k, 128, True, 4, rng, torch.bfloat16)) + ((n, k), 4)
