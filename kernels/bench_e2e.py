@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench_kernels (the 
 
 from compress.evaluation.bench import measure_speed
 from compress.formats import WeightFormat, codec
+from compress.kernels import _common as kernels_common
 from compress.runtime.modules import QuantizedLinear, set_module
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -184,7 +185,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default="int4",
                         help="comma list of int4, int4-asym, nvfp4, mxfp4, tinygemm; "
-                             "<format>-unfused: without fusing q/k/v and gate/up")
+                             "<format>-unfused: without fusing q/k/v and gate/up; "
+                             "<format>-pdl: our kernels launched with programmatic dependent "
+                             "launch (compress/kernels/_common.PDL)")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -274,10 +277,13 @@ def main() -> None:
             originals = swap_tinygemm(model, args.quantize_lm_head)
         else:
             # "<format>-unfused": q/k/v and gate/up as separate matmuls (compress.load on CUDA
-            # fuses them, compress/runtime/fused.py; this row shows what that gains)
-            base = name.removesuffix("-unfused")
+            # fuses them, compress/runtime/fused.py; this row shows what that gains);
+            # "<format>-pdl": the fused row with PDL on (off again after it)
+            kernels_common.PDL = name.endswith("-pdl")
+            name_fmt = name.removesuffix("-pdl")
+            base = name_fmt.removesuffix("-unfused")
             originals = compress_linears(model, FORMATS[base], args.quantize_lm_head)
-            if device.type == "cuda" and base == name:
+            if device.type == "cuda" and base == name_fmt:
                 from compress.runtime import fused
                 from compress.runtime.fused import fuse_projections
 
@@ -288,6 +294,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         measure(name)
+        kernels_common.PDL = False
         restore(model, originals)
         del originals
         if device.type == "cuda":

@@ -83,6 +83,10 @@ def decode_variants():
             yield (f"gemv pair fmt={fmt} int{bits} zero={zero}{' x8' if x8 else ''} {act} K={k} "
                    f"{cfg}", decode._gemv_kernel, {**types, "w_ptr": "*i64"},
                    {**consts, "PAIR": True}, cfg.num_warps, 1)
+            if act == "bf16" and not zero:   # launched with PDL (_common.PDL): griddepcontrol
+                yield (f"gemv pair pdl fmt={fmt} int{bits} {act} K={k} {cfg}",
+                       decode._gemv_kernel, {**types, "w_ptr": "*i64"},
+                       {**consts, "PAIR": True, "PDL": True}, cfg.num_warps, 1)
         if act != "fp32":   # the SiLU-gated epilogue (gate/up)
             yield (f"gemv gated fmt={fmt} int{bits} zero={zero}{' x8' if x8 else ''} {act} K={k} {cfg}",
                    decode._gemv_kernel, types,
@@ -229,6 +233,11 @@ def variants(all_configs: bool = False):
             "h_ptr": "*bf16", "D": "i32", "stride_x": "i32", "stride_r": "i32", "eps": "fp32",
             "DIVISOR": "fp32"},
            dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, CENTERED=False, BLOCK_D=4096), 16, 1)
+    yield ("add_rmsnorm 4096 bf16 pdl", rmsnorm._add_rmsnorm_kernel,
+           {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16",
+            "h_ptr": "*bf16", "D": "i32", "stride_x": "i32", "stride_r": "i32", "eps": "fp32",
+            "DIVISOR": "fp32"},
+           dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, CENTERED=False, BLOCK_D=4096, PDL=True), 16, 1)
     yield ("rope_qk hd128 bf16", rope_gather._rope_qk_kernel,
            {"q_ptr": "*bf16", "k_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
             "qo_ptr": "*bf16", "ko_ptr": "*bf16",

@@ -153,20 +153,21 @@ i)
     ;;
 k)
     W=/tmp/next_k && mkdir -p $W
-    timeout 240 $PY kernels/autotune.py --path decode --formats int4,int4-asym,nvfp4,mxfp4,int8 \
-        --buckets 1 --budget-s 210 --reps 10 --base compress/kernels/configs/nvidia_h200.json \
+    timeout 230 $PY kernels/autotune.py --path decode --formats int4,int4-asym,nvfp4,mxfp4,int8 \
+        --buckets 1 --budget-s 200 --reps 10 --base compress/kernels/configs/nvidia_h200.json \
         --log "$W/tune.jsonl" --out "$OUT/tuned_m1.json" >"$W/tune.txt" 2>&1
     stamp "M = 1 retune (pair and one-launch split candidates, the gated gate+up shape) rc=$?"
     V=bf16,tinygemm,int4-g128,int4-g128@no-pair,int4-g128-asym,int4-g128-asym@no-pair,nvfp4
-    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m1.json timeout 90 $PY kernels/bench_kernels.py --ms 1 \
+    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m1.json timeout 85 $PY kernels/bench_kernels.py --ms 1 \
         --reps 30 --log "$W/k.jsonl" \
         --variants $V,nvfp4@no-pair,mxfp4,mxfp4@no-pair,int8-channel,int8-channel@no-pair \
         >"$W/m1_tuned.txt" 2>&1
     stamp "M = 1 kernels on the retuned table rc=$?"
-    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m1.json timeout 120 $PY $E2E --formats tinygemm,int4,nvfp4 \
-        --log "$W/k.jsonl" >"$W/e2e_tuned.txt" 2>&1
-    stamp "e2e on the retuned table rc=$?"
-    timeout 100 $PY $E2E --formats int4,nvfp4 --log "$W/k.jsonl" >"$W/e2e_shipped.txt" 2>&1
+    # fifteenth session: the "-pdl" rows launch our kernels with programmatic dependent launch
+    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m1.json timeout 150 $PY $E2E \
+        --formats tinygemm,int4,int4-pdl,nvfp4,nvfp4-pdl --log "$W/k.jsonl" >"$W/e2e_tuned.txt" 2>&1
+    stamp "e2e on the retuned table, PDL rows rc=$?"
+    timeout 90 $PY $E2E --formats int4,nvfp4 --log "$W/k.jsonl" >"$W/e2e_shipped.txt" 2>&1
     stamp "e2e on the shipped table rc=$?"
     left=$(( 585 - ($(date +%s) - T0) ))
     [ $left -gt 40 ] && timeout $left $PY kernels/probe_sparse24_m1.py --reps 30 >"$W/sparse24_m1.txt" 2>&1
@@ -205,9 +206,9 @@ o)
     timeout 150 $PY -m pytest -q -n 8 tests/gpu/test_gpu_kernels.py -k "tc" >"$W/gpu_tests.txt" 2>&1
     stamp "GPU tests of the tc kernel (K order included) rc=$?"
     # fifteenth session: split-K in one launch for the M = 1, few-row and 2:4 kernels too
-    timeout 60 $PY -m pytest -q -n 8 tests/gpu/test_gpu_kernels.py -k "split_k_in_one_launch" \
+    timeout 60 $PY -m pytest -q -n 8 tests/gpu/test_gpu_kernels.py -k "split_k_in_one_launch or pdl" \
         >"$W/gpu_split_tests.txt" 2>&1
-    stamp "GPU tests of the one-launch split-K rc=$?"
+    stamp "GPU tests of the one-launch split-K and of PDL rc=$?"
     V=bf16,tinygemm,int4-g128,int4-g128@k-order,int4-g128-asym,nvfp4,mxfp4,int8-channel
     timeout 110 $PY kernels/bench_kernels.py --ms 16,64,128 --reps 20 --variants $V \
         --log "$W/o.jsonl" >"$W/shipped.txt" 2>&1

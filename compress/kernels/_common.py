@@ -30,10 +30,18 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # Tests set this: every buffer a kernel writes is then filled with NaN before launch, so an
 # element the kernel forgets to write fails the comparison instead of passing as zero.
 POISON = False
+
+# Programmatic dependent launch (Hopper and later; Triton's launch_pdl, PTX griddepcontrol): a
+# launch may start while the kernel before it in the stream drains its last programs, do the
+# work that does not depend on it (the M = 1 kernel: load its first tile of weights), then wait
+# for it (wait_for_producer). A decode step is ~300 launches of 2-40 us, each with a tail and a
+# ramp. Off until its H200 A/B (bench_e2e's "<format>-pdl" rows); COMPRESS_PDL=1 turns it on.
+PDL = os.environ.get("COMPRESS_PDL") == "1"
 
 # Above this many rows the weight is decoded once and cuBLAS does the matmul (tunable).
 DEQUANT_MIN_M = 512
@@ -190,6 +198,24 @@ def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
     if POISON:
         out.fill_(float("nan") if dtype.is_floating_point else -1)
     return out
+
+
+def pdl_on(device) -> bool:
+    """Launch with programmatic dependent launch (PDL) on this device: on, a CUDA GPU of compute
+    capability 9 or more, not the interpreter (which runs no PTX)."""
+    return (PDL and torch.device(device).type == "cuda"
+            and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+@triton.jit
+def wait_for_producer(ON: tl.constexpr):
+    """With PDL (ON, the launch's launch_pdl): wait until the kernels before this one in the
+    stream have finished and their writes are visible, then let the next launch start. A kernel
+    launched so reads nothing an earlier kernel wrote, and writes nothing, before this."""
+    if ON:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def check(cond: bool, message: str) -> None:

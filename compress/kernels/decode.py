@@ -347,7 +347,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr, cnt
                  SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_N: tl.constexpr, PREFETCH: tl.constexpr = False,
                  X8: tl.constexpr = False, GATED: tl.constexpr = False,
-                 HALF: tl.constexpr = 0, PAIR: tl.constexpr = False):
+                 HALF: tl.constexpr = 0, PAIR: tl.constexpr = False, PDL: tl.constexpr = False):
     """One activation row (program axis 2) times BLOCK_N rows of W, over one K-slice (axis 1).
 
     The tile is [WORDS, BLOCK_N], transposed: a thread owns word columns, and all BLOCK_N rows
@@ -370,7 +370,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr, cnt
     up and runs the epilogue (bias, the gated product, the store): _common.split_total.
 
     PAIR: w_ptr holds the words as int64, words 2p and 2p + 1 of a row in one element (PAIR_WORDS):
-    a tile column is then a pair, one load and one scale for both words."""
+    a tile column is then a pair, one load and one scale for both words.
+
+    PDL (launched with programmatic dependent launch, _common.PDL): the first tile's words (and
+    NVFP4's global scale) are loaded before waiting for the kernel that wrote x."""
     WORDS: tl.constexpr = BLOCK_K // PER
     EVEN_K: tl.constexpr = K % K_PER_SPLIT == 0 and KW * PER == K
     MASKED: tl.constexpr = not (EVEN_K and EVEN_N)
@@ -406,6 +409,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr, cnt
         ahead = _load_or_zero(w_prog + offs, ((k_first // CW + ri)[:, None] < KC)
                               & n_in[None, :], MASKED)
         stop = tl.minimum(KC, (k_first + K_PER_SPLIT) // CW)   # this slice's last column + 1
+    C.wait_for_producer(PDL)   # (weights and scales are constants: read before it)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         rw = (k_first + kk) // CW + ri                         # tile columns
         inside = (rw[:, None] < KC) & n_in[None, :]
@@ -518,6 +522,8 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
     pointers = (x2, words, scale, zero if zero is not None else words,
                 bias if bias is not None else x2, out, gs, ws, counters)
     if not use_dot:
+        # programmatic dependent launch: the constexpr and the launch option go together
+        pdl = {"PDL": True, "launch_pdl": True} if C.pdl_on(x2.device) else {}
         pair = (cfg.pair if PAIR_WORDS is None else PAIR_WORDS) and pairs_apply(
             words, per, group, cfg.block_k)
         if pair:   # words 2p and 2p + 1 of a row as one int64 (little-endian: 2p the low half)
@@ -528,7 +534,7 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
             K=k, KW=words.shape[1], G=groups, GROUP=group, K_PER_SPLIT=k_per_split,
             PREFETCH=cfg.num_stages > 1,
             X8=X8_LOADS_FP4 if fmt != FMT_INT else X8_LOADS and bits == 4,
-            GATED=gated, HALF=half, PAIR=pair,
+            GATED=gated, HALF=half, PAIR=pair, **pdl,
             num_stages=1, **common)   # not Triton's pipeline (through shared memory): registers
     else:
         _words_matmul_kernel[(grid_m, grid_n, split)](

@@ -23,7 +23,8 @@ from compress.kernels import _common as C
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, stride_x, stride_r, eps, DIVISOR,
                         HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                        CENTERED: tl.constexpr, BLOCK_D: tl.constexpr):
+                        CENTERED: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    C.wait_for_producer(PDL)   # launched with programmatic dependent launch: see _common.PDL
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
@@ -76,7 +77,8 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
             x2, x2 if r2 is None else r2, x2 if weight is None else weight, y, h, d,
             x2.stride(0), 0 if r2 is None else r2.stride(0), eps, float(crms_dim or d),
             HAS_RESIDUAL=r2 is not None, HAS_WEIGHT=weight is not None,
-            CENTERED=crms_dim is not None, BLOCK_D=block, num_warps=min(16, max(1, block // 256)))
+            CENTERED=crms_dim is not None, BLOCK_D=block, num_warps=min(16, max(1, block // 256)),
+            **({"PDL": True, "launch_pdl": True} if C.pdl_on(x.device) else {}))
     return y.reshape(x.shape), h.reshape(x.shape)
 
 

@@ -303,6 +303,40 @@ def test_split_k_in_one_launch_on_gpu(kind, split, rng, monkeypatch):
     assert not C.tile_counters(1, x.device).any()
 
 
+def test_pdl_chain_is_bit_for_bit_the_chain_without_it_on_gpu(rng, monkeypatch):
+    """Programmatic dependent launch (_common.PDL): a decode step's chain of our launches
+    (add + RMSNorm, the gated gate/up matmul, down, add + RMSNorm, four times), each reading
+    what the one before wrote, with PDL eagerly and replayed from a CUDA graph: bit for bit the
+    chain without PDL (a launch that read its input before its producer finished would not
+    be)."""
+    from compress.kernels.rmsnorm import add_rmsnorm
+
+    k, half = 4096, 14336
+    gate_up = cuda(make_int_weight(2 * half, k, 128, True, 4, rng, torch.bfloat16))
+    down = cuda(make_int_weight(k, half, 128, True, 4, rng, torch.bfloat16))
+    weight = (torch.rand(k, generator=rng) + 0.5).to(torch.bfloat16).cuda()
+    x = torch.randn(1, k, generator=rng).to(torch.bfloat16).cuda()
+
+    def chain():
+        y, h = add_rmsnorm(x, x, weight, 1e-5)
+        for _ in range(4):
+            a = int_matmul(y, *gate_up, (2 * half, k), 4, gated=True)
+            y, h = add_rmsnorm(int_matmul(a, *down, (k, half), 4), h, weight, 1e-5)
+        return y
+
+    want = chain()
+    monkeypatch.setattr(C, "PDL", True)
+    assert C.pdl_on(x.device)
+    assert torch.equal(chain(), want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_rope_qk_on_gpu(dtype, rng):
     """The one-launch RoPE of q and k (runtime/rope.py wires it into every attention layer) on

@@ -28,14 +28,15 @@ def assert_matmul_close(y, ref, x, w_dense, seed=None, bias=None):
 
 def record_launches(monkeypatch, module, kernel_name: str, constexpr: str) -> list:
     """Replaces module.<kernel_name> by a launcher that records the value of one constexpr
-    argument of every launch, then launches the real kernel; returns the (growing) list."""
+    argument of every launch (None where the launch leaves it at its default), then launches
+    the real kernel; returns the (growing) list."""
     launched = []
     kernel = getattr(module, kernel_name)
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launched.append(kwargs[constexpr])
+                launched.append(kwargs.get(constexpr))
                 return kernel[grid](*args, **kwargs)
             return launch
 

@@ -349,6 +349,20 @@ def test_decode_split_k_sums_in_the_last_slice_and_leaves_counters_zero(cfg, gat
         assert not C.tile_counters(1, x.device).any()
 
 
+def test_pdl_stays_off_where_no_ptx_runs(rng, monkeypatch):
+    """Programmatic dependent launch (_common.PDL, COMPRESS_PDL=1) needs Hopper and PTX: on the
+    CPU and under the interpreter the kernels launch without it, and still compute the same."""
+    monkeypatch.setattr(C, "PDL", True)
+    assert not C.pdl_on("cpu")
+    launched = record_launches(monkeypatch, decode, "_gemv_kernel", "PDL")
+    args = make_int_weight(24, 256, 128, True, 4, rng, torch.bfloat16) + ((24, 256), 4)
+    x = torch.randn(1, 256, generator=rng)
+    y = int_matmul(x, *args, path="decode", config=C.Config(1, 8, 128, 2, 2))
+    assert launched == [None]   # the PDL constexpr not passed: its default, off
+    assert_matmul_close(y, int_matmul_ref(x, *args), x, int_dequantize_ref(*args),
+                        rng.initial_seed())
+
+
 def assert_gated_close(y, x, w, bias, seed):
     """y [M, F] against silu(g) * u of the float32 matmul: the errors of g and u (bounded as
     in assert_matmul_close, for x's dtype) through silu (slope at most 1.1) and the product,
