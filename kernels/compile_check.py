@@ -238,20 +238,24 @@ def variants(all_configs: bool = False):
             "h_ptr": "*bf16", "D": "i32", "stride_x": "i32", "stride_r": "i32", "eps": "fp32",
             "DIVISOR": "fp32"},
            dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, CENTERED=False, BLOCK_D=4096, PDL=True), 16, 1)
-    yield ("rope_qk hd128 bf16", rope_gather._rope_qk_kernel,
-           {"q_ptr": "*bf16", "k_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
-            "qo_ptr": "*bf16", "ko_ptr": "*bf16",
-            **dict.fromkeys(["L", "H", "sq_b", "sq_h", "sq_l", "sk_b", "sk_h", "sk_l", "sc_b",
-                             "sc_l"], "i32")}, dict(HALF=64, BLOCK_H=64), 1, 1)
+    for pdl in (False, True):   # PDL: launched with programmatic dependent launch
+        yield (f"rope_qk hd128 bf16{' pdl' if pdl else ''}", rope_gather._rope_qk_kernel,
+               {"q_ptr": "*bf16", "k_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
+                "qo_ptr": "*bf16", "ko_ptr": "*bf16",
+                **dict.fromkeys(["L", "H", "sq_b", "sq_h", "sq_l", "sk_b", "sk_h", "sk_l", "sc_b",
+                                 "sc_l"], "i32")}, dict(HALF=64, BLOCK_H=64, PDL=pdl), 1, 1)
     yield ("rope_gather hd128 bf16", rope_gather._rope_gather_kernel,
            {"ids_ptr": "*i64", "pos_ptr": "*i64", "table_ptr": "*bf16", "cos_ptr": "*fp32",
             "sin_ptr": "*fp32", "out_ptr": "*bf16", "W": "i32", "off0": "i32", "end0": "i32",
             "off1": "i32", "end1": "i32"}, dict(HEAD_DIM=128, BLOCK_W=1024), 4, 1)
-    yield ("static_cache_write hd128 bf16", kv_cache._static_cache_write_kernel,
-           {"k_ptr": "*bf16", "v_ptr": "*bf16", "keys_ptr": "*bf16", "values_ptr": "*bf16",
-            "length_ptr": "*i64", "arrivals_ptr": "*i32",
-            **dict.fromkeys(["H", "T", "S", "sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t"],
-                            "i32")}, dict(DK=128, DV=128, BLOCK_DK=128, BLOCK_DV=128), 1, 1)
+    for pdl in (False, True):
+        yield (f"static_cache_write hd128 bf16{' pdl' if pdl else ''}",
+               kv_cache._static_cache_write_kernel,
+               {"k_ptr": "*bf16", "v_ptr": "*bf16", "keys_ptr": "*bf16", "values_ptr": "*bf16",
+                "length_ptr": "*i64", "arrivals_ptr": "*i32",
+                **dict.fromkeys(["H", "T", "S", "sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t"],
+                                "i32")},
+               dict(DK=128, DV=128, BLOCK_DK=128, BLOCK_DV=128, PDL=pdl), 1, 1)
 
 
 def ptxas_info(kernel, arch: int) -> str:

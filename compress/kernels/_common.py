@@ -208,6 +208,12 @@ def pdl_on(device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def pdl_args(device) -> dict:
+    """Launch arguments of a kernel that calls wait_for_producer(PDL): the constexpr and the
+    launch option together, or nothing (the kernel's PDL default, off)."""
+    return {"PDL": True, "launch_pdl": True} if pdl_on(device) else {}
+
+
 @triton.jit
 def wait_for_producer(ON: tl.constexpr):
     """With PDL (ON, the launch's launch_pdl): wait until the kernels before this one in the

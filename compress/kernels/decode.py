@@ -522,8 +522,6 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
     pointers = (x2, words, scale, zero if zero is not None else words,
                 bias if bias is not None else x2, out, gs, ws, counters)
     if not use_dot:
-        # programmatic dependent launch: the constexpr and the launch option go together
-        pdl = {"PDL": True, "launch_pdl": True} if C.pdl_on(x2.device) else {}
         pair = (cfg.pair if PAIR_WORDS is None else PAIR_WORDS) and pairs_apply(
             words, per, group, cfg.block_k)
         if pair:   # words 2p and 2p + 1 of a row as one int64 (little-endian: 2p the low half)
@@ -534,7 +532,7 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
             K=k, KW=words.shape[1], G=groups, GROUP=group, K_PER_SPLIT=k_per_split,
             PREFETCH=cfg.num_stages > 1,
             X8=X8_LOADS_FP4 if fmt != FMT_INT else X8_LOADS and bits == 4,
-            GATED=gated, HALF=half, PAIR=pair, **pdl,
+            GATED=gated, HALF=half, PAIR=pair, **C.pdl_args(x2.device),
             num_stages=1, **common)   # not Triton's pipeline (through shared memory): registers
     else:
         _words_matmul_kernel[(grid_m, grid_n, split)](

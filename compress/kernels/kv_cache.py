@@ -24,7 +24,9 @@ from compress.kernels import _common as C
 def _static_cache_write_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, length_ptr, arrivals_ptr,
                                H, T, S, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
                                DK: tl.constexpr, DV: tl.constexpr,
-                               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+                               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                               PDL: tl.constexpr = False):
+    C.wait_for_producer(PDL)   # launched with programmatic dependent launch: see _common.PDL
     bh, t = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     start = tl.load(length_ptr)
@@ -64,7 +66,7 @@ def static_cache_write(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor
     _static_cache_write_kernel[(b * h, t)](
         k, v, keys, values, length, arrivals, h, t, s, *k.stride()[:3], *v.stride()[:3],
         DK=dk, DV=values.shape[3], BLOCK_DK=C.next_pow2(dk), BLOCK_DV=C.next_pow2(values.shape[3]),
-        num_warps=1)
+        num_warps=1, **C.pdl_args(keys.device))
 
 
 def static_cache_write_ref(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor,

@@ -78,7 +78,7 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
             x2.stride(0), 0 if r2 is None else r2.stride(0), eps, float(crms_dim or d),
             HAS_RESIDUAL=r2 is not None, HAS_WEIGHT=weight is not None,
             CENTERED=crms_dim is not None, BLOCK_D=block, num_warps=min(16, max(1, block // 256)),
-            **({"PDL": True, "launch_pdl": True} if C.pdl_on(x.device) else {}))
+            **C.pdl_args(x.device))
     return y.reshape(x.shape), h.reshape(x.shape)
 
 

@@ -53,9 +53,10 @@ def _rope_gather_kernel(ids_ptr, pos_ptr, table_ptr, cos_ptr, sin_ptr, out_ptr, 
 @triton.jit
 def _rope_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, L, H,
                     sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sc_b, sc_l,
-                    HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
     """Program (b * L + l, head): head < H rotates q's head, else k's head - H. Outputs have
     the inputs' strides (torch.empty_like of a dense tensor)."""
+    C.wait_for_producer(PDL)   # launched with programmatic dependent launch: see _common.PDL
     bl, head = tl.program_id(0), tl.program_id(1)
     b, l = bl // L, bl % L
     i = tl.arange(0, BLOCK_H)
@@ -99,7 +100,8 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
             q, k, cos, sin, qo, ko, length, h, q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2), 0 if cos.shape[0] == 1 else cos.stride(0),
             cos.stride(1), HALF=d // 2, BLOCK_H=C.next_pow2(d // 2),
-            num_warps=1 if d <= 256 else 4)   # a head is 64 pairs: one warp's work
+            num_warps=1 if d <= 256 else 4,   # a head is 64 pairs: one warp's work
+            **C.pdl_args(q.device))
     return qo, ko
 
 

@@ -304,37 +304,53 @@ def test_split_k_in_one_launch_on_gpu(kind, split, rng, monkeypatch):
 
 
 def test_pdl_chain_is_bit_for_bit_the_chain_without_it_on_gpu(rng, monkeypatch):
-    """Programmatic dependent launch (_common.PDL): a decode step's chain of our launches
-    (add + RMSNorm, the gated gate/up matmul, down, add + RMSNorm, four times), each reading
-    what the one before wrote, with PDL eagerly and replayed from a CUDA graph: bit for bit the
-    chain without PDL (a launch that read its input before its producer finished would not
-    be)."""
+    """Programmatic dependent launch (_common.PDL): a decode step's chain of our launches, each
+    reading what the one before wrote (add + RMSNorm, q/k/v, RoPE, the static cache update,
+    o_proj, add + RMSNorm, the gated gate/up, down; three layers), with PDL eagerly and
+    replayed from a CUDA graph: bit for bit the chain without PDL, outputs and cache alike (a
+    launch that read its input before its producer finished would not be)."""
+    from compress.kernels.kv_cache import static_cache_write
     from compress.kernels.rmsnorm import add_rmsnorm
+    from compress.kernels.rope_gather import rope_qk
 
-    k, half = 4096, 14336
-    gate_up = cuda(make_int_weight(2 * half, k, 128, True, 4, rng, torch.bfloat16))
-    down = cuda(make_int_weight(k, half, 128, True, 4, rng, torch.bfloat16))
-    weight = (torch.rand(k, generator=rng) + 0.5).to(torch.bfloat16).cuda()
+    k, half, heads, kv_heads, d = 4096, 14336, 32, 8, 128
+
+    def weight(n, kk):
+        return cuda(make_int_weight(n, kk, 128, True, 4, rng, torch.bfloat16)) + ((n, kk), 4)
+
+    qkv_w, o_w = weight(6144, k), weight(k, k)
+    gate_up, down = weight(2 * half, k), weight(k, half)
+    norm = (torch.rand(k, generator=rng) + 0.5).to(torch.bfloat16).cuda()
     x = torch.randn(1, k, generator=rng).to(torch.bfloat16).cuda()
+    angle = torch.rand(1, 1, d, generator=rng).cuda() * 6
+    cos, sin = angle.cos().to(torch.bfloat16), angle.sin().to(torch.bfloat16)
 
     def chain():
-        y, h = add_rmsnorm(x, x, weight, 1e-5)
-        for _ in range(4):
-            a = int_matmul(y, *gate_up, (2 * half, k), 4, gated=True)
-            y, h = add_rmsnorm(int_matmul(a, *down, (k, half), 4), h, weight, 1e-5)
-        return y
+        keys = torch.zeros(1, kv_heads, 16, d, dtype=torch.bfloat16, device="cuda")
+        values, length = torch.zeros_like(keys), torch.zeros((), dtype=torch.int64, device="cuda")
+        arrivals = torch.zeros(1, dtype=torch.int32, device="cuda")
+        y, h = add_rmsnorm(x, x, norm, 1e-5)
+        for _ in range(3):
+            qkv = int_matmul(y, *qkv_w).view(1, 1, heads + 2 * kv_heads, d).transpose(1, 2)
+            q, kk, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+            q, kk = rope_qk(q.contiguous(), kk.contiguous(), cos, sin)
+            static_cache_write(keys, values, kk, v, length, arrivals)
+            y, h = add_rmsnorm(int_matmul(q.transpose(1, 2).reshape(1, k), *o_w), h, norm, 1e-5)
+            a = int_matmul(y, *gate_up, gated=True)
+            y, h = add_rmsnorm(int_matmul(a, *down), h, norm, 1e-5)
+        return y, keys, values, length
 
     want = chain()
     monkeypatch.setattr(C, "PDL", True)
     assert C.pdl_on(x.device)
-    assert torch.equal(chain(), want)
+    assert all(torch.equal(a, b) for a, b in zip(chain(), want))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = chain()
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(captured, want)
+        assert all(torch.equal(a, b) for a, b in zip(captured, want))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
