@@ -206,15 +206,15 @@ o)
     timeout 150 $PY -m pytest -q -n 8 tests/gpu/test_gpu_kernels.py -k "tc" >"$W/gpu_tests.txt" 2>&1
     stamp "GPU tests of the tc kernel (K order included) rc=$?"
     # fifteenth session: split-K in one launch for the M = 1, few-row and 2:4 kernels too
-    timeout 60 $PY -m pytest -q -n 8 tests/gpu/test_gpu_kernels.py -k "split_k_in_one_launch or pdl" \
+    timeout 90 $PY -m pytest -q -n 8 tests/gpu/test_gpu_kernels.py -k "split_k_in_one_launch or pdl" \
         >"$W/gpu_split_tests.txt" 2>&1
     stamp "GPU tests of the one-launch split-K and of PDL rc=$?"
     V=bf16,tinygemm,int4-g128,int4-g128@k-order,int4-g128-asym,nvfp4,mxfp4,int8-channel
     timeout 110 $PY kernels/bench_kernels.py --ms 16,64,128 --reps 20 --variants $V \
         --log "$W/o.jsonl" >"$W/shipped.txt" 2>&1
     stamp "M = 16..128 on the shipped table, K order forced for INT4 rc=$?"
-    timeout 195 $PY kernels/autotune.py --path tc --formats int4,nvfp4 --buckets 16,64,128 \
-        --budget-s 165 --reps 10 --base "$BASE" --log "$W/tune.jsonl" \
+    timeout 180 $PY kernels/autotune.py --path tc --formats int4,nvfp4 --buckets 16,64,128 \
+        --budget-s 150 --reps 10 --base "$BASE" --log "$W/tune.jsonl" \
         --out "$OUT/tuned_async.json" >"$W/tune.txt" 2>&1
     stamp "tc retune with the asynchronous candidates rc=$?"
     left=$(( 585 - ($(date +%s) - T0) ))
