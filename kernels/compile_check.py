@@ -140,6 +140,7 @@ def tc_variants(all_configs: bool):
     if all_configs:
         cases += [(f, "bf16", c, True, 0 if f[0] == 0 else 1)
                   for f in (WORD_FORMATS[0], WORD_FORMATS[3]) for c in tc_configs()]
+    pdl_done = False
     for (fmt, bits, zero), act, cfg, even, mode in cases:
         # INT4 with 16-bit scales of the activations' dtype: the packed decode (tc.packed_int4)
         packed = fmt == 0 and bits == 4 and act != "fp32" and mode == 0
@@ -157,9 +158,13 @@ def tc_variants(all_configs: bool):
                       BLOCK_K=cfg.block_k, EVEN_K=even, EVEN_N=even,
                       SWAP=tc.swap(cfg, act == "fp32", mode), PACKED=packed,
                       K_ORDER=cfg.k_order)
-        yield ((f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}"
-                f"{(' packed k-order' if cfg.k_order else ' packed') if packed else ''}"),
-               tc._tc_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages)
+        label = (f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}"
+                 f"{(' packed k-order' if cfg.k_order else ' packed') if packed else ''}")
+        yield label, tc._tc_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages
+        if packed and act == "bf16" and cfg.split_k > 1 and not pdl_done:   # launched with PDL
+            pdl_done = True
+            yield (label + " pdl", tc._tc_matmul_kernel, types, {**consts, "PDL": True},
+                   cfg.num_warps, cfg.num_stages)
 
 
 def variants(all_configs: bool = False):

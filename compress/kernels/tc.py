@@ -353,7 +353,9 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr
                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr = False,
                       EVEN_N: tl.constexpr = False, PACKED: tl.constexpr = False,
-                      K_ORDER: tl.constexpr = False):
+                      K_ORDER: tl.constexpr = False, PDL: tl.constexpr = False):
+    # launched with programmatic dependent launch (_common.PDL): the loop reads x from the start
+    C.wait_for_producer(PDL)
     # M-tiles are grid axis 0, so the programs sharing a weight tile run together (L2 reuse)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -537,7 +539,7 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
         EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
         PACKED=packed_int4(fmt, bits, x2.dtype, scale.dtype, scale_consts["SCALES"]),
         K_ORDER=cfg.k_order if FORCE_K_ORDER is None else FORCE_K_ORDER,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **C.pdl_args(x2.device))
     return out
 
 

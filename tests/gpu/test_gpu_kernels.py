@@ -306,9 +306,10 @@ def test_split_k_in_one_launch_on_gpu(kind, split, rng, monkeypatch):
 def test_pdl_chain_is_bit_for_bit_the_chain_without_it_on_gpu(rng, monkeypatch):
     """Programmatic dependent launch (_common.PDL): a decode step's chain of our launches, each
     reading what the one before wrote (add + RMSNorm, q/k/v, RoPE, the static cache update,
-    o_proj, add + RMSNorm, the gated gate/up, down; three layers), with PDL eagerly and
-    replayed from a CUDA graph: bit for bit the chain without PDL, outputs and cache alike (a
-    launch that read its input before its producer finished would not be)."""
+    o_proj, add + RMSNorm, the gated gate/up, down; three layers; then the tc kernel on 16
+    rows), with PDL eagerly and replayed from a CUDA graph: bit for bit the chain without PDL,
+    outputs and cache alike (a launch that read its input before its producer finished would
+    not be)."""
     from compress.kernels.kv_cache import static_cache_write
     from compress.kernels.rmsnorm import add_rmsnorm
     from compress.kernels.rope_gather import rope_qk
@@ -338,7 +339,7 @@ def test_pdl_chain_is_bit_for_bit_the_chain_without_it_on_gpu(rng, monkeypatch):
             y, h = add_rmsnorm(int_matmul(q.transpose(1, 2).reshape(1, k), *o_w), h, norm, 1e-5)
             a = int_matmul(y, *gate_up, gated=True)
             y, h = add_rmsnorm(int_matmul(a, *down), h, norm, 1e-5)
-        return y, keys, values, length
+        return y, keys, values, length, int_matmul(torch.cat([y] * 16), *o_w)   # 16 rows: tc
 
     want = chain()
     monkeypatch.setattr(C, "PDL", True)
