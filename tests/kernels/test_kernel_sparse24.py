@@ -132,8 +132,8 @@ def test_m1_transposed_kernel_picks_x_at_the_kept_positions(variant, config, m, 
                                                            monkeypatch):
     """The transposed M = 1 kernel (_sparse24_gemv_kernel: x loaded once for a tile's rows, the
     kept positions picked by selects) on every value kind and scale group it serves, every
-    config shape, K a multiple of the tile or of a K-slice or neither, one and
-    two rows; float32 activations (selects), 16-bit ones (pairs and a byte permute)."""
+    config shape, K a multiple of the tile or of a K-slice or neither, one and two rows;
+    float32 activations (selects), 16-bit ones (pairs and a byte permute)."""
     from compress.kernels import sparse24
 
     if config != "shipped":
@@ -159,7 +159,6 @@ def check_m1_path(variant, m, k, rng, dtype=torch.float32):
     else:
         assert_matmul_close(y, ref, x, sparse24_dequantize_ref(kind, t, (n, k)),
                             rng.initial_seed(), bias)
-
 
 
 @pytest.mark.parametrize("path", ["gemv", "splitk"])
