@@ -268,16 +268,17 @@ def tile_counters(tiles: int, device) -> torch.Tensor:
     return held[-1]
 
 
-def split_buffers(split: int, size: int, tiles: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(workspace, counters) of a launch in `split` K-slices (finish_split / split_total):
-    float32 [split * size] for the slices' partials (torch.empty: from the caching allocator,
-    no kernel) and tile_counters(tiles). One launch: no zero fill, no reduction, no cast. With
-    one slice, a placeholder pair the kernel does not read."""
+def split_buffers(split: int, size: int, tiles: int,
+                  out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace, counters) of a launch in `split` K-slices writing `out` (finish_split /
+    split_total): float32 [split * size] for the slices' partials (torch.empty: from the caching
+    allocator, no kernel) and tile_counters(tiles). One launch: no zero fill, no reduction, no
+    cast. With one slice the kernel reads neither: `out` stands in for both (no allocation on
+    the M = 1 path, one a linear)."""
     if split == 1:
-        ws = torch.empty(1, dtype=torch.float32, device=device)
-        return ws, ws
-    return (torch.empty(split * size, dtype=torch.float32, device=device),
-            tile_counters(tiles, device))
+        return out, out
+    return (torch.empty(split * size, dtype=torch.float32, device=out.device),
+            tile_counters(tiles, out.device))
 
 
 def launch_plan(path: str, m: int, n: int, k: int, split_k: int | None,

@@ -511,9 +511,8 @@ def words_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.T
     grid_m, grid_n = -(-m // cfg.block_m), -(-(half or n) // outs)
     # split-K: float32 partials, summed by the last K-slice of each tile (C.split_total); the
     # M = 1 kernel keeps a program's BLOCK_N sums (gate and up rows when gated) per row
-    ws, counters = (C.split_buffers(split, m * grid_n * cfg.block_n, m * grid_n, x2.device)
-                    if not use_dot else
-                    C.split_buffers(split, m * n, grid_m * grid_n, x2.device))
+    size, tiles = (m * n, grid_m * grid_n) if use_dot else (m * grid_n * cfg.block_n, m * grid_n)
+    ws, counters = C.split_buffers(split, size, tiles, out)
     # NVFP4's global scale stays a device tensor read in the kernel (no host sync: CUDA graphs)
     gs = global_scale if fmt == FMT_NVFP4 else scale
     common = {"FMT": fmt, "BITS": bits, "PER": per, "HAS_ZERO": zero is not None,

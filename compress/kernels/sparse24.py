@@ -379,7 +379,7 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
     v, s, z, lut, gs, groups = _launch_args(kind, tensors, bits, x.device)
     cfg, grid, k_per_split = C.launch_plan(path, m, n, k, split_k, x.device)
     out = C.alloc((m, n), x.dtype, x.device)
-    ws, counters = C.split_buffers(grid[2], m * n, grid[0] * grid[1], x.device)
+    ws, counters = C.split_buffers(grid[2], m * n, grid[0] * grid[1], out)
     _sparse24_matmul_kernel[grid](
         x2, v, tensors["weight_meta"], s, z, lut, gs, bias if bias is not None else x2, out,
         ws, counters, m, n, k, groups, k // groups, x2.stride(0), k_per_split,
@@ -420,7 +420,7 @@ def _m1_matmul(x2: torch.Tensor, kind: str, t: dict[str, torch.Tensor], n: int, 
     split, k_per_split = C.split_of(k, cfg)
     grid_n = -(-n // cfg.block_n)
     out = C.alloc((m, n), x2.dtype, x2.device)
-    ws, counters = C.split_buffers(split, m * grid_n * cfg.block_n, m * grid_n, x2.device)
+    ws, counters = C.split_buffers(split, m * grid_n * cfg.block_n, m * grid_n, out)
     if m:
         _sparse24_gemv_kernel[(grid_n, split, m)](
             x2, v, meta, s, z, bias if bias is not None else x2, out, ws, counters, n,

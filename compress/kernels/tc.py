@@ -525,7 +525,7 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
     grid = (-(-m // cfg.block_m), -(-n // cfg.block_n), split)
     out = C.alloc((m, n), out_dtype, x2.device)
     # split-K: float32 partials, summed by the last program of each tile (C.finish_split)
-    ws, counters = C.split_buffers(split, m * n, grid[0] * grid[1], x2.device)
+    ws, counters = C.split_buffers(split, m * n, grid[0] * grid[1], out)
     scale_consts, group_shift = _scale_args(groups, group, k, cfg.block_k, per)
     _tc_matmul_kernel[grid](
         x2, words, scale, zero if zero is not None else words,
