@@ -186,8 +186,9 @@ def main() -> None:
     parser.add_argument("--formats", default="int4",
                         help="comma list of int4, int4-asym, nvfp4, mxfp4, tinygemm; "
                              "<format>-unfused: without fusing q/k/v and gate/up; "
-                             "<format>-pdl: our kernels launched with programmatic dependent "
-                             "launch (compress/kernels/_common.PDL)")
+                             "<format>-nopdl / <format>-pdl: our kernels launched without / "
+                             "with programmatic dependent launch (compress/kernels/_common.PDL, "
+                             "on by default)")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -269,6 +270,7 @@ def main() -> None:
 
         print(f"static cache update in one kernel after the bf16 row: "
               f"{fuse_static_cache(model)}", file=sys.stderr)
+    pdl_default = kernels_common.PDL
     for name in args.formats.split(","):
         if name == "tinygemm":
             if device.type != "cuda":
@@ -278,9 +280,10 @@ def main() -> None:
         else:
             # "<format>-unfused": q/k/v and gate/up as separate matmuls (compress.load on CUDA
             # fuses them, compress/runtime/fused.py; this row shows what that gains);
-            # "<format>-pdl": the fused row with PDL on (off again after it)
-            kernels_common.PDL = name.endswith("-pdl")
-            name_fmt = name.removesuffix("-pdl")
+            # "<format>-nopdl" / "-pdl": the fused row with PDL off / on (the default after it)
+            kernels_common.PDL = {"-nopdl": False, "-pdl": True}.get(
+                name[name.rfind("-"):], pdl_default)
+            name_fmt = name.removesuffix("-nopdl").removesuffix("-pdl")
             base = name_fmt.removesuffix("-unfused")
             originals = compress_linears(model, FORMATS[base], args.quantize_lm_head)
             if device.type == "cuda" and base == name_fmt:
@@ -294,7 +297,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         measure(name)
-        kernels_common.PDL = False
+        kernels_common.PDL = pdl_default
         restore(model, originals)
         del originals
         if device.type == "cuda":
