@@ -36,7 +36,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in d|e|f|g|i|j|k|l|o|p|q|r) ;; *) echo "h200_next.sh: part must be one of d-g, i-l, o-r, got '$PART'" >&2; exit 2;; esac
+case $PART in d|e|f|g|i|j|k|l|o|p|q|r|s) ;; *) echo "h200_next.sh: part must be one of d-g, i-l, o-s, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -293,6 +293,29 @@ r)
     stamp "2:4 at M = 1, 16, 128 (${left} s allowed) rc=$?"
     grep -E "^\|" "$W/tc_table.txt" "$W/ms.txt" "$W/s24.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/r_all.txt"
+    cp "$W"/*.jsonl "$OUT/"
+    ;;
+s)
+    # call 4: the 2:4 "cutlass" path (torch's CUTLASS kernel on our stored values) against
+    # decode once + cuBLAS and torch's own 2:4 at M = 16..8192, its GPU test; end to end with
+    # PDL on (the new default) and off; then the whole GPU suite (PDL on) in the time left
+    W=/tmp/next_s && mkdir -p $W
+    timeout 60 $PY -m pytest -q -n 8 tests/gpu/test_gpu_kernels.py -k "cutlass or pdl" \
+        >"$W/gpu_new.txt" 2>&1
+    stamp "GPU tests of the cutlass path and PDL rc=$?"
+    timeout 70 $PY kernels/bench_kernels.py --ms 16,64,128,256,512,2048,8192 --reps 10 \
+        --variants bf16,2:4-bf16,2:4-bf16@dequant,2:4-bf16@cutlass,torch-2:4-bf16 \
+        --log "$W/s.jsonl" >"$W/cutlass.txt" 2>&1
+    stamp "2:4 16-bit paths rc=$?"
+    timeout 110 $PY $E2E --formats int4,int4-nopdl,nvfp4,nvfp4-nopdl --log "$W/s.jsonl" \
+        >"$W/e2e.txt" 2>&1
+    stamp "e2e, PDL on / off rc=$?"
+    left=$(( ${BUDGET:-380} - ($(date +%s) - T0) ))
+    [ $left -gt 30 ] && timeout $left $PY -m pytest -q -n 16 -rs tests/gpu >"$OUT/gpu_suite.txt" 2>&1
+    stamp "GPU suite, PDL on (${left} s allowed) rc=$?"
+    tail -2 "$W/gpu_new.txt"; tail -2 "$OUT/gpu_suite.txt"; grep -E "^FAILED" "$OUT/gpu_suite.txt" | head
+    grep -E "^\|" "$W/cutlass.txt" "$W/e2e.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/s_all.txt"
     cp "$W"/*.jsonl "$OUT/"
     ;;
 j)

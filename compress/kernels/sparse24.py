@@ -18,6 +18,12 @@ rows of a tile, each kept value's x picked in registers): the pruned half costs 
 Otherwise each tile of kept values is expanded to a dense [BLOCK_N, BLOCK_K] tile in registers
 and multiplied as in the dense kernels: the bytes read are the compressed ones (values + meta),
 the arithmetic is dense (Triton exposes no sparse tensor-core instruction).
+
+Many rows of 16-bit kept values (the "cutlass" path, from the GPU table's
+"sparse24_cutlass_min_m" rows): torch's CUTLASS 2:4 kernel, on the sparse tensor cores. Our
+values are already in its layout and our meta is its meta in another word order (cutlass_meta),
+so it runs on the stored weight with no second copy held (torch's own to_sparse_semi_structured
+would keep one beside ours, which the M = 1 kernel needs).
 """
 
 from __future__ import annotations
@@ -370,7 +376,12 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
     _check(kind, tensors, n, k, bits)
     x2 = C.activation_2d(x, k)
     m = x2.shape[0]
-    path = path or C.choose_path(m, device=x.device)
+    path = path or choose_path(m, kind, tensors, shape, x)
+    if path == "cutlass":
+        C.check(cutlass_serves(kind, tensors, shape, x),
+                "the cutlass 2:4 path needs 16-bit values of x's dtype on CUDA, N % 32 == 0 and "
+                f"K % 64 == 0; got {kind} {list(shape)} on {x.device}")
+        return _cutlass_matmul(x2, tensors, bias).reshape(*x.shape[:-1], n)
     if path == "dequant":
         w = sparse24_dequantize(kind, tensors, shape, bits, x.dtype)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
@@ -389,6 +400,56 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return out.reshape(*x.shape[:-1], n)
+
+
+def cutlass_serves(kind: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int],
+                   x: torch.Tensor) -> bool:
+    """Can torch's CUTLASS 2:4 kernel (torch._sparse_semi_structured_mm) run this weight: 16-bit
+    kept values of x's dtype on a CUDA GPU, N a multiple of 32 and K of 64 (its tile minimums)."""
+    n, k = shape
+    return (kind == "16bit" and x.is_cuda and tensors["weight_values"].dtype == x.dtype
+            and n % 32 == 0 and k % 64 == 0 and hasattr(torch, "_sparse_semi_structured_mm"))
+
+
+def choose_path(m: int, kind: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int],
+                x: torch.Tensor) -> str:
+    """The 2:4 path for m rows: _common.choose_path's, except that from the GPU table's
+    "sparse24_cutlass_min_m" rows (none where it names none) torch's CUTLASS kernel takes the
+    16-bit weights it can run (cutlass_serves)."""
+    cutlass_min_m = C.path_limit("sparse24_cutlass_min_m", x.device)
+    if cutlass_min_m is not None and m >= cutlass_min_m and cutlass_serves(kind, tensors, shape,
+                                                                            x):
+        return "cutlass"
+    return C.choose_path(m, device=x.device)
+
+
+def cutlass_meta(meta: torch.Tensor) -> torch.Tensor:
+    """Our weight_meta (uint8 [N, K/8]) in the layout of torch's CUTLASS 2:4 kernels (int16
+    [N, K/16], torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass).
+    Byte j holds groups 2j and 2j + 1 as p0 | p1 << 2 with p0 < p1, CUTLASS's encoding of a group
+    with two kept inputs, so two bytes read as one little-endian int16 are its meta word of four
+    groups bit for bit. Only the order of the words differs (CUTLASS's ColumnMajorInterleaved<2>
+    with rows permuted in blocks of 32 and 2 x 2 blocks transposed; torch computes it as scatter
+    offsets): here one view and one permute. Row r = 32a + 8(2 b1 + b0) + e, word column
+    c = 2p + q lands at flat position (p, a, e, b1, q, b0)."""
+    n, c = meta.shape[0], meta.shape[1] // 2
+    words = meta.view(torch.int16).view(n // 32, 2, 2, 8, c // 2, 2)   # (a, b1, b0, e, p, q)
+    return words.permute(4, 0, 3, 1, 5, 2).contiguous().view(n, c)
+
+
+def _cutlass_matmul(x2: torch.Tensor, t: dict[str, torch.Tensor],
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 [M, K] @ W^T by torch's CUTLASS 2:4 kernel: W x^T with W the sparse operand, on the
+    stored values and the meta reordered for it (cutlass_meta: a copy of N K / 8 bytes per call,
+    a few microseconds against the tens the matmul takes on these many rows, and no second meta
+    held). x's rows are padded to a multiple of 8 (the kernel's minimum, as torch pads them)."""
+    m = x2.shape[0]
+    pad = -m % 8
+    xp = torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2
+    yt = torch._sparse_semi_structured_mm(t["weight_values"], cutlass_meta(t["weight_meta"]),
+                                          xp.t())
+    y = yt[:, :m].t()
+    return (y + bias if bias is not None else y).contiguous()
 
 
 def m1_serves(kind: str, bits: int) -> bool:
