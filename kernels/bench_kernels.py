@@ -158,7 +158,8 @@ def make_variants(n: int, k: int, device) -> dict:
                           lambda x: sparse24_matmul_ref(x, "int", sparse4, shape)),
     }
     # 2:4 forced onto torch's CUTLASS kernel (16-bit values) or decode once + cuBLAS
-    for name, paths in (("2:4-bf16", ("cutlass", "dequant")), ("2:4-int4-g128", ("dequant",))):
+    for name, paths in (("2:4-bf16", ("cutlass", "dequant")),
+                        ("2:4-int4-g128", ("cutlass", "dequant"))):
         for path in paths:
             v[f"{name}@{path}"] = (functools.partial(_forced, v[name][0], path), v[name][1])
     # the same weights forced onto one path at every M ("@tc": the tc kernel, "@dequant":

@@ -304,7 +304,7 @@ s)
         >"$W/gpu_new.txt" 2>&1
     stamp "GPU tests of the cutlass path and PDL rc=$?"
     timeout 70 $PY kernels/bench_kernels.py --ms 16,64,128,256,512,2048,8192 --reps 10 \
-        --variants bf16,2:4-bf16,2:4-bf16@dequant,2:4-bf16@cutlass,torch-2:4-bf16 \
+        --variants bf16,2:4-bf16,2:4-bf16@cutlass,torch-2:4-bf16,2:4-int4-g128,2:4-int4-g128@cutlass \
         --log "$W/s.jsonl" >"$W/cutlass.txt" 2>&1
     stamp "2:4 16-bit paths rc=$?"
     timeout 110 $PY $E2E --formats int4,int4-nopdl,nvfp4,nvfp4-nopdl --log "$W/s.jsonl" \

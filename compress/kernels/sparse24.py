@@ -19,11 +19,12 @@ Otherwise each tile of kept values is expanded to a dense [BLOCK_N, BLOCK_K] til
 and multiplied as in the dense kernels: the bytes read are the compressed ones (values + meta),
 the arithmetic is dense (Triton exposes no sparse tensor-core instruction).
 
-Many rows of 16-bit kept values (the "cutlass" path, from the GPU table's
-"sparse24_cutlass_min_m" rows): torch's CUTLASS 2:4 kernel, on the sparse tensor cores. Our
-values are already in its layout and our meta is its meta in another word order (cutlass_meta),
-so it runs on the stored weight with no second copy held (torch's own to_sparse_semi_structured
-would keep one beside ours, which the M = 1 kernel needs).
+Many rows (the "cutlass" path, from the rows the GPU table names, CUTLASS_LIMITS): torch's
+CUTLASS 2:4 kernel, on the sparse tensor cores. 16-bit kept values are already in its layout
+(INT codes are decoded to it: [N, K/2], half a dense decode) and our meta is its meta in
+another word order (cutlass_meta), so it runs on the stored weight with no second copy held
+(torch's own to_sparse_semi_structured would keep one beside ours, which the M = 1 kernel
+needs).
 """
 
 from __future__ import annotations
@@ -379,9 +380,10 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
     path = path or choose_path(m, kind, tensors, shape, x)
     if path == "cutlass":
         C.check(cutlass_serves(kind, tensors, shape, x),
-                "the cutlass 2:4 path needs 16-bit values of x's dtype on CUDA, N % 32 == 0 and "
-                f"K % 64 == 0; got {kind} {list(shape)} on {x.device}")
-        return _cutlass_matmul(x2, tensors, bias).reshape(*x.shape[:-1], n)
+                "the cutlass 2:4 path needs CUDA, 16-bit x, N % 32 == 0, K % 64 == 0 and "
+                "16-bit values of x's dtype or INT codes in groups of 16k; got "
+                f"{kind} {list(shape)} {x.dtype} on {x.device}")
+        return _cutlass_matmul(x2, kind, tensors, shape, bits, bias).reshape(*x.shape[:-1], n)
     if path == "dequant":
         w = sparse24_dequantize(kind, tensors, shape, bits, x.dtype)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
@@ -402,21 +404,31 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
     return out.reshape(*x.shape[:-1], n)
 
 
+# The GPU table's "paths" entry naming from how many rows a value kind takes the cutlass path
+CUTLASS_LIMITS = {"16bit": "sparse24_cutlass_min_m", "int": "sparse24_int_cutlass_min_m"}
+
+
 def cutlass_serves(kind: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int],
                    x: torch.Tensor) -> bool:
-    """Can torch's CUTLASS 2:4 kernel (torch._sparse_semi_structured_mm) run this weight: 16-bit
-    kept values of x's dtype on a CUDA GPU, N a multiple of 32 and K of 64 (its tile minimums)."""
+    """Can torch's CUTLASS 2:4 kernel (torch._sparse_semi_structured_mm) run this weight: on a
+    CUDA GPU, 16-bit x with N a multiple of 32 and K of 64 (its tile minimums), and kept values
+    that are x's dtype or INT codes whose scale group is a multiple of 16 inputs (decoded to x's
+    dtype first, cutlass_values)."""
     n, k = shape
-    return (kind == "16bit" and x.is_cuda and tensors["weight_values"].dtype == x.dtype
-            and n % 32 == 0 and k % 64 == 0 and hasattr(torch, "_sparse_semi_structured_mm"))
+    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and n % 32 == 0
+            and k % 64 == 0 and hasattr(torch, "_sparse_semi_structured_mm")):
+        return False
+    if kind == "16bit":
+        return tensors["weight_values"].dtype == x.dtype
+    return kind == "int" and (k // tensors["weight_scale"].shape[1]) % 16 == 0
 
 
 def choose_path(m: int, kind: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int],
                 x: torch.Tensor) -> str:
-    """The 2:4 path for m rows: _common.choose_path's, except that from the GPU table's
-    "sparse24_cutlass_min_m" rows (none where it names none) torch's CUTLASS kernel takes the
-    16-bit weights it can run (cutlass_serves)."""
-    cutlass_min_m = C.path_limit("sparse24_cutlass_min_m", x.device)
+    """The 2:4 path for m rows: _common.choose_path's, except that from the rows the GPU table
+    names for the value kind (CUTLASS_LIMITS; none where it names none) torch's CUTLASS kernel
+    takes the weights it can run (cutlass_serves)."""
+    cutlass_min_m = C.path_limit(CUTLASS_LIMITS.get(kind, ""), x.device)
     if cutlass_min_m is not None and m >= cutlass_min_m and cutlass_serves(kind, tensors, shape,
                                                                             x):
         return "cutlass"
@@ -437,17 +449,33 @@ def cutlass_meta(meta: torch.Tensor) -> torch.Tensor:
     return words.permute(4, 0, 3, 1, 5, 2).contiguous().view(n, c)
 
 
-def _cutlass_matmul(x2: torch.Tensor, t: dict[str, torch.Tensor],
-                    bias: torch.Tensor | None) -> torch.Tensor:
+def cutlass_values(kind: str, t: dict[str, torch.Tensor], shape: tuple[int, int], bits: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The kept values [N, K/2] in dtype, in order: 16-bit ones as stored; INT codes by the dense
+    decoder, as a weight [N, K/2] with half the scale group. A group of 4 inputs never straddles
+    a scale group (g is a multiple of 4) and keeps 2 values, so kept slot s of a row has scale
+    column 4 (s // 2) // g = s // (g / 2): the scale and zero tensors are read as they are."""
+    if kind == "16bit":
+        return t["weight_values"]
+    from compress.kernels.w4a16 import int_dequantize
+
+    n, k = shape
+    return int_dequantize(t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"),
+                          (n, k // 2), bits, dtype)
+
+
+def _cutlass_matmul(x2: torch.Tensor, kind: str, t: dict[str, torch.Tensor],
+                    shape: tuple[int, int], bits: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x2 [M, K] @ W^T by torch's CUTLASS 2:4 kernel: W x^T with W the sparse operand, on the
-    stored values and the meta reordered for it (cutlass_meta: a copy of N K / 8 bytes per call,
-    a few microseconds against the tens the matmul takes on these many rows, and no second meta
-    held). x's rows are padded to a multiple of 8 (the kernel's minimum, as torch pads them)."""
+    kept values (cutlass_values: INT codes decoded, half the bytes of a dense decode) and the meta
+    reordered for it (cutlass_meta: a copy of N K / 8 bytes per call, a few microseconds against
+    the tens the matmul takes on these many rows, and no second meta held). x's rows are padded
+    to a multiple of 8 (the kernel's minimum, as torch pads them)."""
     m = x2.shape[0]
     pad = -m % 8
     xp = torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2
-    yt = torch._sparse_semi_structured_mm(t["weight_values"], cutlass_meta(t["weight_meta"]),
-                                          xp.t())
+    yt = torch._sparse_semi_structured_mm(cutlass_values(kind, t, shape, bits, x2.dtype),
+                                          cutlass_meta(t["weight_meta"]), xp.t())
     y = yt[:, :m].t()
     return (y + bias if bias is not None else y).contiguous()
 

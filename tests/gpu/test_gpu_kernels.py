@@ -145,27 +145,28 @@ def test_sparse24_kernel_on_gpu(kind, case, dtype, rng):
         assert_matmul_close(y, ref, x, dense, (kind, path, case))
 
 
+@pytest.mark.parametrize("kind", ["16bit", "int"])
 @pytest.mark.parametrize("case", [(1, 64, 128), (17, 96, 256), (300, 4096, 4096),
                                   (2048, 14336, 4096)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_sparse24_cutlass_path_on_gpu(case, dtype, rng, monkeypatch):
-    """torch's CUTLASS 2:4 kernel on our stored values and cutlass_meta (sparse24's "cutlass"
-    path), rows padded to a multiple of 8, with a bias: against the reference; and the path the
-    table's sparse24_cutlass_min_m routes these rows to."""
+def test_sparse24_cutlass_path_on_gpu(kind, case, dtype, rng, monkeypatch):
+    """torch's CUTLASS 2:4 kernel on our kept values (16-bit as stored, INT4 g32 decoded) and
+    cutlass_meta (sparse24's "cutlass" path), rows padded to a multiple of 8, with a bias:
+    against the reference; and the path the table's limits route these rows to."""
     from compress.kernels import sparse24
 
     m, n, k = case
-    t, dense = make_sparse("16bit", n, k, rng, dtype=dtype)
+    t, dense = make_sparse(kind, n, k, rng, dtype=dtype)
     t, dense = cuda(t), dense.cuda()
     x = torch.randn(m, k, generator=rng).to(dtype).cuda()
     bias = torch.randn(n, generator=rng).to(dtype).cuda()
-    y = sparse24_matmul(x, "16bit", t, (n, k), bias=bias, path="cutlass")
+    y = sparse24_matmul(x, kind, t, (n, k), bias=bias, path="cutlass")
     assert y.shape == (m, n) and y.is_contiguous()
-    ref = sparse24_matmul_ref(x, "16bit", t, (n, k), bias=bias)
+    ref = sparse24_matmul_ref(x, kind, t, (n, k), bias=bias)
     assert_matmul_close(y, ref, x, dense, case, bias)
     monkeypatch.setattr(C, "path_limit", lambda name, device: 17 if "cutlass" in name else None)
     want = "cutlass" if m >= 17 else C.choose_path(m, device=x.device)
-    assert sparse24.choose_path(m, "16bit", t, (n, k), x) == want
+    assert sparse24.choose_path(m, kind, t, (n, k), x) == want
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int4-asym", "nvfp4", "mxfp4"])

@@ -13,6 +13,7 @@ from compress.kernels.fp4 import E2M1_VALUES
 from compress.kernels.sparse24 import (
     gather_kept,
     kept_positions,
+    meta_positions_ref,
     pack_meta,
     sparse24_dequantize,
     sparse24_dequantize_ref,
@@ -211,6 +212,21 @@ def test_cutlass_path_only_where_its_kernel_runs(rng, monkeypatch):
     x = torch.randn(300, 128, generator=rng).to(torch.bfloat16)
     monkeypatch.setattr(C, "path_limit", lambda name, device: 2 if "cutlass" in name else None)
     assert not sparse24.cutlass_serves("16bit", t, (64, 128), x)
+    t4, _ = make_sparse("int", 64, 128, rng, group=32)
+    assert not sparse24.cutlass_serves("int", t4, (64, 128), x)
     assert sparse24.choose_path(300, "16bit", t, (64, 128), x) == C.choose_path(300, device="cpu")
     with pytest.raises(ValueError, match="cutlass 2:4 path needs"):
         sparse24_matmul(x, "16bit", t, (64, 128), path="cutlass")
+
+
+@pytest.mark.parametrize("group, symmetric", [(16, False), (32, True), (128, False)])
+def test_int_kept_values_decode_with_half_the_scale_group(group, symmetric, rng):
+    """The cutlass path's INT values: the kept codes decoded by the dense decoder as a [N, K/2]
+    weight of scale group g / 2 must be exactly the dense weight's kept values."""
+    from compress.kernels.sparse24 import cutlass_values
+
+    n, k = 24, 256
+    t, dense = make_sparse("int", n, k, rng, group=group, symmetric=symmetric)
+    pos = meta_positions_ref(t["weight_meta"])
+    values = cutlass_values("int", t, (n, k), 4, torch.float32)
+    torch.testing.assert_close(values, dense.float().gather(1, pos), rtol=1e-6, atol=0)
