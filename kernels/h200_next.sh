@@ -303,7 +303,7 @@ s)
     timeout 60 $PY -m pytest -q -n 8 tests/gpu/test_gpu_kernels.py -k "cutlass or pdl" \
         >"$W/gpu_new.txt" 2>&1
     stamp "GPU tests of the cutlass path and PDL rc=$?"
-    timeout 70 $PY kernels/bench_kernels.py --ms 16,64,128,256,512,2048,8192 --reps 10 \
+    timeout 90 $PY kernels/bench_kernels.py --ms 16,64,128,256,512,2048,8192 --reps 10 \
         --variants bf16,2:4-bf16,2:4-bf16@cutlass,torch-2:4-bf16,2:4-int4-g128,2:4-int4-g128@cutlass \
         --log "$W/s.jsonl" >"$W/cutlass.txt" 2>&1
     stamp "2:4 16-bit paths rc=$?"
