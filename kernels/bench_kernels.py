@@ -150,18 +150,11 @@ def make_variants(n: int, k: int, device) -> dict:
         "mxfp4": (lambda x, path=None: fp4_matmul(x, "mxfp4", fp4_bytes, mx_scale, None, shape,
                                                   path=path),
                   lambda x: fp4_matmul_ref(x, "mxfp4", fp4_bytes, mx_scale, None, shape)),
-        "2:4-bf16": (lambda x, path=None: sparse24_matmul(x, "16bit", sparse16, shape,
-                                                          path=path),
+        "2:4-bf16": (lambda x: sparse24_matmul(x, "16bit", sparse16, shape),
                      lambda x: sparse24_matmul_ref(x, "16bit", sparse16, shape)),
-        "2:4-int4-g128": (lambda x, path=None: sparse24_matmul(x, "int", sparse4, shape,
-                                                               path=path),
+        "2:4-int4-g128": (lambda x: sparse24_matmul(x, "int", sparse4, shape),
                           lambda x: sparse24_matmul_ref(x, "int", sparse4, shape)),
     }
-    # 2:4 forced onto torch's CUTLASS kernel (16-bit values) or decode once + cuBLAS
-    for name, paths in (("2:4-bf16", ("cutlass", "dequant")),
-                        ("2:4-int4-g128", ("cutlass", "dequant"))):
-        for path in paths:
-            v[f"{name}@{path}"] = (functools.partial(_forced, v[name][0], path), v[name][1])
     # the same weights forced onto one path at every M ("@tc": the tc kernel, "@dequant":
     # decode once + cuBLAS), to compare the paths where the table routes M elsewhere
     for name, fn_ref in list(v.items()):

@@ -18,13 +18,6 @@ rows of a tile, each kept value's x picked in registers): the pruned half costs 
 Otherwise each tile of kept values is expanded to a dense [BLOCK_N, BLOCK_K] tile in registers
 and multiplied as in the dense kernels: the bytes read are the compressed ones (values + meta),
 the arithmetic is dense (Triton exposes no sparse tensor-core instruction).
-
-Many rows (the "cutlass" path, from the rows the GPU table names, CUTLASS_LIMITS): torch's
-CUTLASS 2:4 kernel, on the sparse tensor cores. 16-bit kept values are already in its layout
-(INT codes are decoded to it: [N, K/2], half a dense decode) and our meta is its meta in
-another word order (cutlass_meta), so it runs on the stored weight with no second copy held
-(torch's own to_sparse_semi_structured would keep one beside ours, which the M = 1 kernel
-needs).
 """
 
 from __future__ import annotations
@@ -377,13 +370,7 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
     _check(kind, tensors, n, k, bits)
     x2 = C.activation_2d(x, k)
     m = x2.shape[0]
-    path = path or choose_path(m, kind, tensors, shape, x)
-    if path == "cutlass":
-        C.check(cutlass_serves(kind, tensors, shape, x),
-                "the cutlass 2:4 path needs CUDA, 16-bit x, N % 32 == 0, K % 64 == 0 and "
-                "16-bit values of x's dtype or INT codes in groups of 16k; got "
-                f"{kind} {list(shape)} {x.dtype} on {x.device}")
-        return _cutlass_matmul(x2, kind, tensors, shape, bits, bias).reshape(*x.shape[:-1], n)
+    path = path or C.choose_path(m, device=x.device)
     if path == "dequant":
         w = sparse24_dequantize(kind, tensors, shape, bits, x.dtype)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
@@ -402,82 +389,6 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return out.reshape(*x.shape[:-1], n)
-
-
-# The GPU table's "paths" entry naming from how many rows a value kind takes the cutlass path
-CUTLASS_LIMITS = {"16bit": "sparse24_cutlass_min_m", "int": "sparse24_int_cutlass_min_m"}
-
-
-def cutlass_serves(kind: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int],
-                   x: torch.Tensor) -> bool:
-    """Can torch's CUTLASS 2:4 kernel (torch._sparse_semi_structured_mm) run this weight: on a
-    CUDA GPU, 16-bit x with N a multiple of 32 and K of 64 (its tile minimums), and kept values
-    that are x's dtype or INT codes whose scale group is a multiple of 16 inputs (decoded to x's
-    dtype first, cutlass_values)."""
-    n, k = shape
-    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and n % 32 == 0
-            and k % 64 == 0 and hasattr(torch, "_sparse_semi_structured_mm")):
-        return False
-    if kind == "16bit":
-        return tensors["weight_values"].dtype == x.dtype
-    return kind == "int" and (k // tensors["weight_scale"].shape[1]) % 16 == 0
-
-
-def choose_path(m: int, kind: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int],
-                x: torch.Tensor) -> str:
-    """The 2:4 path for m rows: _common.choose_path's, except that from the rows the GPU table
-    names for the value kind (CUTLASS_LIMITS; none where it names none) torch's CUTLASS kernel
-    takes the weights it can run (cutlass_serves)."""
-    cutlass_min_m = C.path_limit(CUTLASS_LIMITS.get(kind, ""), x.device)
-    if cutlass_min_m is not None and m >= cutlass_min_m and cutlass_serves(kind, tensors, shape,
-                                                                            x):
-        return "cutlass"
-    return C.choose_path(m, device=x.device)
-
-
-def cutlass_meta(meta: torch.Tensor) -> torch.Tensor:
-    """Our weight_meta (uint8 [N, K/8]) in the layout of torch's CUTLASS 2:4 kernels (int16
-    [N, K/16], torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass).
-    Byte j holds groups 2j and 2j + 1 as p0 | p1 << 2 with p0 < p1, CUTLASS's encoding of a group
-    with two kept inputs, so two bytes read as one little-endian int16 are its meta word of four
-    groups bit for bit. Only the order of the words differs (CUTLASS's ColumnMajorInterleaved<2>
-    with rows permuted in blocks of 32 and 2 x 2 blocks transposed; torch computes it as scatter
-    offsets): here one view and one permute. Row r = 32a + 8(2 b1 + b0) + e, word column
-    c = 2p + q lands at flat position (p, a, e, b1, q, b0)."""
-    n, c = meta.shape[0], meta.shape[1] // 2
-    words = meta.view(torch.int16).view(n // 32, 2, 2, 8, c // 2, 2)   # (a, b1, b0, e, p, q)
-    return words.permute(4, 0, 3, 1, 5, 2).contiguous().view(n, c)
-
-
-def cutlass_values(kind: str, t: dict[str, torch.Tensor], shape: tuple[int, int], bits: int,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """The kept values [N, K/2] in dtype, in order: 16-bit ones as stored; INT codes by the dense
-    decoder, as a weight [N, K/2] with half the scale group. A group of 4 inputs never straddles
-    a scale group (g is a multiple of 4) and keeps 2 values, so kept slot s of a row has scale
-    column 4 (s // 2) // g = s // (g / 2): the scale and zero tensors are read as they are."""
-    if kind == "16bit":
-        return t["weight_values"]
-    from compress.kernels.w4a16 import int_dequantize
-
-    n, k = shape
-    return int_dequantize(t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"),
-                          (n, k // 2), bits, dtype)
-
-
-def _cutlass_matmul(x2: torch.Tensor, kind: str, t: dict[str, torch.Tensor],
-                    shape: tuple[int, int], bits: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x2 [M, K] @ W^T by torch's CUTLASS 2:4 kernel: W x^T with W the sparse operand, on the
-    kept values (cutlass_values: INT codes decoded, half the bytes of a dense decode) and the meta
-    reordered for it (cutlass_meta: a copy of N K / 8 bytes per call, a few microseconds against
-    the tens the matmul takes on these many rows, and no second meta held). x's rows are padded
-    to a multiple of 8 (the kernel's minimum, as torch pads them)."""
-    m = x2.shape[0]
-    pad = -m % 8
-    xp = torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2
-    yt = torch._sparse_semi_structured_mm(cutlass_values(kind, t, shape, bits, x2.dtype),
-                                          cutlass_meta(t["weight_meta"]), xp.t())
-    y = yt[:, :m].t()
-    return (y + bias if bias is not None else y).contiguous()
 
 
 def m1_serves(kind: str, bits: int) -> bool:

@@ -184,12 +184,6 @@ def kernel_key(module: nn.Module, layout: str = "dense") -> str:
     return name if layout == "dense" else f"{layout}-{name}"
 
 
-def _sparse24_kind(module: nn.Module) -> str:
-    """The value kind of a 2:4 module's storage (compress/kernels/sparse24.py VALUE_KINDS)."""
-    fmt = getattr(module, "fmt", None)
-    return "16bit" if fmt is None else fmt.type
-
-
 def _run_kernel(module: nn.Module, x: torch.Tensor, layout: str, path: str, gated: bool,
                 bias: torch.Tensor | None) -> torch.Tensor:
     t = dict(module.named_buffers(recurse=False))
@@ -198,8 +192,8 @@ def _run_kernel(module: nn.Module, x: torch.Tensor, layout: str, path: str, gate
     if layout == "2:4":
         from compress.kernels.sparse24 import sparse24_matmul
 
-        return sparse24_matmul(x, _sparse24_kind(module), t, shape, fmt.bits if fmt else 4,
-                               bias, path)
+        kind = "16bit" if fmt is None else fmt.type
+        return sparse24_matmul(x, kind, t, shape, fmt.bits if fmt else 4, bias, path)
     if fmt.row.kernel == "int":
         from compress.kernels.w4a16 import int_matmul
 
@@ -241,16 +235,8 @@ def dispatch_linear(module: nn.Module, x: torch.Tensor,
     from compress.kernels._common import choose_path
 
     rows = x.numel() // x.shape[-1]
-    if layout == "2:4":   # its own choice: torch's CUTLASS kernel takes many rows of 16-bit values
-        from compress.kernels.sparse24 import choose_path as sparse24_path
-
-        path = sparse24_path(rows, _sparse24_kind(module),
-                             dict(module.named_buffers(recurse=False)),
-                             (module.out_features, module.in_features), x)
-    else:
-        path = choose_path(rows, decode=layout == "dense", device=x.device)
-    runner = "torch" if path == "cutlass" else "triton"   # cutlass: torch's 2:4 kernel
-    label = f"{runner}/{kernel_key(module, layout)}/{path}" + (" gated" if gated else "")
+    path = choose_path(rows, decode=layout == "dense", device=x.device)
+    label = f"triton/{kernel_key(module, layout)}/{path}" + (" gated" if gated else "")
     if (residual is not None and rows == 1 and module.bias is None and not gated
             and residual.numel() == module.out_features and residual.dtype == x.dtype):
         _record(module, label + " +residual")

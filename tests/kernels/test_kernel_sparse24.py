@@ -13,7 +13,6 @@ from compress.kernels.fp4 import E2M1_VALUES
 from compress.kernels.sparse24 import (
     gather_kept,
     kept_positions,
-    meta_positions_ref,
     pack_meta,
     sparse24_dequantize,
     sparse24_dequantize_ref,
@@ -179,54 +178,3 @@ def test_split_k_leaves_its_tile_counters_zero(path, rng, monkeypatch):
         torch.testing.assert_close(y, sparse24_matmul_ref(x, "int", t, (n, k), bias=bias),
                                    rtol=1e-5, atol=1e-4)
         assert not C.tile_counters(1, x.device).any()
-
-
-@pytest.mark.parametrize("n, k, dtype", [(32, 64, torch.bfloat16), (96, 256, torch.float16),
-                                         (64, 192, torch.bfloat16)])
-def test_our_layout_is_torchs_cutlass_layout(n, k, dtype, rng):
-    """The "cutlass" path hands our stored values and cutlass_meta(weight_meta) to torch's
-    CUTLASS 2:4 kernel: both must be exactly what torch's own converter makes of the dense
-    weight (sparse_semi_structured_from_dense_cutlass, pure torch, so checked here on the CPU)."""
-    from torch.sparse._semi_structured_conversions import (
-        sparse_semi_structured_from_dense_cutlass,
-    )
-
-    from compress.kernels.sparse24 import cutlass_meta
-
-    order = torch.rand(n, k // 4, 4, generator=rng).argsort(-1)[..., :2]   # two kept, non-zero
-    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter(-1, order, True).reshape(n, k)
-    dense = (torch.rand(n, k, generator=rng) + 0.5).to(dtype) * mask
-    pos = kept_positions(dense)
-    values, meta = sparse_semi_structured_from_dense_cutlass(dense)
-    assert torch.equal(gather_kept(dense, pos), values)
-    assert torch.equal(cutlass_meta(pack_meta(pos)), meta)
-
-
-def test_cutlass_path_only_where_its_kernel_runs(rng, monkeypatch):
-    """From the table's sparse24_cutlass_min_m rows, 16-bit 2:4 weights go to torch's CUTLASS
-    kernel, but only where it runs (CUDA, N % 32, K % 64): on the CPU the path stays the usual
-    one, and asking for "cutlass" there is one clear error."""
-    from compress.kernels import sparse24
-
-    t, _ = make_sparse("16bit", 64, 128, rng)
-    x = torch.randn(300, 128, generator=rng).to(torch.bfloat16)
-    monkeypatch.setattr(C, "path_limit", lambda name, device: 2 if "cutlass" in name else None)
-    assert not sparse24.cutlass_serves("16bit", t, (64, 128), x)
-    t4, _ = make_sparse("int", 64, 128, rng, group=32)
-    assert not sparse24.cutlass_serves("int", t4, (64, 128), x)
-    assert sparse24.choose_path(300, "16bit", t, (64, 128), x) == C.choose_path(300, device="cpu")
-    with pytest.raises(ValueError, match="cutlass 2:4 path needs"):
-        sparse24_matmul(x, "16bit", t, (64, 128), path="cutlass")
-
-
-@pytest.mark.parametrize("group, symmetric", [(16, False), (32, True), (128, False)])
-def test_int_kept_values_decode_with_half_the_scale_group(group, symmetric, rng):
-    """The cutlass path's INT values: the kept codes decoded by the dense decoder as a [N, K/2]
-    weight of scale group g / 2 must be exactly the dense weight's kept values."""
-    from compress.kernels.sparse24 import cutlass_values
-
-    n, k = 24, 256
-    t, dense = make_sparse("int", n, k, rng, group=group, symmetric=symmetric)
-    pos = meta_positions_ref(t["weight_meta"])
-    values = cutlass_values("int", t, (n, k), 4, torch.float32)
-    torch.testing.assert_close(values, dense.float().gather(1, pos), rtol=1e-6, atol=0)
