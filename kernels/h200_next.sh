@@ -39,7 +39,8 @@ p)
     # GPU suite (the first GPU run of the fourteenth and fifteenth sessions' code: one-launch
     # split-K, PDL, K-order tc), then part k's M = 1 retune and its kernel table
     W=/tmp/next_p && mkdir -p $W
-    timeout 250 $PY -m pytest -q -n 12 -rs tests/gpu >"$OUT/gpu_suite.txt" 2>&1
+    # -v: a line per test as it ends, so a run cut by its timeout still names its failures
+    timeout 250 $PY -m pytest -v -n 12 -rs tests/gpu >"$OUT/gpu_suite.txt" 2>&1
     stamp "GPU suite rc=$?"
     timeout 170 $PY kernels/autotune.py --path decode --formats int4,int4-asym,nvfp4,mxfp4,int8 \
         --buckets 1 --budget-s 140 --reps 10 --base compress/kernels/configs/nvidia_h200.json \
@@ -108,12 +109,13 @@ t)
     # one failure besides the cutlass tests, unnamed: the run was cut short), then end to end
     # with and without PDL; flip _common.PDL's default only if the suite passes
     W=/tmp/next_t && mkdir -p $W
-    COMPRESS_PDL=1 timeout 300 $PY -m pytest -q -n 12 -rs tests/gpu >"$OUT/gpu_suite_pdl.txt" 2>&1
+    # -v: a line per test as it ends, so a run cut by its timeout still names its failures
+    COMPRESS_PDL=1 timeout 300 $PY -m pytest -v -n 12 -rs tests/gpu >"$OUT/gpu_suite_pdl.txt" 2>&1
     stamp "GPU suite with COMPRESS_PDL=1 rc=$?"
     timeout 150 $PY $E2E --formats tinygemm,int4,int4-pdl,nvfp4,nvfp4-pdl --log "$W/t.jsonl" \
         >"$W/e2e.txt" 2>&1
     stamp "e2e, PDL off / on rc=$?"
-    tail -3 "$OUT/gpu_suite_pdl.txt"; grep -E "^FAILED" "$OUT/gpu_suite_pdl.txt" | head
+    tail -3 "$OUT/gpu_suite_pdl.txt"; grep -E "FAILED|ERROR" "$OUT/gpu_suite_pdl.txt" | head
     grep -E "^\|" "$W/e2e.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/t_all.txt"
     cp "$W"/*.jsonl "$OUT/"
