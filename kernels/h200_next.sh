@@ -51,7 +51,7 @@ p)
     COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m1.json timeout $left $PY kernels/bench_kernels.py --ms 1 \
         --reps 30 --variants $V --log "$W/p.jsonl" >"$W/m1_tuned.txt" 2>&1
     stamp "M = 1 kernels on the retuned table (${left} s allowed) rc=$?"
-    tail -3 "$OUT/gpu_suite.txt"; grep -E "^FAILED|^ERROR" "$OUT/gpu_suite.txt" | head
+    tail -3 "$OUT/gpu_suite.txt"; grep -E "FAILED|ERROR" "$OUT/gpu_suite.txt" | head
     grep -E "^(decode|wrote)" "$W/tune.txt"; grep -E "^\|" "$W/m1_tuned.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/p_all.txt"
     cp "$W"/*.jsonl "$OUT/"
