@@ -281,9 +281,10 @@ def main() -> None:
             # "<format>-unfused": q/k/v and gate/up as separate matmuls (compress.load on CUDA
             # fuses them, compress/runtime/fused.py; this row shows what that gains);
             # "<format>-nopdl" / "-pdl": the fused row with PDL off / on (the default after it)
-            kernels_common.PDL = {"-nopdl": False, "-pdl": True}.get(
-                name[name.rfind("-"):], pdl_default)
-            name_fmt = name.removesuffix("-nopdl").removesuffix("-pdl")
+            head, _, tail = name.rpartition("-")
+            pdl = {"nopdl": False, "pdl": True}.get(tail)
+            name_fmt = name if pdl is None else head
+            kernels_common.PDL = pdl_default if pdl is None else pdl
             base = name_fmt.removesuffix("-unfused")
             originals = compress_linears(model, FORMATS[base], args.quantize_lm_head)
             if device.type == "cuda" and base == name_fmt:
