@@ -144,7 +144,12 @@ TC_CANDIDATES = {
          cfg(64, 256, 64, 8, 3, 1), cfg(64, 64, 32, 4, 5, 2), cfg(128, 64, 64, 4, 3, 2),
          cfg(32, 64, 128, 4, 4, 2, False),
          *asynchronous((16, 64, 128, 4, 4, 2), (16, 128, 128, 8, 3, 2))],
+    # (seventeenth session) decode each weight tile once: the shipped o / qkv tiles are 64 x rows
+    # of 128 (two programs decode every weight tile, ncu: 1.9 warps a scheduler, 30% of issue
+    # slots busy), so swapped tiles of all 128 rows, split 2-4 to keep the SMs busy
     128: [cfg(64, 64, 128, 4, 3, 1),
+          *asynchronous((128, 64, 128, 4, 3, 2), (128, 64, 128, 4, 2, 4), (128, 64, 64, 4, 3, 4),
+                        (128, 64, 128, 4, 2, 2), (128, 64, 64, 4, 2, 4)),
           *asynchronous((128, 64, 64, 4, 3, 1), (128, 64, 64, 4, 3, 2), (64, 64, 128, 4, 3, 2),
                         (128, 128, 64, 8, 3, 1), (128, 64, 128, 4, 3, 1)),
           cfg(128, 128, 64, 8, 2, 1), cfg(128, 128, 64, 8, 2, 2),

@@ -188,7 +188,7 @@ def main() -> None:
                              "<format>-unfused: without fusing q/k/v and gate/up; "
                              "<format>-nopdl / <format>-pdl: our kernels launched without / "
                              "with programmatic dependent launch (compress/kernels/_common.PDL, "
-                             "off by default; COMPRESS_PDL=1)")
+                             "on by default; COMPRESS_PDL=0 turns it off)")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)

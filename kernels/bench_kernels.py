@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,6 +65,8 @@ def weight_bytes(variant: str, n: int, k: int) -> float:
         "torch-2:4-bf16": n * k + n * k / 8,
         "2:4-int4-g128": n * k / 4 + n * k / 8 + 2 * groups,
         "tinygemm": n * k / 2 + 4 * groups,     # bf16 scale and zero per group
+        "read-int4": n * k / 2 + 2 * groups,    # the floors read int4-g128's / bf16's bytes
+        "read-bf16": 2 * n * k,
     }[variant]
 
 
@@ -168,6 +172,10 @@ def make_variants(n: int, k: int, device) -> dict:
             v[f"{name}@no-pair"] = (functools.partial(_no_pair, fn_ref[0]), fn_ref[1])
             v[f"{name}@k-order"] = (functools.partial(_k_order, fn_ref[0]), fn_ref[1])
             v[f"{name}@no-k-order"] = (functools.partial(_no_k_order, fn_ref[0]), fn_ref[1])
+    # the floors: int4-g128's words and scales, and the bf16 weight, read once by a streaming
+    # kernel that does no math (what any matmul reading those bytes cannot beat in this timing)
+    v["read-int4"] = (functools.partial(read_floor, (packed4, scale)), None)
+    v["read-bf16"] = (functools.partial(read_floor, (w,)), None)
     if device.type == "cuda":
         tiny = tinygemm_int4(codes, scale)
         if tiny is not None:
@@ -221,6 +229,27 @@ _k_order = functools.partial(_without, path="tc", module="tc", name="FORCE_K_ORD
 _no_k_order = functools.partial(_without, path="tc", module="tc", name="FORCE_K_ORDER", off=False)
 _plain_tc = functools.partial(_without, path="tc", module="tc", name="packed_int4",
                               off=lambda *args: False)
+
+
+@triton.jit
+def _read_kernel(src, out, numel, BLOCK: tl.constexpr):
+    # one contiguous block of int32 a program, 16-byte loads, one int stored (so the loads stay)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    words = tl.load(src + offs, mask=offs < numel, other=0)
+    tl.store(out + tl.program_id(0), tl.reduce_or(words, 0))
+
+
+def read_floor(tensors, x: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """Read every byte of `tensors` once and nothing else: the time floor of a call that must
+    read them, measured the way the kernels are (a bench-only kernel, no reference: it computes
+    nothing). The benchmark's x is not read (its bytes are the weight's 0.1% at M = 16)."""
+    outs = []
+    for t in tensors:
+        flat = t.reshape(-1).view(torch.int32)
+        out = torch.empty(-(-flat.numel() // block), dtype=torch.int32, device=t.device)
+        _read_kernel[(out.numel(),)](flat, out, flat.numel(), BLOCK=block, num_warps=4)
+        outs.append(out)
+    return outs[0]
 
 
 def tinygemm_int4(codes: torch.Tensor, scale: torch.Tensor, inner_k_tiles: int = 8):
@@ -326,8 +355,6 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
     header = {"gpu": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
               "cmd": " ".join(sys.argv)}
-    import triton
-
     header["triton"] = triton.__version__
     rows = []
     with open(args.log, "a") as log:

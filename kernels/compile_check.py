@@ -11,6 +11,7 @@ Prints one line per variant with its shared memory.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import os
 import sys
@@ -40,6 +41,10 @@ ALIGNED_INTS = ("N", "K", "KW", "stride_xm", "K_PER_SPLIT")
 
 def compile_one(kernel, types: dict, consts: dict, arch: int, num_warps: int = 4,
                 num_stages: int = 2):
+    # a constexpr the variant leaves out takes the kernel's default (PDL: off)
+    defaults = {p.name: p.default for p in kernel.params
+                if p.is_constexpr and p.default is not inspect.Parameter.empty}
+    consts = {**{n: v for n, v in defaults.items() if n not in types}, **consts}
     sig = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     missing = [n for n, t in sig.items() if t == "constexpr" and n not in consts]
     assert not missing, f"no type or value for {missing}"

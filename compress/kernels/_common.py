@@ -40,11 +40,10 @@ POISON = False
 # launch may start while the kernel before it in the stream drains its last programs, do the
 # work that does not depend on it (the M = 1 kernel: load its first tile of weights), then wait
 # for it (wait_for_producer). A decode step is ~300 launches of 2-40 us, each with a tail and a
-# ramp. Measured on the H200 (2026-12-05, kernels/BENCHMARKS.md): end-to-end decode +3% INT4,
-# +6% NVFP4, and its chain test passes bit for bit. Still off by default (COMPRESS_PDL=1 turns it
-# on; bench_e2e's "<format>-pdl" rows): the whole GPU suite has not yet passed with it on (the
-# one run, cut short by the session's device time, had one failure it could not name).
-PDL = os.environ.get("COMPRESS_PDL", "0") == "1"
+# ramp. Measured on the H200 (2026-12-05, kernels/BENCHMARKS.md): end-to-end decode +2-3% INT4,
+# +6% NVFP4; the chain test is bit for bit and the whole GPU suite passes with it on. On by
+# default; COMPRESS_PDL=0 turns it off (bench_e2e's "<format>-nopdl" rows).
+PDL = os.environ.get("COMPRESS_PDL", "1") != "0"
 
 # Above this many rows the weight is decoded once and cuBLAS does the matmul (tunable).
 DEQUANT_MIN_M = 512
@@ -206,9 +205,16 @@ def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
 def pdl_on(device) -> bool:
     """Launch with programmatic dependent launch (PDL) on this device: on, a CUDA GPU of compute
     capability 9 or more, not the interpreter (which runs no PTX)."""
-    return (PDL and torch.device(device).type == "cuda"
-            and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    device = torch.device(device)
+    return (PDL and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and _hopper_or_later(device.index if device.index is not None
+                                 else torch.cuda.current_device()))
+
+
+@functools.cache
+def _hopper_or_later(index: int) -> bool:
+    # asked once a device: pdl_on runs at every launch of an eager (not graphed) forward
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def pdl_args(device) -> dict:
