@@ -166,6 +166,9 @@ def tc_variants(all_configs: bool):
         label = (f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}"
                  f"{(' packed k-order' if cfg.k_order else ' packed') if packed else ''}")
         yield label, tc._tc_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages
+        if packed and consts["SWAP"] and act != "fp32" and not cfg.k_order and cfg.block_k >= 128:
+            yield (label + " planes", tc._tc_matmul_kernel, types, {**consts, "PLANES": True},
+                   cfg.num_warps, cfg.num_stages)
         if packed and act == "bf16" and cfg.split_k > 1 and not pdl_done:   # launched with PDL
             pdl_done = True
             yield (label + " pdl", tc._tc_matmul_kernel, types, {**consts, "PDL": True},

@@ -5,9 +5,9 @@
 # On this machine first `bash kernels/gpu_wheels.sh`; then the device call, with carry [".whl"]
 # (and ".gpu_in" where a part reads a table the one before wrote, copied there):
 #   bash kernels/h200_next.sh u   # next: the read floors at M = 1 and 16 (what any kernel reading
-#                                 # the weight's bytes cannot beat), end to end with PDL on by
-#                                 # default (-nopdl rows), the tc retune at M = 128 with the
-#                                 # decode-once tiles, M = 64 / 128 on it
+#                                 # the weight's bytes cannot beat), tc.PLANES tested and timed
+#                                 # against the shipped decode, the tc retune at M = 128 with the
+#                                 # decode-once tiles
 # The standard retune after a kernel change, three calls (sixteenth session, 02:37-02:51 UTC):
 #   bash kernels/h200_next.sh p   # the whole GPU suite, M = 1 retune, M = 1 kernels on it
 #   TABLE=.gpu_in/tuned_m1.json bash kernels/h200_next.sh q   # e2e on it (PDL rows) and on the
@@ -19,6 +19,119 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
 case $PART in p|q|r|u) ;; *) echo "h200_next.sh: part must be one of p, q, r, u, got '$PART'" >&2; exit 2;; esac
+OUT=${OUT:?set OUT to a directory}
+PY=${PY:-python3}
+if [ -d .whl ] && [ ! -d /tmp/site ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=.:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/next_$PART.log"; }
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv >"$OUT/gpu.txt" 2>&1 || true
+git log -1 --format=%h >"$OUT/commit.txt" 2>/dev/null || true
+E2E="kernels/bench_e2e.py --quantize-lm-head --repeats 3"
+
+case $PART in
+p)
+    # sixteenth session, call 1 of 3 (each < 520 s, so three starts fit 30 minutes): the whole
+    # GPU suite (the first GPU run of the fourteenth and fifteenth sessions' code: one-launch
+    # split-K, PDL, K-order tc), then part k's M = 1 retune and its kernel table
+    W=/tmp/next_p && mkdir -p $W
+    # -v: a line per test as it ends, so a run cut by its timeout still names its failures
+    timeout 250 $PY -m pytest -v -n 12 -rs tests/gpu >"$OUT/gpu_suite.txt" 2>&1
+    stamp "GPU suite rc=$?"
+    timeout 170 $PY kernels/autotune.py --path decode --formats int4,int4-asym,nvfp4,mxfp4,int8 \
+        --buckets 1 --budget-s 140 --reps 10 --base compress/kernels/configs/nvidia_h200.json \
+        --log "$W/tune.jsonl" --out "$OUT/tuned_m1.json" >"$W/tune.txt" 2>&1
+    stamp "M = 1 retune rc=$?"
+    left=$(( 505 - ($(date +%s) - T0) ))
+    V=bf16,tinygemm,int4-g128,int4-g128-asym,nvfp4,mxfp4,int8-channel
+    COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m1.json timeout $left $PY kernels/bench_kernels.py --ms 1 \
+        --reps 30 --variants $V --log "$W/p.jsonl" >"$W/m1_tuned.txt" 2>&1
+    stamp "M = 1 kernels on the retuned table (${left} s allowed) rc=$?"
+    tail -3 "$OUT/gpu_suite.txt"; grep -E "FAILED|ERROR" "$OUT/gpu_suite.txt" | head
+    grep -E "^(decode|wrote)" "$W/tune.txt"; grep -E "^\|" "$W/m1_tuned.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/p_all.txt"
+    cp "$W"/*.jsonl "$OUT/"
+    ;;
+q)
+    # call 2: end to end on TABLE (call 1's tuned_m1.json, copied into the tree) with the PDL
+    # rows, the shipped table next to it; the tc kernel at M = 16..128 on the shipped table with
+    # K order forced; the tc retune with the asynchronous candidates on TABLE
+    W=/tmp/next_q && mkdir -p $W
+    TABLE=${TABLE:-compress/kernels/configs/nvidia_h200.json}
+    COMPRESS_KERNEL_CONFIGS=$TABLE timeout 130 $PY $E2E \
+        --formats tinygemm,int4,int4-pdl,nvfp4,nvfp4-pdl --log "$W/q.jsonl" >"$W/e2e_tuned.txt" 2>&1
+    stamp "e2e on TABLE, PDL rows rc=$?"
+    timeout 75 $PY $E2E --formats int4,nvfp4 --log "$W/q.jsonl" >"$W/e2e_shipped.txt" 2>&1
+    stamp "e2e on the shipped table rc=$?"
+    V=bf16,tinygemm,int4-g128,int4-g128@k-order,nvfp4
+    timeout 80 $PY kernels/bench_kernels.py --ms 16,64,128 --reps 20 --variants $V \
+        --log "$W/q.jsonl" >"$W/tc_shipped.txt" 2>&1
+    stamp "M = 16..128 on the shipped table, K order forced for INT4 rc=$?"
+    left=$(( 500 - ($(date +%s) - T0) ))
+    timeout $left $PY kernels/autotune.py --path tc --formats int4,nvfp4 --buckets 16,64,128 \
+        --budget-s $(( left - 30 )) --reps 10 --base "$TABLE" --log "$W/tune.jsonl" \
+        --out "$OUT/tuned_async.json" >"$W/tune.txt" 2>&1
+    stamp "tc retune with the asynchronous candidates (${left} s allowed) rc=$?"
+    grep -E "^\|" "$W/e2e_tuned.txt" "$W/e2e_shipped.txt"; grep -E "^\|" "$W/tc_shipped.txt"
+    grep -E "^(tc|wrote)" "$W/tune.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/q_all.txt"
+    cp "$W"/*.jsonl "$OUT/"
+    ;;
+r)
+    # call 3: the tc kernels on TABLE (call 2's tuned_async.json), the issue's M = 16..8192
+    # table with 2:4, the 2:4 M = 1 probe in the time left
+    W=/tmp/next_r && mkdir -p $W
+    TABLE=${TABLE:-compress/kernels/configs/nvidia_h200.json}
+    V=bf16,tinygemm,int4-g128,int4-g128-asym,int8-channel,nvfp4,mxfp4
+    COMPRESS_KERNEL_CONFIGS=$TABLE timeout 110 $PY kernels/bench_kernels.py --ms 16,64,128 \
+        --reps 20 --variants $V --log "$W/r.jsonl" >"$W/tc_table.txt" 2>&1
+    stamp "M = 16..128 on TABLE rc=$?"
+    COMPRESS_KERNEL_CONFIGS=$TABLE timeout 260 $PY kernels/bench_kernels.py \
+        --ms 256,512,2048,8192 --reps 10 \
+        --variants bf16,tinygemm,int4-g128,nvfp4,2:4-bf16,2:4-int4-g128,torch-2:4-bf16 \
+        --log "$W/r.jsonl" >"$W/ms.txt" 2>&1
+    stamp "M = 256..8192 with 2:4 rc=$?"
+    left=$(( 490 - ($(date +%s) - T0) ))
+    [ $left -gt 40 ] && COMPRESS_KERNEL_CONFIGS=$TABLE timeout $left $PY kernels/bench_kernels.py \
+        --ms 1,16,128 --reps 20 --variants bf16,2:4-bf16,2:4-int4-g128,torch-2:4-bf16 \
+        --log "$W/r.jsonl" >"$W/s24.txt" 2>&1
+    stamp "2:4 at M = 1, 16, 128 (${left} s allowed) rc=$?"
+    grep -E "^\|" "$W/tc_table.txt" "$W/ms.txt" "$W/s24.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/r_all.txt"
+    cp "$W"/*.jsonl "$OUT/"
+    ;;
+u)
+    # seventeenth session, after t (the GPU suite passed with PDL on: now the default) and j
+    # (ncu of the tc kernel at M = 128: 1.9 warps a scheduler, 30% of issue slots busy)
+    W=/tmp/next_u && mkdir -p $W
+    timeout 100 $PY kernels/bench_kernels.py --ms 1,16 --reps 30 \
+        --variants bf16,tinygemm,int4-g128,nvfp4,read-int4,read-bf16 --log "$W/u.jsonl" \
+        >"$W/floor.txt" 2>&1
+    stamp "read floors at M = 1, 16 rc=$?"
+    # tc.PLANES (eight code-slot dots, the weights never in shared memory): its GPU tests, then
+    # an A/B on the shipped table where its tiles apply (swapped, block_k >= 128)
+    timeout 100 $PY -m pytest -v -n 8 tests/gpu/test_gpu_kernels.py -k "planes or packed_decode" \
+        >"$W/planes_tests.txt" 2>&1
+    stamp "planes GPU tests rc=$?"
+    timeout 90 $PY kernels/bench_kernels.py --ms 16,128 --reps 20 \
+        --variants bf16,int4-g128,int4-g128@planes,int4-g128-asym,int4-g128-asym@planes \
+        --log "$W/u.jsonl" >"$W/planes.txt" 2>&1
+    stamp "planes A/B rc=$?"
+    left=$(( 520 - ($(date +%s) - T0) ))
+    timeout $left $PY kernels/autotune.py --path tc --formats int4,nvfp4 --buckets 128 \
+        --budget-s $(( left - 25 )) --reps 10 --base compress/kernels/configs/nvidia_h200.json \
+        --log "$W/tune.jsonl" --out "$OUT/tuned_m128.json" >"$W/tune.txt" 2>&1
+    stamp "tc retune at M = 128, decode-once tiles (${left} s allowed) rc=$?"
+    grep -E "^\|" "$W/floor.txt"; tail -2 "$W/planes_tests.txt"
+    grep -E "FAILED|ERROR" "$W/planes_tests.txt" | head -5; grep -E "^\|" "$W/planes.txt"
+    grep -E "^(tc|wrote)" "$W/tune.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/u_all.txt"
+    cp "$W"/*.jsonl "$OUT/"
+    ;;
+esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then

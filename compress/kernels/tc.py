@@ -263,6 +263,39 @@ INT4_K_ORDER_BF16: tl.constexpr = tl.constexpr(_INT4_K_ORDER_ASM.format(magic="0
 INT4_K_ORDER_F16: tl.constexpr = tl.constexpr(_INT4_K_ORDER_ASM.format(magic="0x64006400",
                                                                        t="f16"))
 
+# The same decode on one int32 word (8 codes, code j at bits 4j), output j = code j
+# (_int4_planes_dot, "planes"): a shift and a LOP3 give codes j and j + 4 in one register's
+# halves, SUB and MUL as above, MOV splits the halves: 19 instructions for 8 codes. Operands:
+# $0-$7 out, $8 the word, $9 the scale, $10 MAGIC_VALUE + 8 + zero (16-bit, pack=1).
+_INT4_PLANES_ASM = """{{
+.reg .b32 s2, z2, v, t0, t1, t2, t3;
+mov.b32 s2, {{$9, $9}};
+mov.b32 z2, {{$10, $10}};
+lop3.b32 t0, $8, 0x000F000F, {magic}, 0xEA;
+shr.b32 v, $8, 4;
+lop3.b32 t1, v, 0x000F000F, {magic}, 0xEA;
+shr.b32 v, $8, 8;
+lop3.b32 t2, v, 0x000F000F, {magic}, 0xEA;
+shr.b32 v, $8, 12;
+lop3.b32 t3, v, 0x000F000F, {magic}, 0xEA;
+sub.rn.{t}x2 t0, t0, z2;
+sub.rn.{t}x2 t1, t1, z2;
+sub.rn.{t}x2 t2, t2, z2;
+sub.rn.{t}x2 t3, t3, z2;
+mul.rn.{t}x2 t0, t0, s2;
+mul.rn.{t}x2 t1, t1, s2;
+mul.rn.{t}x2 t2, t2, s2;
+mul.rn.{t}x2 t3, t3, s2;
+mov.b32 {{$0, $4}}, t0;
+mov.b32 {{$1, $5}}, t1;
+mov.b32 {{$2, $6}}, t2;
+mov.b32 {{$3, $7}}, t3;
+}}"""
+INT4_PLANES_BF16: tl.constexpr = tl.constexpr(_INT4_PLANES_ASM.format(magic="0x43004300",
+                                                                      t="bf16"))
+INT4_PLANES_F16: tl.constexpr = tl.constexpr(_INT4_PLANES_ASM.format(magic="0x64006400",
+                                                                     t="f16"))
+
 
 @triton.jit
 def _int4_packed(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.constexpr,
@@ -310,6 +343,53 @@ def _int4_packed_k_order(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.const
 
 
 @triton.jit
+def _int4_planes_dot(w_ptr, x_ptr, rn, n_in, rm, m_in, k0, K, KW, stride_xm, s, z, acc, DTYPE,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN: tl.constexpr):
+    """acc [BN, BM] + the K-tile at k0 of INT4 weights times x^T, as eight dots of K / 8, one a
+    code slot ("plane" j: code j of every word, inputs k0 + 8 i + j). Each plane comes from the
+    words by elementwise operations alone, so Triton loads the words straight into the wgmma's
+    register-operand layout and the decoded tile never goes through shared memory (the
+    STS/LDSM round trip Nsight Compute found the tc kernel waiting on); x is split into the
+    same eight planes in registers (its stride-8 inputs) instead. See Config / tc.PLANES."""
+    BW: tl.constexpr = BLOCK_K // 8
+    words = _load_words(w_ptr, rn, n_in, k0 // 8 + tl.arange(0, BW), KW, EVEN)
+    if DTYPE == tl.bfloat16:
+        w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+            INT4_PLANES_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+            [words, s.to(tl.bfloat16), (136.0 + z).to(tl.bfloat16)],
+            dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    else:
+        w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+            INT4_PLANES_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+            [words, s.to(tl.float16), (1032.0 + z).to(tl.float16)],
+            dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    # x [BM, BW, 8], element (m, i, j) = x[m, k0 + 8 i + j]; three splits give the planes
+    rk = k0 + tl.arange(0, BW)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    ptrs = x_ptr + rm[:, None, None] * stride_xm + rk[None, :, :]
+    if EVEN_K:
+        x = tl.load(ptrs, mask=m_in[:, None, None], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=m_in[:, None, None] & (rk[None, :, :] < K), other=0.0)
+    BM: tl.constexpr = x.shape[0]
+    x_even, x_odd = tl.split(tl.reshape(x, (BM, BW, 4, 2)))
+    x04, x26 = tl.split(tl.reshape(x_even, (BM, BW, 2, 2)))
+    x15, x37 = tl.split(tl.reshape(x_odd, (BM, BW, 2, 2)))
+    x0, x4 = tl.split(x04)
+    x2, x6 = tl.split(x26)
+    x1, x5 = tl.split(x15)
+    x3, x7 = tl.split(x37)
+    acc = tl.dot(w0, tl.trans(x0), acc)
+    acc = tl.dot(w1, tl.trans(x1), acc)
+    acc = tl.dot(w2, tl.trans(x2), acc)
+    acc = tl.dot(w3, tl.trans(x3), acc)
+    acc = tl.dot(w4, tl.trans(x4), acc)
+    acc = tl.dot(w5, tl.trans(x5), acc)
+    acc = tl.dot(w6, tl.trans(x6), acc)
+    acc = tl.dot(w7, tl.trans(x7), acc)
+    return acc
+
+
+@triton.jit
 def _nvfp4_gs(gs_ptr, FMT: tl.constexpr):
     """The factor _group_scale multiplies NVFP4's E4M3 scales by: 2^14 / the global scale,
     read on the device (no host sync: CUDA graphs)."""
@@ -353,7 +433,8 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr
                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr = False,
                       EVEN_N: tl.constexpr = False, PACKED: tl.constexpr = False,
-                      K_ORDER: tl.constexpr = False, PDL: tl.constexpr = False):
+                      K_ORDER: tl.constexpr = False, PLANES: tl.constexpr = False,
+                      PDL: tl.constexpr = False):
     # launched with programmatic dependent launch (_common.PDL): the loop reads x from the start
     C.wait_for_producer(PDL)
     # M-tiles are grid axis 0, so the programs sharing a weight tile run together (L2 reuse)
@@ -388,7 +469,12 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr
     tl.assume(K_PER_SPLIT > 0)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = k_start + kk
-        if PACKED and K_ORDER:   # one dot, x straight from its buffer (Config.k_order)
+        if PACKED and PLANES and SWAP and BLOCK_K >= 128:   # eight dots of K / 8 >= 16 each
+            acc = _int4_planes_dot(w_ptr, x_ptr, rn, n_in, rm, m_in, k0, K, KW, stride_xm, s, z,
+                                   acc, DTYPE, BLOCK_K, EVEN_K, EVEN_K and EVEN_N)
+            s, z = _row_scale(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, G, GROUP, GROUP_SHIFT,
+                              FMT, BITS, PER, HAS_ZERO, POW2_GROUP)
+        elif PACKED and K_ORDER:   # one dot, x straight from its buffer (Config.k_order)
             w = _int4_packed_k_order(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K,
                                      EVEN_K and EVEN_N)
             s, z = _row_scale(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, G, GROUP, GROUP_SHIFT,
@@ -463,6 +549,10 @@ ONE_BITS = 0x3F800000   # float32 1.0 as a runtime value: kept in a register (_c
 # False force it (kernels/bench_kernels.py "@k-order" / "@no-k-order": an A/B in one run). Not
 # named K_ORDER: the kernel's constexpr is, and Triton checks the globals a kernel reads.
 FORCE_K_ORDER: bool | None = None
+# The packed INT4 decode as eight code-slot dots (_int4_planes_dot) on swapped tiles: built
+# after the M = 128 profile (2026-12-05), not yet timed, so off; bench_kernels "@planes" turns
+# it on for a run. It becomes a config field only if it wins.
+PLANES = False
 
 
 def check_config(cfg: C.Config, per: int) -> None:
@@ -538,7 +628,7 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
         **scale_consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
         PACKED=packed_int4(fmt, bits, x2.dtype, scale.dtype, scale_consts["SCALES"]),
-        K_ORDER=cfg.k_order if FORCE_K_ORDER is None else FORCE_K_ORDER,
+        K_ORDER=cfg.k_order if FORCE_K_ORDER is None else FORCE_K_ORDER, PLANES=PLANES,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **C.pdl_args(x2.device))
     return out
 

@@ -251,6 +251,33 @@ def test_tc_packed_decode_in_the_matmul_is_the_reference_rounding(cfg, dtype, sy
     assert torch.equal(y.t(), want.to(dtype)), (y.t().float() - want).abs().max()
 
 
+@pytest.mark.parametrize("cfg", [C.Config(16, 64, 128, 4, 4, 4), C.Config(16, 64, 256, 4, 3, 1),
+                                 C.Config(32, 64, 128, 4, 3, 2),
+                                 C.Config(128, 64, 128, 4, 3, 2, swap=True)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_tc_planes_decode_is_the_reference_rounding(cfg, dtype, symmetric, rng, monkeypatch):
+    """tc.PLANES: the packed INT4 decode as eight code-slot dots (_int4_planes_dot). With x the
+    identity, y = W^T bit for bit (a code in the wrong plane is a wrong weight); then uneven
+    shapes (rows past N, inputs past K, M not a multiple of the tile) against the reference."""
+    from compress.kernels import tc
+
+    monkeypatch.setattr(tc, "PLANES", True)
+    n, k = 192, 512
+    packed, scale, zero = cuda(make_int_weight(n, k, 128, symmetric, 4, rng, dtype))
+    args = (packed, scale, zero, (n, k), 4)
+    y = int_matmul(torch.eye(k, dtype=dtype, device="cuda"), *args, path="tc", config=cfg)
+    want = tc.words_dequantize_ref(tc.FMT_INT, packed, scale, zero, None, n, k, 4, 128)
+    assert torch.equal(y.t(), want.to(dtype)), (y.t().float() - want).abs().max()
+    n, k, m = 200, 4096 + 128, 23
+    packed, scale, zero = cuda(make_int_weight(n, k, 128, symmetric, 4, rng, dtype))
+    args = (packed, scale, zero, (n, k), 4)
+    x = torch.randn(m, k, generator=rng).to(dtype).cuda()
+    y = int_matmul(x, *args, path="tc", config=cfg)
+    assert_matmul_close(y, int_matmul_ref(x, *args), x, int_dequantize_ref(*args),
+                        (rng.initial_seed(), str(cfg)))
+
+
 @pytest.mark.parametrize("kind", ["int4", "int4-gated", "nvfp4", "nvfp4-gated", "2:4-int4",
                                   "int4-m16", "2:4-int4-m16"])
 @pytest.mark.parametrize("split", [2, 7])

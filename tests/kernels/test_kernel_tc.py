@@ -166,6 +166,17 @@ def _run_ptx(asm: str, regs: dict[str, torch.Tensor], dtype: torch.dtype) -> dic
         if not line or line[0] in "{}.":
             continue
         op, args = line.split(None, 1)
+        if op == "mov.b32":   # a register's 16-bit halves {lo, hi}: split or joined
+            if args.startswith("{"):   # mov.b32 {lo, hi}, r
+                pair, r = args[1:].split("}")
+                lo, hi = [t.strip() for t in pair.split(",")]
+                r = val(r.strip(" ,"))
+                regs[lo], regs[hi] = r & 0xFFFF, (r >> 16) & 0xFFFF
+            else:                      # mov.b32 r, {lo, hi}
+                dst, pair = [t.strip() for t in args.split(",", 1)]
+                lo, hi = [val(t.strip()) for t in pair.strip(" {}").split(",")]
+                regs[dst] = (lo & 0xFFFF) | ((hi & 0xFFFF) << 16)
+            continue
         dst, *src = [a.strip() for a in args.split(",")]
         a = [val(t) for t in src]
         if op == "shr.b32":
@@ -217,6 +228,30 @@ def test_packed_int4_ptx_puts_each_code_where_the_dot_reads_it(k_order, dtype, r
     low, high = b & 0xF, b >> 4
     codes = (torch.stack([low, high], -1).reshape(lanes, 8) if k_order
              else torch.cat([low, high], 1))
+    want = ((codes - 8 - zero) * scale).to(dtype)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_planes_ptx_gives_code_j_of_each_word_to_plane_j(dtype, rng):
+    """tc's one-word INT4 decode for _int4_planes_dot (tc.PLANES, pack=1): output j is code j
+    (bits 4j..4j+3) of the word, (code - 8 - zero) * scale rounded once to dtype."""
+    from compress.kernels import tc
+
+    lanes = 4096
+    codes = torch.randint(0, 16, (lanes, 8), generator=rng)
+    zero = torch.randint(0, 16, (lanes, 1), generator=rng).float()
+    scale = (torch.rand(lanes, 1, generator=rng) * 0.1 + 1e-3).to(dtype).float()
+    magic, text = (136.0, "bf16") if dtype == torch.bfloat16 else (1032.0, "f16")
+    asm = tc._INT4_PLANES_ASM.format(magic="0x43004300" if dtype == torch.bfloat16
+                                     else "0x64006400", t=text)
+
+    def half(f):   # a 16-bit register
+        return f.to(dtype).view(torch.int16).long()[:, 0] & 0xFFFF
+
+    word = sum(codes[:, j] << (4 * j) for j in range(8))
+    regs = _run_ptx(asm, {"$8": word, "$9": half(scale), "$10": half(magic + zero)}, dtype)
+    out = torch.stack([regs[f"${j}"] for j in range(8)], 1).to(torch.int16).view(dtype)
     want = ((codes - 8 - zero) * scale).to(dtype)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
