@@ -120,7 +120,7 @@ u)
         --variants bf16,int4-g128,int4-g128@planes,int4-g128-asym,int4-g128-asym@planes \
         --log "$W/u.jsonl" >"$W/planes.txt" 2>&1
     stamp "planes A/B rc=$?"
-    left=$(( 430 - ($(date +%s) - T0) ))
+    left=$(( ${TUNE_END:-430} - ($(date +%s) - T0) ))
     timeout $left $PY kernels/autotune.py --path tc --formats int4,nvfp4 --buckets 128 \
         --budget-s $(( left - 25 )) --reps 10 --base compress/kernels/configs/nvidia_h200.json \
         --log "$W/tune.jsonl" --out "$OUT/tuned_m128.json" >"$W/tune.txt" 2>&1
