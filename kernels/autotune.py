@@ -67,6 +67,14 @@ def asynchronous(*tiles):
     return configs
 
 
+def planes(*tiles):
+    """Swapped tiles (bm, bn, bk, warps, stages, split) with INT4's eight code-slot dots
+    (Config.planes: the decoded weights never in shared memory; applies() skips it for the other
+    formats). block_k >= 128: each plane's dot needs K / 8 >= 16."""
+    return [C.Config(bm, bn, bk, warps, stages, split, None if bm < 64 else True, planes=True)
+            for bm, bn, bk, warps, stages, split in tiles]
+
+
 # Candidates per bucket (the shipped default first). M=1: rows per program x K per iteration
 # (bytes in flight), split-K only where N alone gives too few programs. M>1: tensor-core tiles.
 DECODE_CANDIDATES = {
@@ -120,7 +128,11 @@ TC_CANDIDATES = {
     # (fourteenth session) asynchronous dots, first: never timed before. INT4 in K order on
     # swapped tiles (other formats: the same tiles, plain), at every M bucket since the loop's
     # tl.assume keeps ptxas from serializing the wgmmas of 32-128-row tiles (kernels/NOTES.md)
+    # (seventeenth session) INT4's code-slot dots, first: never timed. Fewer registers (78 at
+    # 16 x 64 x 128) and less shared memory, so fewer stages and more programs an SM
     16: [cfg(16, 64, 128, 4, 4, 4),
+         *planes((16, 64, 128, 4, 4, 4), (16, 64, 128, 4, 2, 4), (16, 64, 128, 4, 3, 8),
+                 (16, 64, 256, 4, 2, 4), (16, 128, 128, 8, 3, 4), (16, 64, 128, 4, 2, 8)),
          *asynchronous((16, 64, 128, 4, 4, 4), (16, 64, 128, 4, 3, 4), (16, 64, 128, 4, 2, 4),
                        (16, 128, 128, 8, 3, 4), (16, 64, 128, 4, 4, 8), (16, 64, 128, 4, 4, 2),
                        (16, 64, 128, 4, 4, 1)),
@@ -134,6 +146,7 @@ TC_CANDIDATES = {
          cfg(16, 64, 128, 4, 4, 4, False), cfg(16, 128, 128, 4, 3, 2, False),
          cfg(16, 64, 256, 4, 3, 4, False)],
     64: [cfg(64, 64, 128, 4, 3, 2),
+         *planes((64, 64, 128, 4, 3, 2), (32, 64, 128, 4, 3, 2), (64, 64, 128, 4, 2, 4)),
          *asynchronous((64, 64, 128, 4, 3, 2), (64, 64, 64, 4, 4, 4), (64, 128, 64, 8, 3, 2),
                        (32, 64, 128, 4, 4, 2), (64, 64, 128, 4, 3, 4)),
          cfg(64, 64, 64, 4, 1, 4), cfg(64, 128, 64, 8, 2, 2),
@@ -148,6 +161,7 @@ TC_CANDIDATES = {
     # of 128 (two programs decode every weight tile, ncu: 1.9 warps a scheduler, 30% of issue
     # slots busy), so swapped tiles of all 128 rows, split 2-4 to keep the SMs busy
     128: [cfg(64, 64, 128, 4, 3, 1),
+          *planes((128, 64, 128, 4, 3, 2), (128, 64, 128, 4, 2, 4), (64, 64, 128, 4, 3, 2)),
           *asynchronous((128, 64, 128, 4, 3, 2), (128, 64, 128, 4, 2, 4), (128, 64, 64, 4, 3, 4),
                         (128, 64, 128, 4, 2, 2), (128, 64, 64, 4, 2, 4)),
           *asynchronous((128, 64, 64, 4, 3, 1), (128, 64, 64, 4, 3, 2), (64, 64, 128, 4, 3, 2),
@@ -219,9 +233,9 @@ def _gate(y: torch.Tensor, gated: bool) -> torch.Tensor:
 
 def applies(c: C.Config, family: str, m: int, path: str = "decode") -> bool:
     per = 4 if family == "int8" else 8
-    if path == "tc":   # k_order changes only INT4's packed decode: elsewhere a duplicate
+    if path == "tc":   # k_order and planes change only INT4's packed decode: elsewhere duplicates
         return (c.block_m >= 16 and c.block_n >= 16 and c.block_k >= 32
-                and (not c.k_order or family.startswith("int4")))
+                and (not (c.k_order or c.planes) or family.startswith("int4")))
     if c.block_m == 1:
         return m == 1
     return c.block_k // per >= 16 and c.block_k % per == 0

@@ -173,6 +173,7 @@ def make_variants(n: int, k: int, device) -> dict:
             v[f"{name}@k-order"] = (functools.partial(_k_order, fn_ref[0]), fn_ref[1])
             v[f"{name}@no-k-order"] = (functools.partial(_no_k_order, fn_ref[0]), fn_ref[1])
             v[f"{name}@planes"] = (functools.partial(_planes, fn_ref[0]), fn_ref[1])
+            v[f"{name}@no-planes"] = (functools.partial(_no_planes, fn_ref[0]), fn_ref[1])
     # the floors: int4-g128's words and scales, and the bf16 weight, read once by a streaming
     # kernel that does no math (what any matmul reading those bytes cannot beat in this timing)
     v["read-int4"] = (functools.partial(read_floor, (packed4, scale)), None)
@@ -228,9 +229,11 @@ _no_pair = functools.partial(_without, path="decode", module="decode", name="PAI
 # (tc.FORCE_K_ORDER) forced on / off, whatever the tuned config says (Config.k_order)
 _k_order = functools.partial(_without, path="tc", module="tc", name="FORCE_K_ORDER", off=True)
 _no_k_order = functools.partial(_without, path="tc", module="tc", name="FORCE_K_ORDER", off=False)
-# "@planes": the tc kernel's packed INT4 decode as eight code-slot dots (tc.PLANES) where its
-# tiles are swapped and block_k >= 128
-_planes = functools.partial(_without, path="tc", module="tc", name="PLANES", off=True)
+# "@planes" / "@no-planes": the tc kernel's packed INT4 decode as eight code-slot dots
+# (tc.FORCE_PLANES, where the tiles are swapped and block_k >= 128) forced on / off, whatever
+# the tuned config says (Config.planes)
+_planes = functools.partial(_without, path="tc", module="tc", name="FORCE_PLANES", off=True)
+_no_planes = functools.partial(_without, path="tc", module="tc", name="FORCE_PLANES", off=False)
 _plain_tc = functools.partial(_without, path="tc", module="tc", name="packed_int4",
                               off=lambda *args: False)
 

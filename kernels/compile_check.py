@@ -162,11 +162,12 @@ def tc_variants(all_configs: bool):
                       SPLIT=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       BLOCK_K=cfg.block_k, EVEN_K=even, EVEN_N=even,
                       SWAP=tc.swap(cfg, act == "fp32", mode), PACKED=packed,
-                      K_ORDER=cfg.k_order)
+                      K_ORDER=cfg.k_order, PLANES=cfg.planes)
         label = (f"tc fmt={fmt} int{bits} zero={zero} {act} {cfg} even={even} scales={mode}"
                  f"{(' packed k-order' if cfg.k_order else ' packed') if packed else ''}")
         yield label, tc._tc_matmul_kernel, types, consts, cfg.num_warps, cfg.num_stages
-        if packed and consts["SWAP"] and act != "fp32" and not cfg.k_order and cfg.block_k >= 128:
+        if (packed and consts["SWAP"] and act != "fp32" and not cfg.k_order
+                and cfg.block_k >= 128 and not cfg.planes):   # Config.planes
             yield (label + " planes", tc._tc_matmul_kernel, types, {**consts, "PLANES": True},
                    cfg.num_warps, cfg.num_stages)
         if packed and act == "bf16" and cfg.split_k > 1 and not pdl_done:   # launched with PDL

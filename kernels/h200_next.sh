@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The H200 sweeps, one device call each (< 600 s; short tables printed last, full logs under
 # $OUT). What every earlier part measured is in kernels/BENCHMARKS.md with its command and tree;
-# parts that ran and did their work were dropped (d-o and s: the tree of a1f8948 has them; t and j: c316a2c).
+# parts that ran and did their work were dropped (d-o and s: the tree of a1f8948 has them; t and
+# j: c316a2c's).
 # On this machine first `bash kernels/gpu_wheels.sh`; then the device call, with carry [".whl"]
 # (and ".gpu_in" where a part reads a table the one before wrote, copied there):
 #   bash kernels/h200_next.sh u   # next: the read floors at M = 1 and 16 (what any kernel reading
-#                                 # the weight's bytes cannot beat), tc.PLANES tested and timed
-#                                 # against the shipped decode, the tc retune at M = 128 with the
-#                                 # decode-once tiles
+#                                 # the weight's bytes cannot beat), Config.planes tested and
+#                                 # timed against the shipped decode, the INT4 tc retune at M = 16
+#                                 # and 128 with the planes and decode-once candidates
 # The standard retune after a kernel change, three calls (sixteenth session, 02:37-02:51 UTC):
 #   bash kernels/h200_next.sh p   # the whole GPU suite, M = 1 retune, M = 1 kernels on it
 #   TABLE=.gpu_in/tuned_m1.json bash kernels/h200_next.sh q   # e2e on it (PDL rows) and on the
@@ -111,8 +112,8 @@ u)
         --variants bf16,tinygemm,int4-g128,nvfp4,read-int4,read-bf16 --log "$W/u.jsonl" \
         >"$W/floor.txt" 2>&1
     stamp "read floors at M = 1, 16 rc=$?"
-    # tc.PLANES (eight code-slot dots, the weights never in shared memory): its GPU tests, then
-    # an A/B on the shipped table where its tiles apply (swapped, block_k >= 128)
+    # Config.planes (eight code-slot dots, the weights never in shared memory): its GPU tests,
+    # then an A/B on the shipped table where its tiles apply (swapped, block_k >= 128)
     timeout 100 $PY -m pytest -v -n 8 tests/gpu/test_gpu_kernels.py -k "planes or packed_decode" \
         >"$W/planes_tests.txt" 2>&1
     stamp "planes GPU tests rc=$?"
@@ -121,10 +122,12 @@ u)
         --log "$W/u.jsonl" >"$W/planes.txt" 2>&1
     stamp "planes A/B rc=$?"
     left=$(( ${TUNE_END:-430} - ($(date +%s) - T0) ))
-    timeout $left $PY kernels/autotune.py --path tc --formats int4,nvfp4 --buckets 128 \
+    # INT4 only: the new candidates (Config.planes at 16, 64, 128; decode-once tiles at 128)
+    # come first in each bucket's list
+    timeout $left $PY kernels/autotune.py --path tc --formats int4 --buckets 16,128 \
         --budget-s $(( left - 25 )) --reps 10 --base compress/kernels/configs/nvidia_h200.json \
-        --log "$W/tune.jsonl" --out "$OUT/tuned_m128.json" >"$W/tune.txt" 2>&1
-    stamp "tc retune at M = 128, decode-once tiles (${left} s allowed) rc=$?"
+        --log "$W/tune.jsonl" --out "$OUT/tuned_tc.json" >"$W/tune.txt" 2>&1
+    stamp "tc retune at M = 16, 128: planes, decode-once tiles (${left} s allowed) rc=$?"
     grep -E "^\|" "$W/floor.txt"; tail -2 "$W/planes_tests.txt"
     grep -E "FAILED|ERROR" "$W/planes_tests.txt" | head -5; grep -E "^\|" "$W/planes.txt"
     grep -E "^(tc|wrote)" "$W/tune.txt"
@@ -228,10 +231,12 @@ u)
         >"$W/e2e.txt" 2>&1
     stamp "e2e, PDL on by default rc=$?"
     left=$(( 440 - ($(date +%s) - T0) ))
-    timeout $left $PY kernels/autotune.py --path tc --formats int4,nvfp4 --buckets 128 \
+    # INT4 only: the new candidates (Config.planes at 16, 64, 128; decode-once tiles at 128)
+    # come first in each bucket's list
+    timeout $left $PY kernels/autotune.py --path tc --formats int4 --buckets 16,128 \
         --budget-s $(( left - 25 )) --reps 10 --base compress/kernels/configs/nvidia_h200.json \
-        --log "$W/tune.jsonl" --out "$OUT/tuned_m128.json" >"$W/tune.txt" 2>&1
-    stamp "tc retune at M = 128, decode-once tiles (${left} s allowed) rc=$?"
+        --log "$W/tune.jsonl" --out "$OUT/tuned_tc.json" >"$W/tune.txt" 2>&1
+    stamp "tc retune at M = 16, 128: planes, decode-once tiles (${left} s allowed) rc=$?"
     V=bf16,int4-g128,int4-g128-asym,nvfp4,mxfp4,int8-channel
     COMPRESS_KERNEL_CONFIGS=$OUT/tuned_m128.json timeout 80 $PY kernels/bench_kernels.py \
         --ms 64,128 --reps 20 --variants $V --log "$W/u.jsonl" >"$W/tc_tuned.txt" 2>&1

@@ -65,6 +65,10 @@ class Config:
     # even/odd halves and two dots: x then goes from its pipelined buffer straight into the
     # dot, which Triton can then issue asynchronously (the next tile's decode overlaps it)
     k_order: bool = False
+    # tc, packed INT4 on swapped tiles with block_k >= 128 (tc._int4_planes_dot): eight dots a
+    # tile, one a code slot, so the decoded weights go straight from registers into the wgmma
+    # (no shared-memory round trip) and x is split instead; takes precedence over k_order
+    planes: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -350,7 +350,7 @@ def _int4_planes_dot(w_ptr, x_ptr, rn, n_in, rm, m_in, k0, K, KW, stride_xm, s, 
     words by elementwise operations alone, so Triton loads the words straight into the wgmma's
     register-operand layout and the decoded tile never goes through shared memory (the
     STS/LDSM round trip Nsight Compute found the tc kernel waiting on); x is split into the
-    same eight planes in registers (its stride-8 inputs) instead. See Config / tc.PLANES."""
+    same eight planes in registers (its stride-8 inputs) instead. See Config.planes."""
     BW: tl.constexpr = BLOCK_K // 8
     words = _load_words(w_ptr, rn, n_in, k0 // 8 + tl.arange(0, BW), KW, EVEN)
     if DTYPE == tl.bfloat16:
@@ -549,10 +549,10 @@ ONE_BITS = 0x3F800000   # float32 1.0 as a runtime value: kept in a register (_c
 # False force it (kernels/bench_kernels.py "@k-order" / "@no-k-order": an A/B in one run). Not
 # named K_ORDER: the kernel's constexpr is, and Triton checks the globals a kernel reads.
 FORCE_K_ORDER: bool | None = None
-# The packed INT4 decode as eight code-slot dots (_int4_planes_dot) on swapped tiles: built
-# after the M = 128 profile (2026-12-05), not yet timed, so off; bench_kernels "@planes" turns
-# it on for a run. It becomes a config field only if it wins.
-PLANES = False
+# The packed INT4 decode as eight code-slot dots (_int4_planes_dot, Config.planes): None
+# follows the launch config; True / False force it (bench_kernels "@planes" / "@no-planes").
+# Built after the M = 128 profile (2026-12-05), not yet timed: no shipped config asks for it.
+FORCE_PLANES: bool | None = None
 
 
 def check_config(cfg: C.Config, per: int) -> None:
@@ -628,7 +628,8 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
         **scale_consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
         PACKED=packed_int4(fmt, bits, x2.dtype, scale.dtype, scale_consts["SCALES"]),
-        K_ORDER=cfg.k_order if FORCE_K_ORDER is None else FORCE_K_ORDER, PLANES=PLANES,
+        K_ORDER=cfg.k_order if FORCE_K_ORDER is None else FORCE_K_ORDER,
+        PLANES=cfg.planes if FORCE_PLANES is None else FORCE_PLANES,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **C.pdl_args(x2.device))
     return out
 

@@ -251,18 +251,18 @@ def test_tc_packed_decode_in_the_matmul_is_the_reference_rounding(cfg, dtype, sy
     assert torch.equal(y.t(), want.to(dtype)), (y.t().float() - want).abs().max()
 
 
-@pytest.mark.parametrize("cfg", [C.Config(16, 64, 128, 4, 4, 4), C.Config(16, 64, 256, 4, 3, 1),
-                                 C.Config(32, 64, 128, 4, 3, 2),
-                                 C.Config(128, 64, 128, 4, 3, 2, swap=True)], ids=str)
+@pytest.mark.parametrize("cfg", [C.Config(16, 64, 128, 4, 4, 4, planes=True),
+                                 C.Config(16, 64, 256, 4, 3, 1, planes=True),
+                                 C.Config(32, 64, 128, 4, 3, 2, planes=True),
+                                 C.Config(128, 64, 128, 4, 3, 2, swap=True, planes=True)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_tc_planes_decode_is_the_reference_rounding(cfg, dtype, symmetric, rng, monkeypatch):
-    """tc.PLANES: the packed INT4 decode as eight code-slot dots (_int4_planes_dot). With x the
-    identity, y = W^T bit for bit (a code in the wrong plane is a wrong weight); then uneven
+def test_tc_planes_decode_is_the_reference_rounding(cfg, dtype, symmetric, rng):
+    """Config.planes: the packed INT4 decode as eight code-slot dots (_int4_planes_dot). With x
+    the identity, y = W^T bit for bit (a code in the wrong plane is a wrong weight); then uneven
     shapes (rows past N, inputs past K, M not a multiple of the tile) against the reference."""
     from compress.kernels import tc
 
-    monkeypatch.setattr(tc, "PLANES", True)
     n, k = 192, 512
     packed, scale, zero = cuda(make_int_weight(n, k, 128, symmetric, 4, rng, dtype))
     args = (packed, scale, zero, (n, k), 4)

@@ -234,7 +234,7 @@ def test_packed_int4_ptx_puts_each_code_where_the_dot_reads_it(k_order, dtype, r
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_planes_ptx_gives_code_j_of_each_word_to_plane_j(dtype, rng):
-    """tc's one-word INT4 decode for _int4_planes_dot (tc.PLANES, pack=1): output j is code j
+    """tc's one-word INT4 decode for _int4_planes_dot (Config.planes, pack=1): output j is code j
     (bits 4j..4j+3) of the word, (code - 8 - zero) * scale rounded once to dtype."""
     from compress.kernels import tc
 
@@ -254,6 +254,26 @@ def test_planes_ptx_gives_code_j_of_each_word_to_plane_j(dtype, rng):
     out = torch.stack([regs[f"${j}"] for j in range(8)], 1).to(torch.int16).view(dtype)
     want = ((codes - 8 - zero) * scale).to(dtype)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("forced", [None, True, False])
+@pytest.mark.parametrize("cfg_planes", [True, False])
+def test_tc_planes_follows_the_config_unless_forced(cfg_planes, forced, rng, monkeypatch):
+    """tc.FORCE_PLANES None (the default): the launch config's `planes` decides; True / False
+    override it (bench_kernels "@planes" / "@no-planes"). The interpreter runs the plain decode
+    (no inline PTX), so the product is checked too."""
+    from compress.kernels import tc
+
+    monkeypatch.setattr(tc, "FORCE_PLANES", forced)
+    launched = record_launches(monkeypatch, tc, "_tc_matmul_kernel", "PLANES")
+    n, k = 24, 256
+    packed, scale, zero = make_int_weight(n, k, 128, True, 4, rng, torch.bfloat16)
+    x = torch.randn(20, k, generator=rng).to(torch.bfloat16)
+    cfg = C.Config(16, 16, 128, planes=cfg_planes)
+    y = int_matmul(x, packed, scale, zero, (n, k), 4, path="tc", config=cfg)
+    assert launched == [cfg_planes if forced is None else forced]
+    assert_matmul_close(y, int_matmul_ref(x, packed, scale, zero, (n, k), 4), x,
+                        int_dequantize_ref(packed, scale, zero, (n, k), 4), rng.initial_seed())
 
 
 @pytest.mark.parametrize("forced", [None, True, False])
