@@ -257,41 +257,24 @@ def test_planes_ptx_gives_code_j_of_each_word_to_plane_j(dtype, rng):
 
 
 @pytest.mark.parametrize("forced", [None, True, False])
-@pytest.mark.parametrize("cfg_planes", [True, False])
-def test_tc_planes_follows_the_config_unless_forced(cfg_planes, forced, rng, monkeypatch):
-    """tc.FORCE_PLANES None (the default): the launch config's `planes` decides; True / False
-    override it (bench_kernels "@planes" / "@no-planes"). The interpreter runs the plain decode
-    (no inline PTX), so the product is checked too."""
+@pytest.mark.parametrize("in_config", [True, False])
+@pytest.mark.parametrize("field,switch,constexpr", [("k_order", "FORCE_K_ORDER", "K_ORDER"),
+                                                    ("planes", "FORCE_PLANES", "PLANES")])
+def test_tc_decode_choice_follows_the_config_unless_forced(field, switch, constexpr, in_config,
+                                                           forced, rng, monkeypatch):
+    """tc.FORCE_K_ORDER / tc.FORCE_PLANES None (the default): the launch config's `k_order` /
+    `planes` (tuned per format and shape) decides; True / False override it (bench_kernels
+    "@k-order" / "@no-k-order", "@planes" / "@no-planes"). The interpreter runs the plain decode
+    whatever they say (no inline PTX), so the product is checked too."""
     from compress.kernels import tc
 
-    monkeypatch.setattr(tc, "FORCE_PLANES", forced)
-    launched = record_launches(monkeypatch, tc, "_tc_matmul_kernel", "PLANES")
+    monkeypatch.setattr(tc, switch, forced)
+    launched = record_launches(monkeypatch, tc, "_tc_matmul_kernel", constexpr)
     n, k = 24, 256
     packed, scale, zero = make_int_weight(n, k, 128, True, 4, rng, torch.bfloat16)
     x = torch.randn(20, k, generator=rng).to(torch.bfloat16)
-    cfg = C.Config(16, 16, 128, planes=cfg_planes)
+    cfg = C.Config(16, 16, 128, **{field: in_config})
     y = int_matmul(x, packed, scale, zero, (n, k), 4, path="tc", config=cfg)
-    assert launched == [cfg_planes if forced is None else forced]
-    assert_matmul_close(y, int_matmul_ref(x, packed, scale, zero, (n, k), 4), x,
-                        int_dequantize_ref(packed, scale, zero, (n, k), 4), rng.initial_seed())
-
-
-@pytest.mark.parametrize("forced", [None, True, False])
-@pytest.mark.parametrize("cfg_k_order", [True, False])
-def test_tc_k_order_follows_the_config_unless_forced(cfg_k_order, forced, rng, monkeypatch):
-    """tc.FORCE_K_ORDER None (the default): the launch config's `k_order` (tuned per format and
-    shape) decides; True / False override it (bench_kernels "@k-order" / "@no-k-order"). The
-    interpreter runs the plain decode whatever FORCE_K_ORDER says (no inline PTX), so the product
-    is checked too."""
-    from compress.kernels import tc
-
-    monkeypatch.setattr(tc, "FORCE_K_ORDER", forced)
-    launched = record_launches(monkeypatch, tc, "_tc_matmul_kernel", "K_ORDER")
-    n, k = 24, 256
-    packed, scale, zero = make_int_weight(n, k, 128, True, 4, rng, torch.bfloat16)
-    x = torch.randn(20, k, generator=rng).to(torch.bfloat16)
-    cfg = C.Config(16, 16, 128, k_order=cfg_k_order)
-    y = int_matmul(x, packed, scale, zero, (n, k), 4, path="tc", config=cfg)
-    assert launched == [cfg_k_order if forced is None else forced]
+    assert launched == [in_config if forced is None else forced]
     assert_matmul_close(y, int_matmul_ref(x, packed, scale, zero, (n, k), 4), x,
                         int_dequantize_ref(packed, scale, zero, (n, k), 4), rng.initial_seed())
