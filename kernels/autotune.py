@@ -128,7 +128,7 @@ TC_CANDIDATES = {
     # (fourteenth session) asynchronous dots, first: never timed before. INT4 in K order on
     # swapped tiles (other formats: the same tiles, plain), at every M bucket since the loop's
     # tl.assume keeps ptxas from serializing the wgmmas of 32-128-row tiles (kernels/NOTES.md)
-    # (seventeenth session) INT4's code-slot dots, first: never timed. Fewer registers (78 at
+    # (seventeenth session) INT4's code-slot dots, first: never timed. Fewer registers (80 at
     # 16 x 64 x 128) and less shared memory, so fewer stages and more programs an SM
     16: [cfg(16, 64, 128, 4, 4, 4),
          *planes((16, 64, 128, 4, 4, 4), (16, 64, 128, 4, 2, 4), (16, 64, 128, 4, 3, 8),

@@ -114,7 +114,9 @@ u)
     stamp "read floors at M = 1, 16 rc=$?"
     # Config.planes (eight code-slot dots, the weights never in shared memory): its GPU tests,
     # then an A/B on the shipped table where its tiles apply (swapped, block_k >= 128)
-    timeout 100 $PY -m pytest -v -n 8 tests/gpu/test_gpu_kernels.py -k "planes or packed_decode" \
+    # by test name: "planes" alone would match every test whose id prints a Config
+    timeout 100 $PY -m pytest -v -n 8 tests/gpu/test_gpu_kernels.py \
+        -k "test_tc_planes_decode or test_tc_packed_decode" \
         >"$W/planes_tests.txt" 2>&1
     stamp "planes GPU tests rc=$?"
     timeout 90 $PY kernels/bench_kernels.py --ms 16,128 --reps 20 \

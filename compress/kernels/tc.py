@@ -343,9 +343,10 @@ def _int4_packed_k_order(w_ptr, rn, n_in, k0, KW, s, z, DTYPE, BLOCK_K: tl.const
 
 
 @triton.jit
-def _int4_planes_dot(w_ptr, x_ptr, rn, n_in, rm, m_in, k0, K, KW, stride_xm, s, z, acc, DTYPE,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN: tl.constexpr):
-    """acc [BN, BM] + the K-tile at k0 of INT4 weights times x^T, as eight dots of K / 8, one a
+def _int4_planes_dot(w_ptr, rn, n_in, k0, KW, s, z, x, acc, DTYPE, BLOCK_K: tl.constexpr,
+                     EVEN: tl.constexpr):
+    """acc [BN, BM] + the K-tile at k0 of INT4 weights times x^T (x [BM, BLOCK_K], the tile's
+    activations), as eight dots of K / 8, one a
     code slot ("plane" j: code j of every word, inputs k0 + 8 i + j). Each plane comes from the
     words by elementwise operations alone, so Triton loads the words straight into the wgmma's
     register-operand layout and the decoded tile never goes through shared memory (the
@@ -363,13 +364,7 @@ def _int4_planes_dot(w_ptr, x_ptr, rn, n_in, rm, m_in, k0, K, KW, stride_xm, s, 
             INT4_PLANES_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
             [words, s.to(tl.float16), (1032.0 + z).to(tl.float16)],
             dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-    # x [BM, BW, 8], element (m, i, j) = x[m, k0 + 8 i + j]; three splits give the planes
-    rk = k0 + tl.arange(0, BW)[:, None] * 8 + tl.arange(0, 8)[None, :]
-    ptrs = x_ptr + rm[:, None, None] * stride_xm + rk[None, :, :]
-    if EVEN_K:
-        x = tl.load(ptrs, mask=m_in[:, None, None], other=0.0)
-    else:
-        x = tl.load(ptrs, mask=m_in[:, None, None] & (rk[None, :, :] < K), other=0.0)
+    # x as [BM, BW, 8], element (m, i, j) = x[m, k0 + 8 i + j]; three splits give the planes
     BM: tl.constexpr = x.shape[0]
     x_even, x_odd = tl.split(tl.reshape(x, (BM, BW, 4, 2)))
     x04, x26 = tl.split(tl.reshape(x_even, (BM, BW, 2, 2)))
@@ -470,8 +465,9 @@ def _tc_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, gs_ptr, ws_ptr
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = k_start + kk
         if PACKED and PLANES and SWAP and BLOCK_K >= 128:   # eight dots of K / 8 >= 16 each
-            acc = _int4_planes_dot(w_ptr, x_ptr, rn, n_in, rm, m_in, k0, K, KW, stride_xm, s, z,
-                                   acc, DTYPE, BLOCK_K, EVEN_K, EVEN_K and EVEN_N)
+            x = _x_tile(x_ptr, rm, m_in, stride_xm, k0 + tl.arange(0, BLOCK_K), K, EVEN_K)
+            acc = _int4_planes_dot(w_ptr, rn, n_in, k0, KW, s, z, x, acc, DTYPE, BLOCK_K,
+                                   EVEN_K and EVEN_N)
             s, z = _row_scale(s_ptr, z_ptr, gs, rn, n_in, k0 + BLOCK_K, K, G, GROUP, GROUP_SHIFT,
                               FMT, BITS, PER, HAS_ZERO, POW2_GROUP)
         elif PACKED and K_ORDER:   # one dot, x straight from its buffer (Config.k_order)
