@@ -44,6 +44,7 @@ MS = [1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 # H200 (132 SMs, 60 MB L2): 4.8 TB/s peak HBM3e, ~4.3 TB/s measured copy; dense bf16 FLOP/s
 H200 = {"bandwidth": 4.3e12, "bf16_flops": 790e12}
 GROUP = 128
+CHUNK_MIB = (0, 4, 8, 16, 32)   # "@chunk<MiB>" variants (0: the whole weight at once)
 PEERS = ("tinygemm", "torch-2:4-bf16")   # not ours: a wrong peer is dropped, not fatal
 
 
@@ -154,9 +155,11 @@ def make_variants(n: int, k: int, device) -> dict:
         "mxfp4": (lambda x, path=None: fp4_matmul(x, "mxfp4", fp4_bytes, mx_scale, None, shape,
                                                   path=path),
                   lambda x: fp4_matmul_ref(x, "mxfp4", fp4_bytes, mx_scale, None, shape)),
-        "2:4-bf16": (lambda x: sparse24_matmul(x, "16bit", sparse16, shape),
+        "2:4-bf16": (lambda x, path=None: sparse24_matmul(x, "16bit", sparse16, shape,
+                                                          path=path),
                      lambda x: sparse24_matmul_ref(x, "16bit", sparse16, shape)),
-        "2:4-int4-g128": (lambda x: sparse24_matmul(x, "int", sparse4, shape),
+        "2:4-int4-g128": (lambda x, path=None: sparse24_matmul(x, "int", sparse4, shape,
+                                                               path=path),
                           lambda x: sparse24_matmul_ref(x, "int", sparse4, shape)),
     }
     # the same weights forced onto one path at every M ("@tc": the tc kernel, "@dequant":
@@ -174,6 +177,14 @@ def make_variants(n: int, k: int, device) -> dict:
             v[f"{name}@no-k-order"] = (functools.partial(_no_k_order, fn_ref[0]), fn_ref[1])
             v[f"{name}@planes"] = (functools.partial(_planes, fn_ref[0]), fn_ref[1])
             v[f"{name}@no-planes"] = (functools.partial(_no_planes, fn_ref[0]), fn_ref[1])
+    # "@chunk<MiB>": decode + cuBLAS with W decoded in row chunks of about that many MiB
+    # (C.DEQUANT_CHUNK_MIB), "@chunk0" the whole weight at once, whatever the table says
+    for name, fn_ref in list(v.items()):
+        if "@" not in name and name != "bf16":
+            for mib in CHUNK_MIB:
+                v[f"{name}@chunk{mib}"] = (functools.partial(
+                    _without, fn_ref[0], path="dequant", module="_common",
+                    name="DEQUANT_CHUNK_MIB", off=mib), fn_ref[1])
     # the floors: int4-g128's words and scales, and the bf16 weight, read once by a streaming
     # kernel that does no math (what any matmul reading those bytes cannot beat in this timing)
     v["read-int4"] = (functools.partial(read_floor, (packed4, scale)), None)

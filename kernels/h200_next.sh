@@ -9,6 +9,10 @@
 #                                 # the weight's bytes cannot beat), Config.planes tested and
 #                                 # timed against the shipped decode, the INT4 tc retune at M = 16
 #                                 # and 128 with the planes and decode-once candidates
+#   bash kernels/h200_next.sh v   # then: the dequant path (M >= 256) in row chunks small
+#                                 # enough for L2 (C.DEQUANT_CHUNK_MIB), tested and timed
+#                                 # against the whole-weight decode; the best chunk size goes
+#                                 # into configs/nvidia_h200.json "paths" "dequant_chunk_mib"
 # The standard retune after a kernel change, three calls (sixteenth session, 02:37-02:51 UTC):
 #   bash kernels/h200_next.sh p   # the whole GPU suite, M = 1 retune, M = 1 kernels on it
 #   TABLE=.gpu_in/tuned_m1.json bash kernels/h200_next.sh q   # e2e on it (PDL rows) and on the
@@ -19,7 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in p|q|r|u) ;; *) echo "h200_next.sh: part must be one of p, q, r, u, got '$PART'" >&2; exit 2;; esac
+case $PART in p|q|r|u|v) ;; *) echo "h200_next.sh: part must be one of p, q, r, u, v, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -134,6 +138,25 @@ u)
     grep -E "FAILED|ERROR" "$W/planes_tests.txt" | head -5; grep -E "^\|" "$W/planes.txt"
     grep -E "^(tc|wrote)" "$W/tune.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/u_all.txt"
+    cp "$W"/*.jsonl "$OUT/"
+    ;;
+v)
+    # eighteenth session: M = 256..2048 decode the whole weight (N K 2 bytes written to DRAM and
+    # read back by cuBLAS), 0.50-0.90x bf16. In row chunks of a few MiB, one buffer reused, a
+    # chunk can be read back from L2 (60 MB); the cost is N-chunked matmuls (fewer tiles each)
+    W=/tmp/next_v && mkdir -p $W
+    timeout 150 $PY -m pytest -v -n 8 tests/gpu/test_gpu_kernels.py -k "row_chunks" \
+        >"$W/chunk_tests.txt" 2>&1
+    stamp "chunked dequant GPU tests rc=$?"
+    V=bf16,int4-g128@chunk0,int4-g128@chunk4,int4-g128@chunk8,int4-g128@chunk16
+    V=$V,int4-g128@chunk32,nvfp4@chunk0,nvfp4@chunk8,nvfp4@chunk16
+    V=$V,2:4-int4-g128@chunk0,2:4-int4-g128@chunk8,2:4-int4-g128@chunk16
+    timeout 300 $PY kernels/bench_kernels.py --ms 256,512,2048,8192 --reps 10 --variants $V \
+        --log "$W/v.jsonl" >"$W/chunks.txt" 2>&1
+    stamp "dequant in row chunks, A/B rc=$?"
+    tail -2 "$W/chunk_tests.txt"; grep -E "FAILED|ERROR" "$W/chunk_tests.txt" | head -5
+    grep -E "^\|" "$W/chunks.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/v_all.txt"
     cp "$W"/*.jsonl "$OUT/"
     ;;
 esac

@@ -47,6 +47,13 @@ PDL = os.environ.get("COMPRESS_PDL", "1") != "0"
 
 # Above this many rows the weight is decoded once and cuBLAS does the matmul (tunable).
 DEQUANT_MIN_M = 512
+# The dequant path in row chunks of about this many MiB of decoded weight, one buffer reused
+# (dequant_linear). Decoding all of W first writes N K 2 bytes to DRAM for cuBLAS to read back:
+# at M = 256 on the H200 that pass costs about as much as the matmul (kernels/BENCHMARKS.md).
+# A chunk that fits in L2 (60 MB on the H200) can be read back from L2 instead, at the price of
+# N-chunked matmuls (fewer tiles each). None: the GPU table's "paths": {"dequant_chunk_mib": ..},
+# whole weights where it names none. bench_kernels' "@chunk<MiB>" variants set it for a call.
+DEQUANT_CHUNK_MIB: float | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,39 @@ def choose_path(m: int, decode: bool = False, device=None) -> str:
     if m <= 16:
         return "splitk"
     return "tile"
+
+
+def dequant_chunk_rows(n: int, k: int, itemsize: int, device) -> int:
+    """Rows of W decoded per chunk on the dequant path (n: the whole weight at once). A multiple
+    of 64, so a chunk starts on a word of zero points packed along N (8 INT4 or 4 INT8 a word)."""
+    mib = DEQUANT_CHUNK_MIB
+    if mib is None:
+        mib = config_table(device).get("paths", {}).get("dequant_chunk_mib")
+    if not mib:
+        return n
+    rows = max(64, int(mib * 2 ** 20) // (k * itemsize) // 64 * 64)
+    return min(rows, n)
+
+
+def dequant_linear(x2: torch.Tensor, decode_rows, n: int, k: int,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 [M, K] @ W^T (+ bias) -> [M, N], W [N, K] decoded by decode_rows(n0, n1, out): rows
+    n0..n1 of W in x2's dtype, written into out ([n1 - n0, K], or allocated where out is None).
+    In chunks of dequant_chunk_rows, cuBLAS writes each chunk's columns of y in place (a column
+    slice of y is a matrix with a leading dimension of N: no copy)."""
+    rows = dequant_chunk_rows(n, k, x2.element_size(), x2.device)
+    if rows >= n:
+        return torch.nn.functional.linear(x2, decode_rows(0, n, None), bias)
+    y = alloc((x2.shape[0], n), x2.dtype, x2.device)
+    buf = torch.empty((rows, k), dtype=x2.dtype, device=x2.device)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = decode_rows(n0, n1, buf[:n1 - n0])
+        if bias is None:
+            torch.mm(x2, w.T, out=y[:, n0:n1])
+        else:
+            torch.addmm(bias[n0:n1], x2, w.T, out=y[:, n0:n1])
+    return y
 
 
 def m_bucket(m: int) -> str:

@@ -78,8 +78,13 @@ def fp4_matmul(x: torch.Tensor, fmt: str, packed: torch.Tensor, scale: torch.Ten
         return C.silu_mul(fp4_matmul(x, fmt, packed, scale, global_scale, shape, bias, path,
                                      split_k, cfg))
     if path == "dequant":
-        w = fp4_dequantize(fmt, packed, scale, global_scale, shape, x.dtype)
-        return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
+        words, scale_bytes = _words(packed), scale.view(torch.uint8)
+
+        def decode_rows(n0, n1, out):
+            return tc_dequantize(_FMT[fmt], words[n0:n1], scale_bytes[n0:n1], None,
+                                 global_scale, n1 - n0, k, 4, FORMATS[fmt], x.dtype, out)
+
+        return C.dequant_linear(x2, decode_rows, n, k, bias).reshape(*x.shape[:-1], n)
     if split_k is not None:
         cfg = dataclasses.replace(cfg, split_k=split_k)
     args = (x2, _FMT[fmt], _words(packed), scale.view(torch.uint8), None, global_scale, n, k, 4,

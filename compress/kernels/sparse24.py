@@ -372,8 +372,11 @@ def sparse24_matmul(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]
     m = x2.shape[0]
     path = path or C.choose_path(m, device=x.device)
     if path == "dequant":
-        w = sparse24_dequantize(kind, tensors, shape, bits, x.dtype)
-        return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
+        def decode_rows(n0, n1, out):
+            return _dequantize_rows(kind, _rows(tensors, n0, n1, bits), n1 - n0, k, bits,
+                                    x.dtype, out)
+
+        return C.dequant_linear(x2, decode_rows, n, k, bias).reshape(*x.shape[:-1], n)
     if path == "gemv" and m1_serves(kind, bits):
         return _m1_matmul(x2, kind, tensors, n, k, bias).reshape(*x.shape[:-1], n)
     v, s, z, lut, gs, groups = _launch_args(kind, tensors, bits, x.device)
@@ -443,10 +446,25 @@ def sparse24_dequantize(kind: str, tensors: dict[str, torch.Tensor], shape: tupl
     """The dense weight [N, K] in dtype (the prefill path, then cuBLAS)."""
     n, k = shape
     _check(kind, tensors, n, k, bits)
+    return _dequantize_rows(kind, tensors, n, k, bits, dtype, None)
+
+
+def _rows(t: dict[str, torch.Tensor], n0: int, n1: int, bits: int) -> dict[str, torch.Tensor]:
+    """Rows n0..n1 of a 2:4 weight's tensors (zero points: 32 / bits rows a word, n0 a multiple
+    of that; the NVFP4 global scale is the whole weight's)."""
+    per = 32 // bits
+    return {name: v if name == "weight_global_scale" else
+            v[n0 // per:-(-n1 // per)] if name == "weight_zero_point" else v[n0:n1]
+            for name, v in t.items()}
+
+
+def _dequantize_rows(kind: str, tensors: dict[str, torch.Tensor], n: int, k: int, bits: int,
+                     dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """sparse24_dequantize's launch, its arguments checked by the caller; into out if given."""
     device = tensors["weight_meta"].device
     v, s, z, lut, gs, groups = _launch_args(kind, tensors, bits, device)
     cfg = C.CONFIGS["dequant"]
-    out = C.alloc((n, k), dtype, device)
+    out = C.alloc((n, k), dtype, device) if out is None else out
     _sparse24_dequant_kernel[(-(-n // cfg.block_n), -(-k // cfg.block_k))](
         v, tensors["weight_meta"], s, z, lut, gs, out, n, k, groups, k // groups,
         KIND=VALUE_KINDS[kind], BITS=bits, PER=32 // bits,

@@ -632,10 +632,11 @@ def tc_matmul(x2: torch.Tensor, fmt: int, words: torch.Tensor, scale: torch.Tens
 
 def tc_dequantize(fmt: int, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                   global_scale: torch.Tensor | None, n: int, k: int, bits: int, group: int,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """The whole weight decoded to dtype, [N, K] (the prefill path, then cuBLAS)."""
+                  dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole weight decoded to dtype, [N, K] (the prefill path, then cuBLAS), into out
+    (contiguous [N, K] of dtype) where given."""
     cfg = C.CONFIGS["dequant_words"]
-    out = C.alloc((n, k), dtype, words.device)
+    out = C.alloc((n, k), dtype, words.device) if out is None else out
     scale_consts, group_shift = _scale_args(scale.shape[1], group, k, cfg.block_k, 32 // bits)
     _tc_dequant_kernel[(-(-n // cfg.block_n), -(-k // cfg.block_k))](
         words, scale, zero if zero is not None else words, out,

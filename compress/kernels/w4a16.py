@@ -66,8 +66,14 @@ def int_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
         return C.silu_mul(int_matmul(x, packed, scale, zero, shape, bits, bias, path, split_k,
                                      cfg))
     if path == "dequant":
-        w = int_dequantize(packed, scale, zero, shape, bits, x.dtype)
-        return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
+        per, group = 32 // bits, k // scale.shape[1]
+
+        def decode_rows(n0, n1, out):   # zero points: PER rows a word, n0 a multiple of PER
+            z = None if zero is None else zero[n0 // per:-(-n1 // per)]
+            return tc_dequantize(FMT_INT, packed[n0:n1], scale[n0:n1], z, None, n1 - n0, k,
+                                 bits, group, x.dtype, out)
+
+        return C.dequant_linear(x2, decode_rows, n, k, bias).reshape(*x.shape[:-1], n)
     if split_k is not None:
         cfg = dataclasses.replace(cfg, split_k=split_k)
     args = (x2, FMT_INT, packed, scale, zero, None, n, k, bits, k // scale.shape[1], bias, cfg,

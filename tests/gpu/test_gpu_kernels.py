@@ -273,6 +273,46 @@ def test_tc_planes_decode_on_uneven_shapes(cfg, dtype, symmetric, rng):
                         (rng.initial_seed(), str(cfg)))
 
 
+@pytest.mark.parametrize("kind", ["int4-asym", "int8-asym", "nvfp4", "2:4-int4", "2:4-bf16"])
+@pytest.mark.parametrize("mib", [4, 16])
+def test_dequant_path_in_row_chunks_on_gpu(kind, mib, rng, monkeypatch):
+    """The dequant path in row chunks (C.DEQUANT_CHUNK_MIB: one reused buffer, cuBLAS writing
+    each chunk's column slice of y in place) on Llama's gate/up shape with a bias, N not a
+    multiple of the chunk; against the reference, then inside a CUDA graph."""
+    n, k, m = 14336 + 64, 4096, 256
+    monkeypatch.setattr(C, "DEQUANT_CHUNK_MIB", mib)
+    x = torch.randn(m, k, generator=rng).to(torch.bfloat16).cuda()
+    bias = torch.randn(n, generator=rng).to(torch.bfloat16).cuda()
+    if kind.startswith("2:4"):
+        value_kind = "int" if kind == "2:4-int4" else "16bit"
+        t, w = make_sparse(value_kind, n, k, rng)
+        t, w = cuda(t), w.cuda()
+        def run():
+            return sparse24_matmul(x, value_kind, t, (n, k), bias=bias, path="dequant")
+        ref = sparse24_matmul_ref(x, value_kind, t, (n, k), bias=bias)
+    elif kind.startswith("int"):
+        bits = int(kind[3])
+        args = cuda(make_int_weight(n, k, 128, False, bits, rng, torch.bfloat16)) + ((n, k), bits)
+        def run():
+            return int_matmul(x, *args, bias=bias, path="dequant")
+        ref, w = int_matmul_ref(x, *args, bias=bias), int_dequantize_ref(*args)
+    else:
+        _, packed, scale, gs = cuda(make_fp4_weight("nvfp4", n, k, rng))
+        args = ("nvfp4", packed, scale, gs, (n, k))
+        def run():
+            return fp4_matmul(x, *args, bias=bias, path="dequant")
+        ref, w = fp4_matmul_ref(x, *args, bias=bias), fp4_dequantize_ref(*args)
+    assert C.dequant_chunk_rows(n, k, 2, x.device) < n
+    y = run()
+    assert_matmul_close(y, ref, x, w, (kind, mib), bias=bias)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_matmul_close(captured, ref, x, w, (kind, mib, "graph"), bias=bias)
+
+
 @pytest.mark.parametrize("kind", ["int4", "int4-gated", "nvfp4", "nvfp4-gated", "2:4-int4",
                                   "int4-m16", "2:4-int4-m16"])
 @pytest.mark.parametrize("split", [2, 7])

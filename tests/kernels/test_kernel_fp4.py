@@ -113,6 +113,21 @@ def test_dequantize_kernel_exact_in_float32(fmt, rng):
                                rtol=0 if fmt == "mxfp4" else 2.4e-7, atol=0)
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_dequant_path_in_row_chunks(fmt, monkeypatch, rng):
+    """The dequant path 64 rows at a time (C.DEQUANT_CHUNK_MIB): every column of y written
+    (outputs start as NaN), each chunk with its own rows' scales, the NVFP4 global scale
+    shared."""
+    n, k = 150, 64
+    _, packed, scale, gs = make_fp4_weight(fmt, n, k, rng)
+    bias = torch.randn(n, generator=rng)
+    x = torch.randn(3, k, generator=rng)
+    monkeypatch.setattr(C, "DEQUANT_CHUNK_MIB", 64 * k * 4 / 2 ** 20)   # 64 float32 rows
+    y = fp4_matmul(x, fmt, packed, scale, gs, (n, k), bias=bias, path="dequant")
+    assert_matmul_close(y, fp4_matmul_ref(x, fmt, packed, scale, gs, (n, k), bias=bias), x,
+                        fp4_dequantize_ref(fmt, packed, scale, gs, (n, k)), bias=bias)
+
+
 def test_fp4_bad_input():
     packed = torch.zeros(4, 16, dtype=torch.uint8)
     with pytest.raises(ValueError, match="nvfp4 weight_scale must be"):

@@ -100,6 +100,20 @@ def test_sparse_dequantize_kernel_exact_in_float32(kind, rng):
     torch.testing.assert_close(w, dense.float(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_dequant_path_in_row_chunks(kind, monkeypatch, rng):
+    """2:4's dequant path 64 rows at a time (C.DEQUANT_CHUNK_MIB): each chunk with its own
+    rows of values, metadata, scales and zero-point words; every column of y written."""
+    n, k = 150, 64
+    t, dense = make_sparse(kind, n, k, rng)
+    bias = torch.randn(n, generator=rng)
+    x = torch.randn(3, k, generator=rng)
+    monkeypatch.setattr(C, "DEQUANT_CHUNK_MIB", 64 * k * 4 / 2 ** 20)   # 64 float32 rows
+    y = sparse24_matmul(x, kind, t, (n, k), bias=bias, path="dequant")
+    assert_matmul_close(y, sparse24_matmul_ref(x, kind, t, (n, k), bias=bias), x, dense,
+                        bias=bias)
+
+
 def test_layout_rejects_dense_weights_and_bad_shapes():
     with pytest.raises(ValueError, match="not 2:4 sparse"):
         kept_positions(torch.ones(2, 8))

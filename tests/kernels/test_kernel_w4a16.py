@@ -78,6 +78,45 @@ def test_dequantize_kernel_within_one_rounding(dtype, rng):
                                rtol=ONE_ROUNDING[dtype], atol=0)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequant_path_in_row_chunks(bits, monkeypatch, rng):
+    """The dequant path decoding W 128 rows at a time into one buffer (C.DEQUANT_CHUNK_MIB):
+    3 chunks of N = 300 (the last one short, zero-point words split between chunks), every
+    column of y written (outputs start as NaN), bias sliced with them."""
+    from compress.kernels import tc
+
+    n, k = 300, 64
+    packed, scale, zero = make_int_weight(n, k, 32, False, bits, rng)
+    bias = torch.randn(n, generator=rng)
+    x = torch.randn(5, k, generator=rng)
+    launches = record_launches(monkeypatch, tc, "_tc_dequant_kernel", "BITS")
+    monkeypatch.setattr(C, "DEQUANT_CHUNK_MIB", 128 * k * 4 / 2 ** 20)   # 128 float32 rows
+    y = int_matmul(x, packed, scale, zero, (n, k), bits, bias=bias, path="dequant")
+    assert launches == [bits] * 3
+    assert_matmul_close(y, int_matmul_ref(x, packed, scale, zero, (n, k), bits, bias=bias), x,
+                        int_dequantize_ref(packed, scale, zero, (n, k), bits), bias=bias)
+    monkeypatch.setattr(C, "DEQUANT_CHUNK_MIB", 0)   # 0: the whole weight, one launch
+    whole = int_matmul(x, packed, scale, zero, (n, k), bits, bias=bias, path="dequant")
+    assert len(launches) == 4
+    torch.testing.assert_close(y, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_the_chunk_size_comes_from_the_gpu_table(tmp_path, monkeypatch):
+    """"paths": {"dequant_chunk_mib": ..} sets the rows a chunk (a multiple of 64, at least
+    64, at most N); without it, or with C.DEQUANT_CHUNK_MIB = 0, the whole weight."""
+    cpu = torch.device("cpu")
+    assert C.dequant_chunk_rows(14336, 4096, 2, cpu) == 14336
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"paths": {"dequant_chunk_mib": 16}}))
+    monkeypatch.setenv(C.CONFIG_ENV, str(path))
+    assert C.dequant_chunk_rows(14336, 4096, 2, cpu) == 2048      # 16 MiB of bf16 rows
+    assert C.dequant_chunk_rows(14336, 4096 * 3, 2, cpu) == 640    # 682 rounded down to 64s
+    assert C.dequant_chunk_rows(1000, 4096, 2, cpu) == 1000
+    assert C.dequant_chunk_rows(14336, 10 ** 6, 2, cpu) == 64
+    monkeypatch.setattr(C, "DEQUANT_CHUNK_MIB", 0)
+    assert C.dequant_chunk_rows(14336, 4096, 2, cpu) == 14336
+
+
 def test_reference_equals_intq_codec(rng):
     """The kernel's reference reads the tensors exactly as compress.formats.intq writes them."""
     from compress.formats import WeightFormat, codec
