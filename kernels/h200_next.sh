@@ -143,15 +143,17 @@ u)
 v)
     # eighteenth session: M = 256..2048 decode the whole weight (N K 2 bytes written to DRAM and
     # read back by cuBLAS), 0.50-0.90x bf16. In row chunks of a few MiB, one buffer reused, a
-    # chunk can be read back from L2 (60 MB); the cost is N-chunked matmuls (fewer tiles each)
+    # chunk can be read back from L2 (60 MB); the cost is N-chunked matmuls (fewer tiles each).
+    # M = 64 and 128 too: the tc kernel's 0.64-1.07x there is the bar a decode-to-L2 + cuBLAS
+    # would have to beat (the "@chunk" variants force the dequant path at every M)
     W=/tmp/next_v && mkdir -p $W
     timeout 150 $PY -m pytest -v -n 8 tests/gpu/test_gpu_kernels.py -k "row_chunks" \
         >"$W/chunk_tests.txt" 2>&1
     stamp "chunked dequant GPU tests rc=$?"
-    V=bf16,int4-g128@chunk0,int4-g128@chunk4,int4-g128@chunk8,int4-g128@chunk16
+    V=bf16,int4-g128,int4-g128@chunk0,int4-g128@chunk4,int4-g128@chunk8,int4-g128@chunk16
     V=$V,int4-g128@chunk32,nvfp4@chunk0,nvfp4@chunk8,nvfp4@chunk16
     V=$V,2:4-int4-g128@chunk0,2:4-int4-g128@chunk8,2:4-int4-g128@chunk16
-    timeout 300 $PY kernels/bench_kernels.py --ms 256,512,2048,8192 --reps 10 --variants $V \
+    timeout 330 $PY kernels/bench_kernels.py --ms 64,128,256,512,2048,8192 --reps 10 --variants $V \
         --log "$W/v.jsonl" >"$W/chunks.txt" 2>&1
     stamp "dequant in row chunks, A/B rc=$?"
     tail -2 "$W/chunk_tests.txt"; grep -E "FAILED|ERROR" "$W/chunk_tests.txt" | head -5
