@@ -45,6 +45,9 @@ MS = [1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 H200 = {"bandwidth": 4.3e12, "bf16_flops": 790e12}
 GROUP = 128
 CHUNK_MIB = (0, 4, 8, 16, 32)   # "@chunk<MiB>" variants (0: the whole weight at once)
+# "@dq..." variants: tc_dequantize tiles (block_n, block_k, warps); the first is the shipped one
+DEQUANT_TILES = ((32, 256, 4), (64, 256, 4), (16, 512, 4), (32, 512, 8), (64, 128, 4),
+                 (128, 256, 8))
 PEERS = ("tinygemm", "torch-2:4-bf16")   # not ours: a wrong peer is dropped, not fatal
 
 
@@ -185,6 +188,15 @@ def make_variants(n: int, k: int, device) -> dict:
                 v[f"{name}@chunk{mib}"] = (functools.partial(
                     _without, fn_ref[0], path="dequant", module="_common",
                     name="DEQUANT_CHUNK_MIB", off=mib), fn_ref[1])
+    # "@dq<block_n>x<block_k>w<warps>": the same with another tile for tc_dequantize's kernel
+    # (C.CONFIGS["dequant_words"], never tuned: the decode pass reaches ~3.3 TB/s of written +
+    # read bytes on gate/up at M = 256, against ~4.3 for a copy)
+    for name in ("int4-g128", "nvfp4"):
+        for bn, bk, warps in DEQUANT_TILES:
+            tiles = dict(C.CONFIGS, dequant_words=C.Config(1, bn, bk, num_warps=warps))
+            v[f"{name}@dq{bn}x{bk}w{warps}"] = (functools.partial(
+                _without, v[name][0], path="dequant", module="_common", name="CONFIGS",
+                off=tiles), v[name][1])
     # the floors: int4-g128's words and scales, and the bf16 weight, read once by a streaming
     # kernel that does no math (what any matmul reading those bytes cannot beat in this timing)
     v["read-int4"] = (functools.partial(read_floor, (packed4, scale)), None)

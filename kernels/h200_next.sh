@@ -12,7 +12,8 @@
 #   bash kernels/h200_next.sh v   # then: the dequant path (M >= 256) in row chunks small
 #                                 # enough for L2 (C.DEQUANT_CHUNK_MIB), tested and timed
 #                                 # against the whole-weight decode; the best chunk size goes
-#                                 # into configs/nvidia_h200.json "paths" "dequant_chunk_mib"
+#                                 # into configs/nvidia_h200.json "paths" "dequant_chunk_mib";
+#                                 # the decode pass's tile (CONFIGS["dequant_words"]) swept
 # The standard retune after a kernel change, three calls (sixteenth session, 02:37-02:51 UTC):
 #   bash kernels/h200_next.sh p   # the whole GPU suite, M = 1 retune, M = 1 kernels on it
 #   TABLE=.gpu_in/tuned_m1.json bash kernels/h200_next.sh q   # e2e on it (PDL rows) and on the
@@ -144,7 +145,7 @@ v)
     # eighteenth session: M = 256..2048 decode the whole weight (N K 2 bytes written to DRAM and
     # read back by cuBLAS), 0.50-0.90x bf16. In row chunks of a few MiB, one buffer reused, a
     # chunk can be read back from L2 (60 MB); the cost is N-chunked matmuls (fewer tiles each).
-    # M = 64 and 128 too: the tc kernel's 0.64-1.07x there is the bar a decode-to-L2 + cuBLAS
+    # M = 128 too: the tc kernel's 0.64-0.87x there is the bar a decode-to-L2 + cuBLAS
     # would have to beat (the "@chunk" variants force the dequant path at every M)
     W=/tmp/next_v && mkdir -p $W
     timeout 150 $PY -m pytest -v -n 8 tests/gpu/test_gpu_kernels.py -k "row_chunks" \
@@ -153,11 +154,19 @@ v)
     V=bf16,int4-g128,int4-g128@chunk0,int4-g128@chunk4,int4-g128@chunk8,int4-g128@chunk16
     V=$V,int4-g128@chunk32,nvfp4@chunk0,nvfp4@chunk8,nvfp4@chunk16
     V=$V,2:4-int4-g128@chunk0,2:4-int4-g128@chunk8,2:4-int4-g128@chunk16
-    timeout 330 $PY kernels/bench_kernels.py --ms 64,128,256,512,2048,8192 --reps 10 --variants $V \
+    timeout 330 $PY kernels/bench_kernels.py --ms 128,256,512,2048 --reps 10 --variants $V \
         --log "$W/v.jsonl" >"$W/chunks.txt" 2>&1
     stamp "dequant in row chunks, A/B rc=$?"
+    # the decode pass's own tile (C.CONFIGS["dequant_words"], never tuned), whole weights
+    V=bf16,int4-g128@dq32x256w4,int4-g128@dq64x256w4,int4-g128@dq16x512w4
+    V=$V,int4-g128@dq32x512w8,int4-g128@dq64x128w4,int4-g128@dq128x256w8
+    V=$V,nvfp4@dq32x256w4,nvfp4@dq64x256w4,nvfp4@dq32x512w8
+    left=$(( 560 - ($(date +%s) - T0) ))
+    [ $left -gt 40 ] && timeout $left $PY kernels/bench_kernels.py --ms 256,2048 --reps 10 \
+        --variants $V --log "$W/v.jsonl" >"$W/dq_tiles.txt" 2>&1
+    stamp "tc_dequantize tiles (${left} s allowed) rc=$?"
     tail -2 "$W/chunk_tests.txt"; grep -E "FAILED|ERROR" "$W/chunk_tests.txt" | head -5
-    grep -E "^\|" "$W/chunks.txt"
+    grep -E "^\|" "$W/chunks.txt" "$W/dq_tiles.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/v_all.txt"
     cp "$W"/*.jsonl "$OUT/"
     ;;
