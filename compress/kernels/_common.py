@@ -9,6 +9,7 @@ the GPU's config table "paths"):
     tc       decode_max_m < M < dequant_min_m   compress/kernels/tc.py: packed words decoded
                                       per K-tile to the activation dtype, one tl.dot per tile
     dequant  M >= dequant_min_m       decode W once to x.dtype (tc.py), then torch.matmul
+                                      (dequant_linear: in row chunks where the table says)
   2:4 (sparse24.py, old kernels):
     gemv     M == 1        CUDA-core multiply-and-sum, split-K
     splitk   M in 2..16    tensor-core tiles of 16 rows, split-K
