@@ -14,6 +14,10 @@
 #                                 # against the whole-weight decode; the best chunk size goes
 #                                 # into configs/nvidia_h200.json "paths" "dequant_chunk_mib";
 #                                 # the decode pass's tile (CONFIGS["dequant_words"]) swept
+#   bash kernels/h200_next.sh w   # last: the profile that shows each remaining miss's limit
+#                                 # (ncu of the M = 1 kernel against the read floor and cuBLAS's
+#                                 # gemv on the same shape, the tc kernel at M = 16, the decode
+#                                 # pass at M = 256, 2:4 + INT4 at M = 1)
 # The standard retune after a kernel change, three calls (sixteenth session, 02:37-02:51 UTC):
 #   bash kernels/h200_next.sh p   # the whole GPU suite, M = 1 retune, M = 1 kernels on it
 #   TABLE=.gpu_in/tuned_m1.json bash kernels/h200_next.sh q   # e2e on it (PDL rows) and on the
@@ -24,7 +28,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in p|q|r|u|v) ;; *) echo "h200_next.sh: part must be one of p, q, r, u, v, got '$PART'" >&2; exit 2;; esac
+case $PART in p|q|r|u|v|w) ;; *) echo "h200_next.sh: part must be one of p, q, r, u, v, w, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -169,5 +173,34 @@ v)
     grep -E "^\|" "$W/chunks.txt" "$W/dq_tiles.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/v_all.txt"
     cp "$W"/*.jsonl "$OUT/"
+    ;;
+w)
+    # the issue asks, for a goal missed after tuning, the profile that shows the limit: one ncu
+    # report a miss, each the first launch of its kernel in a bench_kernels run (its reference
+    # check at the first M; the read floor and cuBLAS have none, so their first timed call)
+    W=/tmp/next_w && mkdir -p $W
+    SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy"
+    SECTIONS="$SECTIONS --section LaunchStats --section SchedulerStats --section WarpStateStats"
+    profile() {   # name, kernel regex, bench_kernels arguments
+        local name=$1 kernel=$2; shift 2
+        timeout 100 ncu --clock-control none --kernel-name "regex:$kernel" --launch-count 1 \
+            $SECTIONS --export "$W/$name" $PY kernels/bench_kernels.py --reps 2 \
+            --log "$W/w.jsonl" "$@" >"$W/$name.run.txt" 2>&1
+        stamp "ncu $name rc=$?"
+        ncu --import "$W/$name.ncu-rep" --page details >"$W/$name.txt" 2>&1
+    }
+    O="o 4096x4096"; GU="gate/up 14336x4096"
+    profile m1_int4 _gemv_kernel --ms 1 --shapes "$O" --variants int4-g128
+    profile m1_read _read_kernel --ms 1 --shapes "$O" --variants read-int4
+    profile m1_bf16 "gemv|gemm|nvjet|sm90" --ms 1 --shapes "$O" --variants bf16
+    profile m1_s24 _sparse24_gemv_kernel --ms 1 --shapes "$O" --variants 2:4-int4-g128
+    profile m16_tc _tc_matmul_kernel --ms 16 --shapes "$O" --variants int4-g128
+    profile m256_dq _tc_dequant_kernel --ms 256 --shapes "$GU" --variants int4-g128
+    for f in m1_int4 m1_read m1_bf16 m1_s24 m16_tc m256_dq; do
+        echo "== $f"; grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Warp Cycles Per Issued|Eligible Warps" \
+            "$W/$f.txt" | head -14
+    done | tee "$OUT/w_summary.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/w_all.txt"
+    tar -C "$W" -czf "$OUT/w_reports.tgz" $(cd "$W" && ls *.ncu-rep) 2>/dev/null
     ;;
 esac
