@@ -188,7 +188,10 @@ def main() -> None:
                              "<format>-unfused: without fusing q/k/v and gate/up; "
                              "<format>-nopdl / <format>-pdl: our kernels launched without / "
                              "with programmatic dependent launch (compress/kernels/_common.PDL, "
-                             "on by default; COMPRESS_PDL=0 turns it off)")
+                             "on by default; COMPRESS_PDL=0 turns it off); "
+                             "<format>-l2pf<MiB>: each layer's q/k/v matmul then asks L2 for "
+                             "that many MiB of o_proj's and gate/up's weights "
+                             "(compress/runtime/fused.py L2_PREFETCH_MIB, off by default)")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -281,9 +284,11 @@ def main() -> None:
             # "<format>-unfused": q/k/v and gate/up as separate matmuls (compress.load on CUDA
             # fuses them, compress/runtime/fused.py; this row shows what that gains);
             # "<format>-nopdl" / "-pdl": the fused row with PDL off / on (the default after it)
+            # "<format>-l2pf<MiB>": the fused row with the L2 prefetch after q/k/v
             head, _, tail = name.rpartition("-")
             pdl = {"nopdl": False, "pdl": True}.get(tail)
-            name_fmt = name if pdl is None else head
+            l2pf = float(tail[4:]) if tail.startswith("l2pf") else 0
+            name_fmt = head if pdl is not None or l2pf else name
             kernels_common.PDL = pdl_default if pdl is None else pdl
             base = name_fmt.removesuffix("-unfused")
             originals = compress_linears(model, FORMATS[base], args.quantize_lm_head)
@@ -292,6 +297,7 @@ def main() -> None:
                 from compress.runtime.fused import fuse_projections
 
                 fused.GATED_MLP = args.gated_mlp
+                fused.L2_PREFETCH_MIB = l2pf
 
                 print(f"{fuse_projections(model)} projection groups fused ({name})",
                       file=sys.stderr)

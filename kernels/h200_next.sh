@@ -14,6 +14,9 @@
 #                                 # against the whole-weight decode; the best chunk size goes
 #                                 # into configs/nvidia_h200.json "paths" "dequant_chunk_mib";
 #                                 # the decode pass's tile (CONFIGS["dequant_words"]) swept
+#   bash kernels/h200_next.sh x   # the L2 prefetch of o_proj's and gate/up's weights after each
+#                                 # q/k/v (fused.L2_PREFETCH_MIB), tested, then end to end at
+#                                 # three budgets against the same rows without it
 #   bash kernels/h200_next.sh w   # last: the profile that shows each remaining miss's limit
 #                                 # (ncu of the M = 1 kernel against the read floor and cuBLAS's
 #                                 # gemv on the same shape, the tc kernel at M = 16, the decode
@@ -28,7 +31,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in p|q|r|u|v|w) ;; *) echo "h200_next.sh: part must be one of p, q, r, u, v, w, got '$PART'" >&2; exit 2;; esac
+case $PART in p|q|r|u|v|w|x) ;; *) echo "h200_next.sh: part must be one of p, q, r, u, v, w, x, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -172,6 +175,28 @@ v)
     tail -2 "$W/chunk_tests.txt"; grep -E "FAILED|ERROR" "$W/chunk_tests.txt" | head -5
     grep -E "^\|" "$W/chunks.txt" "$W/dq_tiles.txt"
     for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/v_all.txt"
+    cp "$W"/*.jsonl "$OUT/"
+    ;;
+x)
+    # eighteenth session: between a layer's q/k/v matmul and o_proj, RoPE, the cache update and
+    # the attention leave DRAM nearly idle; one launch after q/k/v asks L2 for o_proj's weights
+    # (8.9 MB in INT4) and the head of gate/up's (compress/kernels/prefetch.py)
+    W=/tmp/next_x && mkdir -p $W
+    timeout 120 $PY -m pytest -v -n 4 tests/gpu/test_gpu_kernels.py -k "l2_prefetch" \
+        >"$W/l2pf_tests.txt" 2>&1
+    stamp "L2 prefetch GPU tests rc=$?"
+    # rows in pairs: without, then with at 9 (o_proj alone), 24 and 40 MiB
+    timeout 300 $PY $E2E --formats int4,int4-l2pf9,int4-l2pf24,int4-l2pf40,nvfp4,nvfp4-l2pf24 \
+        --log "$W/x.jsonl" >"$W/e2e_l2pf.txt" 2>&1
+    stamp "end to end with the L2 prefetch rc=$?"
+    left=$(( 560 - ($(date +%s) - T0) ))
+    # where a step's time goes with and without it (eager steps, torch.profiler)
+    [ $left -gt 60 ] && timeout $left $PY $E2E --formats int4,int4-l2pf24 --repeats 1 \
+        --profile "$OUT/l2pf_profile.txt" --log "$W/x.jsonl" >"$W/e2e_profile.txt" 2>&1
+    stamp "profiles (${left} s allowed) rc=$?"
+    tail -2 "$W/l2pf_tests.txt"; grep -E "FAILED|ERROR" "$W/l2pf_tests.txt" | head -5
+    grep -E "^\|" "$W/e2e_l2pf.txt"
+    for f in "$W"/*.txt; do echo "==== $f"; cat "$f"; done >"$OUT/x_all.txt"
     cp "$W"/*.jsonl "$OUT/"
     ;;
 w)

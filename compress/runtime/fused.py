@@ -17,9 +17,14 @@ in the gate/up matmul's epilogue at M = 1 (decode._gemv_kernel GATED): one launc
 transformers' forward takes three (the matmul, SiLU, the product), 64 fewer a step of an 8B
 model. The MLP's forward is replaced only where it computes that formula (checked on a random
 input when fused), and only with GATED_MLP set.
+
+With L2_PREFETCH_MIB set, a layer's q/k/v group at one row also asks L2 for the layer's next
+weights (o_proj's, then gate/up's) right after its matmul (L2Prefetch, link_l2_prefetch).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -32,6 +37,11 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # +1% in three same-run pairs, 390.8-392.3 -> 394.4-396.1 tok/s; GPU suite passed).
 GATED_MLP = True
 STACKED = ("weight_packed", "weight_scale", "weight_zero_point")   # stacked along output rows
+# After a layer's q/k/v matmul at one row, ask L2 for this many MiB of the layer's o_proj and
+# then gate/up tensors (compress/kernels/prefetch.py): the RoPE, cache and attention kernels in
+# between leave DRAM nearly idle. 0: off. Not yet timed on the H200 (eighteenth session, no
+# device): bench_e2e's "<format>-l2pf<MiB>" rows measure it.
+L2_PREFETCH_MIB = 0
 
 
 class FusedGroup:
@@ -59,6 +69,7 @@ class FusedGroup:
                     self.stack.register_buffer(name, buffers[name])
         self.views = self._views()
         self.cache: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self.prefetch: L2Prefetch | None = None   # q/k/v: see link_l2_prefetch
 
     def _buffer_rows(self, name: str, stacked: torch.Tensor) -> list[tuple[int, int]]:
         """Each member's row range in a stacked tensor (zero points pack 8 rows a word)."""
@@ -83,6 +94,8 @@ class FusedGroup:
             return QuantizedLinear.forward(member, x)
         if self.cache is None or self.cache[0] is not x:
             self.cache = (x, self.stack(x), len(self.members))
+            if self.prefetch is not None and L2_PREFETCH_MIB and x.numel() == x.shape[-1]:
+                self.prefetch.issue(x)   # one row: a decode step (the attention comes next)
         cached_x, y, left = self.cache
         # the last member to read it drops the cache (an input held no longer than needed)
         self.cache = (cached_x, y, left - 1) if left > 1 else None
@@ -140,7 +153,73 @@ def fuse_projections(model: nn.Module) -> int:
                 parent.forward = (lambda x, p=parent, g=group: _gated_forward(p, g, x))
                 parent.fused_gated_mlp = True
             fused += 1
+    link_l2_prefetch(model)
     return fused
+
+
+class L2Prefetch:
+    """The weights a layer's q/k/v group asks L2 for after its matmul: the first
+    L2_PREFETCH_MIB of its targets' tensors (o_proj's, then the gate/up stack's), each target
+    by the same fraction of its rows in every tensor (codes, scales, zero points: the rows a
+    program of its matmul reads together). The ranges are made on first use and again when
+    the budget or a tensor's address changes; never inside a CUDA graph capture (a host-to-
+    device copy), where a call before capture has not made them the step goes without."""
+
+    def __init__(self, targets: list[QuantizedLinear]):
+        self.targets = targets
+        self.key: tuple | None = None
+        self.ranges = None
+
+    def tensors(self) -> list[list[torch.Tensor]]:
+        return [[m._buffers[n] for n in STACKED if m._buffers.get(n) is not None]
+                for m in self.targets]
+
+    def plan(self, mib: float) -> list[tuple[torch.Tensor, int]]:
+        """(tensor, bytes from its start) within mib MiB, targets in order."""
+        left, ranges = int(mib * 2 ** 20), []
+        for tensors in self.tensors():
+            total = sum(t.numel() * t.element_size() for t in tensors)
+            share = min(1.0, left / total) if total else 0.0
+            ranges += [(t, int(t.numel() * t.element_size() * share)) for t in tensors]
+            left -= int(total * share)
+            if left <= 0:
+                break
+        return ranges
+
+    def issue(self, x: torch.Tensor) -> None:
+        from compress.kernels.prefetch import prefetch_l2, prefetch_ranges
+        from compress.runtime.modules import kernel_unavailable
+
+        if kernel_unavailable(x) is not None:
+            return
+        key = (L2_PREFETCH_MIB, tuple(t.data_ptr() for ts in self.tensors() for t in ts))
+        if key != self.key:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return
+            self.ranges, self.key = prefetch_ranges(self.plan(L2_PREFETCH_MIB), x.device), key
+        if self.ranges is not None:   # the interpreter runs no PTX: the kernel's plan instead
+            prefetch_l2(self.ranges, plan=os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def link_l2_prefetch(model: nn.Module) -> int:
+    """Give every decoder layer's fused q/k/v group its L2Prefetch: the layer's o_proj, then
+    its gate/up stack (or gate_proj and up_proj), where those are plain QuantizedLinear.
+    Returns how many groups got one (they ask for nothing while L2_PREFETCH_MIB is 0)."""
+    linked = 0
+    for layer in model.modules():
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        group = getattr(getattr(attn, "q_proj", None), "fused_group", None)
+        if group is None or mlp is None:
+            continue
+        targets = [getattr(attn, "o_proj", None)]
+        gate_group = getattr(getattr(mlp, "gate_proj", None), "fused_group", None)
+        targets += ([gate_group.stack] if gate_group is not None else
+                    [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")])
+        targets = [t for t in targets if type(t) is QuantizedLinear]
+        if targets:
+            group.prefetch = L2Prefetch(targets)
+            linked += 1
+    return linked
 
 
 def _gated_forward(mlp: nn.Module, group: FusedGroup, x: torch.Tensor) -> torch.Tensor:

@@ -273,6 +273,49 @@ def test_tc_planes_decode_on_uneven_shapes(cfg, dtype, symmetric, rng):
                         (rng.initial_seed(), str(cfg)))
 
 
+def test_l2_prefetch_on_gpu(rng):
+    """The bulk prefetch (inline PTX cp.async.bulk.prefetch.L2, compress/kernels/prefetch.py)
+    on Llama's gate/up INT4 tensors, eager and replayed from a CUDA graph: it runs, changes
+    nothing it reads, and asks for what the reference says (its plan, on the GPU)."""
+    from compress.kernels import prefetch
+
+    packed, scale, _ = cuda(make_int_weight(14336, 4096, 128, True, 4, rng, torch.bfloat16))
+    kept = packed.clone(), scale.clone()
+    ranges = prefetch.prefetch_ranges([(packed, 2 ** 40), (scale, 2 ** 40)], packed.device)
+    assert [tuple(p) for p in prefetch.prefetch_l2(ranges, plan=True).tolist()] == \
+        prefetch.prefetch_plan(ranges)
+    prefetch.prefetch_l2(ranges)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        prefetch.prefetch_l2(ranges)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(packed, kept[0]) and torch.equal(scale, kept[1])
+
+
+def test_l2_prefetch_in_a_decode_step_on_gpu(monkeypatch):
+    """A tiny INT4 Llama fused as compress.load fuses it, a one-token step with the L2 prefetch
+    after each q/k/v (fused.L2_PREFETCH_MIB): bit for bit the logits of the step without it
+    (a prefetch is a hint to the memory system, the same kernels compute)."""
+    from test_kernel_fused_projections import FORMATS, quantized_llama
+
+    from compress.runtime import fused
+
+    model = quantized_llama(FORMATS["int4"]).cuda()
+    for p in model.parameters():   # bf16 activations; the packed buffers keep their dtypes
+        p.data = p.data.to(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        assert fused.fuse_projections(model) == 2 * 2
+        want = model(ids).logits
+        monkeypatch.setattr(fused, "L2_PREFETCH_MIB", 1)
+        got = model(ids).logits
+    group = model.model.layers[0].self_attn.q_proj.fused_group
+    assert group.prefetch is not None and group.prefetch.ranges is not None
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("kind", ["int4-asym", "int8-asym", "nvfp4", "2:4-int4", "2:4-bf16"])
 @pytest.mark.parametrize("mib", [4, 16])
 def test_dequant_path_in_row_chunks_on_gpu(kind, mib, rng, monkeypatch):

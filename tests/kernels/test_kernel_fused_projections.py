@@ -162,3 +162,48 @@ def test_a_loaded_artifact_is_fused_only_on_cuda(tmp_path):
     compress.apply(tiny_llama(), [{"pass": "quantize", "group_size": 32}], tmp_path / "a")
     model = compress.load(tmp_path / "a")
     assert not any(hasattr(m, "fused_group") for m in model.modules())
+
+
+def test_the_qkv_group_asks_l2_for_the_layers_next_weights_at_one_row(monkeypatch):
+    """fused.L2_PREFETCH_MIB (compress/kernels/prefetch.py): after each layer's q/k/v matmul at
+    one row, one launch asks for that budget of o_proj's tensors and then the gate/up stack's,
+    each target by the same fraction of its rows; logits unchanged; nothing at more rows or
+    with the budget 0 (here the kernel returns its plan: the interpreter runs no PTX)."""
+    from compress.kernels import prefetch
+    from compress.runtime import fused
+
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    model = quantized_llama(FORMATS["int4-asym"])
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert fuse_projections(model) == 2 * 2
+    asked = []
+    real = prefetch.prefetch_l2
+    monkeypatch.setattr(prefetch, "prefetch_l2",
+                        lambda ranges, plan=False: asked.append(real(ranges, plan)))
+    with torch.no_grad():
+        model(ids)                                   # L2_PREFETCH_MIB = 0: off
+        assert asked == []
+        layer = model.model.layers[1]
+        o, stack = layer.self_attn.o_proj, layer.mlp.gate_proj.fused_group.stack
+        o_bytes = sum(o._buffers[n].numel() * o._buffers[n].element_size()
+                      for n in fused.STACKED)
+        monkeypatch.setattr(fused, "L2_PREFETCH_MIB", (o_bytes + 1024) / 2 ** 20)
+        got = model(ids).logits
+        assert len(asked) == 2                       # one launch a layer
+        model(torch.randint(0, 128, (1, 3)))         # a prompt: none
+        assert len(asked) == 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    pieces = asked[1].tolist()
+    starts = {base for base, _ in pieces}
+    for t in (o.weight_packed, o.weight_scale, o.weight_zero_point):   # o_proj whole
+        assert t.data_ptr() in starts
+        assert sum(n for b, n in pieces if t.data_ptr() <= b < t.data_ptr() + t.nbytes) == \
+            t.nbytes // 16 * 16
+    # then 1 KiB of the gate/up stack, split over its tensors by their sizes (the same rows)
+    head = [(t, sum(n for b, n in pieces if t.data_ptr() <= b < t.data_ptr() + t.nbytes))
+            for t in (stack.weight_packed, stack.weight_scale, stack.weight_zero_point)]
+    total = sum(t.nbytes for t, _ in head)
+    for t, got_bytes in head:
+        assert abs(got_bytes - 1024 * t.nbytes / total) <= 16
