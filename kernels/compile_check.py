@@ -26,7 +26,15 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from compress.kernels import _common as C  # noqa: E402
-from compress.kernels import decode, kv_cache, rmsnorm, rope_gather, sparse24, tc  # noqa: E402
+from compress.kernels import (  # noqa: E402
+    decode,
+    kv_cache,
+    prefetch,
+    rmsnorm,
+    rope_gather,
+    sparse24,
+    tc,
+)
 
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 MATMUL_INTS = ["M", "N", "K", "KW", "G", "GROUP", "stride_xm", "K_PER_SPLIT"]
@@ -270,6 +278,8 @@ def variants(all_configs: bool = False):
                 **dict.fromkeys(["H", "T", "S", "sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t"],
                                 "i32")},
                dict(DK=128, DV=128, BLOCK_DK=128, BLOCK_DV=128, PDL=pdl), 1, 1)
+    yield ("prefetch_l2", prefetch._prefetch_l2_kernel, {"table_ptr": "*i64", "plan_ptr": "*i64"},
+           dict(CHUNK=prefetch.CHUNK, LANES=prefetch.LANES, PLAN=False), 1, 1)
 
 
 def ptxas_info(kernel, arch: int) -> str:
