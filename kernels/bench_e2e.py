@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench_kernels (the 
 from compress.evaluation.bench import measure_speed
 from compress.formats import WeightFormat, codec
 from compress.kernels import _common as kernels_common
+from compress.runtime import attention
 from compress.runtime.modules import QuantizedLinear, set_module
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -191,7 +192,10 @@ def main() -> None:
                              "on by default; COMPRESS_PDL=0 turns it off); "
                              "<format>-l2pf<MiB>: each layer's q/k/v matmul then asks L2 for "
                              "that many MiB of o_proj's and gate/up's weights "
-                             "(compress/runtime/fused.py L2_PREFETCH_MIB, off by default)")
+                             "(compress/runtime/fused.py L2_PREFETCH_MIB, off by default); "
+                             "<format>-attn: the single-token attention by the split-key "
+                             "kernel (compress/runtime/attention.py DECODE_KERNEL, off by "
+                             "default); suffixes combine")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -284,12 +288,22 @@ def main() -> None:
             # "<format>-unfused": q/k/v and gate/up as separate matmuls (compress.load on CUDA
             # fuses them, compress/runtime/fused.py; this row shows what that gains);
             # "<format>-nopdl" / "-pdl": the fused row with PDL off / on (the default after it)
-            # "<format>-l2pf<MiB>": the fused row with the L2 prefetch after q/k/v
-            head, _, tail = name.rpartition("-")
-            pdl = {"nopdl": False, "pdl": True}.get(tail)
-            l2pf = float(tail[4:]) if tail.startswith("l2pf") else 0
-            name_fmt = head if pdl is not None or l2pf else name
+            # "-l2pf<MiB>": the fused row with the L2 prefetch after q/k/v; "-attn": with the
+            # split-key decode attention kernel (suffixes combine, any order)
+            name_fmt, pdl, l2pf, attn = name, None, 0.0, False
+            while True:
+                head, _, tail = name_fmt.rpartition("-")
+                if tail in ("nopdl", "pdl"):
+                    pdl = tail == "pdl"
+                elif tail.startswith("l2pf") and tail[4:].replace(".", "", 1).isdigit():
+                    l2pf = float(tail[4:])
+                elif tail == "attn":
+                    attn = True
+                else:
+                    break
+                name_fmt = head
             kernels_common.PDL = pdl_default if pdl is None else pdl
+            attention.DECODE_KERNEL = attn
             base = name_fmt.removesuffix("-unfused")
             originals = compress_linears(model, FORMATS[base], args.quantize_lm_head)
             if device.type == "cuda" and base == name_fmt:
@@ -305,6 +319,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         measure(name)
         kernels_common.PDL = pdl_default
+        attention.DECODE_KERNEL = False
         restore(model, originals)
         del originals
         if device.type == "cuda":

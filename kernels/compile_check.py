@@ -28,6 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from compress.kernels import _common as C  # noqa: E402
 from compress.kernels import (  # noqa: E402
     decode,
+    decode_attention,
     kv_cache,
     prefetch,
     rmsnorm,
@@ -278,6 +279,16 @@ def variants(all_configs: bool = False):
                 **dict.fromkeys(["H", "T", "S", "sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t"],
                                 "i32")},
                dict(DK=128, DV=128, BLOCK_DK=128, BLOCK_DV=128, PDL=pdl), 1, 1)
+    for split, pdl in ((False, False), (True, True)):
+        yield (f"decode_attention r4 hd128 bf16{' split' if split else ''}{' pdl' if pdl else ''}",
+               decode_attention._decode_attention_kernel,
+               {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*bf16",
+                "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "scale": "fp32",
+                **dict.fromkeys(["S", "HKV", "sq_b", "sq_h", "sq_r", "sk_b", "sk_h", "sk_s",
+                                 "sv_b", "sv_h", "sv_s", "sm_b", "so_b", "so_h", "so_r",
+                                 "S_PER"], "i32")},
+               dict(R=4, R_PAD=16, D=128, BLOCK_S=64, HAS_MASK=True, SPLIT=split, IEEE=False,
+                    PDL=pdl), 4, 1)
     yield ("prefetch_l2", prefetch._prefetch_l2_kernel, {"table_ptr": "*i64", "plan_ptr": "*i64"},
            dict(CHUNK=prefetch.CHUNK, LANES=prefetch.LANES, PLAN=False), 1, 1)
 

@@ -15,8 +15,9 @@
 #                                 # into configs/nvidia_h200.json "paths" "dequant_chunk_mib";
 #                                 # the decode pass's tile (CONFIGS["dequant_words"]) swept
 #   bash kernels/h200_next.sh x   # the L2 prefetch of o_proj's and gate/up's weights after each
-#                                 # q/k/v (fused.L2_PREFETCH_MIB), tested, then end to end at
-#                                 # three budgets against the same rows without it
+#                                 # q/k/v (fused.L2_PREFETCH_MIB) and the split-key decode
+#                                 # attention (attention.DECODE_KERNEL), tested, then end to end
+#                                 # against the same rows without them
 #   bash kernels/h200_next.sh w   # last: the profile that shows each remaining miss's limit
 #                                 # (ncu of the M = 1 kernel against the read floor and cuBLAS's
 #                                 # gemv on the same shape, the tc kernel at M = 16, the decode
@@ -180,18 +181,21 @@ v)
 x)
     # eighteenth session: between a layer's q/k/v matmul and o_proj, RoPE, the cache update and
     # the attention leave DRAM nearly idle; one launch after q/k/v asks L2 for o_proj's weights
-    # (8.9 MB in INT4) and the head of gate/up's (compress/kernels/prefetch.py)
+    # (8.9 MB in INT4) and the head of gate/up's (compress/kernels/prefetch.py). And the
+    # attention itself: SDPA runs 8 programs for Llama-3-8B's packed heads, the split-key
+    # kernel (compress/kernels/decode_attention.py) about one an SM
     W=/tmp/next_x && mkdir -p $W
-    timeout 120 $PY -m pytest -v -n 4 tests/gpu/test_gpu_kernels.py -k "l2_prefetch" \
-        >"$W/l2pf_tests.txt" 2>&1
-    stamp "L2 prefetch GPU tests rc=$?"
-    # rows in pairs: without, then with at 9 (o_proj alone), 24 and 40 MiB
-    timeout 300 $PY $E2E --formats int4,int4-l2pf9,int4-l2pf24,int4-l2pf40,nvfp4,nvfp4-l2pf24 \
-        --log "$W/x.jsonl" >"$W/e2e_l2pf.txt" 2>&1
-    stamp "end to end with the L2 prefetch rc=$?"
+    timeout 120 $PY -m pytest -v -n 4 tests/gpu/test_gpu_kernels.py \
+        -k "l2_prefetch or decode_attention" >"$W/l2pf_tests.txt" 2>&1
+    stamp "L2 prefetch and decode attention GPU tests rc=$?"
+    # without, then with the prefetch at 9 (o_proj alone), 24 and 40 MiB; the split-key decode
+    # attention (runtime/attention.py DECODE_KERNEL) alone and with the prefetch; NVFP4 both
+    R=int4,int4-l2pf9,int4-l2pf24,int4-l2pf40,int4-attn,int4-l2pf24-attn,nvfp4,nvfp4-l2pf24-attn
+    timeout 330 $PY $E2E --formats $R --log "$W/x.jsonl" >"$W/e2e_l2pf.txt" 2>&1
+    stamp "end to end with the L2 prefetch and the decode attention rc=$?"
     left=$(( 560 - ($(date +%s) - T0) ))
-    # where a step's time goes with and without it (eager steps, torch.profiler)
-    [ $left -gt 60 ] && timeout $left $PY $E2E --formats int4,int4-l2pf24 --repeats 1 \
+    # where a step's time goes with and without them (eager steps, torch.profiler)
+    [ $left -gt 60 ] && timeout $left $PY $E2E --formats int4,int4-l2pf24-attn --repeats 1 \
         --profile "$OUT/l2pf_profile.txt" --log "$W/x.jsonl" >"$W/e2e_profile.txt" 2>&1
     stamp "profiles (${left} s allowed) rc=$?"
     tail -2 "$W/l2pf_tests.txt"; grep -E "FAILED|ERROR" "$W/l2pf_tests.txt" | head -5

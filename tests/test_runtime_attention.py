@@ -78,13 +78,13 @@ def test_a_steps_boolean_mask_is_converted_once():
     assert torch.equal(got, want)
 
 
-def tiny_llama():
+def tiny_llama(head_dim: int = 8):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = AutoConfig.for_model("llama", vocab_size=128, hidden_size=64, intermediate_size=96,
                                   num_hidden_layers=2, num_attention_heads=8,
-                                  num_key_value_heads=2, head_dim=8)
+                                  num_key_value_heads=2, head_dim=head_dim)
     config._attn_implementation = "sdpa"
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -156,6 +156,36 @@ def test_with_transformers_own_packing_the_mask_is_made_additive_once(monkeypatc
     got = decode()
     assert len(made) == 4 * 2 and not packed   # every decode layer, transformers' packing
     assert torch.equal(got, want)
+
+
+def test_the_split_key_kernel_runs_every_decode_step_with_sdpas_logits(monkeypatch):
+    """attention.DECODE_KERNEL (compress/kernels/decode_attention.py, here the interpreter's):
+    every single-token step of the given model, whichever transformers packs the heads,
+    greedy static-cache decode logits as SDPA's."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    from compress.kernels import decode_attention
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"])
+    monkeypatch.setenv("COMPRESS_KERNELS", "always")
+    calls = []
+    real = decode_attention.decode_attention
+    monkeypatch.setattr(decode_attention, "decode_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_llama(head_dim=16)             # the kernel's smallest head
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def decode():
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, output_logits=True,
+                             cache_implementation="static", return_dict_in_generate=True)
+        return torch.stack(out.logits)
+
+    want = decode()
+    assert attention.pack_gqa_decode(model)
+    monkeypatch.setattr(attention, "DECODE_KERNEL", True)
+    got = decode()
+    assert len(calls) == 4 * 2                  # the 4 single-token steps, 2 layers each
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_nothing_to_do_without_grouped_heads(monkeypatch):

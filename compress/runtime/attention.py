@@ -7,7 +7,9 @@ key/value head are instead laid along the query-length axis ([B, H, 1, D] -> [B,
 n_rep, D]) and attend to that head's K and V once, the mask broadcast over them: the same
 products and the same softmax, no copy. transformers 5.24 does exactly this (its `pack_gqa`);
 there this module changes nothing. The step's boolean mask is also turned into SDPA's additive
-form once a step instead of once a layer (additive_mask)."""
+form once a step instead of once a layer (additive_mask). With DECODE_KERNEL the packed
+attention runs through compress/kernels/decode_attention.py (the keys split over the SMs)
+under either transformers."""
 
 from __future__ import annotations
 
@@ -16,6 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.runtime import scope
+
+# The single-token attention through compress/kernels/decode_attention.py (keys split over the
+# SMs, one launch) instead of SDPA (a program per key/value head: 8 on 132 SMs for Llama-3-8B)
+# where kernels run and it takes the shapes. Off: not yet timed on the H200 (eighteenth
+# session, no device); bench_e2e's "<format>-attn" rows measure it.
+DECODE_KERNEL = False
 
 
 def transformers_packs_gqa() -> bool:
@@ -50,6 +58,12 @@ def packed_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     """Attention of one query token, query [B, H, 1, D], key/value [B, H_kv, S, D] (H a multiple
     of H_kv, head h reading key/value head h // (H / H_kv), as repeat_kv lays them), mask
     [B, 1, 1, S] or None -> [B, 1, H, D_v] (transformers' attention output layout)."""
+    if DECODE_KERNEL:
+        from compress.kernels.decode_attention import decode_attention, handles
+        from compress.runtime.modules import kernel_unavailable
+
+        if kernel_unavailable(query) is None and handles(query, key, value, mask):
+            return decode_attention(query, key, value, mask, scaling)
     b, h, _, d = query.shape
     n_rep = h // key.shape[1]
     out = F.scaled_dot_product_attention(query.reshape(b, h // n_rep, n_rep, d), key, value,
@@ -96,7 +110,8 @@ def _packed(original):
             if mask is not None:   # made additive before the slice: the object every layer gets
                 # (transformers 4.x's masks may run longer than the keys)
                 mask = additive_mask(mask, query.dtype)[:, :, :, :key.shape[-2]]
-            if transformers_packs_gqa():   # 5.24 on: it packs the heads, given the mask made once
+            if transformers_packs_gqa() and not DECODE_KERNEL:   # 5.24 on: it packs the
+                # heads, given the mask made once (with DECODE_KERNEL, ours runs either way)
                 return original(module, query, key, value, mask, dropout=dropout,
                                 scaling=scaling, **kwargs)
             return packed_decode_attention(query, key, value, mask, scaling), None

@@ -273,6 +273,31 @@ def test_tc_planes_decode_on_uneven_shapes(cfg, dtype, symmetric, rng):
                         (rng.initial_seed(), str(cfg)))
 
 
+@pytest.mark.parametrize("s", [258, 4099])
+@pytest.mark.parametrize("mask_kind", ["static", "random"])
+def test_decode_attention_on_gpu(s, mask_kind, rng):
+    """The split-key decode attention on Llama-3-8B's heads (32 on 8, D = 128, bf16) against
+    repeat_kv + SDPA in float32; bit for bit again over repeats and a CUDA graph replay (the
+    splits are combined in a fixed order), the counters left zero."""
+    from test_kernel_decode_attention import inputs
+
+    from compress.kernels.decode_attention import decode_attention, decode_attention_ref
+
+    q, k, v, mask = cuda(inputs((1, 32, 8, s, 128), torch.bfloat16, mask_kind, rng))
+    got = decode_attention(q, k, v, mask)
+    want = decode_attention_ref(q, k, v, mask)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for _ in range(2):
+        assert torch.equal(decode_attention(q, k, v, mask), got)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decode_attention(q, k, v, mask)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, got)
+    assert not C.tile_counters(1, q.device)[:8].any()
+
+
 def test_l2_prefetch_on_gpu(rng):
     """The bulk prefetch (inline PTX cp.async.bulk.prefetch.L2, compress/kernels/prefetch.py)
     on Llama's gate/up INT4 tensors, eager and replayed from a CUDA graph: it runs, changes

@@ -3,6 +3,8 @@ prefetch; the interpreter runs no PTX) against the reference, on ranges of uneve
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from compress.kernels import prefetch
@@ -25,7 +27,7 @@ def test_the_kernel_asks_for_every_byte_of_its_ranges_once():
     for start, size in want:
         pieces = covered[start]
         assert pieces[0][0] == start and sum(n for _, n in pieces) == size
-        assert all(p + n == q for (p, n), (q, _) in zip(pieces, pieces[1:]))
+        assert all(p + n == q for (p, n), (q, _) in itertools.pairwise(pieces))
 
 
 def test_ranges_it_cannot_prefetch_are_left_out():
