@@ -13,6 +13,8 @@ under either transformers."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,8 +24,9 @@ from compress.runtime import scope
 # The single-token attention through compress/kernels/decode_attention.py (keys split over the
 # SMs, one launch) instead of SDPA (a program per key/value head: 8 on 132 SMs for Llama-3-8B)
 # where kernels run and it takes the shapes. Off: not yet timed on the H200 (eighteenth
-# session, no device); bench_e2e's "<format>-attn" rows measure it.
-DECODE_KERNEL = False
+# session, no device); bench_e2e's "<format>-attn" rows measure it; COMPRESS_DECODE_ATTENTION=1
+# turns it on for a process (compress bench, generate).
+DECODE_KERNEL = os.environ.get("COMPRESS_DECODE_ATTENTION", "0") == "1"
 
 
 def transformers_packs_gqa() -> bool:

@@ -29,6 +29,7 @@ import os
 import torch
 from torch import nn
 
+from compress.errors import UsageError
 from compress.kernels._common import silu_mul
 from compress.runtime.modules import QuantizedLinear, _record, dispatch_linear
 
@@ -40,8 +41,18 @@ STACKED = ("weight_packed", "weight_scale", "weight_zero_point")   # stacked alo
 # After a layer's q/k/v matmul at one row, ask L2 for this many MiB of the layer's o_proj and
 # then gate/up tensors (compress/kernels/prefetch.py): the RoPE, cache and attention kernels in
 # between leave DRAM nearly idle. 0: off. Not yet timed on the H200 (eighteenth session, no
-# device): bench_e2e's "<format>-l2pf<MiB>" rows measure it.
-L2_PREFETCH_MIB = 0
+# device): bench_e2e's "<format>-l2pf<MiB>" rows measure it; COMPRESS_L2_PREFETCH_MIB sets it
+# for a process (compress bench, generate).
+def _l2_prefetch_mib() -> float:
+    raw = os.environ.get("COMPRESS_L2_PREFETCH_MIB", "0")
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        raise UsageError(f"COMPRESS_L2_PREFETCH_MIB must be a number of MiB (e.g. 24), got "
+                         f"{raw!r}") from None
+
+
+L2_PREFETCH_MIB = _l2_prefetch_mib()
 
 
 class FusedGroup:

@@ -207,3 +207,18 @@ def test_the_qkv_group_asks_l2_for_the_layers_next_weights_at_one_row(monkeypatc
     total = sum(t.nbytes for t, _ in head)
     for t, got_bytes in head:
         assert abs(got_bytes - 1024 * t.nbytes / total) <= 16
+
+
+def test_the_prefetch_budget_from_the_environment(monkeypatch):
+    """COMPRESS_L2_PREFETCH_MIB sets fused.L2_PREFETCH_MIB for a process (compress bench):
+    a number of MiB, 0 when unset, one clear error otherwise."""
+    from compress.errors import UsageError
+    from compress.runtime import fused
+
+    monkeypatch.delenv("COMPRESS_L2_PREFETCH_MIB", raising=False)
+    assert fused._l2_prefetch_mib() == 0
+    monkeypatch.setenv("COMPRESS_L2_PREFETCH_MIB", "24.5")
+    assert fused._l2_prefetch_mib() == 24.5
+    monkeypatch.setenv("COMPRESS_L2_PREFETCH_MIB", "lots")
+    with pytest.raises(UsageError, match="COMPRESS_L2_PREFETCH_MIB must be a number of MiB"):
+        fused._l2_prefetch_mib()
