@@ -3,7 +3,7 @@
 A batch-1 decode step reads every weight once from DRAM, in ~130 matmuls, each of which ramps
 up, streams and drains; between the q/k/v matmul and o_proj the step runs RoPE, the cache
 update and the attention, small kernels that leave DRAM nearly idle for ~10 us a layer
-(kernels/NOTES.md). Launched right after q/k/v (runtime/fused.py, L2_PREFETCH_MB), this kernel
+(kernels/NOTES.md). Launched right after q/k/v (runtime/fused.py, L2_PREFETCH_MIB), this kernel
 asks L2 for o_proj's weights and the head of the gate/up weights meanwhile, so those matmuls
 find part of their bytes in L2 (60 MB on the H200). Each lane issues one bulk prefetch
 (`cp.async.bulk.prefetch.L2`, sm_90: the TMA unit's copy engine, no registers, nothing waited
@@ -46,7 +46,7 @@ def _prefetch_l2_kernel(table_ptr, plan_ptr, CHUNK: tl.constexpr, LANES: tl.cons
     base = tl.load(table_ptr + 2 * r)                  # int64 address, 16-byte aligned
     size = tl.load(table_ptr + 2 * r + 1)              # bytes, a multiple of 16
     PIECE: tl.constexpr = CHUNK // LANES
-    start = c * CHUNK + tl.arange(0, LANES).to(tl.int64) * PIECE
+    start = c.to(tl.int64) * CHUNK + tl.arange(0, LANES).to(tl.int64) * PIECE
     piece = tl.minimum(tl.maximum(size - start, 0), PIECE)
     if PLAN:   # what would be prefetched: [R, chunks, LANES, 2] of (address, bytes)
         out = plan_ptr + ((r * tl.num_programs(1) + c) * LANES + tl.arange(0, LANES)) * 2

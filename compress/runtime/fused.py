@@ -38,11 +38,8 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # +1% in three same-run pairs, 390.8-392.3 -> 394.4-396.1 tok/s; GPU suite passed).
 GATED_MLP = True
 STACKED = ("weight_packed", "weight_scale", "weight_zero_point")   # stacked along output rows
-# After a layer's q/k/v matmul at one row, ask L2 for this many MiB of the layer's o_proj and
-# then gate/up tensors (compress/kernels/prefetch.py): the RoPE, cache and attention kernels in
-# between leave DRAM nearly idle. 0: off. Not yet timed on the H200 (eighteenth session, no
-# device): bench_e2e's "<format>-l2pf<MiB>" rows measure it; COMPRESS_L2_PREFETCH_MIB sets it
-# for a process (compress bench, generate).
+
+
 def _l2_prefetch_mib() -> float:
     raw = os.environ.get("COMPRESS_L2_PREFETCH_MIB", "0")
     try:
@@ -52,6 +49,11 @@ def _l2_prefetch_mib() -> float:
                          f"{raw!r}") from None
 
 
+# After a layer's q/k/v matmul at one row, ask L2 for this many MiB of the layer's o_proj and
+# then gate/up tensors (compress/kernels/prefetch.py): the RoPE, cache and attention kernels in
+# between leave DRAM nearly idle. 0: off. Not yet timed on the H200 (eighteenth session, no
+# device): bench_e2e's "<format>-l2pf<MiB>" rows measure it; COMPRESS_L2_PREFETCH_MIB sets it
+# for a process (compress bench, generate).
 L2_PREFETCH_MIB = _l2_prefetch_mib()
 
 
