@@ -9,15 +9,15 @@
 #                                 # the weight's bytes cannot beat), Config.planes tested and
 #                                 # timed against the shipped decode, the INT4 tc retune at M = 16
 #                                 # and 128 with the planes and decode-once candidates
-#   bash kernels/h200_next.sh v   # then: the dequant path (M >= 256) in row chunks small
+#   bash kernels/h200_next.sh x   # then: the L2 prefetch of o_proj's and gate/up's weights after each
+#                                 # q/k/v (fused.L2_PREFETCH_MIB) and the split-key decode
+#                                 # attention (attention.DECODE_KERNEL), tested, then end to end
+#                                 # against the same rows without them
+#   bash kernels/h200_next.sh v   # the dequant path (M >= 256) in row chunks small
 #                                 # enough for L2 (C.DEQUANT_CHUNK_MIB), tested and timed
 #                                 # against the whole-weight decode; the best chunk size goes
 #                                 # into configs/nvidia_h200.json "paths" "dequant_chunk_mib";
 #                                 # the decode pass's tile (CONFIGS["dequant_words"]) swept
-#   bash kernels/h200_next.sh x   # the L2 prefetch of o_proj's and gate/up's weights after each
-#                                 # q/k/v (fused.L2_PREFETCH_MIB) and the split-key decode
-#                                 # attention (attention.DECODE_KERNEL), tested, then end to end
-#                                 # against the same rows without them
 #   bash kernels/h200_next.sh w   # last: the profile that shows each remaining miss's limit
 #                                 # (ncu of the M = 1 kernel against the read floor and cuBLAS's
 #                                 # gemv on the same shape, the tc kernel at M = 16, the decode
