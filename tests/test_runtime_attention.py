@@ -89,6 +89,13 @@ def tiny_llama(head_dim: int = 8):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def greedy_static_logits(model, ids, new_tokens: int = 5) -> torch.Tensor:
+    """The logits of greedy decode through a static cache (a mask at every step)."""
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                         cache_implementation="static", return_dict_in_generate=True)
+    return torch.stack(out.logits)
+
+
 def test_static_cache_decode_packs_only_in_its_model(monkeypatch):
     """Greedy decode with a static cache (a mask at every step): the same logits with the
     packed heads; every decode step of the given model takes them, another model none."""
@@ -107,9 +114,7 @@ def test_static_cache_decode_packs_only_in_its_model(monkeypatch):
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
     def decode(m):
-        out = m.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static",
-                         output_logits=True, return_dict_in_generate=True)
-        return torch.stack(out.logits)
+        return greedy_static_logits(m, ids)
 
     want = decode(model)
     assert attention.pack_gqa_decode(model)
@@ -147,9 +152,7 @@ def test_with_transformers_own_packing_the_mask_is_made_additive_once(monkeypatc
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
     def decode():
-        out = model.generate(ids, max_new_tokens=5, do_sample=False, output_logits=True,
-                             cache_implementation="static", return_dict_in_generate=True)
-        return torch.stack(out.logits)
+        return greedy_static_logits(model, ids)
 
     want = decode()
     assert attention.pack_gqa_decode(model)
@@ -176,9 +179,7 @@ def test_the_split_key_kernel_runs_every_decode_step_with_sdpas_logits(monkeypat
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
     def decode():
-        out = model.generate(ids, max_new_tokens=5, do_sample=False, output_logits=True,
-                             cache_implementation="static", return_dict_in_generate=True)
-        return torch.stack(out.logits)
+        return greedy_static_logits(model, ids)
 
     want = decode()
     assert attention.pack_gqa_decode(model)
