@@ -387,6 +387,16 @@ def finish_tile(acc, b_ptr, out_ptr, rm, rn, m_in, n_in, N, HAS_BIAS: tl.constex
 
 
 @triton.jit
+def last_to_arrive(cnt_ptr, tile, programs):
+    """Is this program the last of `programs` sharing the counter at cnt_ptr + tile to get here?
+    A CTA barrier first (every thread's writes before this are issued), then an acq_rel add at
+    GPU scope (as CUTLASS's serial split-K semaphore): the last one then sees what the others
+    wrote before arriving. The caller resets the counter (tile_counters: launches leave them 0)."""
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == programs - 1
+
+
+@triton.jit
 def split_total(part, ws_ptr, cnt_ptr, offs, mask, tile, pid_k, splits, stride_split):
     """Split-K in one launch, the sum: this K-slice's float32 partial `part` goes to the
     workspace at ws_ptr + pid_k * stride_split + offs; the last of the tile's `splits` programs
@@ -398,8 +408,7 @@ def split_total(part, ws_ptr, cnt_ptr, offs, mask, tile, pid_k, splits, stride_s
     too: the result does not depend on which slice finished last (atomic adds into the output
     did), so a split-K launch is deterministic."""
     tl.store(ws_ptr + pid_k * stride_split + offs, part, mask=mask)
-    tl.debug_barrier()   # every thread's partial is written before the counter moves
-    last = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == splits - 1
+    last = last_to_arrive(cnt_ptr, tile, splits)
     total = part
     if last:
         total = tl.zeros_like(part)

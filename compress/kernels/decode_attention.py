@@ -8,7 +8,7 @@ the whole cache alone (~7 us a layer on the H200 at a 256-token cache, 0.22 ms o
 kernels/NOTES.md), and longer caches take proportionally longer. Here program (b, h, split)
 takes S_PER keys of key/value head h for all R query heads that share it (one tl.dot of
 [R_PAD, D] x [D, BLOCK_S] a block), keeps a running max, sum and weighted values (the online
-softmax), and stores them; the last split of (b, h) to arrive (a counter, acq_rel, as
+softmax), and stores them; the last split of (b, h) to arrive (_common.last_to_arrive, as
 _common.split_total) rescales and adds the splits' partials in order and stores the output:
 no second launch, and the same result whichever split finished last.
 
@@ -81,9 +81,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, cnt
         tl.store(part + rr[:, None] * D + rd[None, :], acc)
         tl.store(part + R_PAD * D + rr, m)
         tl.store(part + R_PAD * (D + 1) + rr, l)
-        tl.debug_barrier()   # every thread's partial is written before the counter moves
         splits = tl.num_programs(1)
-        if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu") == splits - 1:
+        if C.last_to_arrive(cnt_ptr, bh, splits):
             top = tl.full([R_PAD], float("-inf"), tl.float32)
             for i in range(splits):
                 at = ws_ptr + (bh * splits + i) * (R_PAD * (D + 2))

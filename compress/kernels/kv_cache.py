@@ -38,9 +38,8 @@ def _static_cache_write_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, length_ptr, a
     dv = tl.arange(0, BLOCK_DV)
     value = tl.load(v_ptr + b * sv_b + h * sv_h + t * sv_t + dv, mask=dv < DV)
     tl.store(values_ptr + (bh * S + pos) * DV + dv, value, mask=dv < DV * room)
-    tl.debug_barrier()   # every thread has read the length before this program arrives
-    programs = tl.num_programs(0) * tl.num_programs(1)
-    if tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu") == programs - 1:
+    # (its barrier: every thread has read the length before this program arrives)
+    if C.last_to_arrive(arrivals_ptr, 0, tl.num_programs(0) * tl.num_programs(1)):
         tl.store(length_ptr, start + T)   # the last to arrive: the others have read it
         tl.store(arrivals_ptr, 0)
 
