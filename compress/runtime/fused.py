@@ -40,6 +40,11 @@ GATED_MLP = True
 STACKED = ("weight_packed", "weight_scale", "weight_zero_point")   # stacked along output rows
 
 
+def stacked_buffers(module: QuantizedLinear) -> list[torch.Tensor]:
+    """The module's tensors of output rows (STACKED) that it holds."""
+    return [module._buffers[n] for n in STACKED if module._buffers.get(n) is not None]
+
+
 def _l2_prefetch_mib() -> float:
     raw = os.environ.get("COMPRESS_L2_PREFETCH_MIB", "0")
     try:
@@ -90,8 +95,7 @@ class FusedGroup:
         return [(lo // per, hi // per) for lo, hi in self.bounds]
 
     def _views(self) -> list[int]:
-        return [m._buffers[n].data_ptr() for m in self.members for n in STACKED
-                if n in m._buffers]
+        return [t.data_ptr() for m in self.members for t in stacked_buffers(m)]
 
     def current(self) -> bool:
         """Whether the members still hold views into the stack (a later .to() or a load of
@@ -184,8 +188,7 @@ class L2Prefetch:
         self.ranges = None
 
     def tensors(self) -> list[list[torch.Tensor]]:
-        return [[m._buffers[n] for n in STACKED if m._buffers.get(n) is not None]
-                for m in self.targets]
+        return [stacked_buffers(m) for m in self.targets]
 
     def plan(self, mib: float) -> list[tuple[torch.Tensor, int]]:
         """(tensor, bytes from its start) within mib MiB, targets in order."""
