@@ -139,7 +139,8 @@ u)
     left=$(( ${TUNE_END:-430} - ($(date +%s) - T0) ))
     # INT4 only: the new candidates (Config.planes at 16, 64, 128; decode-once tiles at 128)
     # come first in each bucket's list
-    timeout $left $PY kernels/autotune.py --path tc --formats int4 --buckets 16,128 \
+    # skipped where TUNE_END leaves a minute or less (a call that runs another part after it)
+    [ $left -gt 60 ] && timeout $left $PY kernels/autotune.py --path tc --formats int4 --buckets 16,128 \
         --budget-s $(( left - 25 )) --reps 10 --base compress/kernels/configs/nvidia_h200.json \
         --log "$W/tune.jsonl" --out "$OUT/tuned_tc.json" >"$W/tune.txt" 2>&1
     stamp "tc retune at M = 16, 128: planes, decode-once tiles (${left} s allowed) rc=$?"
@@ -212,6 +213,9 @@ w)
     SECTIONS="$SECTIONS --section LaunchStats --section SchedulerStats --section WarpStateStats"
     profile() {   # name, kernel regex, bench_kernels arguments
         local name=$1 kernel=$2; shift 2
+        # W_END: the second of the call by which the last report must be done (a call that ran
+        # another part first passes less)
+        if [ $(( ${W_END:-560} - ($(date +%s) - T0) )) -lt 100 ]; then stamp "ncu $name: no time left"; return; fi
         timeout 100 ncu --clock-control none --kernel-name "regex:$kernel" --launch-count 1 \
             $SECTIONS --export "$W/$name" $PY kernels/bench_kernels.py --reps 2 \
             --log "$W/w.jsonl" "$@" >"$W/$name.run.txt" 2>&1
