@@ -191,10 +191,11 @@ x)
     stamp "L2 prefetch and decode attention GPU tests rc=$?"
     # without, then with the prefetch at 9 (o_proj alone), 24 and 40 MiB; the split-key decode
     # attention (runtime/attention.py DECODE_KERNEL) alone and with the prefetch; NVFP4 both
-    R=int4,int4-l2pf9,int4-l2pf24,int4-l2pf40,int4-attn,int4-l2pf24-attn,nvfp4,nvfp4-l2pf24-attn
+    R=tinygemm,int4,int4-l2pf9,int4-l2pf24,int4-l2pf40,int4-attn,int4-l2pf24-attn,nvfp4
+    R=$R,nvfp4-l2pf24-attn
     timeout 330 $PY $E2E --formats $R --log "$W/x.jsonl" >"$W/e2e_l2pf.txt" 2>&1
     stamp "end to end with the L2 prefetch and the decode attention rc=$?"
-    left=$(( 560 - ($(date +%s) - T0) ))
+    left=$(( ${X_END:-560} - ($(date +%s) - T0) ))   # X_END=0: no profiles (a short call)
     # where a step's time goes with and without them (eager steps, torch.profiler)
     [ $left -gt 60 ] && timeout $left $PY $E2E --formats int4,int4-l2pf24-attn --repeats 1 \
         --profile "$OUT/l2pf_profile.txt" --log "$W/x.jsonl" >"$W/e2e_profile.txt" 2>&1
