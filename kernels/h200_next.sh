@@ -163,14 +163,15 @@ v)
     V=bf16,int4-g128,int4-g128@chunk0,int4-g128@chunk4,int4-g128@chunk8,int4-g128@chunk16
     V=$V,int4-g128@chunk32,nvfp4@chunk0,nvfp4@chunk8,nvfp4@chunk16
     V=$V,2:4-int4-g128@chunk0,2:4-int4-g128@chunk8,2:4-int4-g128@chunk16
-    timeout 330 $PY kernels/bench_kernels.py --ms 128,256,512,2048 --reps 10 --variants $V \
+    # V_MS, V_END (the second by which the tile sweep ends): less for a call shared with a part
+    timeout 330 $PY kernels/bench_kernels.py --ms ${V_MS:-128,256,512,2048} --reps 10 --variants $V \
         --log "$W/v.jsonl" >"$W/chunks.txt" 2>&1
     stamp "dequant in row chunks, A/B rc=$?"
     # the decode pass's own tile (C.CONFIGS["dequant_words"], never tuned), whole weights
     V=bf16,int4-g128@dq32x256w4,int4-g128@dq64x256w4,int4-g128@dq16x512w4
     V=$V,int4-g128@dq32x512w8,int4-g128@dq64x128w4,int4-g128@dq128x256w8
     V=$V,nvfp4@dq32x256w4,nvfp4@dq64x256w4,nvfp4@dq32x512w8
-    left=$(( 560 - ($(date +%s) - T0) ))
+    left=$(( ${V_END:-560} - ($(date +%s) - T0) ))
     [ $left -gt 40 ] && timeout $left $PY kernels/bench_kernels.py --ms 256,2048 --reps 10 \
         --variants $V --log "$W/v.jsonl" >"$W/dq_tiles.txt" 2>&1
     stamp "tc_dequantize tiles (${left} s allowed) rc=$?"
