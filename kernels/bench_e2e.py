@@ -248,6 +248,9 @@ def main() -> None:
     def measure(name):
         runs[name] = measure_speed(model, name, 1, args.prompt_len, args.new_tokens,
                                    args.repeats)
+        # a line as each row ends: a run cut by its time limit still shows the rows it did
+        print(f"row {name}: decode {runs[name].decode_tokens_per_s:.1f} tok/s", file=sys.stderr,
+              flush=True)
         if args.prefill_len:  # a long prompt: prefill tokens/s (2 new tokens, not reported)
             prefill[name] = measure_speed(model, name, 1, args.prefill_len, 2,
                                           args.prefill_repeats).prefill_tokens_per_s
