@@ -5,6 +5,9 @@
 # j: c316a2c's).
 # On this machine first `bash kernels/gpu_wheels.sh`; then the device call, with carry [".whl"]
 # (and ".gpu_in" where a part reads a table the one before wrote, copied there):
+#   bash kernels/h200_next.sh c   # a call with < 300 s of device time left: the GPU tests of
+#                                 # the eighteenth session's code, then tinygemm, int4,
+#                                 # int4-l2pf24-attn end to end as far as time allows
 #   bash kernels/h200_next.sh u   # next: the read floors at M = 1 and 16 (what any kernel reading
 #                                 # the weight's bytes cannot beat), Config.planes tested and
 #                                 # timed against the shipped decode, the INT4 tc retune at M = 16
@@ -32,7 +35,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in p|q|r|u|v|w|x) ;; *) echo "h200_next.sh: part must be one of p, q, r, u, v, w, x, got '$PART'" >&2; exit 2;; esac
+case $PART in c|p|q|r|u|v|w|x) ;; *) echo "h200_next.sh: part must be one of c, p, q, r, u, v, w, x, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -47,6 +50,20 @@ git log -1 --format=%h >"$OUT/commit.txt" 2>/dev/null || true
 E2E="kernels/bench_e2e.py --quantize-lm-head --repeats 3"
 
 case $PART in
+c)
+    # the least a short call (< 300 s) can check: the eighteenth session's GPU tests (L2
+    # prefetch, decode attention, chunked dequant), then as many decisive end-to-end rows as fit
+    W=$OUT/c && mkdir -p $W
+    timeout 150 $PY -m pytest -v -n 8 tests/gpu/test_gpu_kernels.py \
+        -k "l2_prefetch or decode_attention or row_chunks" >"$W/tests.txt" 2>&1
+    stamp "GPU tests of the prefetch, decode attention, chunked dequant rc=$?"
+    left=$(( ${C_END:-280} - ($(date +%s) - T0) ))
+    [ $left -gt 40 ] && timeout $left $PY $E2E --formats tinygemm,int4,int4-l2pf24-attn \
+        --log "$W/c.jsonl" >"$W/e2e.txt" 2>&1
+    stamp "end to end (${left} s allowed) rc=$?"
+    tail -2 "$W/tests.txt"; grep -E "FAILED|ERROR" "$W/tests.txt" | head -5
+    grep -E "^row|^\|" "$W/e2e.txt"
+    ;;
 p)
     # sixteenth session, call 1 of 3 (each < 520 s, so three starts fit 30 minutes): the whole
     # GPU suite (the first GPU run of the fourteenth and fifteenth sessions' code: one-launch
