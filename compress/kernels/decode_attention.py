@@ -139,9 +139,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     splits = -(-s // s_per)
     r_pad = max(16, C.next_pow2(r))
     out = C.alloc((b, 1, h, d), query.dtype, query.device)
-    ws = (torch.empty(b * hkv * splits * r_pad * (d + 2), dtype=torch.float32,
-                      device=query.device) if splits > 1 else out)
-    counters = C.tile_counters(b * hkv, query.device) if splits > 1 else out
+    # partials [B H_kv, splits, R_PAD, D + 2] and a counter per (b, h), as split-K's
+    ws, counters = C.split_buffers(splits, b * hkv * r_pad * (d + 2), b * hkv, out)
     _decode_attention_kernel[(b * hkv, splits)](
         query, key, value, mask if mask is not None else query, out, ws, counters, s, hkv,
         scale, query.stride(0), r * query.stride(1), query.stride(1), *key.stride()[:3],
