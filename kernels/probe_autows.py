@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.compiler.errors import CompilationError
 
 from compress.kernels.tc import INT4_K_ORDER_BF16
 
@@ -69,10 +70,10 @@ def probe(bm: int, bn: int, bk: int, warps: int, stages: int) -> str:
     try:
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "num_stages": stages})
-    except Exception as exc:   # the pass that fails is in the MLIR reproducer it prints
+    except (RuntimeError, CompilationError) as exc:   # the MLIR reproducer names the pass
         return f"does not compile ({type(exc).__name__})"
     ttgir = k.asm["ttgir"]
-    parts = len(re.findall(r"^\s*partition\d+\(", ttgir, re.M))
+    parts = len(re.findall(r"^\s*partition\d+\(", ttgir, re.MULTILINE))
     if not parts:
         return f"{k.metadata.num_warps} warps, not specialized"
     # the weight operand of each partition's wgmma: [weight rows, block_k] when it is whole
