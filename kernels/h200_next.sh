@@ -12,6 +12,10 @@
 #                                 # the weight's bytes cannot beat), Config.planes tested and
 #                                 # timed against the shipped decode, the INT4 tc retune at M = 16
 #                                 # and 128 with the planes and decode-once candidates
+#   bash kernels/h200_next.sh g   # < 250 s, after x or alone: the Gluon producer / consumer tc
+#                                 # probe (kernels/probe_gluon_tc.py) checked against the INT4
+#                                 # reference, then timed against the shipped tc kernel at
+#                                 # M = 16, 64, 128 on the four shapes
 #   bash kernels/h200_next.sh x   # then: the L2 prefetch of o_proj's and gate/up's weights after each
 #                                 # q/k/v (fused.L2_PREFETCH_MIB) and the split-key decode
 #                                 # attention (attention.DECODE_KERNEL), tested, then end to end
@@ -35,7 +39,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case $PART in c|p|q|r|u|v|w|x) ;; *) echo "h200_next.sh: part must be one of c, p, q, r, u, v, w, x, got '$PART'" >&2; exit 2;; esac
+case $PART in c|g|p|q|r|u|v|w|x) ;; *) echo "h200_next.sh: part must be one of c, g, p, q, r, u, v, w, x, got '$PART'" >&2; exit 2;; esac
 OUT=${OUT:?set OUT to a directory}
 PY=${PY:-python3}
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
@@ -63,6 +67,18 @@ c)
     stamp "end to end (${left} s allowed) rc=$?"
     tail -2 "$W/tests.txt"; grep -E "FAILED|ERROR" "$W/tests.txt" | head -5
     grep -E "^row|^\|" "$W/e2e.txt"
+    ;;
+g)
+    # twentieth session: Triton's automatic warp specialization cannot split the tc kernel
+    # (kernels/probe_autows.py); the explicit split in Gluon compiles for sm_90. Right, and
+    # faster than the shipped tc kernel? (kernels/NOTES.md, "Twentieth session")
+    W=$OUT/g && mkdir -p $W
+    timeout 90 $PY -u kernels/probe_gluon_tc.py --check >"$W/check.txt" 2>&1
+    stamp "Gluon tc probe against the reference rc=$?"
+    timeout ${G_TIME_S:-150} $PY -u kernels/probe_gluon_tc.py --time --reps 20 >"$W/time.txt" 2>&1
+    stamp "Gluon tc probe timed rc=$?"
+    tail -3 "$W/check.txt"; grep -E "WRONG|Error" "$W/check.txt" | head -5
+    grep -E "^\|" "$W/time.txt"; tail -3 "$W/time.txt"
     ;;
 p)
     # sixteenth session, call 1 of 3 (each < 520 s, so three starts fit 30 minutes): the whole
