@@ -46,7 +46,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from compress.kernels.tc import INT4_K_ORDER_BF16
 
 ROWS = 64          # weight rows an MMA partition owns (a wgmma row block)
-TILES = [(16, 128, 4), (32, 128, 4), (64, 128, 3), (128, 64, 3), (16, 256, 3)]  # BM, BK, stages
+# (x rows BM, block_k, stages, MMA partitions, registers a thread): 2 partitions own 128
+# weight rows a program, 1 owns 64 (twice the programs: one warp group and the load warp).
+# Registers None: ptxas's choice (168 with 2 partitions, 255 with 1: one program an SM);
+# 128 / 80 (maxnreg, no spills on sm_90): two programs an SM
+TILES = [(16, 128, 4, 2, None), (32, 128, 4, 2, None), (64, 128, 3, 2, None),
+         (128, 64, 3, 2, None), (16, 256, 3, 2, None), (16, 128, 4, 2, 80),
+         (16, 128, 4, 1, 128), (64, 128, 3, 1, 128), (128, 64, 3, 1, 128)]
 
 
 @gluon.jit
@@ -67,7 +73,8 @@ def _load_partition(x_desc, w_desc, x_smem, w_smem, ready, empty, K,
 
 @gluon.jit
 def _mma_partition(x_smem, w_smem, ready, empty, s_ptr, out_ptr, M, N, K, HALF: gl.constexpr,
-                   STAGES: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr):
+                   STAGES: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
+                   CONSUMERS: gl.constexpr):
     R: gl.constexpr = 64
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BM, 16])
@@ -75,7 +82,7 @@ def _mma_partition(x_smem, w_smem, ready, empty, s_ptr, out_ptr, M, N, K, HALF: 
     # 4 bytes (8 codes) a thread along K: one call of the packed decode's PTX (pack=4)
     byte_layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
     groups = K // 128
-    n0 = gl.program_id(1) * (2 * R) + HALF * R
+    n0 = gl.program_id(1) * (CONSUMERS * R) + HALF * R
     rows = n0 + gl.arange(0, R, layout=gl.SliceLayout(1, byte_layout))
     acc = gl.zeros([R, BM], gl.float32, layout=mma)
     for i in range(gl.cdiv(K, BK)):
@@ -105,7 +112,8 @@ def _mma_partition(x_smem, w_smem, ready, empty, s_ptr, out_ptr, M, N, K, HALF: 
 
 
 @gluon.jit
-def _gluon_tc_kernel(x_desc, w_desc, s_ptr, out_ptr, M, N, K, STAGES: gl.constexpr):
+def _gluon_tc_kernel(x_desc, w_desc, s_ptr, out_ptr, M, N, K, STAGES: gl.constexpr,
+                     CONSUMERS: gl.constexpr):
     BM: gl.constexpr = x_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape,
@@ -116,24 +124,32 @@ def _gluon_tc_kernel(x_desc, w_desc, s_ptr, out_ptr, M, N, K, STAGES: gl.constex
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2)   # both MMA partitions release a slot
+        mbarrier.init(empty.index(s), count=CONSUMERS)   # every MMA partition releases a slot
     fence_async_shared()
-    gl.warp_specialize([
-        (_mma_partition, (x_smem, w_smem, ready, empty, s_ptr, out_ptr, M, N, K, 0, STAGES, BM,
-                          BK)),
-        (_mma_partition, (x_smem, w_smem, ready, empty, s_ptr, out_ptr, M, N, K, 1, STAGES, BM,
-                          BK)),
-        (_load_partition, (x_desc, w_desc, x_smem, w_smem, ready, empty, K, STAGES, BK)),
-    ], [4, 1], [232, 40])
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_mma_partition, (x_smem, w_smem, ready, empty, s_ptr, out_ptr, M, N, K, 0, STAGES,
+                              BM, BK, CONSUMERS)),
+            (_mma_partition, (x_smem, w_smem, ready, empty, s_ptr, out_ptr, M, N, K, 1, STAGES,
+                              BM, BK, CONSUMERS)),
+            (_load_partition, (x_desc, w_desc, x_smem, w_smem, ready, empty, K, STAGES, BK)),
+        ], [4, 1], [232, 40])
+    else:
+        gl.warp_specialize([
+            (_mma_partition, (x_smem, w_smem, ready, empty, s_ptr, out_ptr, M, N, K, 0, STAGES,
+                              BM, BK, CONSUMERS)),
+            (_load_partition, (x_desc, w_desc, x_smem, w_smem, ready, empty, K, STAGES, BK)),
+        ], [1], [40])
 
 
-def layouts(bm: int, bk: int):
+def layouts(bm: int, bk: int, consumers: int):
     return (gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16),
-            gl.NVMMASharedLayout.get_default_for([2 * ROWS, bk // 2], gl.uint8))
+            gl.NVMMASharedLayout.get_default_for([consumers * ROWS, bk // 2], gl.uint8))
 
 
 def gluon_tc_matmul(x2: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
-                    bm: int, bk: int, stages: int) -> torch.Tensor:
+                    bm: int, bk: int, stages: int, consumers: int,
+                    maxnreg: int | None) -> torch.Tensor:
     """x2 [M, K] bf16 @ W^T -> [M, N] bf16; W INT4 g128 symmetric as stored (words int32
     [N, K / 8], scale bf16 [N, K / 128]); K a multiple of 128."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -141,27 +157,37 @@ def gluon_tc_matmul(x2: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
     m, k = x2.shape
     n = words.shape[0]
     assert k % 128 == 0 and x2.dtype == scale.dtype == torch.bfloat16
-    x_layout, w_layout = layouts(bm, bk)
+    rows = consumers * ROWS
+    x_layout, w_layout = layouts(bm, bk, consumers)
     x_desc = TensorDescriptor.from_tensor(x2, [bm, bk], x_layout)
-    w_desc = TensorDescriptor.from_tensor(words.view(torch.uint8), [2 * ROWS, bk // 2], w_layout)
+    w_desc = TensorDescriptor.from_tensor(words.view(torch.uint8), [rows, bk // 2], w_layout)
     out = torch.empty((m, n), dtype=torch.bfloat16, device=x2.device)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, 2 * ROWS))
-    _gluon_tc_kernel[grid](x_desc, w_desc, scale, out, m, n, k, STAGES=stages, num_warps=4)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, rows))
+    _gluon_tc_kernel[grid](x_desc, w_desc, scale, out, m, n, k, STAGES=stages,
+                           CONSUMERS=consumers, num_warps=4,
+                           **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
 
 
-def compile_sm90(bm: int, bk: int, stages: int):
+def compile_sm90(bm: int, bk: int, stages: int, consumers: int, maxnreg: int | None):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    x_layout, w_layout = layouts(bm, bk)
+    x_layout, w_layout = layouts(bm, bk, consumers)
     sig = {"x_desc": f"tensordesc<bf16[{bm}, {bk}],{x_layout!r}>",
-           "w_desc": f"tensordesc<u8[{2 * ROWS}, {bk // 2}],{w_layout!r}>",
+           "w_desc": f"tensordesc<u8[{consumers * ROWS}, {bk // 2}],{w_layout!r}>",
            "s_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-           "STAGES": "constexpr"}
-    src = GluonASTSource(_gluon_tc_kernel, sig,
-                         {(_gluon_tc_kernel.arg_names.index("STAGES"),): stages})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+           "STAGES": "constexpr", "CONSUMERS": "constexpr"}
+    consts = {"STAGES": stages, "CONSUMERS": consumers}
+    src = GluonASTSource(_gluon_tc_kernel, sig, {(_gluon_tc_kernel.arg_names.index(c),): v
+                                                 for c, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, **({"maxnreg": maxnreg} if maxnreg else {})})
+
+
+def name(tile) -> str:
+    bm, bk, stages, consumers, maxnreg = tile
+    return f"{bm}x{bk} s{stages} c{consumers}{f' r{maxnreg}' if maxnreg else ''}"
 
 
 def weights(n: int, k: int, device, seed: int = 0):
@@ -183,12 +209,12 @@ def check() -> None:
         words, scale = weights(n, k, "cuda")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         want = int_matmul_ref(x, words, scale, None, (n, k), 4).float()
-        for bm, bk, stages in TILES:
-            got = gluon_tc_matmul(x, words, scale, bm, bk, stages).float()
+        for tile in TILES:
+            got = gluon_tc_matmul(x, words, scale, *tile).float()
             err = (got - want).abs().max().item()
             bound = 2e-2 * want.abs().max().item() + 1e-2
             failures += err > bound
-            print(f"M={m} N={n} K={k} tile {bm}x{bk} s{stages}: max error {err:.3g} "
+            print(f"M={m} N={n} K={k} tile {name(tile)}: max error {err:.3g} "
                   f"(bound {bound:.3g}) {'ok' if err <= bound else 'WRONG'}")
     print(f"check: {failures} wrong")
     if failures:
@@ -219,7 +245,7 @@ def time_all(reps: int) -> None:
                   for c, fn in contenders.items()}
             tile = min(TILES, key=us.get)
             print(f"| {name} | {m} | {us['bf16']:.1f} | {us['tc']:.1f} | {us[tile]:.1f} "
-                  f"({tile[0]}x{tile[1]} s{tile[2]}) | {us['tc'] / us[tile]:.2f}x |")
+                  f"({name(tile)}) | {us['tc'] / us[tile]:.2f}x |")
 
 
 def main() -> None:
@@ -236,12 +262,13 @@ def main() -> None:
         return
     import compile_check as cc
 
-    print(f"triton {triton.__version__}, sm_90: the Gluon tc probe, 128 weight rows a program")
-    for bm, bk, stages in TILES:
-        k = compile_sm90(bm, bk, stages)
+    print(f"triton {triton.__version__}, sm_90: the Gluon tc probe (64 weight rows a partition)")
+    for bm, bk, stages, consumers, maxnreg in TILES:
+        k = compile_sm90(bm, bk, stages, consumers, maxnreg)
         wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)",
                                       k.asm["ptx"])))
-        print(f"ok  x rows {bm:3}, block_k {bk}, {stages} stages: {k.metadata.num_warps} warps, "
+        print(f"ok  x rows {bm:3}, block_k {bk}, {stages} stages, {consumers} MMA partitions, "
+              f"maxnreg {maxnreg}: {k.metadata.num_warps} warps, "
               f"shared memory {k.metadata.shared} B, wgmma {', '.join(wgmma)}"
               f"{cc.ptxas_info(k, 90)}{cc.loop_sass(k)}")
 
