@@ -4,7 +4,8 @@ does it compile for sm_90, is it right, and does it beat the shipped tc kernel a
 The M = 128 profile (seventeenth session) found the tc kernel a latency chain with 1.9 warps a
 scheduler; Triton's automatic warp specialization cannot split it (kernels/probe_autows.py).
 Here the split is explicit. A program owns 128 weight rows and BM rows of x, INT4 g128
-symmetric (the packed decode's PTX, tc.INT4_K_ORDER_BF16), three partitions:
+symmetric (the packed decode's PTX, tc.INT4_K_ORDER_BF16), three partitions (TILES also has
+64-row programs with one MMA partition, and register caps that allow two programs an SM):
   * a load warp: per K-tile, TMA copies of the x tile [BM, BK] and of the 128 rows' packed bytes
     [128, BK / 2] into a ring of STAGES shared-memory slots, each slot's "ready" barrier
     counting the bytes in, its "empty" barrier waited on before the slot is refilled;
