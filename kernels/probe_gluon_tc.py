@@ -50,9 +50,10 @@ ROWS = 64          # weight rows an MMA partition owns (a wgmma row block)
 # (x rows BM, block_k, stages, MMA partitions, registers a thread): 2 partitions own 128
 # weight rows a program, 1 owns 64 (twice the programs: one warp group and the load warp).
 # Registers None: ptxas's choice (168 with 2 partitions, 255 with 1: one program an SM);
-# 128 / 80 (maxnreg, no spills on sm_90): two programs an SM
+# 128 / 80 (maxnreg, no spills on sm_90): two programs an SM. block_k <= 128: one scale a row
+# a tile (g128), as tc's packed decode
 TILES = [(16, 128, 4, 2, None), (32, 128, 4, 2, None), (64, 128, 3, 2, None),
-         (128, 64, 3, 2, None), (16, 256, 3, 2, None), (16, 128, 4, 2, 80),
+         (128, 64, 3, 2, None), (16, 128, 4, 2, 80),
          (16, 128, 4, 1, 128), (64, 128, 3, 1, 128), (128, 64, 3, 1, 128)]
 
 
