@@ -74,11 +74,13 @@ g)
     # faster than the shipped tc kernel? (kernels/NOTES.md, "Twentieth session")
     W=$OUT/g && mkdir -p $W
     timeout 120 $PY -u kernels/probe_gluon_tc.py --check >"$W/check.txt" 2>&1
-    stamp "Gluon tc probe against the reference rc=$?"
-    timeout ${G_TIME_S:-150} $PY -u kernels/probe_gluon_tc.py --time --reps 20 >"$W/time.txt" 2>&1
+    rc=$?; stamp "Gluon tc probe against the reference rc=$rc"
+    # timed only when right: a wrong kernel's time says nothing
+    [ $rc -eq 0 ] && timeout ${G_TIME_S:-150} $PY -u kernels/probe_gluon_tc.py --time --reps 20 \
+        >"$W/time.txt" 2>&1
     stamp "Gluon tc probe timed rc=$?"
     tail -3 "$W/check.txt"; grep -E "WRONG|Error" "$W/check.txt" | head -5
-    grep -E "^\|" "$W/time.txt"; tail -3 "$W/time.txt"
+    grep -E "^\|" "$W/time.txt" 2>/dev/null; tail -3 "$W/time.txt" 2>/dev/null
     ;;
 p)
     # sixteenth session, call 1 of 3 (each < 520 s, so three starts fit 30 minutes): the whole
