@@ -232,7 +232,7 @@ def time_all(reps: int) -> None:
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=cuda)
     print("| shape | M | cuBLAS bf16 us | shipped tc us | best Gluon us (tile) | Gluon vs tc |")
     print("|---|---|---|---|---|---|")
-    for name, (n, k) in bench_kernels.SHAPES.items():
+    for shape, (n, k) in bench_kernels.SHAPES.items():
         words, scale = weights(n, k, cuda)
         w16 = torch.randn(n, k, device=cuda, dtype=torch.bfloat16)
         contenders = {
@@ -246,7 +246,7 @@ def time_all(reps: int) -> None:
             us = {c: bench_kernels.time_call(fn, x, cuda, reps, flush) * 1e6
                   for c, fn in contenders.items()}
             tile = min(TILES, key=us.get)
-            print(f"| {name} | {m} | {us['bf16']:.1f} | {us['tc']:.1f} | {us[tile]:.1f} "
+            print(f"| {shape} | {m} | {us['bf16']:.1f} | {us['tc']:.1f} | {us[tile]:.1f} "
                   f"({name(tile)}) | {us['tc'] / us[tile]:.2f}x |")
 
 
