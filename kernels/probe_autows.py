@@ -46,7 +46,7 @@ def _packed_k_order_loop(x_desc, w_desc, s_ptr, out_ptr, N, K, BM: tl.constexpr,
     for k0 in tl.range(0, K, BK, warp_specialize=WS):
         b = w_desc.load([pid_n * BN, k0 // 2])                    # [BN, BK / 2] packed bytes
         lo, hi = tl.inline_asm_elementwise(INT4_K_ORDER_BF16, "=&r,=&r,=&r,=&r,r,r,r,r,r",
-                                           [b, s.to(tl.bfloat16), (136.0 + s * 0).to(tl.bfloat16)],
+                                           [b, s.to(tl.bfloat16), tl.full(s.shape, 136.0, tl.bfloat16)],
                                            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
                                            pack=4)
         lo = tl.reshape(lo, (BN, BK // 8, 4))
